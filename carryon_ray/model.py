@@ -1,0 +1,344 @@
+"""The carry-on network (GPT Carry-On, arXiv 2504.07513), in one file, top to bottom.
+
+A frozen base LLM gives, for every token, its final hidden state x (after the final norm, so
+W_out @ x are the base logits) and optionally shallow-layer states. The carry-on adds a learned
+correction to the residual stream and reuses a head to predict the next token:
+
+    dx      = g(s) * f(s)              f and sigmoid-gate g share one trunk; s = fused sources
+    y(a)    = W_pred (x + a * dx)      a (alpha) >= 0 is chosen on validation data, never trained
+
+Stages stack (boosting / growing in depth): x_t = x_{t-1} + a_t * dx_t(x_{t-1}); only the newest
+stage trains. With the inherited head and a = 0, y is the base's logits bit for bit.
+
+This module knows nothing about clusters, data or files: `CarryOn.forward` is the one carry-on
+forward used by training (jobs) and serving alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ArchConfig, HeadConfig
+
+# ---------------------------------------------------------------------------------------------
+# Transformer parts (used by the 'transformer' trunk): RMSNorm, RoPE, GQA attention, SwiGLU.
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B, T, head_dim/2] for integer positions [B, T]."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    ang = positions.float()[..., None] * inv
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, hd]; rotate pairs (first half, second half) as Llama does.
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads and an optional KV cache."""
+
+    def __init__(self, cfg: ArchConfig):
+        super().__init__()
+        self.heads, self.kv_heads = cfg.heads, cfg.kv_heads
+        self.head_dim = cfg.width // cfg.heads
+        self.theta = cfg.rope_theta
+        self.q = nn.Linear(cfg.width, cfg.heads * self.head_dim, bias=False)
+        self.kv = nn.Linear(cfg.width, 2 * cfg.kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(cfg.heads * self.head_dim, cfg.width, bias=False)
+
+    def forward(self, h, positions, key_mask=None, cache=None):
+        B, T, _ = h.shape
+        q = self.q(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(h).view(B, T, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = rope(positions, self.head_dim, self.theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # append this step's keys/values to what earlier steps computed
+            k = torch.cat([cache[0], k], dim=2)
+            v = torch.cat([cache[1], v], dim=2)
+        new_cache = (k, v)
+        rep = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        S = k.shape[2]
+        if key_mask is None and S == T:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Query i (absolute index S - T + i) sees keys j <= that index that are not padding.
+            causal = torch.ones(T, S, dtype=torch.bool, device=h.device).tril(S - T)
+            mask = causal[None, None]
+            if key_mask is not None:
+                mask = mask & key_mask[:, None, None, :S].bool()
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(out.transpose(1, 2).reshape(B, T, -1)), new_cache
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, ratio: float):
+        super().__init__()
+        hidden = int(math.ceil(width * ratio / 8) * 8)
+        self.up = nn.Linear(width, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, h):
+        a, b = self.up(h).chunk(2, dim=-1)
+        return self.down(F.silu(a) * b)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ArchConfig):
+        super().__init__()
+        self.norm1, self.attn = RMSNorm(cfg.width), Attention(cfg)
+        self.norm2, self.mlp = RMSNorm(cfg.width), SwiGLU(cfg.width, cfg.mlp_ratio)
+
+    def forward(self, h, positions, key_mask=None, cache=None):
+        a, cache = self.attn(self.norm1(h), positions, key_mask, cache)
+        h = h + a
+        return h + self.mlp(self.norm2(h)), cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Trunks: map the fused input [B, T, d_in] to features [B, T, width] shared by f and g.
+# ---------------------------------------------------------------------------------------------
+
+
+class MLPTrunk(nn.Module):
+    """The paper's tiny carry-on: the first of its two linear layers (D -> r), then GELU."""
+
+    def __init__(self, d_in: int, cfg: ArchConfig):
+        super().__init__()
+        self.inp = nn.Linear(d_in, cfg.width)
+
+    def forward(self, s, positions=None, key_mask=None, cache=None):
+        return F.gelu(self.inp(s)), None  # position-wise: no cache needed
+
+
+class TransformerTrunk(nn.Module):
+    """Causal transformer blocks over the token sequence."""
+
+    def __init__(self, d_in: int, cfg: ArchConfig):
+        super().__init__()
+        self.inp = nn.Linear(d_in, cfg.width, bias=False)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.norm = RMSNorm(cfg.width)
+
+    def forward(self, s, positions, key_mask=None, cache=None):
+        h = self.inp(s)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            h, c = block(h, positions, key_mask, None if cache is None else cache[i])
+            new_cache.append(c)
+        return self.norm(h), new_cache
+
+
+TRUNKS = {"mlp": MLPTrunk, "transformer": TransformerTrunk}
+
+
+# ---------------------------------------------------------------------------------------------
+# Source fusion: deep state + shallow shortcuts, from one or several bases -> one input vector.
+# ---------------------------------------------------------------------------------------------
+
+
+class SourceFusion(nn.Module):
+    """Combine sources[b][i] (base b, source i: deep first, then shallow layers).
+
+    'average' (paper: "take 32nd layer and 0th layer and take element-wise average") needs every
+    source of a base at the same width; several bases must then share that width too.
+    'projection' learns one linear map per (base, source) into `d_out` and averages them.
+    """
+
+    def __init__(self, mode: str, dims: list[list[int]], d_out: int):
+        super().__init__()
+        self.mode = mode
+        if mode == "average":
+            widths = {d for base in dims for d in base}
+            if len(widths) != 1:
+                raise ValueError(f"fusion 'average' needs sources of one width, got {sorted(widths)}; use 'projection'")
+            self.d_out = widths.pop()
+        else:
+            self.d_out = d_out
+            self.proj = nn.ModuleList(
+                nn.ModuleList(nn.Linear(d, d_out, bias=False) for d in base) for base in dims
+            )
+
+    def forward(self, sources: list[list[torch.Tensor]]) -> torch.Tensor:
+        if self.mode == "average":
+            flat = [s for base in sources for s in base]
+            return torch.stack(flat).mean(0)
+        outs = [p(s) for ps, base in zip(self.proj, sources) for p, s in zip(ps, base)]
+        return torch.stack(outs).mean(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# A stage: fusion -> trunk -> (f, g) -> dx.
+# ---------------------------------------------------------------------------------------------
+
+
+class Stage(nn.Module):
+    def __init__(self, cfg: ArchConfig, dims: list[list[int]], fusion: str, d_res: int):
+        super().__init__()
+        self.fusion = SourceFusion(fusion, dims, cfg.width if cfg.kind == "transformer" else dims[0][0])
+        self.trunk = TRUNKS[cfg.kind](self.fusion.d_out, cfg)
+        # f and g differ only in their last linear layer. Both start at zero: f = 0 makes the
+        # untrained carry-on an exact no-op, and g starts at sigmoid(0) = 0.5.
+        self.f = nn.Linear(cfg.width, d_res)
+        self.g = nn.Linear(cfg.width, d_res) if cfg.gate else None
+        for lin in (self.f, self.g):
+            if lin is not None:
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, sources, positions=None, key_mask=None, cache=None):
+        feats, cache = self.trunk(self.fusion(sources), positions, key_mask, cache)
+        dx = self.f(feats)
+        if self.g is not None:
+            dx = torch.sigmoid(self.g(feats)) * dx
+        return dx, cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Heads: W_pred.
+# ---------------------------------------------------------------------------------------------
+
+
+class InheritedHead(nn.Module):
+    """The base's own output head, frozen. Its weight is a non-persistent buffer: adapters never
+    store it, it is re-attached from the base (the tied embedding when the base ties them)."""
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x):
+        # Compute in the base's dtype with the same op the base uses, so a = 0 is bit-exact.
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+class NewHead(nn.Module):
+    """A trainable bottleneck head: D -> bottleneck -> vocabulary."""
+
+    def __init__(self, d_res: int, bottleneck: int, vocab: int):
+        super().__init__()
+        self.down = nn.Linear(d_res, bottleneck, bias=False)
+        self.out = nn.Linear(bottleneck, vocab, bias=False)
+
+    def forward(self, x):
+        return self.out(self.down(x.to(self.down.weight.dtype)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The carry-on.
+# ---------------------------------------------------------------------------------------------
+
+
+class CarryOn(nn.Module):
+    """Stacked carry-on stages plus the head.
+
+    `dims[b]` lists the widths of base b's sources (deep first, then shallow layers);
+    the residual stream is base 0's deep state, of width dims[0][0].
+    """
+
+    def __init__(
+        self,
+        arch: ArchConfig,
+        head: HeadConfig,
+        dims: list[list[int]],
+        vocab_size: int,
+        fusion: str = "average",
+        head_weight: torch.Tensor | None = None,
+        head_bias: torch.Tensor | None = None,
+        alpha: float = 0.1,
+    ):
+        super().__init__()
+        self.arch, self.head_cfg, self.dims, self.fusion_mode = arch, head, dims, fusion
+        self.vocab_size = vocab_size
+        self.d_res = dims[0][0]
+        self.stages = nn.ModuleList(Stage(arch, dims, fusion, self.d_res) for _ in range(arch.stages))
+        # alpha per stage: a buffer set from outside (validation search), never a parameter.
+        self.register_buffer("alphas", torch.full((arch.stages,), float(alpha)))
+        if head.kind == "inherited":
+            self.head = InheritedHead(head_weight, head_bias)
+        else:
+            self.head = NewHead(self.d_res, head.bottleneck, vocab_size)
+        self.freeze_earlier_stages()
+
+    # -- growing in depth -------------------------------------------------------------------
+    def freeze_earlier_stages(self) -> None:
+        """Only the newest stage (and a new head) train; earlier stages stay bit-identical."""
+        for i, stage in enumerate(self.stages):
+            stage.requires_grad_(i == len(self.stages) - 1)
+        if isinstance(self.head, NewHead):
+            self.head.requires_grad_(True)
+
+    def grow(self, alpha: float = 0.1) -> None:
+        """Append a new stage (boosting): train it with everything before it frozen."""
+        ref = self.stages[0].f.weight
+        self.stages.append(Stage(self.arch, self.dims, self.fusion_mode, self.d_res).to(ref.device, ref.dtype))
+        self.alphas = torch.cat([self.alphas, self.alphas.new_tensor([alpha])])
+        self.arch = self.arch.model_copy(update={"stages": len(self.stages)})
+        self.freeze_earlier_stages()
+
+    def set_alpha(self, alpha: float, stage: int = -1) -> None:
+        self.alphas[stage] = float(alpha)
+
+    @property
+    def alpha(self) -> float:
+        return float(self.alphas[-1])
+
+    # -- the one forward ----------------------------------------------------------------------
+    def update(self, sources, residual=None, positions=None, key_mask=None, caches=None):
+        """Run all stages; return (x_{T-1}, dx_T, caches).
+
+        sources: list over bases of [deep, shallow...] tensors [B, T, d] (what the bridge
+        delivers); residual: base 0's exact deep state when known (serving), else sources[0][0].
+        Splitting off the last stage's dx lets validation score many alphas from one forward.
+        """
+        dtype = self.stages[0].f.weight.dtype
+        sources = [[s.to(dtype) for s in base] for base in sources]
+        x = (sources[0][0] if residual is None else residual).to(dtype)
+        if positions is None:
+            B, T = x.shape[:2]
+            start = 0 if not caches or caches[-1] is None else caches[-1][0][0].shape[2]
+            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+        new_caches, dx = [], None
+        for i, stage in enumerate(self.stages):
+            if dx is not None:  # previous stage's update joins the residual stream
+                x = x + self.alphas[i - 1] * dx
+            srcs = sources if i == 0 else [[x] + sources[0][1:]] + sources[1:]
+            dx, c = stage(srcs, positions, key_mask, None if caches is None else caches[i])
+            new_caches.append(c)
+        return x, dx, new_caches
+
+    def forward(self, sources, residual=None, positions=None, key_mask=None, caches=None, alpha=None):
+        """Residual stream after the carry-on: x_T = x_{T-1} + a_T dx_T (feed to `logits`)."""
+        x, dx, caches = self.update(sources, residual, positions, key_mask, caches)
+        a = self.alphas[-1] if alpha is None else alpha
+        return x + a * dx, caches
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

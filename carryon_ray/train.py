@@ -1,0 +1,296 @@
+"""Training and evaluation of a carry-on: one step, one evaluation, the alpha rule, and the
+in-process reference loop.
+
+`train_step`, `evaluate` and `AlphaSearch` are the pieces the Ray job reuses unchanged on its
+Train workers; `fit_in_process` strings them together in one process (base forward, bridge,
+carry-on step). It is the offline path, the baseline the benchmarks compare the cluster pipeline
+against, and a complete customization for one modest machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .adapter import save_adapter
+from .base import FrozenBase
+from .config import CarryOnConfig
+from .data import batches, load_splits
+from .embedding import calibrate_bridges, decode_sources, embed_batch
+from .loss import chunked_cross_entropy, select_targets
+from .model import CarryOn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the carry-on.
+# ---------------------------------------------------------------------------------------------
+
+
+def source_dims(hidden_sizes: list[int], shallow: list[int]) -> list[list[int]]:
+    """Widths of the carry-on's sources: per base, the deep state then each shallow layer."""
+    return [[d] * (1 + len(shallow)) for d in hidden_sizes]
+
+
+def build_carryon(
+    cfg: CarryOnConfig, hidden_sizes: list[int], vocab_size: int, head_weight=None, head_bias=None
+) -> CarryOn:
+    torch.manual_seed(cfg.train.seed)
+    model = CarryOn(
+        cfg.carryon,
+        cfg.head,
+        source_dims(hidden_sizes, cfg.layers.shallow),
+        vocab_size,
+        cfg.layers.fusion,
+        head_weight,
+        head_bias,
+        alpha=cfg.alpha.init,
+    )
+    return model.to(DTYPES[cfg.train.dtype]) if cfg.head.kind == "new" else _cast_trainable(model, cfg)
+
+
+def _cast_trainable(model: CarryOn, cfg: CarryOnConfig) -> CarryOn:
+    # Cast parameters only: the inherited head buffer keeps the base's dtype (exactness at a = 0).
+    for p in model.parameters():
+        p.data = p.data.to(DTYPES[cfg.train.dtype])
+    return model
+
+
+def make_optimizer(model: CarryOn, cfg: CarryOnConfig, total_steps: int):
+    """AdamW (0.9, 0.95) with linear warmup then cosine decay to 10% of the peak."""
+    opt = torch.optim.AdamW(
+        model.trainable_parameters(), lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay
+    )
+    warm = cfg.train.warmup_steps
+
+    def schedule(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+# ---------------------------------------------------------------------------------------------
+# One training step and one evaluation.
+# ---------------------------------------------------------------------------------------------
+
+
+def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, grad_clip: float = 1.0) -> dict:
+    """One optimizer step on a decoded batch. `model` may be DDP-wrapped.
+
+    Returns {"loss": mean token CE, "tokens": scored tokens}.
+    """
+    carryon: CarryOn = getattr(model, "module", model)
+    carryon.train()
+    x, _ = model(sources)
+    h, y = select_targets(x, labels)
+    n = y.numel()
+    loss = chunked_cross_entropy(carryon.logits, h, y, chunk) / max(n, 1)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(carryon.trainable_parameters(), grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return {"loss": float(loss.detach()), "tokens": n}
+
+
+@torch.no_grad()
+def evaluate(carryon: CarryOn, batches_: Iterable[tuple[list, torch.Tensor]], alphas: list[float], chunk: int = 1024) -> dict[float, float]:
+    """Mean token cross entropy at each alpha, from one carry-on forward per batch.
+
+    alpha only scales the last stage's dx, so x_prev + a * dx is scored for every candidate
+    without re-running the carry-on.
+    """
+    carryon.eval()
+    sums = {a: 0.0 for a in alphas}
+    count = 0
+    for sources, labels in batches_:
+        x, dx, _ = carryon.update(sources)
+        hx, y = select_targets(x, labels)
+        hd, _ = select_targets(dx, labels)
+        count += y.numel()
+        for a in alphas:
+            sums[a] += float(chunked_cross_entropy(carryon.logits, hx + a * hd, y, chunk))
+    return {a: s / max(count, 1) for a, s in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing alpha on validation data.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AlphaSearch:
+    """Per-epoch alpha candidates and the choice among them (paper sections 4-5).
+
+    rule 'scale3': candidates {0.5a, a, 2a} around the current a.
+    rule 'list': a fixed list; when 1.0 wins, every candidate c is replaced by sqrt(c), which
+    narrows the list around 1.0 for the next epoch.
+    """
+
+    rule: str
+    current: float
+    maximum: float
+    candidates_list: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, cfg: CarryOnConfig) -> "AlphaSearch":
+        return cls(cfg.alpha.rule, cfg.alpha.init, cfg.alpha.max, list(cfg.alpha.candidates))
+
+    def candidates(self) -> list[float]:
+        if self.rule == "list":
+            cands = self.candidates_list
+        else:
+            a = self.current if self.current > 0 else 0.1
+            cands = [0.5 * a, a, 2 * a]
+        return sorted({round(min(max(c, 0.0), self.maximum), 6) for c in cands})
+
+    def choose(self, losses: dict[float, float]) -> float:
+        best = min(losses, key=lambda a: (losses[a], a))
+        if self.rule == "list" and math.isclose(best, 1.0):
+            self.candidates_list = [math.sqrt(c) for c in self.candidates_list]
+        self.current = best
+        return best
+
+
+def balance_point(sweep: dict[float, tuple[float, float]], base_general: float, tolerance: float = 0.0) -> float:
+    """Largest alpha (sweeping down from 1.0) whose general-domain loss is within `tolerance` of
+    the base's: the balance between customization and general ability (paper figure 2)."""
+    for a in sorted(sweep, reverse=True):
+        if sweep[a][1] <= base_general + tolerance:
+            return a
+    return 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-process reference trainer.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FitResult:
+    adapter_dir: Path
+    val_loss_before: float
+    val_loss_after: float
+    alpha: float
+    history: list[dict]
+    embed_tokens_per_s: float
+    train_tokens_per_s: float
+    data_summary: list[str]
+    trade_off: dict[float, tuple[float, float]] | None = None
+
+
+def calibration_rows(cfg: CarryOnConfig) -> int:
+    """Rows in the calibration batch: enough for bridge.calibration_tokens at typical lengths."""
+    return max(8, min(64, cfg.bridge.calibration_tokens // 64))
+
+
+def _encode_all(bases, bridges, examples, batch_size, pad_id, shallow):
+    """Run the base + bridge once over `examples`; keep (encoded, labels) for every epoch."""
+    out, tokens, t0 = [], 0, time.perf_counter()
+    for b in batches(examples, batch_size, pad_id):
+        out.append((embed_batch(bases, bridges, b["input_ids"], b["attention_mask"], shallow), b["labels"]))
+        tokens += int(b["attention_mask"].sum())
+    return out, tokens / max(time.perf_counter() - t0, 1e-9)
+
+
+def fit_in_process(cfg: CarryOnConfig, on_metrics: Callable[[dict, int], None] | None = None) -> FitResult:
+    """Customize a base in this process and save the adapter to cfg.output.dir."""
+    on_metrics = on_metrics or (lambda m, s: None)
+    # -- setup ----------------------------------------------------------------------------------
+    bases = [FrozenBase.load(b) for b in [cfg.base, *cfg.extra_bases]]
+    base = bases[0]
+    tok = base.tokenizer
+    log.info("base %s: %d layers, hidden %d, vocab %d", cfg.base.name, base.num_layers, base.hidden_size, base.vocab_size)
+    # -- data -----------------------------------------------------------------------------------
+    splits = load_splits(tok, cfg.data, seed=cfg.train.seed)
+    for r in splits.reports:
+        log.info("data %s", r.summary())
+    pad = tok.pad_token_id
+    # -- bridges: channel scales (and PCA when configured) fitted on a calibration batch ---------
+    shallow = cfg.layers.shallow
+    calib = next(batches(splits.train, calibration_rows(cfg), pad))
+    bridges = calibrate_bridges(bases, cfg.bridge, calib["input_ids"], calib["attention_mask"], shallow)
+    # -- embeddings: the base forward runs once per sample; later epochs reuse the codes ---------
+    train_enc, embed_tps = _encode_all(bases, bridges, splits.train, cfg.train.batch_size, pad, shallow)
+    val_enc, _ = _encode_all(bases, bridges, splits.val, cfg.train.batch_size, pad, shallow)
+    gen_enc = _encode_all(bases, bridges, splits.general, cfg.train.batch_size, pad, shallow)[0] if splits.general else None
+    log.info("embedded %d train batches at %.0f tokens/s (bridge %d bits, %.0f bytes/token)",
+             len(train_enc), embed_tps, cfg.bridge.bits, bridges[0][0].bytes_per_token(base.hidden_size, base.dtype))
+    # -- model ----------------------------------------------------------------------------------
+    model = build_carryon(cfg, [b.hidden_size for b in bases], base.vocab_size, base.head_weight, base.head_bias)
+    dims = model.dims
+    decode = lambda enc: [(decode_sources(bridges, e, dims, base.dtype), lab) for e, lab in enc]  # noqa: E731
+    val = decode(val_enc)
+    steps_per_epoch = len(train_enc)
+    total = min(cfg.train.max_steps or 10**9, cfg.train.epochs * steps_per_epoch)
+    opt, sched = make_optimizer(model, cfg, total)
+    search = AlphaSearch.from_config(cfg)
+    chunk = cfg.train.loss_chunk
+    before = evaluate(model, val, [0.0], chunk)[0.0]
+    log.info("validation loss before (base, alpha=0): %.4f", before)
+    on_metrics({"val_loss_base": before}, 0)
+    # -- loop -----------------------------------------------------------------------------------
+    history, step, train_tokens, train_time = [], 0, 0, 0.0
+    for epoch in range(cfg.train.epochs):
+        order = torch.randperm(len(train_enc), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
+        for i in order.tolist():
+            if step >= total:
+                break
+            enc, labels = train_enc[i]
+            t0 = time.perf_counter()
+            out = train_step(model, opt, sched, decode_sources(bridges, enc, dims, base.dtype), labels, chunk, cfg.train.grad_clip)
+            train_time += time.perf_counter() - t0
+            train_tokens += out["tokens"]
+            step += 1
+            on_metrics({"train_loss": out["loss"], "lr": sched.get_last_lr()[0]}, step)
+            if step % 10 == 0:
+                log.info("epoch %d step %d/%d loss %.4f", epoch, step, total, out["loss"])
+        losses = evaluate(model, val, search.candidates(), chunk)
+        alpha = search.choose(losses)
+        model.set_alpha(alpha)
+        record = {"epoch": epoch, "step": step, "alpha": alpha, "val_loss": losses[alpha], "candidates": losses}
+        history.append(record)
+        on_metrics({"val_loss": losses[alpha], "alpha": alpha, **{f"val_loss_a{a:g}": v for a, v in losses.items()}}, step)
+        log.info("epoch %d: val loss %s -> alpha %.4g (loss %.4f)", epoch,
+                 {f"{a:g}": round(v, 4) for a, v in losses.items()}, alpha, losses[alpha])
+        if step >= total:
+            break
+    # -- trade-off with general-domain data -----------------------------------------------------
+    trade_off = None
+    if gen_enc is not None:
+        gen = decode(gen_enc)
+        sweep = cfg.alpha.general_sweep
+        custom, general = evaluate(model, val, sweep, chunk), evaluate(model, gen, sweep, chunk)
+        trade_off = {a: (custom[a], general[a]) for a in sweep}
+    # -- save -----------------------------------------------------------------------------------
+    after = history[-1]["val_loss"]
+    summary = {
+        "val_loss_before": before,
+        "val_loss_after": after,
+        "alpha": search.current,
+        "steps": step,
+        "train_examples": len(splits.train),
+        "data": [r.summary() for r in splits.reports],
+    }
+    adapter_dir = save_adapter(
+        Path(cfg.output.dir) / "adapter", model, bridges, shallow,
+        [b.fingerprint().to_dict() for b in bases], cfg.base.name, summary,
+    )
+    log.info("validation loss %.4f -> %.4f at alpha %.4g; adapter saved to %s", before, after, search.current, adapter_dir)
+    return FitResult(
+        adapter_dir, before, after, search.current, history, embed_tps,
+        train_tokens / max(train_time, 1e-9), [r.summary() for r in splits.reports], trade_off,
+    )

@@ -1,0 +1,1 @@
+"""Orchestration of customization runs on Ray (entry point: python -m jobs.customize)."""

@@ -1,0 +1,1 @@
+"""Online serving of base + per-user carry-on adapters with Ray Serve."""

@@ -1,0 +1,72 @@
+"""Shared fixtures: the real SmolLM2 base (converted once into the repo's .cache) and tiny
+random-weight Llama bases saved with save_pretrained. Nothing here downloads from a hub."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("CARRYON_CACHE", str(ROOT / ".cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from carryon_ray.base import FrozenBase, resolve_base_path  # noqa: E402
+from carryon_ray.config import BaseModelConfig, CarryOnConfig, validate_config  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> str:
+    """Directory of the converted SmolLM2-135M-Instruct safetensors cache."""
+    path, _ = resolve_base_path(BaseModelConfig(name="smollm2-135m-instruct"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_fp32(smol_dir) -> FrozenBase:
+    return FrozenBase.load(BaseModelConfig(name=smol_dir, dtype="float32"))
+
+
+@pytest.fixture(scope="session")
+def smol_bf16(smol_dir) -> FrozenBase:
+    return FrozenBase.load(BaseModelConfig(name=smol_dir, dtype="bfloat16"))
+
+
+def make_tiny_base(out: Path, tokenizer_dir: str, seed: int = 0, hidden: int = 64, layers: int = 2, tied: bool = True) -> str:
+    """A random-weight Llama with SmolLM2's tokenizer, saved with save_pretrained."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, smol_dir) -> str:
+    return make_tiny_base(tmp_path_factory.mktemp("tiny-llama"), smol_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_dir) -> FrozenBase:
+    return FrozenBase.load(BaseModelConfig(name=tiny_dir, dtype="float32"))
+
+
+def make_config(**sections) -> CarryOnConfig:
+    data = {"data": {"train": "builtin:arithmetic"}}
+    for k, v in sections.items():
+        data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
+    return validate_config(data)

@@ -1,0 +1,82 @@
+"""Adapter files: round trip, wrong base, truncated and tampered files."""
+
+import json
+
+import pytest
+import torch
+
+from carryon_ray.adapter import AdapterError, load_adapter, save_adapter
+from carryon_ray.base import FrozenBase
+from carryon_ray.config import BaseModelConfig, BridgeConfig
+from carryon_ray.embedding import calibrate_bridges
+from carryon_ray.generation import CarryOnModel
+from conftest import make_tiny_base
+from test_invariants import batch, random_carryon
+
+
+@pytest.fixture()
+def adapter(tmp_path, tiny_base):
+    m = random_carryon(tiny_base, "transformer")
+    m.set_alpha(0.8)
+    ids, mask = batch(tiny_base.tokenizer)
+    bridges = calibrate_bridges([tiny_base], BridgeConfig(bits=4, projection_dim=16), ids, mask, [0])
+    path = save_adapter(tmp_path / "ad", m, bridges, [0], [tiny_base.fingerprint().to_dict()], "tiny", {"note": "x"})
+    return path, CarryOnModel([tiny_base], m, bridges, [0])
+
+
+def test_round_trip_gives_identical_outputs(adapter, tiny_base):
+    path, original = adapter
+    loaded = CarryOnModel.from_pretrained(tiny_base, path)
+    ids, mask = batch(tiny_base.tokenizer)
+    assert loaded.carryon.alpha == pytest.approx(0.8)
+    for got, want in zip(loaded.bridges[0], original.bridges[0]):  # deep and layer-0 streams
+        assert got.bits == 4 and torch.equal(got.projection, want.projection)
+        assert torch.equal(got.channel_scale, want.channel_scale)
+    assert not torch.equal(loaded.bridges[0][0].projection, loaded.bridges[0][1].projection)
+    assert torch.equal(loaded.logits(ids, mask), original.logits(ids, mask))
+    files = sorted(p.name for p in path.iterdir())
+    assert files == ["adapter.safetensors", "adapter_config.json"]
+
+
+def test_other_base_is_refused(adapter, tmp_path, smol_dir):
+    path, _ = adapter
+    other = FrozenBase.load(BaseModelConfig(name=make_tiny_base(tmp_path / "other", smol_dir, seed=7), dtype="float32"))
+    with pytest.raises(AdapterError, match="head_sha"):
+        CarryOnModel.from_pretrained(other, path)
+
+
+def test_truncated_file_fails_cleanly(adapter, tiny_base):
+    path, _ = adapter
+    w = path / "adapter.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(AdapterError, match="checksum"):
+        CarryOnModel.from_pretrained(tiny_base, path)
+
+
+def test_tampered_file_fails_cleanly(adapter, tiny_base):
+    path, _ = adapter
+    w = path / "adapter.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-3] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(AdapterError, match="checksum"):
+        CarryOnModel.from_pretrained(tiny_base, path)
+    # Even with a matching hash, a corrupt safetensors header is an AdapterError, not a crash.
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    w.write_bytes(b"\x00" * 64)
+    import hashlib
+
+    cfg["weights_sha256"] = hashlib.sha256(b"\x00" * 64).hexdigest()
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match="cannot be loaded"):
+        load_adapter(path, None, tiny_base.head_weight)
+
+
+def test_bad_config_json(adapter, tiny_base):
+    path, _ = adapter
+    (path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="unreadable"):
+        CarryOnModel.from_pretrained(tiny_base, path)
+    (path / "adapter_config.json").write_text('{"format": "pickle"}')
+    with pytest.raises(AdapterError, match="not a carryon-adapter"):
+        CarryOnModel.from_pretrained(tiny_base, path)
