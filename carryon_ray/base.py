@@ -276,3 +276,35 @@ class FrozenBase(nn.Module):
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip left padding: 0 at each row's first real token."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def load_head(cfg: BaseModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The base's output head (weight, bias) without loading the rest of the base.
+
+    Training-class nodes need W_out for an inherited head but never the decoder stack: reading the
+    one tensor from the safetensors files keeps training memory independent of the base's size.
+    """
+    from safetensors import safe_open
+
+    path, _ = resolve_base_path(cfg)
+    root = Path(path)
+    dtype = resolve_dtype(cfg.dtype, torch.device("cpu"))
+    conf = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else None
+    files = sorted(root.glob("*.safetensors")) if conf else []
+    if not files:  # a hub id or a .bin checkpoint: fall back to a full CPU load
+        base = FrozenBase.load(cfg.model_copy(update={"device": "cpu", "quantization": "none"}))
+        bias = base.head_bias
+        return base.head_weight.detach().clone(), None if bias is None else bias.detach().clone()
+    tied = conf.get("tie_word_embeddings", True) if conf else True
+    wanted = ["model.embed_tokens.weight"] if tied else ["lm_head.weight"]
+    found: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in ("lm_head.weight", "lm_head.bias", "model.embed_tokens.weight"):
+                if key in fh.keys():
+                    found[key] = fh.get_tensor(key)
+    weight = found.get(wanted[0], found.get("lm_head.weight"))
+    if weight is None:
+        raise BaseLoadError(f"{path}: no output head among the safetensors tensors")
+    bias = found.get("lm_head.bias")
+    return weight.to(dtype), None if bias is None else bias.to(dtype)

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with base + adapter")
     g.add_argument("--base", default="smollm2-135m-instruct", help="base model (name, directory or .gguf)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    g.add_argument("--adapter", help="adapter directory (omit for the bare base)")
+    g.add_argument("--adapter", help="adapter directory or MLflow URI models:/NAME@ALIAS (omit for the bare base)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--max-tokens", type=int, default=64)

@@ -219,6 +219,10 @@ class ResourcesConfig(Strict):
     train_cpus: float = Field(1.0, gt=0, description="CPUs each training worker reserves.")
     train_gpus: float = Field(0.0, ge=0, description="GPUs each training worker reserves.")
     max_failures: int = Field(2, ge=0, description="Training restarts from the last checkpoint before the run fails.")
+    resize_check_s: float = Field(
+        60.0, gt=0, description="How often Ray Train checks whether more training workers fit "
+        "(elastic range only); growing restarts the group from the latest checkpoint."
+    )
     cache: Literal["auto", "memory", "disk"] = Field(
         "auto", description="Where epoch-1 embeddings are kept for later epochs: the object store, "
         "a storage path, or 'auto' (memory when they fit in a quarter of the object store)."
@@ -248,13 +252,27 @@ class MlflowConfig(Strict):
     register_as: str | None = Field(
         None, description="Register the adapter in the model registry under this name (e.g. user-alice-gsm8k)."
     )
-    alias: str = Field("latest", description="Registry alias set on the new version.")
+    alias: str = Field(
+        "current", pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$",
+        description="Registry alias set on the new version (serving loads models:/NAME@ALIAS); "
+        "'latest' is reserved by MLflow."
+    )
+
+    @model_validator(mode="after")
+    def _alias_not_reserved(self) -> "MlflowConfig":
+        if self.alias.lower() == "latest" or self.alias.lower().startswith("v") and self.alias[1:].isdigit():
+            raise ValueError(f"mlflow.alias {self.alias!r} is reserved by MLflow; pick another name such as 'current'")
+        return self
 
 
 class OutputConfig(Strict):
     """Where results land."""
 
     dir: str = Field("outputs/run", description="Directory for the adapter and run files.")
+    storage_path: str | None = Field(
+        None, description="Ray Train storage for checkpoints (shared storage such as s3://... on a "
+        "multi-node cluster); default: <dir>/ray-train."
+    )
 
 
 class CarryOnConfig(Strict):

@@ -60,3 +60,66 @@ def decode_sources(
             per.append(bridges[b][i].decode(parts, dtype=dtype, dim=d))
         sources.append(per)
     return sources
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-sample rows: what travels through Ray's object store between embedding actors and trainers.
+# Each sample keeps its own length; tensors travel as raw bytes (no pickled objects), and the
+# trainer re-pads whatever samples arrive together into one training batch.
+# ---------------------------------------------------------------------------------------------
+
+def _to_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bf16: ship the raw 16-bit patterns
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def _from_bytes(buf: bytes, dtype: torch.dtype, last: int) -> torch.Tensor:
+    if not buf:
+        return torch.empty((0, last), dtype=dtype)
+    if dtype == torch.bfloat16:
+        return torch.frombuffer(bytearray(buf), dtype=torch.int16).view(torch.bfloat16).reshape(-1, last)
+    return torch.frombuffer(bytearray(buf), dtype=dtype).reshape(-1, last)
+
+
+def part_layout(bridges: Bridges, dims: list[list[int]], base_dtype: torch.dtype) -> dict[str, tuple[torch.dtype, int]]:
+    """dtype and last dimension of every encoded part, per stream."""
+    layout = {}
+    for b, base_dims in enumerate(dims):
+        for i, d in enumerate(base_dims):
+            br = bridges[b][i]
+            p = br.dims(d)
+            if br.bits == 0:
+                layout[source_key(b, i, "values")] = (base_dtype if br.projection is None else torch.float32, p)
+            else:
+                layout[source_key(b, i, "codes")] = (torch.uint8, -(-p * br.bits // 8))
+                layout[source_key(b, i, "lo")] = (torch.float16, 1)
+                layout[source_key(b, i, "scale")] = (torch.float16, 1)
+    return layout
+
+
+def to_rows(enc: dict[str, torch.Tensor], labels: torch.Tensor, attention_mask: torch.Tensor,
+            sample_ids) -> dict[str, list]:
+    """Split an encoded padded batch into per-sample rows (right padding is dropped)."""
+    lengths = attention_mask.sum(-1).tolist()
+    rows: dict[str, list] = {"sample_id": [int(s) for s in sample_ids], "length": [int(n) for n in lengths]}
+    rows["labels"] = [_to_bytes(labels[j, :n].to(torch.int32)) for j, n in enumerate(lengths)]
+    for k, t in enc.items():
+        rows[k] = [_to_bytes(t[j, :n]) for j, n in enumerate(lengths)]
+    return rows
+
+
+def from_rows(rows: dict, layout: dict[str, tuple[torch.dtype, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Re-pad a group of per-sample rows into (encoded batch, labels [B, T])."""
+    from .loss import IGNORE
+
+    lengths = [int(n) for n in rows["length"]]
+    B, T = len(lengths), max(lengths)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    enc = {k: torch.zeros((B, T, last), dtype=dt) for k, (dt, last) in layout.items()}
+    for j, n in enumerate(lengths):
+        labels[j, :n] = _from_bytes(rows["labels"][j], torch.int32, 1)[:, 0].long()
+        for k, (dt, last) in layout.items():
+            enc[k][j, :n] = _from_bytes(rows[k][j], dt, last)
+    return enc, labels

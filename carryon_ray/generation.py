@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .adapter import load_adapter, read_adapter_config
+from .adapter import load_adapter, resolve_adapter
 from .base import FrozenBase, positions_from_mask
 from .bridge import Bridge, Bridges
 from .config import BaseModelConfig
@@ -55,12 +55,15 @@ class CarryOnModel:
 
     @classmethod
     def from_pretrained(cls, base: FrozenBase | str | BaseModelConfig | list, adapter_dir: str | Path | None = None):
-        """Load the base(s) if needed and attach the adapter (checked against their fingerprints)."""
+        """Load the base(s) if needed and attach the adapter (checked against their fingerprints).
+
+        `adapter_dir` is a directory or an MLflow URI such as models:/NAME@ALIAS.
+        """
         bases = base if isinstance(base, list) else [base]
         bases = [b if isinstance(b, FrozenBase) else FrozenBase.load(b) for b in bases]
         if adapter_dir is None:
             return cls(bases)
-        cfg = read_adapter_config(adapter_dir)
+        adapter_dir = resolve_adapter(adapter_dir)
         carryon, bridges, cfg = load_adapter(
             adapter_dir, [b.fingerprint().to_dict() for b in bases], bases[0].head_weight, bases[0].head_bias
         )

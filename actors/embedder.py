@@ -1,0 +1,76 @@
+"""Embedding producers: Ray actors on inference-class nodes that run the frozen base(s).
+
+An `EmbeddingProducer` loads its base(s) once, then turns batches of token rows into
+bridge-compressed hidden states, one output row per sample. It is a callable class so Ray Data
+can run it as an elastic actor pool (`map_batches(EmbeddingProducer, compute=ActorPoolStrategy(
+min_size, max_size))`) with streaming backpressure into the trainers. It knows nothing about the
+run that uses it: bases, bridge calibration and layers come in through its constructor.
+
+`calibrate` is a one-off remote task on the same node class that fits the bridges on a calibration
+batch and reports the bases' fingerprints.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from carryon_ray.base import FrozenBase
+from carryon_ray.bridge import bridges_from_state, bridges_state
+from carryon_ray.config import BaseModelConfig, BridgeConfig
+from carryon_ray.data import Example, collate
+from carryon_ray.embedding import calibrate_bridges, embed_batch, to_rows
+
+
+def _load_bases(base_cfgs: list[dict]) -> list[FrozenBase]:
+    return [FrozenBase.load(BaseModelConfig(**c)) for c in base_cfgs]
+
+
+def _examples(batch: dict) -> list[Example]:
+    return [Example(list(map(int, i)), list(map(int, lab))) for i, lab in zip(batch["input_ids"], batch["labels"])]
+
+
+def calibrate(base_cfgs: list[dict], bridge_cfg: dict, shallow: list[int], rows: dict) -> dict:
+    """Fit the bridges on `rows` (input_ids/labels lists); return their tensors and fingerprints."""
+    bases = _load_bases(base_cfgs)
+    tok = bases[0].tokenizer
+    for b in bases[1:]:
+        if b.fingerprint().tokenizer_sha != bases[0].fingerprint().tokenizer_sha:
+            raise ValueError(f"base {b.name!r} does not share the tokenizer of {bases[0].name!r}; mixed bases must")
+    batch = collate(_examples(rows), tok.pad_token_id)
+    bridges = calibrate_bridges(bases, BridgeConfig(**bridge_cfg), batch["input_ids"], batch["attention_mask"], shallow)
+    return {
+        "bridges": {k: v.numpy() for k, v in bridges_state(bridges).items()},
+        "fingerprints": [b.fingerprint().to_dict() for b in bases],
+        "hidden_sizes": [b.hidden_size for b in bases],
+        "vocab_size": bases[0].vocab_size,
+        "dtype": str(bases[0].dtype).replace("torch.", ""),
+    }
+
+
+class EmbeddingProducer:
+    """Callable for Ray Data: {sample_id, input_ids, labels} rows -> per-sample bridge codes."""
+
+    def __init__(self, base_cfgs: list[dict], bridge_bits: int, bridge_tensors: dict, dims: list[list[int]],
+                 shallow: list[int]):
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        self.bases = _load_bases(base_cfgs)
+        tensors = {k: torch.tensor(np.asarray(v)) for k, v in bridge_tensors.items()}
+        self.bridges = bridges_from_state(bridge_bits, dims, tensors)
+        self.shallow = shallow
+        self.pad = self.bases[0].tokenizer.pad_token_id
+
+    def __call__(self, batch: dict) -> dict:
+        t0 = time.perf_counter()
+        padded = collate(_examples(batch), self.pad)
+        enc = embed_batch(self.bases, self.bridges, padded["input_ids"], padded["attention_mask"], self.shallow)
+        rows = to_rows(enc, padded["labels"], padded["attention_mask"], batch["sample_id"])
+        elapsed = time.perf_counter() - t0
+        out = {k: np.array(v, dtype=object) if isinstance(v[0], bytes) else np.asarray(v) for k, v in rows.items()}
+        # Producer throughput travels with the data: each row carries its share of the seconds
+        # this batch took (by token count), so trainers can sum tokens and seconds over any rows.
+        lengths = out["length"].astype(np.float64)
+        out["embed_seconds"] = elapsed * lengths / max(lengths.sum(), 1.0)
+        return out

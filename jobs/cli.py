@@ -1,0 +1,127 @@
+"""Cluster-side commands of the `carryon` CLI: up, down, status, customize."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from . import local_cluster
+
+
+def cmd_up(args) -> int:
+    existing = local_cluster.status(args.state_dir)
+    if args.reuse and existing and local_cluster.is_running(existing):
+        print(f"reusing the running cluster: dashboard {existing['dashboard_url']}, MLflow {existing.get('mlflow_url')}")
+        return 0
+    state = local_cluster.up(args.state_dir, num_cpus=args.num_cpus, with_mlflow=not args.no_mlflow,
+                             dashboard_port=args.dashboard_port, mlflow_port=args.mlflow_port)
+    print(f"Ray head      {state['ray_address']}  (resources {state['resources']})")
+    print(f"Ray dashboard {state['dashboard_url']}")
+    if "mlflow_url" in state:
+        print(f"MLflow UI     {state['mlflow_url']}")
+    print(f"state         {Path(args.state_dir).resolve() / 'cluster.json'}  (stop with `carryon down`)")
+    return 0
+
+
+def cmd_down(args) -> int:
+    print("stopped" if local_cluster.down(args.state_dir) else "no carryon cluster recorded here")
+    return 0
+
+
+def cmd_status(args) -> int:
+    state = local_cluster.status(args.state_dir)
+    if args.field:
+        print(state.get(args.field, "") if state else "")
+        return 0 if state else 1
+    print(json.dumps(state, indent=2) if state else "no carryon cluster recorded here")
+    return 0 if state else 1
+
+
+def _targets(args) -> tuple[str | None, str | None]:
+    """(dashboard address, MLflow URI): flags, then the environment, then `carryon up`'s record."""
+    state = local_cluster.status(args.state_dir) or {}
+    address = args.address or os.environ.get("RAY_ADDRESS") or state.get("dashboard_url")
+    if address and address == state.get("dashboard_url"):
+        for k, v in local_cluster.client_env(state).items():
+            os.environ.setdefault(k, v)
+    mlflow = os.environ.get("MLFLOW_TRACKING_URI") or state.get("mlflow_url")
+    return address, mlflow
+
+
+def cmd_customize(args) -> int:
+    address, mlflow = _targets(args)
+    job_args = ["--config", args.config] + [a for kv in args.set for a in ("--set", kv)]
+    state = local_cluster.status(args.state_dir) or {}
+    if address == state.get("dashboard_url") and not any(kv.startswith("output.dir=") for kv in args.set):
+        # A local cluster shares this filesystem: write outputs here, not into the job's
+        # temporary copy of the working directory.
+        from carryon_ray.cli import parse_overrides
+        from carryon_ray.config import ConfigError, load_config
+
+        try:
+            out = Path(load_config(args.config, parse_overrides(args.set)).output.dir)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        job_args += ["--set", f"output.dir={out if out.is_absolute() else Path.cwd() / out}"]
+    env = {k: os.environ[k] for k in ("CARRYON_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
+    if mlflow:
+        env["MLFLOW_TRACKING_URI"] = mlflow
+    if args.local:  # the driver runs here; Ray work goes to RAY_ADDRESS, the recorded cluster, or a local Ray
+        from .customize import main as job_main
+
+        os.environ.update(env)
+        if address and not os.environ.get("RAY_ADDRESS"):
+            state = local_cluster.status(args.state_dir) or {}
+            os.environ["RAY_ADDRESS"] = state.get("ray_address", address)
+        return job_main(job_args)
+    if not address:
+        print("error: no Ray cluster: run `carryon up`, set RAY_ADDRESS, or pass --local", file=sys.stderr)
+        return 2
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address if address.startswith("http") else f"http://{address}")
+    entrypoint = "python -m jobs.customize " + " ".join(shlex.quote(a) for a in job_args)
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(Path.cwd()), "env_vars": env})
+    print(f"submitted {job_id} to {address}: {entrypoint}", flush=True)
+
+    async def tail():
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    status = client.get_job_status(job_id)
+    print(f"job {job_id}: {status}")
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def add_commands(sub) -> None:
+    def with_state(p):
+        p.add_argument("--state-dir", default=local_cluster.DEFAULT_STATE, help="where `up` records the cluster")
+
+    p = sub.add_parser("up", help="start a local Ray head (both node classes) and an MLflow server")
+    with_state(p)
+    p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--dashboard-port", type=int, default=8265)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="do nothing if a recorded cluster is already running")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop exactly the processes `carryon up` started")
+    with_state(p)
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser("status", help="show the recorded local cluster")
+    with_state(p)
+    p.add_argument("--field", help="print one field (e.g. mlflow_url, dashboard_url)")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("customize", help="submit a customization job (or run its driver here with --local)")
+    with_state(p)
+    p.add_argument("config", help="YAML config, relative to the working directory that is uploaded")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--address", help="Ray dashboard address (default: RAY_ADDRESS or `carryon up`'s)")
+    p.add_argument("--local", action="store_true", help="run the job driver in this process")
+    p.set_defaults(func=cmd_customize)

@@ -1,0 +1,180 @@
+"""`carryon up` / `carryon down`: a local Ray head plus a local MLflow server, started and stopped
+by their own process groups.
+
+The head advertises both node classes (the custom resources the inference-class and
+training-class node types carry in cluster.yaml), so the same job runs on one machine. `down`
+stops exactly the processes `up` started (never `ray stop`, which kills every Ray cluster on the
+machine). Addresses and process ids are recorded in <state_dir>/cluster.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+DEFAULT_STATE = ".carryon"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    """The console script next to this interpreter (the venv's ray / mlflow)."""
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen, what: str, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError as exc:
+            if exc.code < 500:  # it answers (401/403 when Ray token auth is on)
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f}s; see {log}")
+
+
+def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node", training_resource: str = "training_node",
+       node_class_units: int = 100, num_cpus: int | None = None, ray_port: int | None = None,
+       dashboard_port: int | None = None, mlflow_port: int | None = None, with_mlflow: bool = True) -> dict:
+    """Start the head (and MLflow); return the recorded state."""
+    state_path = Path(state_dir).resolve()
+    state_path.mkdir(parents=True, exist_ok=True)
+    if (state_path / "cluster.json").exists():
+        state = json.loads((state_path / "cluster.json").read_text())
+        if _alive(state.get("ray_pid")):
+            raise RuntimeError(f"a carryon cluster is already running (see {state_path / 'cluster.json'}); run `carryon down` first")
+    ray_port = ray_port or free_port()
+    dashboard_port = dashboard_port or free_port()
+    # Ray's socket paths must stay short: keep its temp dir under /tmp, recorded for cleanup.
+    temp_dir = tempfile.mkdtemp(prefix="carryon-ray-")
+    resources = {inference_resource: node_class_units, training_resource: node_class_units}
+    cmd = [_bin("ray"), "start", "--head", "--block", f"--port={ray_port}", f"--dashboard-port={dashboard_port}",
+           "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+           f"--resources={json.dumps(resources)}", "--disable-usage-stats"]
+    if num_cpus:
+        cmd.append(f"--num-cpus={num_cpus}")
+    ray_log = state_path / "ray-head.log"
+    # Token auth on (Ray's default for new local clusters since 2.59, made explicit): clients on this
+    # machine read the token from ~/.ray/auth_token and need RAY_AUTH_MODE=token (see client_env).
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    # Job entrypoints run `python ...`: make that this interpreter (the venv with the project).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    ray_proc = subprocess.Popen(cmd, stdout=ray_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    state = {"ray_pid": ray_proc.pid, "ray_address": f"127.0.0.1:{ray_port}",
+             "dashboard_url": f"http://127.0.0.1:{dashboard_port}", "ray_temp_dir": temp_dir,
+             "resources": resources, "state_dir": str(state_path), "auth_mode": "token"}
+    (state_path / "cluster.json").write_text(json.dumps(state, indent=2))
+    try:
+        _wait_http(f"{state['dashboard_url']}/api/version", 120, ray_proc, "ray head", ray_log)
+        if with_mlflow:
+            mlflow_port = mlflow_port or free_port()
+            ml_log = state_path / "mlflow.log"
+            ml_cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{state_path / 'mlflow.db'}",
+                      "--artifacts-destination", str(state_path / "mlartifacts"), "--host", "127.0.0.1",
+                      "--port", str(mlflow_port), "--workers", "1"]
+            ml_proc = subprocess.Popen(ml_cmd, stdout=ml_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            state.update({"mlflow_pid": ml_proc.pid, "mlflow_url": f"http://127.0.0.1:{mlflow_port}"})
+            (state_path / "cluster.json").write_text(json.dumps(state, indent=2))
+            _wait_http(f"{state['mlflow_url']}/health", 120, ml_proc, "mlflow server", ml_log)
+    except BaseException:
+        down(state_dir)
+        raise
+    return state
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _stop_group(pid: int | None, timeout: float = 20.0) -> None:
+    """SIGTERM the process group `pid` leads (its own session), then SIGKILL what is left."""
+    if not pid:
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:
+        return
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except OSError:
+            return
+        time.sleep(0.3)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _stragglers(temp_dir: str) -> list[int]:
+    """Processes whose command line names this cluster's own temp dir (ours by construction)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if temp_dir in (proc / "cmdline").read_bytes().decode(errors="ignore"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def down(state_dir: str = DEFAULT_STATE) -> bool:
+    """Stop the processes recorded by `up`; returns False when nothing was recorded."""
+    path = Path(state_dir).resolve() / "cluster.json"
+    if not path.exists():
+        return False
+    state = json.loads(path.read_text())
+    _stop_group(state.get("mlflow_pid"))
+    _stop_group(state.get("ray_pid"))
+    temp_dir = state.get("ray_temp_dir")
+    if temp_dir and temp_dir.startswith(tempfile.gettempdir()):
+        for pid in _stragglers(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    path.unlink()
+    return True
+
+
+def is_running(state: dict) -> bool:
+    return _alive(state.get("ray_pid")) and (not state.get("mlflow_pid") or _alive(state.get("mlflow_pid")))
+
+
+def client_env(state: dict) -> dict[str, str]:
+    """Environment a client needs to talk to a recorded cluster."""
+    return {"RAY_AUTH_MODE": state["auth_mode"]} if state.get("auth_mode") else {}
+
+
+def status(state_dir: str = DEFAULT_STATE) -> dict | None:
+    path = Path(state_dir).resolve() / "cluster.json"
+    return json.loads(path.read_text()) if path.exists() else None

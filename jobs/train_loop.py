@@ -1,0 +1,218 @@
+"""The Ray Train worker loop: fit the carry-on on bridge codes streamed from the embedding actors.
+
+Runs on training-class nodes under `TorchTrainer`. It never loads the base: only its output head
+(for an inherited head) is read from the checkpoint files. Per epoch:
+
+  1. batches come from the streaming dataset shard (epoch 0, or after a restart that lost the
+     cache) or from the embedding cache (later epochs);
+  2. each batch goes through `carryon_ray.train.train_step`, the same step as the in-process
+     trainer (DDP across workers);
+  3. every alpha candidate is scored on validation data from one carry-on forward, the best is
+     kept for the next epoch, and a checkpoint (model, optimizer, scheduler, alpha search, epoch,
+     samples consumed) is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+
+from carryon_ray.base import load_head
+from carryon_ray.bridge import bridges_from_state
+from carryon_ray.config import CarryOnConfig
+from carryon_ray.embedding import decode_sources, from_rows, part_layout
+from carryon_ray.train import AlphaSearch, build_carryon, evaluate, make_optimizer, train_step
+
+from .cache import get_batch, put_batch
+from .tracking import log_metrics
+
+log = logging.getLogger("carryon.train")
+
+STATE_FILE = "state.pt"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _batches_from_shard(shard, batch_size: int, layout):
+    """Yield (encoded, labels, sample_ids, producer stats, wait seconds) from a streaming shard."""
+    it = iter(shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2))
+    while True:
+        t0 = time.perf_counter()
+        try:
+            rows = next(it)
+        except StopIteration:
+            return
+        wait = time.perf_counter() - t0
+        enc, labels = from_rows(rows, layout)
+        stats = (int(np.sum(rows["length"])), float(np.sum(rows["embed_seconds"])))
+        yield enc, labels, [int(s) for s in rows["sample_id"]], stats, wait
+
+
+def _pack(enc, labels, ids) -> dict[str, torch.Tensor]:
+    return {**enc, "labels": labels, "sample_id": torch.tensor(ids, dtype=torch.long)}
+
+
+def _unpack(batch):
+    labels, ids = batch["labels"], batch["sample_id"].tolist()
+    enc = {k: v for k, v in batch.items() if k not in ("labels", "sample_id")}
+    return enc, labels, ids
+
+
+def train_loop(config: dict) -> None:
+    # -- setup ----------------------------------------------------------------------------------
+    cfg = CarryOnConfig.model_validate(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not log.handlers:  # Ray configures the root logger; give ours its own handler and prefix
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(f"[trainer {rank}] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    torch.manual_seed(cfg.train.seed)
+    meta = config["meta"]
+    base_dtype = getattr(torch, meta["dtype"])
+    dims = [[d] * (1 + len(cfg.layers.shallow)) for d in meta["hidden_sizes"]]
+    bridges = bridges_from_state(cfg.bridge.bits, dims, {k: torch.tensor(np.asarray(v)) for k, v in config["bridges"].items()})
+    layout = part_layout(bridges, dims, base_dtype)
+    head_w = head_b = None
+    if cfg.head.kind == "inherited":
+        head_w, head_b = load_head(cfg.base)
+    model = build_carryon(cfg, meta["hidden_sizes"], meta["vocab_size"], head_w, head_b)
+    total = config["total_steps"]
+    opt, sched = make_optimizer(model, cfg, total)
+    search = AlphaSearch.from_config(cfg)
+    epoch0, step = 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:  # resume: model, optimizer, scheduler, alpha search, epoch
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        search.current, search.candidates_list = state["alpha"], list(state["alpha_list"])
+        epoch0, step = state["epoch"] + 1, state["step"]
+        log.info("resumed from checkpoint after epoch %d (step %d, alpha %.4g)", state["epoch"], step, search.current)
+    ddp = model
+    if world > 1:
+        ddp = ray.train.torch.prepare_model(model, move_to_device=False,
+                                             parallel_strategy_kwargs={"broadcast_buffers": False})
+    cache = config["cache"]
+    cache_mode, cache_dir = config["cache_mode"], config["cache_dir"]
+    out_dir = Path(config["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chunk = cfg.train.loss_chunk
+    train_shard = ray.train.get_dataset_shard("train")
+    val_cache: dict[str, list] = {}
+
+    def eval_set(name: str):
+        if name not in val_cache:  # validation sets stream once per worker life, then stay local
+            shard = ray.train.get_dataset_shard(name)
+            val_cache[name] = [
+                (decode_sources(bridges, enc, dims, base_dtype), labels)
+                for enc, labels, _, _, _ in _batches_from_shard(shard, cfg.train.batch_size, layout)
+            ]
+        return val_cache[name]
+
+    mlflow_uri, run_id = config["mlflow"]["uri"], config["mlflow"]["run_id"]
+
+    def track(metrics: dict, at: int) -> None:
+        if rank == 0:
+            log_metrics(mlflow_uri, run_id, metrics, at)
+
+    if epoch0 == 0 and rank == 0:
+        before = evaluate(model, eval_set("val"), [0.0], chunk)[0.0]
+        log.info("validation loss of the base (alpha = 0): %.4f", before)
+        track({"val_loss_base": before}, 0)
+    # -- loop -----------------------------------------------------------------------------------
+    for epoch in range(epoch0, cfg.train.epochs):
+        status = ray.get(cache.status.remote())
+        from_cache = epoch > 0 and status["complete"]
+        if epoch > 0 and not from_cache:
+            log.info("epoch %d: embedding cache incomplete after a restart; re-streaming from the embedding actors", epoch)
+            ray.get(cache.clear.remote()) if rank == 0 else None
+        if from_cache:
+            log.info("epoch %d: reading cached embeddings (%s, %d batches)", epoch, status["mode"], status["batches"])
+            source = ((*_unpack(get_batch(item)), None, 0.0) for item in ray.get(cache.items_for.remote(rank, world)))
+        else:
+            log.info("epoch %d: streaming embeddings from the actor pool", epoch)
+            source = _batches_from_shard(train_shard, cfg.train.batch_size, layout)
+        consumed, losses, tokens, wait_s, t_epoch, t_wall = [], [], 0, 0.0, time.perf_counter(), time.time()
+        prod_tok, prod_s = 0, 0.0
+        for i, (enc, labels, ids, stats, wait) in enumerate(source):
+            if step >= total:
+                break
+            if not from_cache:
+                put_batch(cache, _pack(enc, labels, ids), cache_mode, cache_dir, rank, i)
+                prod_tok, prod_s = prod_tok + stats[0], prod_s + stats[1]
+            consumed += ids
+            wait_s += wait
+            out = train_step(ddp, opt, sched, decode_sources(bridges, enc, dims, base_dtype), labels, chunk,
+                             cfg.train.grad_clip)
+            step += 1
+            losses.append(out["loss"])
+            tokens += out["tokens"]
+            track({"train_loss_step": out["loss"], "lr": sched.get_last_lr()[0]}, step)
+            if rank == 0 and step % 5 == 0:
+                el = time.perf_counter() - t_epoch
+                per_step = el / (i + 1)
+                log.info("progress: epoch %d step %d/%d samples %d loss %.4f ETA %.0fs", epoch, step, total,
+                         len(consumed), out["loss"], per_step * max(0, total - step))
+        if not from_cache and world > 1:
+            torch.distributed.barrier()
+        if not from_cache and rank == 0:
+            ray.get(cache.mark_complete.remote())
+        # An audit of what this worker trained on: every sample id, once per epoch, and when.
+        (out_dir / f"samples-epoch{epoch}-rank{rank}.json").write_text(json.dumps(
+            {"ids": consumed, "started": t_wall, "finished": time.time(), "world": world, "from_cache": from_cache}))
+        el = time.perf_counter() - t_epoch
+        # -- choose alpha on validation data ------------------------------------------------------
+        cands = search.candidates()
+        val_losses = evaluate(model, eval_set("val"), cands, chunk)
+        alpha = search.choose(val_losses)
+        model.set_alpha(alpha)
+        metrics = {
+            "epoch": epoch, "step": step, "alpha": alpha, "val_loss": val_losses[alpha],
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "train_tokens_per_s": tokens / max(el, 1e-9),
+            "input_wait_fraction": wait_s / max(el, 1e-9),
+            "samples": len(consumed), "from_cache": int(from_cache),
+            "peak_rss_mb": _peak_rss_mb(),
+            **{f"val_loss_alpha_{a:g}": v for a, v in val_losses.items()},
+        }
+        if prod_s > 0:
+            metrics["producer_tokens_per_s"] = prod_tok / prod_s
+        if "general" in config["eval_sets"]:
+            sweep = cfg.alpha.general_sweep
+            custom = evaluate(model, eval_set("val"), sweep, chunk)
+            general = evaluate(model, eval_set("general"), sweep, chunk)
+            metrics.update({f"sweep_val_{a:g}": custom[a] for a in sweep})
+            metrics.update({f"sweep_general_{a:g}": general[a] for a in sweep})
+        log.info("epoch %d: val loss %s -> alpha %.4g", epoch, {f"{a:g}": round(v, 4) for a, v in val_losses.items()}, alpha)
+        track(metrics, step)
+        # -- checkpoint ---------------------------------------------------------------------------
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                torch.save({
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "alpha": search.current, "alpha_list": search.candidates_list, "epoch": epoch, "step": step,
+                    "samples_consumed": len(consumed),
+                }, os.path.join(d, STATE_FILE))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if step >= total:
+            break

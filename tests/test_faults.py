@@ -1,0 +1,140 @@
+"""Faults on a real local cluster: an embedding actor or a training worker killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from test_job import TINY_CONFIG, client_env, cluster  # noqa: F401  (module-scoped cluster fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def _alive_actors(state: dict, class_fragment: str) -> list[dict]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=state["dashboard_url"], filters=[("state", "=", "ALIVE")], limit=1000)
+    return [a for a in actors if class_fragment in a.class_name]
+
+
+def _start_job(cluster, tiny_dir, out: Path, *sets) -> subprocess.Popen:  # noqa: F811
+    cmd = [sys.executable, "-u", "-m", "jobs.customize", "--config", TINY_CONFIG, "--set", f"base.name={tiny_dir}",
+           "--set", f"output.dir={out}", *sets]
+    env = {**client_env(cluster), "RAY_ADDRESS": cluster["ray_address"], "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def _watch(proc: subprocess.Popen, lines: list[str], trigger: str, action) -> threading.Thread:
+    """Collect the job's output; call `action()` once when a line contains `trigger`."""
+
+    def run():
+        fired = False
+        for line in proc.stdout:
+            lines.append(line)
+            if not fired and trigger in line:
+                fired = True
+                threading.Thread(target=action, daemon=True).start()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_killed_embedding_actor_loses_and_duplicates_nothing(cluster, tiny_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    proc = _start_job(cluster, tiny_dir, out, "--set", "data.builtin_size=320", "--set", "resources.embed_batch_size=2",
+                      "--set", "train.epochs=1", "--set", "resources.embed_actors_max=2")
+    killed: list[tuple[int, float]] = []
+
+    def kill_one():
+        time.sleep(1.0)  # let the pool get going on the training set
+        for _ in range(100):
+            actors = _alive_actors(cluster, "EmbeddingProducer")
+            if actors:
+                pid = actors[0].pid
+                os.kill(pid, signal.SIGKILL)
+                killed.append((pid, time.time()))
+                return
+            time.sleep(0.2)
+
+    lines: list[str] = []
+    watcher = _watch(proc, lines, "epoch 0: streaming embeddings", kill_one)
+    assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
+    watcher.join(10)
+    assert killed, "no embedding actor was found to kill"
+    audit = json.loads((out / "samples-epoch0-rank0.json").read_text())
+    n_train = 320 - int(320 * 0.25)
+    ids = audit["ids"]
+    print(f"killed embedding actor pid {killed[0][0]}; trainer consumed {len(ids)} samples")
+    assert audit["started"] < killed[0][1] < audit["finished"]  # the kill landed mid-epoch
+    assert sorted(ids) == list(range(n_train))  # every sample exactly once
+
+
+def test_killed_training_worker_restores_from_checkpoint(cluster, tiny_dir, tmp_path):  # noqa: F811
+    sets = ["--set", "train.epochs=3", "--set", "data.builtin_size=160"]
+    ref = _start_job(cluster, tiny_dir, tmp_path / "ref", *sets)
+    ref_out, _ = ref.communicate(timeout=900)
+    assert ref.returncode == 0, ref_out[-4000:]
+    baseline = json.loads((tmp_path / "ref" / "summary.json").read_text())
+
+    out = tmp_path / "killed"
+    killed: list[int] = []
+
+    def kill_worker():
+        actors = _alive_actors(cluster, "RayTrainWorker")
+        assert actors
+        os.kill(actors[0].pid, signal.SIGKILL)
+        killed.append(actors[0].pid)
+
+    proc = _start_job(cluster, tiny_dir, out, *sets)
+    lines: list[str] = []
+    watcher = _watch(proc, lines, "epoch 1: reading cached embeddings", kill_worker)
+    assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
+    watcher.join(10)
+    text = "".join(lines)
+    assert killed and "resumed from checkpoint after epoch 0" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 3
+    # The restarted worker resumes from the epoch-0 checkpoint and the object-store cache, so the
+    # final validation loss matches the uninterrupted run up to float noise.
+    print(f"final val loss: uninterrupted {baseline['val_loss_after']:.5f}, killed {summary['val_loss_after']:.5f}")
+    assert summary["val_loss_after"] == pytest.approx(baseline["val_loss_after"], rel=1e-3)
+
+
+def test_training_scales_up_when_a_training_node_joins(tiny_dir, tmp_path):
+    """Separate node classes with ray.cluster_utils.Cluster (only the head advertises the inference
+    resource, only the added nodes the training resource): when a second training node joins,
+    Train grows from 1 to 2 workers within its range and the run completes."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"inference_node": 4}})
+    c.add_node(num_cpus=1, resources={"training_node": 1})
+    try:
+        out = tmp_path / "run"
+        cmd = [sys.executable, "-u", "-m", "jobs.customize", "--config", TINY_CONFIG, "--set", f"base.name={tiny_dir}",
+               "--set", f"output.dir={out}", "--set", "train.epochs=4", "--set", "data.builtin_size=192",
+               "--set", "resources.train_workers_min=1", "--set", "resources.train_workers_max=2",
+               "--set", "resources.embed_cpus=1", "--set", "resources.resize_check_s=2"]
+        env = {**os.environ, "RAY_ADDRESS": c.address, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        lines: list[str] = []
+        watcher = _watch(proc, lines, "epoch 1: reading cached embeddings",
+                         lambda: c.add_node(num_cpus=1, resources={"training_node": 1}))
+        assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
+        watcher.join(10)
+        audits = {p.name: json.loads(p.read_text()) for p in out.glob("samples-epoch*-rank*.json")}
+        worlds = [a["world"] for a in audits.values()]
+        print(f"training worker counts per epoch audit: {sorted(audits)} -> {worlds}")
+        assert 1 in worlds and 2 in worlds  # started with one worker, finished with two
+        assert any(name.endswith("rank1.json") for name in audits)
+    finally:
+        c.shutdown()

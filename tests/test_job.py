@@ -1,0 +1,123 @@
+"""The customization job on a real local Ray cluster and a real MLflow server (sqlite backend),
+both started and stopped by the tests themselves (never `ray stop`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from jobs import local_cluster
+
+pytestmark = pytest.mark.slow
+TINY_CONFIG = "configs/tiny-test.yaml"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state_dir = tmp_path_factory.mktemp("carryon-cluster")
+    state = local_cluster.up(str(state_dir), num_cpus=2)
+    yield state
+    assert local_cluster.down(str(state_dir))
+    assert not local_cluster._stragglers(state["ray_temp_dir"])  # nothing of ours left running
+
+
+def client_env(state: dict) -> dict:
+    return {**os.environ, **local_cluster.client_env(state), "PYTHONPATH": str(ROOT)}
+
+
+def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    cmd = [str(ROOT / ".venv" / "bin" / "ray") if (ROOT / ".venv/bin/ray").exists() else "ray",
+           "job", "submit", "--address", cluster["dashboard_url"], "--working-dir", str(ROOT),
+           "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": cluster["mlflow_url"]}}),
+           "--", "python", "-m", "jobs.customize", "--config", TINY_CONFIG,
+           "--set", f"base.name={tiny_dir}", "--set", f"output.dir={out}",
+           "--set", "mlflow.register_as=user-alice-tiny", "--set", "mlflow.alias=prod",
+           "--set", "data.general_val=tests/data/general.txt"]
+    t0 = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=client_env(cluster), timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    print(f"ray job submit: {time.time() - t0:.1f}s")
+    assert "epoch 1: reading cached embeddings" in res.stdout  # base forward ran once per sample
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+
+    client = MlflowClient(cluster["mlflow_url"])
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["carryon.kind"] == "mlp" and run.data.params["train.epochs"] == "2"
+    assert run.data.params["cache_mode"] == "memory"
+    for key in ("val_loss", "alpha", "train_loss_step", "val_loss_base", "producer_tokens_per_s",
+                "train_tokens_per_s", "peak_rss_mb", "data_train_kept", "sweep_general_0"):
+        assert key in run.data.metrics, key
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2  # one alpha choice per epoch
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"figures/loss_curves.png", "figures/alpha_tradeoff.png"} <= artifacts
+    mv = client.get_model_version_by_alias("user-alice-tiny", "prod")
+    assert mv.run_id == run.info.run_id
+
+    # The registered adapter loads on the base it was trained on and generates.
+    from carryon_ray.base import FrozenBase
+    from carryon_ray.config import BaseModelConfig
+    from carryon_ray.generation import CarryOnModel
+
+    os.environ["MLFLOW_TRACKING_URI"] = cluster["mlflow_url"]
+    try:
+        model = CarryOnModel.from_pretrained(FrozenBase.load(BaseModelConfig(name=tiny_dir)), "models:/user-alice-tiny@prod")
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    assert model.carryon.alpha == pytest.approx(summary["alpha"])
+    assert len(model.generate([[1, 2, 3]], 4, stop_at_eos=False)[0]) == 4
+
+
+def _job(cluster, tiny_dir, *sets, timeout=300):
+    cmd = [sys.executable, "-m", "jobs.customize", "--config", TINY_CONFIG, "--set", f"base.name={tiny_dir}", *sets]
+    env = {**client_env(cluster), "RAY_ADDRESS": cluster["ray_address"], "MLFLOW_TRACKING_URI": cluster["mlflow_url"]}
+    t0 = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    return res, time.time() - t0
+
+
+def _last_run(cluster, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cluster["mlflow_url"])
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+
+
+def test_invalid_config_fails_fast(cluster, tiny_dir):
+    res, took = _job(cluster, tiny_dir, "--set", "train.lr=-3")
+    assert res.returncode == 2 and "train.lr: bad value -3" in res.stderr
+    assert took < 60
+
+
+def test_missing_data_fails_fast_and_marks_run_failed(cluster, tiny_dir, tmp_path):
+    res, took = _job(cluster, tiny_dir, "--set", "data.train=/nope/missing.jsonl", "--set", "mlflow.experiment=fail-data")
+    assert res.returncode == 1 and "data file not found: /nope/missing.jsonl" in res.stderr
+    assert "Traceback" not in res.stderr  # one clear message
+    assert _last_run(cluster, "fail-data").info.status == "FAILED"
+    assert took < 60
+
+
+def test_unloadable_base_fails_fast_and_marks_run_failed(cluster, tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    res, took = _job(cluster, str(tmp_path / "notamodel"), "--set", "mlflow.experiment=fail-base")
+    assert res.returncode == 1 and "cannot be loaded" in res.stderr and "config.json" in res.stderr
+    assert _last_run(cluster, "fail-base").info.status == "FAILED"
+    assert took < 60
+
+
+def test_mostly_bad_data_stops_with_a_clear_error(cluster, tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{oops\n" * 8 + json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    res, _ = _job(cluster, tiny_dir, "--set", f"data.train={bad}", "--set", "mlflow.experiment=fail-bad")
+    assert res.returncode == 1 and "bad_json=8" in res.stderr and "too many malformed rows" in res.stderr
