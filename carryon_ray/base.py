@@ -242,7 +242,8 @@ class FrozenBase(nn.Module):
         """Run the decoder stack (no vocabulary projection).
 
         Returns ([deep, shallow_1, ...], past_key_values): deep is the final hidden state after
-        the final norm, shallow_k the output of block k (0 = token embeddings).
+        the final norm, shallow_k the output of block k (0 = token embeddings; k = num_layers is
+        the deep state again, as Hugging Face reports the last block after the norm).
         """
         for k in shallow:
             if k > self.num_layers:

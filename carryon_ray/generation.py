@@ -161,3 +161,95 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
     return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many adapters, one base: the base runs once per decoding step for every row of a batch, then
+# each group of rows gets its own carry-on. This is where carry-ons beat multi-LoRA serving: the
+# base computation is identical for every user.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Adapter:
+    """One loaded carry-on adapter over a shared base."""
+
+    carryon: CarryOn
+    bridges: Bridges
+    shallow: list[int]
+    config: dict
+
+    @classmethod
+    def load(cls, base: FrozenBase, ref: str | Path) -> "Adapter":
+        path = resolve_adapter(ref)
+        carryon, bridges, cfg = load_adapter(path, [base.fingerprint().to_dict()], base.head_weight, base.head_bias)
+        return cls(carryon.to(base.device), bridges, list(cfg["shallow"]), cfg)
+
+
+@torch.inference_mode()
+def generate_mixed(base: FrozenBase, prompts: list[list[int]], adapters: list[Adapter | None],
+                   max_new_tokens: list[int] | int = 64, temperature: list[float] | float = 0.0,
+                   top_p: list[float] | float = 1.0, seeds: list[int | None] | None = None,
+                   alphas: list[float | None] | None = None, stop_at_eos: bool = True,
+                   on_token=None) -> list[list[int]]:
+    """Generate for rows that may each use a different adapter (None = the bare base).
+
+    Per decoding step: one base forward for the whole batch (its KV cache shared), then one
+    carry-on forward per distinct adapter over its rows (each with its own KV cache). Greedy output
+    for a row equals `CarryOnModel.generate` with that row's adapter alone. `on_token(row, token)`
+    is called as tokens are produced (streaming).
+    """
+    n = len(prompts)
+    per = lambda v, d=None: list(v) if isinstance(v, (list, tuple)) else [v if v is not None else d] * n  # noqa: E731
+    max_new, temps, tops = per(max_new_tokens), per(temperature), per(top_p)
+    seeds, alphas = per(seeds), per(alphas)
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device="cpu")
+        if s is not None:
+            g.manual_seed(s)
+        gens.append(g)
+    device = base.device
+    pad, eos = base.tokenizer.pad_token_id, base.tokenizer.eos_token_id
+    # Rows sharing an adapter (and an alpha) form one carry-on group.
+    groups: dict[tuple, list[int]] = {}
+    for i, (a, al) in enumerate(zip(adapters, alphas)):
+        groups.setdefault((id(a) if a is not None else None, al), []).append(i)
+    shallow = sorted({k for a in adapters if a is not None for k in a.shallow})
+    T = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (T - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts]).to(device)
+    base_cache, carry_caches = None, {key: None for key in groups}
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * n
+    feed = ids
+    for _step in range(max(max_new)):
+        Tn = feed.shape[1]
+        positions = positions_from_mask(mask)[:, -Tn:]
+        states, base_cache = base.hidden_states(feed.to(device), mask, shallow, past_key_values=base_cache,
+                                                position_ids=positions, use_cache=True)
+        x = states[0]
+        logits = torch.empty(n, base.vocab_size, dtype=torch.float32)
+        for key, rows in groups.items():
+            a = adapters[rows[0]]
+            r = torch.tensor(rows, device=device)
+            if a is None:
+                logits[rows] = F.linear(x[r, -1], base.head_weight, base.head_bias).float().cpu()
+                continue
+            srcs = [[br.roundtrip(s[r]) for br, s in zip(a.bridges[0], [x] + [states[1 + shallow.index(k)] for k in a.shallow])]]
+            res, carry_caches[key] = a.carryon(srcs, residual=x[r], positions=positions[r], key_mask=mask[r],
+                                               caches=carry_caches[key], alpha=key[1])
+            logits[rows] = a.carryon.logits(res[:, -1]).float().cpu()
+        nxt = torch.zeros(n, dtype=torch.long)
+        for i in range(n):
+            nxt[i] = sample(logits[i : i + 1], temps[i], tops[i], gens[i])[0]
+            if not done[i]:
+                out[i].append(int(nxt[i]))
+                if on_token is not None:
+                    on_token(i, int(nxt[i]))
+                done[i] = (stop_at_eos and int(nxt[i]) == eos) or len(out[i]) >= max_new[i]
+        if all(done):
+            break
+        feed = nxt[:, None]
+        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], 1)
+    return out

@@ -134,15 +134,16 @@ def _stop_group(pid: int | None, timeout: float = 20.0) -> None:
 
 
 def _stragglers(temp_dir: str) -> list[int]:
-    """Processes whose command line names this cluster's own temp dir (ours by construction)."""
+    """Live processes whose command line names this cluster's own temp dir (ours by construction)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
             if temp_dir in (proc / "cmdline").read_bytes().decode(errors="ignore"):
-                pids.append(int(proc.name))
-        except OSError:
+                if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":  # zombies are already dead
+                    pids.append(int(proc.name))
+        except (OSError, IndexError):
             continue
     return pids
 
@@ -157,11 +158,16 @@ def down(state_dir: str = DEFAULT_STATE) -> bool:
     _stop_group(state.get("ray_pid"))
     temp_dir = state.get("ray_temp_dir")
     if temp_dir and temp_dir.startswith(tempfile.gettempdir()):
-        for pid in _stragglers(temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        # Some Ray helpers start their own sessions; they still name our temp dir on their
+        # command line, which makes them ours to stop.
+        deadline = time.time() + 15
+        while (left := _stragglers(temp_dir)) and time.time() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            time.sleep(0.3)
     path.unlink()
     return True
 

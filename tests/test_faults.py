@@ -19,11 +19,41 @@ from test_job import TINY_CONFIG, client_env, cluster  # noqa: F401  (module-sco
 pytestmark = pytest.mark.slow
 
 
-def _alive_actors(state: dict, class_fragment: str) -> list[dict]:
-    from ray.util.state import list_actors
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="ignore")
+    except OSError:
+        return ""
 
-    actors = list_actors(address=state["dashboard_url"], filters=[("state", "=", "ALIVE")], limit=1000)
-    return [a for a in actors if class_fragment in a.class_name]
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _actor_pids(state: dict, title: str) -> list[int]:
+    """PIDs of live Ray workers whose process title contains `title` and that descend from this
+    test cluster's raylet (found by its own temp dir): nothing outside our cluster is touched."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if not _cmdline(pid).startswith("ray::") or title not in _cmdline(pid):
+            continue
+        parent, ours = pid, False
+        for _ in range(4):
+            parent = _ppid(parent)
+            if parent <= 1:
+                break
+            if state["ray_temp_dir"] in _cmdline(parent):
+                ours = True
+                break
+        if ours:
+            pids.append(pid)
+    return pids
 
 
 def _start_job(cluster, tiny_dir, out: Path, *sets) -> subprocess.Popen:  # noqa: F811
@@ -58,9 +88,9 @@ def test_killed_embedding_actor_loses_and_duplicates_nothing(cluster, tiny_dir, 
     def kill_one():
         time.sleep(1.0)  # let the pool get going on the training set
         for _ in range(100):
-            actors = _alive_actors(cluster, "EmbeddingProducer")
-            if actors:
-                pid = actors[0].pid
+            pids = _actor_pids(cluster, "EmbeddingProducer")
+            if pids:
+                pid = pids[0]
                 os.kill(pid, signal.SIGKILL)
                 killed.append((pid, time.time()))
                 return
@@ -90,10 +120,10 @@ def test_killed_training_worker_restores_from_checkpoint(cluster, tiny_dir, tmp_
     killed: list[int] = []
 
     def kill_worker():
-        actors = _alive_actors(cluster, "RayTrainWorker")
-        assert actors
-        os.kill(actors[0].pid, signal.SIGKILL)
-        killed.append(actors[0].pid)
+        pids = _actor_pids(cluster, "RayTrainWorker")
+        assert pids
+        os.kill(pids[0], signal.SIGKILL)
+        killed.append(pids[0])
 
     proc = _start_job(cluster, tiny_dir, out, *sets)
     lines: list[str] = []
@@ -127,8 +157,10 @@ def test_training_scales_up_when_a_training_node_joins(tiny_dir, tmp_path):
         env = {**os.environ, "RAY_ADDRESS": c.address, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
         lines: list[str] = []
-        watcher = _watch(proc, lines, "epoch 1: reading cached embeddings",
-                         lambda: c.add_node(num_cpus=1, resources={"training_node": 1}))
+        grow = threading.Event()
+        watcher = _watch(proc, lines, "epoch 1: reading cached embeddings", grow.set)
+        assert grow.wait(timeout=600), "".join(lines[-80:])
+        c.add_node(num_cpus=1, resources={"training_node": 1})  # Cluster.add_node must run on the main thread
         assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
         watcher.join(10)
         audits = {p.name: json.loads(p.read_text()) for p in out.glob("samples-epoch*-rank*.json")}

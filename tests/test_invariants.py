@@ -12,9 +12,9 @@ from conftest import make_config
 PROMPTS = ["Question: Tom has 3 apples and buys 4 more. How many apples?\nAnswer:", "The capital of France is"]
 
 
-def random_carryon(base, kind: str, shallow=(0,), gate=True) -> CarryOn:
+def random_carryon(base, kind: str, shallow=(0,), gate=True, fusion="average") -> CarryOn:
     cfg = make_config(carryon={"kind": kind, "width": 32, "heads": 4, "kv_heads": 2, "gate": gate},
-                      layers={"shallow": list(shallow)})
+                      layers={"shallow": list(shallow), "fusion": fusion})
     torch.manual_seed(1)
     m = CarryOn(cfg.carryon, cfg.head, [[base.hidden_size] * (1 + len(shallow))], base.vocab_size,
                 cfg.layers.fusion, base.head_weight, base.head_bias)
@@ -41,6 +41,21 @@ def test_alpha_zero_reproduces_base_logits(request, which, kind, bits):
     assert torch.equal(out, ref)
     # ... and the carry-on really acts when alpha > 0.
     assert not torch.equal(model.logits(ids, mask, alpha=1.0), ref)
+
+
+@pytest.mark.parametrize("fusion", ["average", "projection"])
+def test_alpha_zero_with_projection_fusion_and_stages(tiny_base, fusion):
+    base = tiny_base
+    ids, mask = batch(base.tokenizer)
+    m = random_carryon(base, "transformer", shallow=(0, 1), fusion=fusion)
+    m.grow(alpha=0.3)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    m.alphas.zero_()
+    model = CarryOnModel([base], m, Bridge(8), shallow=[0, 1])
+    assert torch.equal(model.logits(ids, mask), base.logits(ids, mask))
+    m.alphas.fill_(0.5)
+    assert not torch.equal(model.logits(ids, mask), base.logits(ids, mask))
 
 
 def test_untrained_carryon_is_a_noop(smol_bf16):
