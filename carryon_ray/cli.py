@@ -27,19 +27,12 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def _load(args):
-    from .config import CarryOnConfig, ConfigError, load_config, validate_config
+    from .config import ConfigError, apply_overrides, load_config, validate_config
 
     try:
         if args.config:
             return load_config(args.config, parse_overrides(args.set))
-        data: dict = {}
-        for key, value in parse_overrides(args.set).items():
-            node = data
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
-        return validate_config(data, "command-line settings") if data else CarryOnConfig()
+        return validate_config(apply_overrides({}, parse_overrides(args.set)), "command-line settings")
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
 

@@ -334,10 +334,17 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ca
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return validate_config(apply_overrides(data, overrides), source=str(path))
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set dotted keys ({'train.epochs': 1}) in a nested config dict, in place; returns it."""
     for key, value in (overrides or {}).items():
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
         node[leaf] = value
-    return validate_config(data, source=str(path))
+    return data

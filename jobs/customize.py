@@ -133,7 +133,7 @@ def run(cfg) -> dict:
     from carryon_ray.base import resolve_base_path
     from carryon_ray.bridge import bridges_from_state
     from carryon_ray.data import DataError, load_splits
-    from carryon_ray.train import build_carryon
+    from carryon_ray.train import build_carryon, calibration_rows, source_dims
 
     from .cache import EmbeddingCache
     from .tracking import Tracker, tracking_uri
@@ -174,7 +174,7 @@ def run(cfg) -> dict:
         train_rows, val_rows = rows(splits.train), rows(splits.val)
         # -- calibrate the bridge on an inference-class node -----------------------------------
         r = cfg.resources
-        calib_rows = train_rows[: max(8, min(64, cfg.bridge.calibration_tokens // 64))]
+        calib_rows = train_rows[: calibration_rows(cfg)]
         calib = ray.get(
             ray.remote(calibrate).options(num_cpus=r.embed_cpus, num_gpus=r.embed_gpus,
                                           resources={r.inference_resource: 1}, max_retries=2).remote(
@@ -182,7 +182,7 @@ def run(cfg) -> dict:
                 {"input_ids": [x["input_ids"] for x in calib_rows], "labels": [x["labels"] for x in calib_rows]},
             )
         )
-        dims = [[d] * (1 + len(cfg.layers.shallow)) for d in calib["hidden_sizes"]]
+        dims = source_dims(calib["hidden_sizes"], cfg.layers.shallow)
         # -- the embedding pipeline -----------------------------------------------------------
         datasets = {"train": embed_pipeline(cfg, train_rows, calib, dims), "val": embed_pipeline(cfg, val_rows, calib, dims)}
         if splits.general:

@@ -74,6 +74,9 @@ def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
     ray_log = state_path / "ray-head.log"
+    # `ray start` with token auth refuses to run without a token; a fresh machine has none yet.
+    subprocess.run([_bin("ray"), "get-auth-token", "--generate"], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True)
     # Token auth on (Ray's default for new local clusters since 2.59, made explicit): clients on this
     # machine read the token from ~/.ray/auth_token and need RAY_AUTH_MODE=token (see client_env).
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}

@@ -32,7 +32,7 @@ from carryon_ray.base import load_head
 from carryon_ray.bridge import bridges_from_state
 from carryon_ray.config import CarryOnConfig
 from carryon_ray.embedding import decode_sources, from_rows, part_layout
-from carryon_ray.train import AlphaSearch, build_carryon, evaluate, make_optimizer, train_step
+from carryon_ray.train import AlphaSearch, build_carryon, evaluate, make_optimizer, source_dims, train_step
 
 from .cache import get_batch, put_batch
 from .tracking import log_metrics
@@ -85,7 +85,7 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     meta = config["meta"]
     base_dtype = getattr(torch, meta["dtype"])
-    dims = [[d] * (1 + len(cfg.layers.shallow)) for d in meta["hidden_sizes"]]
+    dims = source_dims(meta["hidden_sizes"], cfg.layers.shallow)
     bridges = bridges_from_state(cfg.bridge.bits, dims, {k: torch.tensor(np.asarray(v)) for k, v in config["bridges"].items()})
     layout = part_layout(bridges, dims, base_dtype)
     head_w = head_b = None
@@ -141,9 +141,15 @@ def train_loop(config: dict) -> None:
     for epoch in range(epoch0, cfg.train.epochs):
         status = ray.get(cache.status.remote())
         from_cache = epoch > 0 and status["complete"]
-        if epoch > 0 and not from_cache:
-            log.info("epoch %d: embedding cache incomplete after a restart; re-streaming from the embedding actors", epoch)
-            ray.get(cache.clear.remote()) if rank == 0 else None
+        if not from_cache:
+            # A streamed epoch rebuilds the cache from scratch: a restart before the epoch-0
+            # checkpoint was recorded must not append a second copy of the batches.
+            if epoch > 0:
+                log.info("epoch %d: embedding cache incomplete after a restart; re-streaming from the embedding actors", epoch)
+            if rank == 0:
+                ray.get(cache.clear.remote())
+            if world > 1:
+                torch.distributed.barrier()
         if from_cache:
             log.info("epoch %d: reading cached embeddings (%s, %d batches)", epoch, status["mode"], status["batches"])
             source = ((*_unpack(get_batch(item)), None, 0.0) for item in ray.get(cache.items_for.remote(rank, world)))

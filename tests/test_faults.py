@@ -127,13 +127,16 @@ def test_killed_training_worker_restores_from_checkpoint(cluster, tiny_dir, tmp_
 
     proc = _start_job(cluster, tiny_dir, out, *sets)
     lines: list[str] = []
-    watcher = _watch(proc, lines, "epoch 1: reading cached embeddings", kill_worker)
+    # Kill a few steps into epoch 1, once the epoch-0 checkpoint has certainly been recorded.
+    watcher = _watch(proc, lines, "progress: epoch 1 step 20", kill_worker)
     assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
     watcher.join(10)
     text = "".join(lines)
     assert killed and "resumed from checkpoint after epoch 0" in text
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["epochs"] == 3
+    assert summary["epochs"] == 3 and summary["steps"] == baseline["steps"]
+    audit = json.loads((out / "samples-epoch1-rank0.json").read_text())
+    assert sorted(audit["ids"]) == sorted(set(audit["ids"]))  # the cache holds each batch once
     # The restarted worker resumes from the epoch-0 checkpoint and the object-store cache, so the
     # final validation loss matches the uninterrupted run up to float noise.
     print(f"final val loss: uninterrupted {baseline['val_loss_after']:.5f}, killed {summary['val_loss_after']:.5f}")

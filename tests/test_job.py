@@ -121,3 +121,17 @@ def test_mostly_bad_data_stops_with_a_clear_error(cluster, tiny_dir, tmp_path):
     bad.write_text("{oops\n" * 8 + json.dumps({"prompt": "a", "completion": "b"}) + "\n")
     res, _ = _job(cluster, tiny_dir, "--set", f"data.train={bad}", "--set", "mlflow.experiment=fail-bad")
     assert res.returncode == 1 and "bad_json=8" in res.stderr and "too many malformed rows" in res.stderr
+
+
+def test_disk_cache_serves_later_epochs(cluster, tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    res, _ = _job(cluster, tiny_dir, "--set", "resources.cache=disk", "--set", f"output.dir={out}",
+                  "--set", "mlflow.experiment=disk-cache", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    text = res.stdout + res.stderr
+    assert f"embedding cache: disk at {out / 'embedding-cache'}" in text
+    assert "epoch 1: reading cached embeddings (disk" in text
+    files = sorted((out / "embedding-cache").glob("*.safetensors"))
+    epoch0 = json.loads((out / "samples-epoch0-rank0.json").read_text())["ids"]
+    epoch1 = json.loads((out / "samples-epoch1-rank0.json").read_text())["ids"]
+    assert files and sorted(epoch1) == sorted(epoch0)  # the same samples, read back from disk
