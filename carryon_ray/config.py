@@ -257,6 +257,15 @@ class MlflowConfig(Strict):
         description="Registry alias set on the new version (serving loads models:/NAME@ALIAS); "
         "'latest' is reserved by MLflow."
     )
+    owner: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Serving: the user (API-key owner) who may call the registered adapter; stored as "
+        "the registered model's tag carryon.owner. Without an owner (and not shared) serving never "
+        "exposes a registry adapter."
+    )
+    shared: bool = Field(
+        False, description="Serving: every user may call the registered adapter (tag carryon.shared=true)."
+    )
 
     @model_validator(mode="after")
     def _alias_not_reserved(self) -> "MlflowConfig":
@@ -309,6 +318,8 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{path}: required field is missing"
     msg = err["msg"]
+    if not err["loc"]:  # a cross-field rule: its message names the fields; the whole input is noise
+        return msg.removeprefix("Value error, ")
     if kind == "literal_error" and "expected" in (err.get("ctx") or {}):
         msg = f"allowed: {err['ctx']['expected']}"
     return f"{path}: bad value {value!r}; {msg}"

@@ -197,7 +197,8 @@ def generate_mixed(base: FrozenBase, prompts: list[list[int]], adapters: list[Ad
     Per decoding step: one base forward for the whole batch (its KV cache shared), then one
     carry-on forward per distinct adapter over its rows (each with its own KV cache). Greedy output
     for a row equals `CarryOnModel.generate` with that row's adapter alone. `on_token(row, token)`
-    is called as tokens are produced (streaming).
+    is called as tokens are produced (streaming); when it returns True that row stops (e.g. a stop
+    string was completed).
     """
     n = len(prompts)
     per = lambda v, d=None: list(v) if isinstance(v, (list, tuple)) else [v if v is not None else d] * n  # noqa: E731
@@ -245,9 +246,8 @@ def generate_mixed(base: FrozenBase, prompts: list[list[int]], adapters: list[Ad
             nxt[i] = sample(logits[i : i + 1], temps[i], tops[i], gens[i])[0]
             if not done[i]:
                 out[i].append(int(nxt[i]))
-                if on_token is not None:
-                    on_token(i, int(nxt[i]))
-                done[i] = (stop_at_eos and int(nxt[i]) == eos) or len(out[i]) >= max_new[i]
+                stop = on_token(i, int(nxt[i])) if on_token is not None else False
+                done[i] = bool(stop) or (stop_at_eos and int(nxt[i]) == eos) or len(out[i]) >= max_new[i]
         if all(done):
             break
         feed = nxt[:, None]

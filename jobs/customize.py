@@ -251,7 +251,10 @@ def run(cfg) -> dict:
         tracker.artifacts(str(adapter_dir), "adapter")
         version = None
         if cfg.mlflow.register_as:
-            version = tracker.register(cfg.mlflow.register_as, cfg.mlflow.alias, "adapter")
+            tags = {"carryon.shared": str(cfg.mlflow.shared).lower(), "carryon.base": cfg.base.name}
+            if cfg.mlflow.owner:
+                tags["carryon.owner"] = cfg.mlflow.owner
+            version = tracker.register(cfg.mlflow.register_as, cfg.mlflow.alias, "adapter", tags)
         wall = time.perf_counter() - t_start
         tracker.metrics({"wall_seconds": wall})
         summary.update({"adapter": str(adapter_dir), "run_id": tracker.run_id, "model_version": version,

@@ -93,8 +93,10 @@ class Tracker:
             return []
         return [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)]
 
-    def register(self, name: str, alias: str, artifact_path: str) -> int | None:
-        """Register the run's artifact directory as a new model version and point `alias` at it."""
+    def register(self, name: str, alias: str, artifact_path: str, tags: dict[str, str] | None = None) -> int | None:
+        """Register the run's artifact directory as a new model version and point `alias` at it.
+
+        `tags` go on the registered model (serving reads carryon.owner / carryon.shared)."""
         if not (self.client and self.run_id):
             return None
         from mlflow.exceptions import MlflowException
@@ -106,6 +108,8 @@ class Tracker:
         source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
         mv = self.client.create_model_version(name, source=source, run_id=self.run_id)
         self.client.set_registered_model_alias(name, alias, mv.version)
+        for key, value in (tags or {}).items():
+            self.client.set_registered_model_tag(name, key, value)
         log.info("registered %s version %s (alias %r): load with models:/%s@%s", name, mv.version, alias, name, alias)
         return int(mv.version)
 

@@ -40,7 +40,7 @@ def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, tmp_path):
            "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": cluster["mlflow_url"]}}),
            "--", "python", "-m", "jobs.customize", "--config", TINY_CONFIG,
            "--set", f"base.name={tiny_dir}", "--set", f"output.dir={out}",
-           "--set", "mlflow.register_as=user-alice-tiny", "--set", "mlflow.alias=prod",
+           "--set", "mlflow.register_as=user-alice-tiny", "--set", "mlflow.alias=prod", "--set", "mlflow.owner=alice",
            "--set", "data.general_val=tests/data/general.txt"]
     t0 = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True, env=client_env(cluster), timeout=900, cwd=ROOT)
@@ -63,6 +63,8 @@ def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, tmp_path):
     assert {"figures/loss_curves.png", "figures/alpha_tradeoff.png"} <= artifacts
     mv = client.get_model_version_by_alias("user-alice-tiny", "prod")
     assert mv.run_id == run.info.run_id
+    tags = client.get_registered_model("user-alice-tiny").tags  # what serving's access rules read
+    assert tags["carryon.owner"] == "alice" and tags["carryon.shared"] == "false"
 
     # The registered adapter loads on the base it was trained on and generates.
     from carryon_ray.base import FrozenBase

@@ -1,0 +1,178 @@
+"""The typed configuration of the serving application (the schema of serve YAML files).
+
+One file says which base the replicas hold, which adapters exist and who may call them, how API
+keys are read, the request limits, and the replica resources and autoscaling range. `build()` in
+serve/app.py takes these fields as Serve application args, so the same YAML body works with
+`carryon serve FILE`, `serve run serve.app:build config=FILE` and under `args:` in a `serve deploy`
+config.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from carryon_ray.config import BaseModelConfig, ConfigError, Strict, _describe, apply_overrides
+
+# Public adapter names: letters, digits, '.', '_', '-'; never a path (no '/', no '..').
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def valid_name(name: str) -> bool:
+    return bool(NAME_RE.match(name)) and ".." not in name
+
+
+class AdapterEntry(Strict):
+    """One adapter the service offers under a public name."""
+
+    name: str = Field(..., description="Public model id clients put in the `model` field.")
+    source: str = Field(
+        ..., description="Adapter directory on the replicas' filesystem, or an MLflow URI "
+        "(models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/adapter)."
+    )
+    owner: str | None = Field(None, description="User (API-key owner) who may call it.")
+    shared: bool = Field(False, description="Every authenticated user may call it.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not valid_name(v):
+            raise ValueError("use letters, digits, '.', '_' and '-' (no '/', no '..'), at most 128 characters")
+        return v
+
+
+class RegistryConfig(Strict):
+    """Adapters discovered in the MLflow model registry (what the customization job registers)."""
+
+    enabled: bool = Field(True, description="Look up model ids in the registry when not listed under `adapters`.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI.")
+    alias: str = Field("current", description="Registry alias served for a registered model NAME.")
+    refresh_s: float = Field(
+        30.0, ge=0, description="How long a registry answer (owner tags, alias -> version) is reused; "
+        "a moved alias is served within this time."
+    )
+
+
+class AuthConfig(Strict):
+    """API keys (bearer tokens) and the users they belong to. Never written in this file."""
+
+    keys_file: str | None = Field(
+        None, description="YAML/JSON mapping of key -> user. A key may be given as 'sha256:<hex>' "
+        "so the file holds no usable secret."
+    )
+    keys_env: str = Field(
+        "CARRYON_API_KEYS", description="Environment variable with 'key=user' pairs separated by commas."
+    )
+    admins: list[str] = Field(
+        default_factory=list, description="Users who may read replica statistics at GET /v1/carryon/stats."
+    )
+    allow_anonymous: bool = Field(
+        False, description="Requests without a key act as user 'anonymous' (sees only shared adapters). "
+        "For local experiments only."
+    )
+
+
+class LimitsConfig(Strict):
+    """What one request may ask for."""
+
+    max_tokens: int = Field(256, ge=1, description="Largest max_tokens a request may set (also the default cap).")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens when the request omits it (capped at max_tokens).")
+    max_prompt_tokens: int = Field(2048, ge=1, description="Longest prompt, in tokens after the chat template.")
+    max_prompt_chars: int = Field(32_000, ge=1, description="Longest prompt text, checked before tokenizing.")
+    max_stop: int = Field(4, ge=0, description="Most stop strings per request.")
+    max_prompts: int = Field(8, ge=1, description="Most prompts in one /v1/completions request (list form).")
+    alpha_max: float = Field(2.0, ge=0, description="Upper bound of the carryon_alpha override.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body.")
+
+
+class BatchingConfig(Strict):
+    """Cross-user batching inside one replica (one base forward per decoding step for the batch)."""
+
+    max_batch_size: int = Field(16, ge=1, description="Most requests decoded together.")
+    batch_wait_timeout_s: float = Field(
+        0.02, ge=0, description="How long the first request of a batch waits for others to join."
+    )
+
+
+class ReplicaConfig(Strict):
+    """Model replicas: each holds the base once and a bounded LRU of adapters."""
+
+    min_replicas: int = Field(1, ge=0, description="Autoscaling lower bound.")
+    max_replicas: int = Field(1, ge=1, description="Autoscaling upper bound.")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="Autoscaling target of in-flight requests per replica.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica accepts before Serve queues them elsewhere.")
+    max_adapters: int = Field(32, ge=1, description="Adapters kept loaded per replica (least recently used evicted).")
+    resource: str = Field(
+        "inference_node", description="Custom resource of the inference-class nodes (same name as the job's "
+        "resources.inference_resource and cluster.yaml)."
+    )
+    resource_units: float = Field(1.0, ge=0, description="Units of `resource` per replica (0 = not pinned).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (the base runs on cuda when > 0 and device is auto).")
+
+
+class GatewayConfig(Strict):
+    """The HTTP ingress: authentication, validation, routing by adapter."""
+
+    replicas: int = Field(1, ge=1, description="Ingress replicas.")
+    num_cpus: float = Field(0.1, ge=0, description="CPUs per ingress replica (it does no model work).")
+
+
+class ServeConfig(Strict):
+    """Everything `serve.app:build` needs."""
+
+    base: BaseModelConfig = Field(default_factory=BaseModelConfig, description="The shared frozen base.")
+    base_model_id: str | None = Field(
+        None, description="Model id of the bare base in the API (default: base.name's last path part)."
+    )
+    adapters: list[AdapterEntry] = Field(default_factory=list, description="Adapters listed explicitly.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow registry discovery.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Cross-user batching.")
+    replicas: ReplicaConfig = Field(default_factory=ReplicaConfig, description="Model replicas.")
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="HTTP ingress.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeConfig":
+        if self.replicas.min_replicas > self.replicas.max_replicas:
+            raise ValueError("replicas.min_replicas must not exceed replicas.max_replicas")
+        names = [a.name for a in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapters: duplicate names {sorted({n for n in names if names.count(n) > 1})}")
+        if self.model_id in names:
+            raise ValueError(f"adapters: {self.model_id!r} is the base's model id; rename the adapter")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        return self.base_model_id or Path(self.base.name.rstrip("/")).name
+
+
+def validate_serve_config(data: dict[str, Any] | None, source: str = "serve config") -> ServeConfig:
+    try:
+        return ServeConfig.model_validate(data or {})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(_describe(e) for e in exc.errors())) from None
+
+
+def load_serve_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                      extra: dict[str, Any] | None = None) -> ServeConfig:
+    """A YAML file (optional), then `extra` fields (Serve args), then dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"serve config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    data.update(extra or {})
+    return validate_serve_config(apply_overrides(data, overrides), str(path or "serve args"))
