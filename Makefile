@@ -8,7 +8,7 @@ export CARRYON_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo serve test test-fast bench clean
 
 install: $(STAMP)
 
@@ -33,6 +33,16 @@ demo: $(STAMP)
 	  --prompt "Question: Ava has 12 apples. Ava gets 7 more and then gives away 5. How many apples does Ava have now?$$(printf '\nAnswer:')"
 	@echo "MLflow UI: $$($(BIN)/carryon status --field mlflow_url)   Ray dashboard: $$($(BIN)/carryon status --field dashboard_url)"
 	@echo "Stop the local cluster with: .venv/bin/carryon down"
+
+# The OpenAI-compatible API over SmolLM2 and every adapter registered in the local MLflow (run
+# `make demo` first for demo-arithmetic). A random API key for user `demo` is written once to
+# .carryon/api-keys.yaml; requests send it as `Authorization: Bearer <key>`.
+serve: $(STAMP)
+	$(BIN)/carryon up --reuse
+	@test -f .carryon/api-keys.yaml || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24) + ': demo')" > .carryon/api-keys.yaml
+	$(BIN)/carryon serve serve/local.yaml --set auth.keys_file=$(CURDIR)/.carryon/api-keys.yaml
+	@echo "try: curl -s http://127.0.0.1:8000/v1/completions -H \"Authorization: Bearer $$(cut -d: -f1 .carryon/api-keys.yaml)\" \\"
+	@echo "       -H 'Content-Type: application/json' -d '{\"model\": \"demo-arithmetic\", \"prompt\": \"Question: 3 + 4?\\nAnswer:\", \"max_tokens\": 40, \"temperature\": 0}'"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

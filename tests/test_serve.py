@@ -188,6 +188,9 @@ def test_access_control(served):
     assert models("alice") == {"tiny-base", "alice-a", "alice-broken", "shared-s", "reg-alice"}
     assert models("bob") == {"tiny-base", "bob-b", "shared-s"}
     assert models("carol") == {"tiny-base", "shared-s"}
+    spec = httpx.get(served["url"] + "/openapi.json").json()  # FastAPI's generated document
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
+    assert "CompletionRequest" in json.dumps(spec["paths"]["/v1/completions"]["post"]["requestBody"])
     # The registry adapter serves its owner only, and equals the adapter it was registered from.
     body = complete(served, "reg-alice", PROMPT_A, max_tokens=8)
     assert body["choices"][0]["text"] == offline(served, "reg-src", PROMPT_A, 8)[0]

@@ -6,6 +6,7 @@ import hashlib
 import pytest
 
 from carryon_ray.config import ConfigError
+from conftest import ROOT
 from serve.access import ANONYMOUS, Catalog, load_keys, user_for
 from serve.engine import Engine, RequestError, Row, TextStream
 from serve.settings import AuthConfig, LimitsConfig, validate_serve_config
@@ -90,3 +91,28 @@ def test_engine_batch_rows_and_limits(tiny_base):
     rows = eng.run([Row(ids, max_tokens=5), Row(ids, max_tokens=3, stop=[])])
     assert [r.completion_tokens for r in rows] == [5, 3]
     assert rows[0].finish_reason == "length" and rows[1].text and rows[0].text.startswith(rows[1].text)
+
+
+def test_build_reads_yaml_args_and_pins_replicas(tmp_path):
+    """`serve run serve.app:build config=FILE key=value` and the deploy file's args build the same
+    application; resources and scaling come from config."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build
+
+    deploy = yaml.safe_load((ROOT / "serve" / "config.yaml").read_text())
+    ServeDeploySchema.model_validate(deploy)  # Serve's own schema for `serve deploy`
+    args = deploy["applications"][0]["args"]
+    args["auth"].pop("keys_file")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(args))
+    app = build({"config": str(tmp_path / "s.yaml"), "limits.max_tokens": "128", "gateway": {"replicas": 1}})
+    gateway = app._bound_deployment
+    model = gateway.init_args[0]._bound_deployment
+    settings = model.init_args[0]
+    assert settings["limits"]["max_tokens"] == 128 and gateway.num_replicas == 1
+    opts = model.ray_actor_options
+    assert opts["resources"] == {"inference_node": 1.0} and opts["num_gpus"] == 1
+    assert model._deployment_config.autoscaling_config.max_replicas == 8
+    with pytest.raises(ConfigError, match="limits.max_tokens"):
+        build({"limits.max_tokens": "lots"})
