@@ -61,6 +61,9 @@ class EmbeddingProducer:
         self.bridges = bridges_from_state(bridge_bits, dims, tensors)
         self.shallow = shallow
         self.pad = self.bases[0].tokenizer.pad_token_id
+        import ray
+
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def __call__(self, batch: dict) -> dict:
         t0 = time.perf_counter()
@@ -73,4 +76,5 @@ class EmbeddingProducer:
         # this batch took (by token count), so trainers can sum tokens and seconds over any rows.
         lengths = out["length"].astype(np.float64)
         out["embed_seconds"] = elapsed * lengths / max(lengths.sum(), 1.0)
+        out["producer_node"] = np.array([self.node] * len(lengths), dtype=object)  # placement audit
         return out

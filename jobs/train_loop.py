@@ -57,7 +57,7 @@ def _batches_from_shard(shard, batch_size: int, layout):
             return
         wait = time.perf_counter() - t0
         enc, labels = from_rows(rows, layout)
-        stats = (int(np.sum(rows["length"])), float(np.sum(rows["embed_seconds"])))
+        stats = (int(np.sum(rows["length"])), float(np.sum(rows["embed_seconds"])), set(rows["producer_node"]))
         yield enc, labels, [int(s) for s in rows["sample_id"]], stats, wait
 
 
@@ -157,13 +157,14 @@ def train_loop(config: dict) -> None:
             log.info("epoch %d: streaming embeddings from the actor pool", epoch)
             source = _batches_from_shard(train_shard, cfg.train.batch_size, layout)
         consumed, losses, tokens, wait_s, t_epoch, t_wall = [], [], 0, 0.0, time.perf_counter(), time.time()
-        prod_tok, prod_s = 0, 0.0
+        prod_tok, prod_s, prod_nodes = 0, 0.0, set()
         for i, (enc, labels, ids, stats, wait) in enumerate(source):
             if step >= total:
                 break
             if not from_cache:
                 put_batch(cache, _pack(enc, labels, ids), cache_mode, cache_dir, rank, i)
                 prod_tok, prod_s = prod_tok + stats[0], prod_s + stats[1]
+                prod_nodes |= stats[2]
             consumed += ids
             wait_s += wait
             out = train_step(ddp, opt, sched, decode_sources(bridges, enc, dims, base_dtype), labels, chunk,
@@ -183,7 +184,8 @@ def train_loop(config: dict) -> None:
             ray.get(cache.mark_complete.remote())
         # An audit of what this worker trained on: every sample id, once per epoch, and when.
         (out_dir / f"samples-epoch{epoch}-rank{rank}.json").write_text(json.dumps(
-            {"ids": consumed, "started": t_wall, "finished": time.time(), "world": world, "from_cache": from_cache}))
+            {"ids": consumed, "started": t_wall, "finished": time.time(), "world": world, "from_cache": from_cache,
+             "node": ray.get_runtime_context().get_node_id(), "producer_nodes": sorted(prod_nodes)}))
         el = time.perf_counter() - t_epoch
         # -- choose alpha on validation data ------------------------------------------------------
         cands = search.candidates()

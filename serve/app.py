@@ -170,7 +170,9 @@ class ModelServer:
             yield _err(500, "internal error during generation", "server_error")
 
     def info(self) -> dict:
-        return {**self.stats, "max_batch_size": self._batch._get_max_batch_size(),
+        import ray
+
+        return {**self.stats, "node_id": ray.get_runtime_context().get_node_id(), "max_batch_size": self._batch._get_max_batch_size(),
                 "batch_wait_timeout_s": self._batch._get_batch_wait_timeout_s(), "base": self.cfg.model_id, "fingerprint": self.engine.base.fingerprint().to_dict()}
 
 

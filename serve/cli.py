@@ -50,7 +50,7 @@ def cmd_serve(args) -> int:
         serve.delete(APP_NAME)
         print(f"deleted Serve application {APP_NAME!r}")
         return 0
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": args.host, "port": args.port}, proxy_location=args.proxy_location)
     t0 = time.time()
     serve.run(deployments(cfg, keys), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '127.0.0.1') else args.host}:{args.port}"
@@ -72,5 +72,7 @@ def add_commands(sub) -> None:
     p.add_argument("--address", help="Ray address (default: RAY_ADDRESS or `carryon up`'s)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host of Serve's proxy (0.0.0.0 to expose it)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of Serve's proxy")
+    p.add_argument("--proxy-location", default="HeadOnly", choices=["HeadOnly", "EveryNode"],
+                   help="where Serve runs HTTP proxies (EveryNode on a real multi-host cluster)")
     p.add_argument("--stop", action="store_true", help="delete the application instead")
     p.set_defaults(func=cmd_serve)

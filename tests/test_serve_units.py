@@ -112,7 +112,7 @@ def test_build_reads_yaml_args_and_pins_replicas(tmp_path):
     settings = model.init_args[0]
     assert settings["limits"]["max_tokens"] == 128 and gateway.num_replicas == 1
     opts = model.ray_actor_options
-    assert opts["resources"] == {"inference_node": 1.0} and opts["num_gpus"] == 1
-    assert model._deployment_config.autoscaling_config.max_replicas == 8
+    assert opts["resources"] == {"inference_node": 1.0} and opts["num_gpus"] == 0.5
+    assert model._deployment_config.autoscaling_config.max_replicas == 4
     with pytest.raises(ConfigError, match="limits.max_tokens"):
         build({"limits.max_tokens": "lots"})

@@ -1,0 +1,110 @@
+"""Several Ray nodes on one machine (ray.cluster_utils.Cluster), each advertising one node class,
+as cluster.yaml's node types do: placement by class, an inference node removed mid-run, Train
+growing when a training node joins, co-location by config when no training node exists, and
+Serve replicas on inference nodes. One cluster for all of it: each start costs tens of seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from conftest import ROOT
+from jobs import local_cluster
+from test_faults import _watch
+from test_job import TINY_CONFIG
+
+pytestmark = pytest.mark.slow
+
+
+def _job(address: str, config: str, tiny_dir: str, out: Path, *sets: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-u", "-m", "jobs.customize", "--config", config, "--set", f"base.name={tiny_dir}",
+           "--set", f"output.dir={out}", "--set", "mlflow.register_as=null", *sets]
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def _audits(out: Path) -> dict[str, dict]:
+    return {p.name: json.loads(p.read_text()) for p in sorted(out.glob("samples-epoch*-rank*.json"))}
+
+
+def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})  # the head: drivers only, no node class
+    inf1 = c.add_node(num_cpus=1, resources={"inference_node": 1})
+    inf2 = c.add_node(num_cpus=1, resources={"inference_node": 1})
+    trn = c.add_node(num_cpus=1, resources={"training_node": 1})
+    try:
+        # 1. Separate classes; an inference node disappears while epoch 0 streams; a second
+        #    training node joins in epoch 1 and Train grows from 1 to 2 workers within its range.
+        out = tmp_path / "run"
+        proc = _job(c.address, TINY_CONFIG, tiny_dir, out, "--set", "data.builtin_size=192",
+                    "--set", "resources.embed_batch_size=2", "--set", "train.epochs=3",
+                    "--set", "resources.embed_actors_min=2", "--set", "resources.embed_actors_max=2",
+                    "--set", "resources.train_workers_min=1", "--set", "resources.train_workers_max=2",
+                    "--set", "resources.resize_check_s=2")
+        lines: list[str] = []
+        streaming, cached = threading.Event(), threading.Event()
+        watcher = _watch(proc, lines, "progress: epoch 0 step 5/", streaming.set)
+        assert streaming.wait(timeout=600), "".join(lines[-60:])  # both actors are producing by now
+        t_remove = time.time()
+        c.remove_node(inf2, allow_graceful=False)  # Cluster changes must run on the main thread
+        while not any("epoch 1: reading cached embeddings" in ln for ln in lines) and proc.poll() is None:
+            time.sleep(0.2)
+        trn2 = c.add_node(num_cpus=1, resources={"training_node": 1})
+        assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
+        watcher.join(10)
+        audits = _audits(out)
+        epoch0 = audits["samples-epoch0-rank0.json"]
+        n_train = 192 - int(192 * 0.25)
+        names = {inf1.node_id: "inf1", inf2.node_id: "inf2", trn.node_id: "train", c.head_node.node_id: "head"}
+        print(f"inference node removed {t_remove - epoch0['started']:.1f}s into epoch 0; producers "
+              f"{[names.get(n, n) for n in epoch0['producer_nodes']]}; trainer {names.get(epoch0['node'])}")
+        assert epoch0["started"] < t_remove < epoch0["finished"]
+        assert sorted(epoch0["ids"]) == list(range(n_train))  # nothing lost, nothing twice
+        # Embedders ran on both inference nodes (so the removed one held work) and nowhere else.
+        assert set(epoch0["producer_nodes"]) == {inf1.node_id, inf2.node_id}
+        assert all(a["node"] in (trn.node_id, trn2.node_id) for a in audits.values())  # trainers on training nodes
+        worlds = {name: a["world"] for name, a in audits.items()}
+        print(f"training workers per epoch audit: {worlds}")
+        assert worlds["samples-epoch0-rank0.json"] == 1 and 2 in worlds.values()  # grew from 1 to 2 workers
+        assert "samples-epoch2-rank1.json" in audits
+
+        # 2. No training node left: configs/colocated.yaml trains on inference nodes instead.
+        c.remove_node(trn)
+        c.remove_node(trn2)
+        inf3 = c.add_node(num_cpus=1, resources={"inference_node": 1})
+        out2 = tmp_path / "colocated"
+        proc = _job(c.address, "configs/colocated.yaml", tiny_dir, out2, "--set", "data.builtin_size=64",
+                    "--set", "train.epochs=1", "--set", "carryon.width=16", "--set", "data.max_length=128")
+        text, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, text[-4000:]
+        co = _audits(out2)["samples-epoch0-rank0.json"]
+        inference = {inf1.node_id, inf3.node_id}
+        assert co["node"] in inference and set(co["producer_nodes"]) <= inference
+
+        # 3. Serve replicas land on an inference node (the head has no node class).
+        cfg = {"base": {"name": tiny_dir, "dtype": "float32"}, "auth": {"admins": ["ops"]},
+               "registry": {"enabled": False}, "replicas": {"num_cpus": 0.5}}
+        (tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
+        port = local_cluster.free_port()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "CARRYON_API_KEYS": "ops-key=ops", "RAY_ADDRESS": c.address}
+        res = subprocess.run([sys.executable, "-m", "carryon_cli", "serve", str(tmp_path / "serve.yaml"),
+                              "--address", c.address, "--port", str(port), "--state-dir", str(tmp_path / "none")],
+                             capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        stats = httpx.get(f"http://127.0.0.1:{port}/v1/carryon/stats", headers={"Authorization": "Bearer ops-key"},
+                          timeout=60).json()
+        assert stats["node_id"] in inference
+    finally:
+        c.shutdown()
