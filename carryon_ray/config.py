@@ -139,6 +139,12 @@ class AlphaConfig(Strict):
         description="Candidate values for rule 'list'.",
     )
     max: float = Field(10.0, gt=0, description="Upper bound on alpha.")
+    general_guard: float | None = Field(
+        None, ge=0, description="Guarded alpha search: each epoch, pick the candidate with the best "
+        "customization loss among those whose general-domain loss is within this many nats of the "
+        "base's (alpha = 0 is always a candidate, so one always complies). Needs data.general_val. "
+        "None = unconstrained."
+    )
     general_sweep: list[float] = Field(
         default_factory=lambda: [1.0, 0.8, 0.6, 0.4, 0.2, 0.0],
         description="alphas (descending) at which both validation losses are recorded when a "
@@ -165,6 +171,13 @@ class TrainConfig(Strict):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (paper: 0.9, 0.95).")
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps before the cosine decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    kl_weight: float = Field(
+        1.0, ge=0, description="Weight of KL(base || carry-on) on replay tokens (data.replay), added to the "
+        "customization cross entropy. The base's logits W x come free on the training side."
+    )
+    kl_top_k: int | None = Field(
+        None, gt=0, description="Truncate the KL to the base's top-k tokens (renormalised); None = full vocabulary."
+    )
     loss_chunk: int = Field(
         1024, gt=0, description="Tokens per chunk of the vocabulary projection in the loss; the "
         "full tokens x vocabulary logits tensor is never materialized."
@@ -195,6 +208,13 @@ class DataConfig(Strict):
     val: str | None = Field(None, description="A separate validation file.")
     general_val: str | None = Field(
         None, description="Optional general-domain validation text (.txt or .jsonl) to measure forgetting."
+    )
+    replay: str | None = Field(
+        None, description="General-domain text (.txt or .jsonl) mixed into training; on its tokens the loss is "
+        "KL(base || carry-on), which teaches the carry-on to leave general text alone."
+    )
+    replay_ratio: float = Field(
+        0.5, gt=0, le=4, description="Replay sequences per customization sequence (capped by what data.replay holds)."
     )
     max_length: int = Field(256, gt=8, description="Tokens per sequence; longer rows are skipped and counted.")
     mask_first_n: int = Field(0, ge=0, description="Also mask the first N tokens of every sequence from the loss.")
@@ -303,6 +323,15 @@ class CarryOnConfig(Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Cluster resources.")
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="Tracking.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Output.")
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> "CarryOnConfig":
+        if self.alpha.general_guard is not None and not self.data.general_val:
+            raise ValueError("alpha.general_guard needs data.general_val (the general-domain validation set it guards)")
+        if self.data.replay and self.train.kl_weight > 0 and self.head.kind != "inherited":
+            raise ValueError("data.replay with train.kl_weight > 0 needs head.kind: inherited (the KL is to the base's "
+                             "own logits W x); set train.kl_weight: 0 to replay with plain cross entropy")
+        return self
 
 
 class ConfigError(ValueError):

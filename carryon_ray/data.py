@@ -249,6 +249,7 @@ class Splits:
     val: list[Example]
     general: list[Example] | None
     reports: list[DataReport]
+    replay: list[Example] | None = None  # general-domain rows mixed into training (KL to the base)
 
 
 def load_splits(tokenizer, cfg: DataConfig, seed: int = 0) -> Splits:
@@ -269,7 +270,14 @@ def load_splits(tokenizer, cfg: DataConfig, seed: int = 0) -> Splits:
         gcfg = cfg.model_copy(update={"format": "text", "loss_on_prompt": True})
         general, grep = load_examples(cfg.general_val, tokenizer, gcfg)
         reports.append(grep)
-    return Splits(train, val, general, reports)
+    replay = None
+    if cfg.replay:
+        rcfg = cfg.model_copy(update={"format": "text", "loss_on_prompt": True})
+        pool, rrep = load_examples(cfg.replay, tokenizer, rcfg, seed=seed + 2)
+        reports.append(rrep)
+        want = max(1, round(cfg.replay_ratio * len(train)))
+        replay = random.Random(seed + 3).sample(pool, min(want, len(pool)))
+    return Splits(train, val, general, reports, replay)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -41,3 +41,32 @@ def chunked_cross_entropy(
         else:
             total = total + _chunk_ce(head, hc, yc)
     return total
+
+
+def _chunk_kl(head: Callable, h_base: torch.Tensor, h: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    with torch.no_grad():
+        base_logp = torch.log_softmax(head(h_base).float(), -1)
+    logq = torch.log_softmax(head(h).float(), -1)
+    if top_k is None:
+        p = base_logp.exp()
+        return (p * (base_logp - logq)).sum()
+    # Both distributions renormalised over the base's top-k tokens: KL between those restrictions.
+    top, idx = base_logp.topk(top_k, -1)
+    top = top - torch.logsumexp(top, -1, keepdim=True)
+    q = logq.gather(-1, idx)
+    q = q - torch.logsumexp(q, -1, keepdim=True)
+    return (top.exp() * (top - q)).sum()
+
+
+def chunked_kl_to_base(head: Callable[[torch.Tensor], torch.Tensor], h_base: torch.Tensor, h: torch.Tensor,
+                       chunk: int = 1024, top_k: int | None = None) -> torch.Tensor:
+    """Sum over positions of KL(softmax(head(h_base)) || softmax(head(h))): how far the carry-on
+    moved the base's next-token distribution. Zero exactly when h == h_base (alpha = 0)."""
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        hb, hc = h_base[i : i + chunk], h[i : i + chunk]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            total = total + checkpoint(_chunk_kl, head, hb, hc, top_k, use_reentrant=False)
+        else:
+            total = total + _chunk_kl(head, hb, hc, top_k)
+    return total

@@ -23,7 +23,7 @@ from .base import FrozenBase
 from .config import CarryOnConfig
 from .data import batches, load_splits
 from .embedding import calibrate_bridges, decode_sources, embed_batch
-from .loss import chunked_cross_entropy, select_targets
+from .loss import IGNORE, chunked_cross_entropy, chunked_kl_to_base, select_targets
 from .model import CarryOn
 
 log = logging.getLogger(__name__)
@@ -86,24 +86,67 @@ def make_optimizer(model: CarryOn, cfg: CarryOnConfig, total_steps: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, grad_clip: float = 1.0) -> dict:
+def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, grad_clip: float = 1.0,
+               replay: torch.Tensor | None = None, kl_weight: float = 1.0, kl_top_k: int | None = None) -> dict:
     """One optimizer step on a decoded batch. `model` may be DDP-wrapped.
 
-    Returns {"loss": mean token CE, "tokens": scored tokens}.
+    Rows flagged in `replay` ([B] bool) are general-domain text: their loss is KL(base || carry-on)
+    against the base's own logits W x (x = the deep state the carry-on corrects), not cross
+    entropy. loss = mean CE over customization tokens + kl_weight * mean KL over replay tokens.
+    Returns {"loss", "ce", "kl", "tokens", "replay_rows"}.
     """
     carryon: CarryOn = getattr(model, "module", model)
     carryon.train()
     x, _ = model(sources)
-    h, y = select_targets(x, labels)
-    n = y.numel()
-    loss = chunked_cross_entropy(carryon.logits, h, y, chunk) / max(n, 1)
+    if replay is None or not bool(replay.any()):
+        h, y = select_targets(x, labels)
+        n = y.numel()
+        ce = chunked_cross_entropy(carryon.logits, h, y, chunk) / max(n, 1)
+        loss, kl, n_kl = ce, torch.zeros(()), 0
+    else:
+        replay = replay.to(labels.device)
+        custom_labels = labels.masked_fill(replay[:, None], IGNORE)
+        replay_labels = labels.masked_fill(~replay[:, None], IGNORE)
+        h, y = select_targets(x, custom_labels)
+        n = y.numel()
+        ce = chunked_cross_entropy(carryon.logits, h, y, chunk) / max(n, 1)
+        h_r, y_r = select_targets(x, replay_labels)
+        hb_r, _ = select_targets(sources[0][0].to(x.dtype), replay_labels)
+        n_kl = y_r.numel()
+        kl = chunked_kl_to_base(carryon.logits, hb_r, h_r, chunk, kl_top_k) / max(n_kl, 1)
+        loss = ce + kl_weight * kl
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(carryon.trainable_parameters(), grad_clip)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return {"loss": float(loss.detach()), "tokens": n}
+    return {"loss": float(loss.detach()), "ce": float(ce.detach()), "kl": float(kl.detach()), "tokens": n + n_kl,
+            "replay_rows": int(replay.sum()) if replay is not None else 0}
+
+
+@torch.no_grad()
+def gate_mean(carryon: CarryOn, batches_: Iterable[tuple[list, torch.Tensor]]) -> float | None:
+    """Mean of the last stage's gate sigmoid(g(s)) over scored tokens (None without a gate): how
+    strongly the carry-on acts on a dataset. Compared between customization and general text."""
+    stage = carryon.stages[-1]
+    if stage.g is None:
+        return None
+    seen: list[torch.Tensor] = []
+    hook = stage.g.register_forward_hook(lambda _m, _i, out: seen.append(torch.sigmoid(out.float())))
+    total, count = 0.0, 0
+    try:
+        carryon.eval()
+        for sources, labels in batches_:
+            seen.clear()
+            carryon.update(sources)
+            g = seen[-1]
+            keep = labels.to(g.device) != IGNORE
+            total += float(g[keep].mean(-1).sum())
+            count += int(keep.sum())
+    finally:
+        hook.remove()
+    return total / max(count, 1)
 
 
 @torch.no_grad()
@@ -144,10 +187,11 @@ class AlphaSearch:
     current: float
     maximum: float
     candidates_list: list[float] = field(default_factory=list)
+    guard: float | None = None  # max general-loss increase over the base allowed (None = unguarded)
 
     @classmethod
     def from_config(cls, cfg: CarryOnConfig) -> "AlphaSearch":
-        return cls(cfg.alpha.rule, cfg.alpha.init, cfg.alpha.max, list(cfg.alpha.candidates))
+        return cls(cfg.alpha.rule, cfg.alpha.init, cfg.alpha.max, list(cfg.alpha.candidates), cfg.alpha.general_guard)
 
     def candidates(self) -> list[float]:
         if self.rule == "list":
@@ -155,10 +199,20 @@ class AlphaSearch:
         else:
             a = self.current if self.current > 0 else 0.1
             cands = [0.5 * a, a, 2 * a]
+        if self.guard is not None:
+            cands = [*cands, 0.0]  # the base itself: a candidate that always meets the guard
         return sorted({round(min(max(c, 0.0), self.maximum), 6) for c in cands})
 
-    def choose(self, losses: dict[float, float]) -> float:
-        best = min(losses, key=lambda a: (losses[a], a))
+    def choose(self, losses: dict[float, float], general: dict[float, float] | None = None,
+               base_general: float | None = None) -> float:
+        """The candidate with the lowest customization loss; with a guard, only among candidates
+        whose general-domain loss is within `guard` of the base's (the least-damaging candidate if
+        none complies)."""
+        pool = list(losses)
+        if self.guard is not None and general is not None and base_general is not None:
+            ok = [a for a in pool if general[a] <= base_general + self.guard]
+            pool = ok or [min(pool, key=lambda a: (general[a], a))]
+        best = min(pool, key=lambda a: (losses[a], a))
         if self.rule == "list" and math.isclose(best, 1.0):
             self.candidates_list = [math.sqrt(c) for c in self.candidates_list]
         self.current = best

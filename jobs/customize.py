@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import logging
 import os
 import sys
@@ -115,6 +116,12 @@ def plot_figures(tracker, cfg, final: dict) -> None:
         ax.plot(sweep, cust, "o-", label="customization validation loss")
         ax.plot(sweep, gen, "s-", label="general-domain loss")
         ax.axvline(final["alpha"], color="grey", ls="--", label=f"chosen alpha {final['alpha']:g}")
+        chosen = final.get(f"val_general_alpha_{final['alpha']:g}")
+        if chosen is not None:  # the operating point the (guarded) search picked
+            ax.plot([final["alpha"]], [chosen], "r*", ms=14, label="chosen point (general loss)")
+        if cfg.alpha.general_guard is not None and "val_general_alpha_0" in final:
+            ax.axhline(final["val_general_alpha_0"] + cfg.alpha.general_guard, color="red", ls=":",
+                       label=f"guard: base + {cfg.alpha.general_guard:g}")
         ax.set_xlabel("alpha")
         ax.set_ylabel("cross entropy")
         ax.legend()
@@ -161,7 +168,8 @@ def run(cfg) -> dict:
             splits = load_splits(tok, cfg.data, seed=cfg.train.seed)
         except DataError as exc:
             raise JobError(str(exc)) from None
-        roles = ["train"] + (["val"] if cfg.data.val else []) + (["general"] if cfg.data.general_val else [])
+        roles = (["train"] + (["val"] if cfg.data.val else []) + (["general"] if cfg.data.general_val else [])
+                 + (["replay"] if cfg.data.replay else []))
         for role, rep in zip(roles, splits.reports):
             log.info("data (%s) %s", role, rep.summary())
             tracker.metrics(rep.metrics(f"data_{role}"))
@@ -172,6 +180,13 @@ def run(cfg) -> dict:
             return [{"sample_id": i, "input_ids": e.input_ids, "labels": e.labels} for i, e in enumerate(examples)]
 
         train_rows, val_rows = rows(splits.train), rows(splits.val)
+        n_custom = len(train_rows)
+        if splits.replay:  # replay rows follow the customization rows: ids >= n_custom mark them
+            train_rows += [{**r, "sample_id": n_custom + r["sample_id"]} for r in rows(splits.replay)]
+            log.info("replay: %d general-domain sequences mixed into %d customization sequences (KL to the base, "
+                     "weight %g)", len(splits.replay), n_custom, cfg.train.kl_weight)
+            tracker.metrics({"replay_sequences": len(splits.replay)})
+            random.Random(cfg.train.seed).shuffle(train_rows)  # interleave, so every batch may hold replay
         # -- calibrate the bridge on an inference-class node -----------------------------------
         r = cfg.resources
         calib_rows = train_rows[: calibration_rows(cfg)]
@@ -209,7 +224,7 @@ def run(cfg) -> dict:
             train_loop_config={
                 "cfg": cfg.model_dump(mode="json"), "meta": {k: calib[k] for k in ("hidden_sizes", "vocab_size", "dtype")},
                 "bridges": calib["bridges"], "total_steps": total, "cache": cache, "cache_mode": cache_mode,
-                "cache_dir": cache_dir, "out_dir": str(out_dir), "eval_sets": list(datasets),
+                "cache_dir": cache_dir, "out_dir": str(out_dir), "eval_sets": list(datasets), "n_custom": n_custom,
                 "mlflow": {"uri": uri, "run_id": tracker.run_id},
             },
             scaling_config=ScalingConfig(

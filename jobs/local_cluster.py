@@ -89,6 +89,7 @@ def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node
     (state_path / "cluster.json").write_text(json.dumps(state, indent=2))
     try:
         _wait_http(f"{state['dashboard_url']}/api/version", 120, ray_proc, "ray head", ray_log)
+        _wait_job_agent(state, env, ray_proc, ray_log)
         if with_mlflow:
             mlflow_port = mlflow_port or free_port()
             ml_log = state_path / "mlflow.log"
@@ -103,6 +104,22 @@ def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node
         down(state_dir)
         raise
     return state
+
+
+def _wait_job_agent(state: dict, env: dict, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """The dashboard answers before its job agent is registered; a submission in that window fails
+    with 'No available agent'. Submit a no-op job until one is accepted, so `up` returns a cluster
+    that takes jobs."""
+    deadline = time.time() + timeout
+    cmd = [_bin("ray"), "job", "submit", "--address", state["dashboard_url"], "--no-wait",
+           "--submission-id", f"carryon-up-ready-{int(time.time())}", "--", "true"]
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray head exited with status {proc.returncode}; see {log}")
+        if subprocess.run(cmd, env=env, capture_output=True, timeout=120).returncode == 0:
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"the Ray job agent did not come up within {timeout:.0f}s; see {log}")
 
 
 def _alive(pid: int | None) -> bool:

@@ -32,7 +32,7 @@ from carryon_ray.base import load_head
 from carryon_ray.bridge import bridges_from_state
 from carryon_ray.config import CarryOnConfig
 from carryon_ray.embedding import decode_sources, from_rows, part_layout
-from carryon_ray.train import AlphaSearch, build_carryon, evaluate, make_optimizer, source_dims, train_step
+from carryon_ray.train import gate_mean, AlphaSearch, build_carryon, evaluate, make_optimizer, source_dims, train_step
 
 from .cache import get_batch, put_batch
 from .tracking import log_metrics
@@ -115,6 +115,8 @@ def train_loop(config: dict) -> None:
     out_dir = Path(config["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     chunk = cfg.train.loss_chunk
+    n_custom = config.get("n_custom", 1 << 62)  # sample ids at or above it are replay rows
+    has_replay = bool(cfg.data.replay)
     train_shard = ray.train.get_dataset_shard("train")
     val_cache: dict[str, list] = {}
 
@@ -158,6 +160,7 @@ def train_loop(config: dict) -> None:
             source = _batches_from_shard(train_shard, cfg.train.batch_size, layout)
         consumed, losses, tokens, wait_s, t_epoch, t_wall = [], [], 0, 0.0, time.perf_counter(), time.time()
         prod_tok, prod_s, prod_nodes = 0, 0.0, set()
+        replay_rows, kls = 0, []
         for i, (enc, labels, ids, stats, wait) in enumerate(source):
             if step >= total:
                 break
@@ -167,8 +170,11 @@ def train_loop(config: dict) -> None:
                 prod_nodes |= stats[2]
             consumed += ids
             wait_s += wait
+            replay = torch.tensor([i >= n_custom for i in ids]) if has_replay else None
             out = train_step(ddp, opt, sched, decode_sources(bridges, enc, dims, base_dtype), labels, chunk,
-                             cfg.train.grad_clip)
+                             cfg.train.grad_clip, replay, cfg.train.kl_weight, cfg.train.kl_top_k)
+            replay_rows += out["replay_rows"]
+            kls.append(out["kl"])
             step += 1
             losses.append(out["loss"])
             tokens += out["tokens"]
@@ -190,7 +196,9 @@ def train_loop(config: dict) -> None:
         # -- choose alpha on validation data ------------------------------------------------------
         cands = search.candidates()
         val_losses = evaluate(model, eval_set("val"), cands, chunk)
-        alpha = search.choose(val_losses)
+        general_losses = evaluate(model, eval_set("general"), sorted({0.0, *cands}), chunk) \
+            if "general" in config["eval_sets"] else None
+        alpha = search.choose(val_losses, general_losses, general_losses[0.0] if general_losses else None)
         model.set_alpha(alpha)
         metrics = {
             "epoch": epoch, "step": step, "alpha": alpha, "val_loss": val_losses[alpha],
@@ -201,6 +209,13 @@ def train_loop(config: dict) -> None:
             "peak_rss_mb": _peak_rss_mb(),
             **{f"val_loss_alpha_{a:g}": v for a, v in val_losses.items()},
         }
+        if general_losses:  # both losses per candidate: the guarded choice is auditable in MLflow
+            metrics.update({f"val_general_alpha_{a:g}": v for a, v in general_losses.items()})
+            metrics["general_loss_change"] = general_losses[alpha] - general_losses[0.0]
+        if has_replay:
+            metrics.update({"replay_rows": replay_rows, "train_kl": float(np.mean(kls)) if kls else 0.0})
+        gates = {name: gate_mean(model, eval_set(name)) for name in ("val", "general") if name in config["eval_sets"]}
+        metrics.update({f"gate_mean_{name}": g for name, g in gates.items() if g is not None})
         if prod_s > 0:
             metrics["producer_tokens_per_s"] = prod_tok / prod_s
         if "general" in config["eval_sets"]:

@@ -41,7 +41,8 @@ def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, tmp_path):
            "--", "python", "-m", "jobs.customize", "--config", TINY_CONFIG,
            "--set", f"base.name={tiny_dir}", "--set", f"output.dir={out}",
            "--set", "mlflow.register_as=user-alice-tiny", "--set", "mlflow.alias=prod", "--set", "mlflow.owner=alice",
-           "--set", "data.general_val=tests/data/general.txt"]
+           "--set", "data.general_val=tests/data/general.txt", "--set", "data.replay=tests/data/general.txt",
+           "--set", "data.replay_ratio=0.1", "--set", "alpha.general_guard=0.05", "--set", "carryon.gate=true"]
     t0 = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True, env=client_env(cluster), timeout=900, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
@@ -59,6 +60,13 @@ def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, tmp_path):
                 "train_tokens_per_s", "peak_rss_mb", "data_train_kept", "sweep_general_0"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2  # one alpha choice per epoch
+    # Replay with KL to the base: counted and logged; the guarded alpha choice keeps the general
+    # loss within 0.05 of the base's (alpha = 0 always complies), with both losses per candidate.
+    m = run.data.metrics
+    assert m["replay_sequences"] >= 1 and m["replay_rows"] == m["replay_sequences"] and m["train_kl"] >= 0
+    assert m["general_loss_change"] <= 0.05 + 1e-9
+    assert m[f"val_general_alpha_{summary['alpha']:g}"] <= m["val_general_alpha_0"] + 0.05 + 1e-9
+    assert 0 < m["gate_mean_val"] < 1 and 0 < m["gate_mean_general"] < 1
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert {"figures/loss_curves.png", "figures/alpha_tradeoff.png"} <= artifacts
     mv = client.get_model_version_by_alias("user-alice-tiny", "prod")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from carryon_ray.train import AlphaSearch, balance_point, fit_in_process
 from conftest import ROOT, make_config
@@ -69,3 +70,106 @@ def test_cli_train_and_generate_on_tiny_base(tmp_path, tiny_dir):
     bad = subprocess.run([sys.executable, "-m", "carryon_ray.cli", "train", "--set", "data.train=x.jsonl",
                           "--set", "train.lr=-1"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "train.lr: bad value -1" in bad.stderr
+
+
+# -- replay with KL to the base, and the guarded alpha search (no base model needed) ------------
+
+
+def _carryon_and_batch(alpha: float):
+    from carryon_ray.config import BaseModelConfig  # noqa: F401
+    from carryon_ray.model import CarryOn
+    from conftest import make_config
+
+    torch.manual_seed(0)
+    D, V = 32, 50
+    cfg = make_config(carryon={"kind": "mlp", "width": 16, "gate": True})
+    head = torch.randn(V, D)
+    m = CarryOn(cfg.carryon, cfg.head, [[D]], V, "average", head, None, alpha)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    sources = [[torch.randn(4, 9, D)]]
+    labels = torch.randint(0, V, (4, 9))
+    return m, sources, labels
+
+
+def test_kl_to_base_is_exactly_zero_at_alpha_zero():
+    from carryon_ray.loss import chunked_kl_to_base, select_targets
+
+    m, sources, labels = _carryon_and_batch(0.0)
+    x, _ = m(sources)
+    h, _ = select_targets(x, labels)
+    hb, _ = select_targets(sources[0][0], labels)
+    assert float(chunked_kl_to_base(m.logits, hb, h, chunk=5)) == 0.0
+    assert float(chunked_kl_to_base(m.logits, hb, h, chunk=5, top_k=8)) == 0.0
+    m.set_alpha(1.0)
+    x, _ = m(sources)
+    h, _ = select_targets(x, labels)
+    kl = chunked_kl_to_base(m.logits, hb, h, chunk=5)
+    assert float(kl) > 0
+    assert 0 < float(chunked_kl_to_base(m.logits, hb, h, chunk=5, top_k=8)) < 10 * float(kl)
+
+
+def test_replay_rows_train_against_the_base_and_are_counted():
+    from carryon_ray.train import gate_mean, train_step
+
+    m, sources, labels = _carryon_and_batch(0.0)
+    opt = torch.optim.SGD(m.trainable_parameters(), lr=0.1)
+    replay = torch.tensor([True, False, True, False])
+    out = train_step(m, opt, None, sources, labels, 7, 1.0, replay, kl_weight=1.0)
+    assert out["replay_rows"] == 2 and out["kl"] == 0.0  # alpha = 0: the carry-on is the base
+    assert out["loss"] == pytest.approx(out["ce"])
+    m.set_alpha(1.0)
+    out = train_step(m, opt, None, sources, labels, 7, 1.0, replay, kl_weight=0.5)
+    assert out["kl"] > 0 and out["loss"] == pytest.approx(out["ce"] + 0.5 * out["kl"], rel=1e-5)
+    assert out["tokens"] == 4 * 8
+    g = gate_mean(m, [(sources, labels)])
+    assert 0 < g < 1
+
+
+def test_guarded_alpha_search_never_breaks_a_satisfiable_guard():
+    import random
+
+    from carryon_ray.train import AlphaSearch
+
+    rng = random.Random(0)
+    for trial in range(500):
+        s = AlphaSearch("list", 0.5, 10.0, [0.3, 0.5, 1.0, 2.0], guard=rng.choice([0.0, 0.01, 0.1]))
+        cands = s.candidates()
+        assert 0.0 in cands  # the base is always a candidate under a guard
+        custom = {a: rng.uniform(0.5, 2.0) for a in cands}
+        general = {a: 3.0 + (rng.uniform(-0.05, 0.3) if a else 0.0) for a in cands}
+        if trial % 7 == 0:  # a guard no candidate meets except alpha = 0 ... or none at all
+            general = {a: 3.5 for a in cands}
+        chosen = s.choose(custom, general, base_general=3.0)
+        ok = [a for a in cands if general[a] <= 3.0 + s.guard]
+        if ok:
+            assert chosen in ok and custom[chosen] == min(custom[a] for a in ok)
+        else:
+            assert general[chosen] == min(general.values())
+    unguarded = AlphaSearch("list", 0.5, 10.0, [0.5, 1.0])
+    assert 0.0 not in unguarded.candidates()
+    assert unguarded.choose({0.5: 1.0, 1.0: 0.9}, {0.5: 3.0, 1.0: 9.0}, 3.0) == 1.0
+
+
+def test_replay_and_guard_config_rules(tmp_path):
+    from carryon_ray.config import ConfigError
+    from conftest import make_config
+
+    with pytest.raises(ConfigError, match="general_guard needs data.general_val"):
+        make_config(alpha={"general_guard": 0.02})
+    with pytest.raises(ConfigError, match="head.kind: inherited"):
+        make_config(data={"train": "builtin:arithmetic", "replay": "x.txt"}, head={"kind": "new"})
+    make_config(data={"train": "builtin:arithmetic", "replay": "x.txt"}, head={"kind": "new"}, train={"kl_weight": 0})
+
+
+def test_replay_split_size_follows_the_ratio(tiny_base):
+    from carryon_ray.config import DataConfig
+    from carryon_ray.data import load_splits
+    from conftest import ROOT
+
+    cfg = DataConfig(train="builtin:arithmetic", builtin_size=40, val_fraction=0.25,
+                     replay=str(ROOT / "tests/data/general.txt"), replay_ratio=0.2)
+    splits = load_splits(tiny_base.tokenizer, cfg)
+    assert len(splits.train) == 30 and len(splits.replay) == 6
+    assert len(load_splits(tiny_base.tokenizer, cfg.model_copy(update={"replay_ratio": 4.0})).replay) < 120  # capped
+    assert all(all(lab != -100 for lab in e.labels) for e in splits.replay)  # loss on every replay token
