@@ -50,5 +50,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+# Benchmarks write JSON under bench/results/ (see docs/benchmarks.md). The replay/KL comparison
+# takes about an hour on the 2-core CI machine, most of it LoRA's 120 full backward passes.
+bench: $(STAMP)
+	$(BIN)/python bench/replay_kl.py
+
 clean:
 	rm -rf outputs .pytest_cache
