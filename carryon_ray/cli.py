@@ -69,6 +69,36 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import os
+
+    from .config import BaseModelConfig
+    from .evaluation import evaluate_dataset
+
+    result = evaluate_dataset(BaseModelConfig(name=args.base, dtype=args.dtype), args.adapter, args.data, args.format,
+                              args.template, args.limit, args.max_new_tokens, args.alpha, args.gsm8k, args.max_length)
+    print(json.dumps(result, indent=2, default=str))
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and not args.no_mlflow:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(args.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(args.experiment)
+        run = client.create_run(exp_id, run_name=f"eval {args.adapter or args.base}")
+        for k, v in {"base": args.base, "adapter": args.adapter or "", "data": args.data, "gsm8k": args.gsm8k,
+                     "max_new_tokens": args.max_new_tokens}.items():
+            client.log_param(run.info.run_id, k, v)
+        for name in ("base", "adapter"):
+            for key in ("loss", "accuracy", "alpha"):
+                if name in result and key in result[name]:
+                    client.log_metric(run.info.run_id, f"{name}_{key}", float(result[name][key]))
+        client.log_text(run.info.run_id, json.dumps(result, indent=2, default=str), "eval.json")
+        client.set_terminated(run.info.run_id)
+        print(f"logged to MLflow run {run.info.run_id} ({uri})")
+    return 0
+
+
 def cmd_config(args) -> int:
     print(yaml.safe_dump(_load(args).model_dump(mode="json"), sort_keys=False))
     return 0
@@ -100,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--alpha", type=float, default=None, help="override the adapter's alpha")
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="validation loss and GSM8K exact match of the base and base + adapter")
+    e.add_argument("--base", default="smollm2-135m-instruct", help="base model (name, directory or .gguf)")
+    e.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    e.add_argument("--adapter", help="adapter directory or models:/NAME@ALIAS (omit to score the base only)")
+    e.add_argument("--data", required=True, help="jsonl/txt file (any format the job reads)")
+    e.add_argument("--format", default="auto", choices=["auto", "text", "prompt_completion", "qa", "chat"])
+    e.add_argument("--template", help="prompt template for 'qa' rows (default: the job's)")
+    e.add_argument("--limit", type=int, default=None, help="score at most this many rows")
+    e.add_argument("--gsm8k", action="store_true", help="also greedy exact match on question/answer rows (#### answers)")
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--max-length", type=int, default=512)
+    e.add_argument("--alpha", type=float, default=None, help="override the adapter's alpha")
+    e.add_argument("--experiment", default="carryon-eval", help="MLflow experiment (when MLFLOW_TRACKING_URI is set)")
+    e.add_argument("--no-mlflow", action="store_true")
+    e.set_defaults(func=cmd_eval)
 
     c = sub.add_parser("config", help="print a validated config with every default filled in")
     with_config(c)

@@ -1,0 +1,101 @@
+"""Evaluation: validation loss of base or base + adapter on any dataset, and GSM8K-style exact match.
+
+Exact match follows the paper's protocol: the question rendered with the training prompt template,
+greedy decoding for up to N new tokens, and the answer taken as the last number after '####' in the
+generated text (integers, decimals, thousands separators, fractions). The reference answer is
+extracted from the dataset's answer field the same way. Base and adapter are scored on the same
+questions.
+"""
+
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+import torch
+
+from .config import DataConfig
+from .data import collate, load_examples, read_rows, DataReport
+from .generation import CarryOnModel
+from .loss import IGNORE
+
+# A number: optional sign, digits with optional thousands separators, optional decimals, or a fraction.
+NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?"
+_AFTER_MARK = re.compile(r"####\s*(" + NUMBER + ")")
+
+
+def parse_number(text: str) -> Fraction | None:
+    t = text.replace("$", "").replace(",", "").replace(" ", "")
+    try:
+        if "/" in t:
+            num, den = t.split("/")
+            return Fraction(int(num), int(den)) if int(den) else None
+        return Fraction(t)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def extract_answer(text: str) -> Fraction | None:
+    """The last number after '####' (None when the text has no '####' number)."""
+    found = _AFTER_MARK.findall(text)
+    return parse_number(found[-1]) if found else None
+
+
+@torch.no_grad()
+def validation_loss(model: CarryOnModel, examples, alpha: float | None = None, batch_size: int = 8) -> float:
+    """Mean next-token cross entropy over target tokens (what training optimises)."""
+    total, count = 0.0, 0
+    pad = model.tokenizer.pad_token_id
+    for i in range(0, len(examples), batch_size):
+        b = collate(examples[i : i + batch_size], pad)
+        logits = model.logits(b["input_ids"], b["attention_mask"], alpha=alpha)[:, :-1]
+        y = b["labels"][:, 1:].to(logits.device)
+        keep = y != IGNORE
+        total += float(torch.nn.functional.cross_entropy(logits[keep].float(), y[keep], reduction="sum"))
+        count += int(keep.sum())
+    return total / max(count, 1)
+
+
+def exact_match(model: CarryOnModel, rows: list[dict], template: str, max_new_tokens: int = 256,
+                alpha: float | None = None, batch_size: int = 8) -> dict:
+    """Greedy GSM8K-style accuracy over `rows` ({'question', 'answer'})."""
+    tok = model.tokenizer
+    records, correct = [], 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        prompts = [tok(template.format(question=r["question"]), add_special_tokens=False)["input_ids"] for r in chunk]
+        outs = model.generate(prompts, max_new_tokens, temperature=0.0, alpha=alpha)
+        for r, out in zip(chunk, outs):
+            text = tok.decode(out, skip_special_tokens=True)
+            want, got = extract_answer(str(r["answer"])), extract_answer(text)
+            ok = want is not None and got == want
+            correct += ok
+            records.append({"question": r["question"], "expected": str(want), "predicted": str(got), "correct": ok})
+    return {"accuracy": correct / max(len(rows), 1), "correct": correct, "n": len(rows), "records": records}
+
+
+def evaluate_dataset(base, adapter: str | None, data: str, fmt: str = "auto", template: str | None = None,
+                     limit: int | None = None, max_new_tokens: int = 256, alpha: float | None = None,
+                     gsm8k: bool = False, max_length: int = 512) -> dict:
+    """Validation loss (and exact match for 'question'/'answer' rows when `gsm8k`) of the bare base
+    and, when `adapter` is given, of base + adapter on the same rows."""
+    cfg = DataConfig(train=data, format=fmt, max_length=max_length,
+                     **({"prompt_template": template} if template else {}))
+    bare = CarryOnModel.from_pretrained(base)
+    examples, report = load_examples(data, bare.tokenizer, cfg, limit=limit)
+    models = {"base": (bare, 0.0)}
+    if adapter:
+        models["adapter"] = (CarryOnModel.from_pretrained(bare.bases, adapter), alpha)
+    rows = read_rows(data, DataReport(data), limit) if gsm8k else []
+    rows = [r for r in rows if isinstance(r, dict) and "question" in r and "answer" in r]
+    out: dict = {"data": data, "rows_scored": len(examples), "data_report": report.summary()}
+    for name, (m, a) in models.items():
+        res = {"loss": validation_loss(m, examples, a if m.carryon is not None else None)}
+        if m.carryon is not None:
+            res["alpha"] = float(m.carryon.alpha if a is None else a)
+        if gsm8k:
+            em = exact_match(m, rows, cfg.prompt_template, max_new_tokens, a if m.carryon is not None else None)
+            res.update({"accuracy": em["accuracy"], "correct": em["correct"], "n": em["n"]})
+            res["samples"] = em["records"][:5]
+        out[name] = res
+    return out
