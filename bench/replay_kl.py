@@ -189,7 +189,8 @@ def main() -> int:
     base = FrozenBase.load(BaseModelConfig(name=args.base, dtype="float32", device="cpu"))
     tok = base.tokenizer
     qa = DataConfig(train=args.gsm8k, format="qa", max_length=256)
-    gsm, _ = load_examples(args.gsm8k, tok, qa, limit=args.n_train + args.n_val)
+    gsm, rep = load_examples(args.gsm8k, tok, qa, limit=2 * (args.n_train + args.n_val))  # some rows run long
+    print(f"GSM8K: {rep.summary()}", flush=True)
     train, val = gsm[: args.n_train], gsm[args.n_train : args.n_train + args.n_val]
     text = DataConfig(train=args.wikitext, format="text", loss_on_prompt=True, max_length=128)
     wiki, _ = load_examples(args.wikitext, tok, text)
