@@ -51,8 +51,10 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # Benchmarks write JSON under bench/results/ (see docs/benchmarks.md). The replay/KL comparison
-# takes about an hour on the 2-core CI machine, most of it LoRA's 120 full backward passes.
+# takes about an hour on the 2-core CI machine, most of it LoRA's 120 full backward passes; the
+# serving benchmark a few minutes.
 bench: $(STAMP)
+	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/replay_kl.py
 
 clean:
