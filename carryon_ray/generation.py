@@ -18,7 +18,7 @@ from .adapter import load_adapter, resolve_adapter
 from .base import FrozenBase, positions_from_mask
 from .bridge import Bridge, Bridges
 from .config import BaseModelConfig
-from .model import CarryOn
+from .model import CarryOn, InheritedHead
 
 
 @dataclass
@@ -231,16 +231,26 @@ def generate_mixed(base: FrozenBase, prompts: list[list[int]], adapters: list[Ad
                                                 position_ids=positions, use_cache=True)
         x = states[0]
         logits = torch.empty(n, base.vocab_size, dtype=torch.float32)
+        # Rows whose head is the base's own (bare base, inherited-head adapters) share one head
+        # projection: the vocabulary matmul is the largest per-step cost after the base itself.
+        shared_rows, shared_x = [], []
         for key, rows in groups.items():
             a = adapters[rows[0]]
             r = torch.tensor(rows, device=device)
             if a is None:
-                logits[rows] = F.linear(x[r, -1], base.head_weight, base.head_bias).float().cpu()
+                shared_rows += rows
+                shared_x.append(x[r, -1])
                 continue
             srcs = [[br.roundtrip(s[r]) for br, s in zip(a.bridges[0], [x] + [states[1 + shallow.index(k)] for k in a.shallow])]]
             res, carry_caches[key] = a.carryon(srcs, residual=x[r], positions=positions[r], key_mask=mask[r],
                                                caches=carry_caches[key], alpha=key[1])
-            logits[rows] = a.carryon.logits(res[:, -1]).float().cpu()
+            if isinstance(a.carryon.head, InheritedHead) and a.carryon.head.weight is base.head_weight:
+                shared_rows += rows
+                shared_x.append(res[:, -1].to(base.head_weight.dtype))
+            else:
+                logits[rows] = a.carryon.logits(res[:, -1]).float().cpu()
+        if shared_rows:
+            logits[shared_rows] = F.linear(torch.cat(shared_x), base.head_weight, base.head_bias).float().cpu()
         nxt = torch.zeros(n, dtype=torch.long)
         for i in range(n):
             nxt[i] = sample(logits[i : i + 1], temps[i], tops[i], gens[i])[0]
