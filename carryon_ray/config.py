@@ -363,18 +363,23 @@ def validate_config(data: dict[str, Any] | None, source: str = "config") -> Carr
         raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> CarryOnConfig:
-    """Load a YAML config file, apply dotted-key overrides ({'train.epochs': 1}), validate."""
+def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; ConfigError naming the file otherwise."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
-    return validate_config(apply_overrides(data, overrides), source=str(path))
+    return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> CarryOnConfig:
+    """Load a YAML config file, apply dotted-key overrides ({'train.epochs': 1}), validate."""
+    return validate_config(apply_overrides(read_yaml_mapping(path), overrides), source=str(path))
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:

@@ -13,10 +13,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from carryon_ray.config import BaseModelConfig, ConfigError, Strict, _describe, apply_overrides
+from carryon_ray.config import BaseModelConfig, ConfigError, Strict, _describe, apply_overrides, read_yaml_mapping
 
 # Public adapter names: letters, digits, '.', '_', '-'; never a path (no '/', no '..').
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -163,16 +162,6 @@ def validate_serve_config(data: dict[str, Any] | None, source: str = "serve conf
 def load_serve_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
                       extra: dict[str, Any] | None = None) -> ServeConfig:
     """A YAML file (optional), then `extra` fields (Serve args), then dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"serve config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping")
+    data = read_yaml_mapping(path, "serve config") if path is not None else {}
     data.update(extra or {})
     return validate_serve_config(apply_overrides(data, overrides), str(path or "serve args"))
