@@ -98,21 +98,55 @@ class ArchConfig(Strict):
     kv_heads: int = Field(2, gt=0, description="Key/value heads for grouped-query attention; divides heads.")
     mlp_ratio: float = Field(2.667, gt=0, description="SwiGLU hidden size as a multiple of width.")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon (transformer kind).")
+    attention: Literal["gqa", "mla"] = Field(
+        "gqa", description="Attention of the transformer blocks: 'gqa' = grouped-query attention; 'mla' = "
+        "DeepSeek-style multi-head latent attention (low-rank KV and optional low-rank Q, each head's "
+        "query/key split into a RoPE part and a position-free part; the cache holds the latent)."
+    )
+    kv_rank: int = Field(32, gt=0, description="MLA: rank of the compressed key/value latent.")
+    q_rank: int | None = Field(None, gt=0, description="MLA: rank of the compressed query; None = full-rank query.")
+    rope_dim: int = Field(8, gt=0, description="MLA: per-head width of the RoPE part of queries and keys (even).")
+    experts: int = Field(
+        0, ge=0, description="Routed experts per transformer block's feed-forward (0 = one dense SwiGLU). "
+        "With experts > 0 each token goes to its top_k experts (a DeepSeek-V3-style MoE carry-on)."
+    )
+    top_k: int = Field(2, gt=0, description="MoE: experts each token is routed to.")
+    shared_experts: int = Field(0, ge=0, description="MoE: always-on experts every token also passes through.")
+    expert_ratio: float = Field(1.0, gt=0, description="MoE: each expert's SwiGLU hidden size as a multiple of width.")
+    router_dropout: tuple[float, float] = Field(
+        (0.5, 0.1), description="MoE: (start, end) probability of hiding each expert from a token's router "
+        "during training, decayed linearly over the run (paper: 0.5 -> 0.1); it keeps every expert "
+        "explored early. Never applied at evaluation or serving."
+    )
+    balance_weight: float = Field(
+        0.01, ge=0, description="MoE: weight of the load-balancing loss E * sum_i f_i * P_i (f_i = share of "
+        "routed slots, P_i = mean router probability of expert i; 1 when perfectly balanced)."
+    )
     gate: bool = Field(True, description="Use the sigmoid gate g (shares the trunk with f).")
     stages: int = Field(
-        1, ge=1, description="Stacked carry-on stages (boosting / growing in depth). Training "
-        "fits the newest stage with the earlier ones frozen."
+        1, ge=1, description="Stacked carry-on stages (boosting / growing in depth). Training grows them one "
+        "at a time: stage t trains for train.epochs epochs on top of the frozen stages before it, with its "
+        "own alpha chosen on validation data (a run has stages x train.epochs epochs)."
     )
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ArchConfig":
-        if self.kind == "transformer":
-            if self.heads % self.kv_heads:
-                raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-            if self.width % self.heads or (self.width // self.heads) % 2:
-                raise ValueError(
-                    f"width ({self.width}) must split into heads ({self.heads}) of even size for RoPE"
-                )
+        if self.kind != "transformer":
+            if self.experts or self.attention != "gqa":
+                raise ValueError("carryon.experts and carryon.attention need carryon.kind: transformer "
+                                 "(the MoE feed-forward and latent attention live in transformer blocks)")
+            return self
+        if self.width % self.heads or (self.width // self.heads) % 2:
+            raise ValueError(f"width ({self.width}) must split into heads ({self.heads}) of even size for RoPE")
+        if self.attention == "gqa" and self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        if self.attention == "mla" and self.rope_dim % 2:
+            raise ValueError(f"carryon.rope_dim ({self.rope_dim}) must be even")
+        if self.experts and self.top_k > self.experts:
+            raise ValueError(f"carryon.top_k ({self.top_k}) exceeds carryon.experts ({self.experts})")
+        if not all(0 <= p < 1 for p in self.router_dropout):
+            raise ValueError(f"carryon.router_dropout {self.router_dropout}: both values must be in [0, 1)")
         return self
 
 
@@ -218,10 +252,22 @@ class DataConfig(Strict):
     )
     max_length: int = Field(256, gt=8, description="Tokens per sequence; longer rows are skipped and counted.")
     mask_first_n: int = Field(0, ge=0, description="Also mask the first N tokens of every sequence from the loss.")
-    loss_on_prompt: bool = Field(False, description="Train on prompt tokens too (continued pretraining).")
+    loss_on_prompt: bool = Field(False, description="Train on prompt tokens too.")
+    pack: bool = Field(
+        False, description="Continued pretraining: join the text rows (each ended by EOS) into one token "
+        "stream cut into full max_length windows, loss on every token (no padding, nothing dropped as too "
+        "long). Needs format: text."
+    )
     max_bad_fraction: float = Field(
         0.5, ge=0, le=1, description="Stop with an error when more than this fraction of rows is malformed."
     )
+
+
+    @model_validator(mode="after")
+    def _pack_needs_text(self) -> "DataConfig":
+        if self.pack and self.format != "text":
+            raise ValueError(f"data.pack packs plain text; set data.format: text (got {self.format!r})")
+        return self
 
 
 class ResourcesConfig(Strict):

@@ -227,12 +227,17 @@ def load_examples(source: str, tokenizer, cfg: DataConfig, limit: int | None = N
         raise DataError(f"unknown built-in dataset {source!r}; available: builtin:arithmetic")
     else:
         rows = read_rows(source, report, limit)
-    tok = Tokenizer(tokenizer, cfg)
+    # Packing cuts the joined stream itself: each row stays whole until then (no EOS mid-document).
+    tok = Tokenizer(tokenizer, cfg.model_copy(update={"max_length": 1 << 30}) if cfg.pack else cfg)
     examples = []
     for row in rows:
         exs = tok.example(row, report)
         report.kept += bool(exs)
         examples += exs
+    if cfg.pack:  # continued pretraining: one stream of documents, cut into full windows
+        stream = [t for ex in examples for t in ex.input_ids + [tok.eos]]
+        n = cfg.max_length
+        examples = [Example(w, list(w)) for w in (stream[i : i + n] for i in range(0, len(stream), n)) if len(w) > 1]
     mask_first(examples, cfg.mask_first_n)
     examples = [ex for ex in examples if any(lab != IGNORE for lab in ex.labels[1:])]
     if report.rows == 0 or report.bad > cfg.max_bad_fraction * report.rows or not examples:

@@ -53,6 +53,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+def attend(q, k, v, key_mask=None):
+    """Causal attention of T queries over S >= T keys (the last T keys are the queries' own
+    positions; earlier ones come from the cache), skipping padded keys."""
+    T, S = q.shape[2], k.shape[2]
+    if key_mask is None and S == T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # Query i (absolute index S - T + i) sees keys j <= that index that are not padding.
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :S].bool()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads and an optional KV cache."""
 
@@ -76,17 +89,50 @@ class Attention(nn.Module):
             v = torch.cat([cache[1], v], dim=2)
         new_cache = (k, v)
         rep = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        S = k.shape[2]
-        if key_mask is None and S == T:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            # Query i (absolute index S - T + i) sees keys j <= that index that are not padding.
-            causal = torch.ones(T, S, dtype=torch.bool, device=h.device).tril(S - T)
-            mask = causal[None, None]
-            if key_mask is not None:
-                mask = mask & key_mask[:, None, None, :S].bool()
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attend(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), key_mask)
+        return self.o(out.transpose(1, 2).reshape(B, T, -1)), new_cache
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3 style).
+
+    Keys and values are expanded from one shared low-rank latent c = W_dkv h, so the cache holds
+    c (kv_rank numbers per token) plus one shared RoPE key, not 2 x heads x head_dim. Each head's
+    query and key have a position-free part (from the latents) and a RoPE part: RoPE cannot be
+    applied to the latent itself because rotation does not commute with the up-projection.
+    Queries may be low-rank too (q_rank)."""
+
+    def __init__(self, cfg: ArchConfig):
+        super().__init__()
+        self.heads, self.head_dim, self.rope_dim = cfg.heads, cfg.width // cfg.heads, cfg.rope_dim
+        self.kv_rank, self.theta = cfg.kv_rank, cfg.rope_theta
+        q_in = cfg.q_rank or cfg.width
+        self.q_down = nn.Linear(cfg.width, cfg.q_rank, bias=False) if cfg.q_rank else None
+        self.q_norm = RMSNorm(cfg.q_rank, cfg.norm_eps) if cfg.q_rank else None
+        self.q_up = nn.Linear(q_in, cfg.heads * (self.head_dim + self.rope_dim), bias=False)
+        self.kv_down = nn.Linear(cfg.width, cfg.kv_rank + self.rope_dim, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_rank, cfg.norm_eps)
+        self.kv_up = nn.Linear(cfg.kv_rank, cfg.heads * 2 * self.head_dim, bias=False)
+        self.o = nn.Linear(cfg.heads * self.head_dim, cfg.width, bias=False)
+
+    def forward(self, h, positions, key_mask=None, cache=None):
+        B, T, _ = h.shape
+        H, hd, dr = self.heads, self.head_dim, self.rope_dim
+        q = self.q_up(self.q_norm(self.q_down(h)) if self.q_down is not None else h)
+        q_pos_free, q_rope = q.view(B, T, H, hd + dr).transpose(1, 2).split([hd, dr], dim=-1)
+        latent, k_rope = self.kv_down(h).split([self.kv_rank, dr], dim=-1)
+        latent = self.kv_norm(latent)[:, None]  # [B, 1, T, r]: the sequence on dim 2, like k/v caches
+        cos, sin = rope(positions, dr, self.theta)
+        q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope[:, None], cos, sin)
+        if cache is not None:
+            latent = torch.cat([cache[0], latent], dim=2)
+            k_rope = torch.cat([cache[1], k_rope], dim=2)
+        new_cache = (latent, k_rope)
+        S = latent.shape[2]
+        k_pos_free, v = self.kv_up(latent[:, 0]).view(B, S, H, 2 * hd).transpose(1, 2).split([hd, hd], dim=-1)
+        q = torch.cat([q_pos_free, q_rope], dim=-1)
+        k = torch.cat([k_pos_free, k_rope.expand(B, H, S, dr)], dim=-1)
+        out = attend(q, k, v, key_mask)
         return self.o(out.transpose(1, 2).reshape(B, T, -1)), new_cache
 
 
@@ -102,16 +148,73 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(a) * b)
 
 
+class MoE(nn.Module):
+    """Routed SwiGLU experts (plus optional shared ones) with top-k routing.
+
+    Each token's router scores all experts (softmax); the top_k are run and mixed with their
+    renormalised scores. During training a router dropout hides each expert from each token with
+    probability `router_dropout` (set from outside and decayed over the run), so early tokens try
+    experts they would not pick yet. `balance_loss` (Switch Transformer form, E * sum f_i P_i) is
+    kept from the last forward for the trainer to add; `usage` counts routed slots per expert
+    until `reset_usage`."""
+
+    def __init__(self, cfg: ArchConfig):
+        super().__init__()
+        self.top_k = cfg.top_k
+        self.router = nn.Linear(cfg.width, cfg.experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(cfg.width, cfg.expert_ratio) for _ in range(cfg.experts))
+        self.shared = nn.ModuleList(SwiGLU(cfg.width, cfg.expert_ratio) for _ in range(cfg.shared_experts))
+        self.router_dropout = float(cfg.router_dropout[0])
+        self.balance_loss = torch.zeros(())
+        self.register_buffer("usage", torch.zeros(cfg.experts), persistent=False)
+
+    def reset_usage(self) -> None:
+        self.usage.zero_()
+
+    def forward(self, h, key_mask=None):
+        B, T, D = h.shape
+        flat = h.reshape(-1, D)
+        probs = F.softmax(self.router(flat).float(), dim=-1)  # [N, E]
+        scores = probs
+        if self.training and self.router_dropout > 0:
+            hide = torch.rand_like(probs) < self.router_dropout
+            hide &= ~torch.eye(probs.shape[1], dtype=torch.bool, device=h.device)[probs.argmax(-1)]  # keep the top one
+            scores = probs.masked_fill(hide, 0.0)
+        weight, chosen = scores.topk(self.top_k, dim=-1)  # [N, k]
+        weight = (weight / weight.sum(-1, keepdim=True).clamp_min(1e-9)).to(h.dtype)
+        valid = torch.ones(B * T, dtype=torch.bool, device=h.device) if key_mask is None \
+            else key_mask[:, -T:].reshape(-1).bool()
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            if rows.numel():
+                out.index_add_(0, rows, expert(flat[rows]) * weight[rows, slot, None])
+        for expert in self.shared:
+            out = out + expert(flat)
+        # Load balance over real tokens: f_i = share of routed slots, P_i = mean router probability.
+        E = probs.shape[1]
+        counts = torch.zeros(E, device=h.device).index_add_(
+            0, chosen[valid].reshape(-1), torch.ones(int(valid.sum()) * self.top_k, device=h.device))
+        f = counts / counts.sum().clamp_min(1.0)
+        self.balance_loss = E * (f * probs[valid].mean(0)).sum() if valid.any() else probs.sum() * 0
+        self.usage += counts.detach()
+        return out.view(B, T, D)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ArchConfig):
         super().__init__()
-        self.norm1, self.attn = RMSNorm(cfg.width), Attention(cfg)
-        self.norm2, self.mlp = RMSNorm(cfg.width), SwiGLU(cfg.width, cfg.mlp_ratio)
+        self.norm1 = RMSNorm(cfg.width, cfg.norm_eps)
+        self.attn = LatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
+        self.norm2 = RMSNorm(cfg.width, cfg.norm_eps)
+        self.moe = cfg.experts > 0
+        self.mlp = MoE(cfg) if self.moe else SwiGLU(cfg.width, cfg.mlp_ratio)
 
     def forward(self, h, positions, key_mask=None, cache=None):
         a, cache = self.attn(self.norm1(h), positions, key_mask, cache)
         h = h + a
-        return h + self.mlp(self.norm2(h)), cache
+        m = self.mlp(self.norm2(h), key_mask) if self.moe else self.mlp(self.norm2(h))
+        return h + m, cache
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +240,7 @@ class TransformerTrunk(nn.Module):
         super().__init__()
         self.inp = nn.Linear(d_in, cfg.width, bias=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
-        self.norm = RMSNorm(cfg.width)
+        self.norm = RMSNorm(cfg.width, cfg.norm_eps)
 
     def forward(self, s, positions, key_mask=None, cache=None):
         h = self.inp(s)
@@ -335,6 +438,29 @@ class CarryOn(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x)
+
+    # -- mixture of experts ------------------------------------------------------------------
+    def moe_layers(self, stage: int = -1) -> list[MoE]:
+        return [m for m in self.stages[stage].modules() if isinstance(m, MoE)]
+
+    def balance_loss(self) -> torch.Tensor:
+        """Load-balancing loss of the training stage's MoE layers from the last forward (0 without)."""
+        layers = self.moe_layers()
+        return torch.stack([m.balance_loss for m in layers]).mean() if layers else torch.zeros(())
+
+    def set_router_dropout(self, p: float) -> None:
+        for m in self.moe_layers():
+            m.router_dropout = float(p)
+
+    def expert_usage(self, reset: bool = True) -> list[list[float]]:
+        """Per MoE layer of the newest stage, each expert's share of routed slots since the last reset."""
+        shares = []
+        for m in self.moe_layers():
+            total = float(m.usage.sum())
+            shares.append([float(u) / total if total else 0.0 for u in m.usage])
+            if reset:
+                m.reset_usage()
+        return shares
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def trainable_parameters(self):

@@ -42,11 +42,14 @@ def source_dims(hidden_sizes: list[int], shallow: list[int]) -> list[list[int]]:
 
 
 def build_carryon(
-    cfg: CarryOnConfig, hidden_sizes: list[int], vocab_size: int, head_weight=None, head_bias=None
+    cfg: CarryOnConfig, hidden_sizes: list[int], vocab_size: int, head_weight=None, head_bias=None,
+    stages: int | None = None,
 ) -> CarryOn:
+    """The carry-on of `cfg` with `stages` stages (default: all of cfg.carryon.stages)."""
     torch.manual_seed(cfg.train.seed)
+    arch = cfg.carryon if stages is None else cfg.carryon.model_copy(update={"stages": stages})
     model = CarryOn(
-        cfg.carryon,
+        arch,
         cfg.head,
         source_dims(hidden_sizes, cfg.layers.shallow),
         vocab_size,
@@ -56,6 +59,26 @@ def build_carryon(
         alpha=cfg.alpha.init,
     )
     return model.to(DTYPES[cfg.train.dtype]) if cfg.head.kind == "new" else _cast_trainable(model, cfg)
+
+
+def grow_stage(model: CarryOn, cfg: CarryOnConfig) -> None:
+    """Start the next stage: a fresh carry-on (seeded per stage) on top of the frozen ones."""
+    torch.manual_seed(cfg.train.seed + len(model.stages))
+    model.grow(cfg.alpha.init)
+    _cast_trainable(model, cfg)
+    model.freeze_earlier_stages()
+
+
+def stage_digest(model: CarryOn, stage: int) -> str:
+    """SHA-256 over one stage's tensors (names, dtypes, bytes): frozen stages must keep it."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.stages[stage].state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _cast_trainable(model: CarryOn, cfg: CarryOnConfig) -> CarryOn:
@@ -98,6 +121,7 @@ def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, 
     carryon: CarryOn = getattr(model, "module", model)
     carryon.train()
     x, _ = model(sources)
+    balance = carryon.balance_loss()  # 0 unless the carry-on routes over experts
     if replay is None or not bool(replay.any()):
         h, y = select_targets(x, labels)
         n = y.numel()
@@ -115,6 +139,8 @@ def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, 
         n_kl = y_r.numel()
         kl = chunked_kl_to_base(carryon.logits, hb_r, h_r, chunk, kl_top_k) / max(n_kl, 1)
         loss = ce + kl_weight * kl
+    if carryon.arch.experts:
+        loss = loss + carryon.arch.balance_weight * balance
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(carryon.trainable_parameters(), grad_clip)
@@ -122,7 +148,15 @@ def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, 
     if scheduler is not None:
         scheduler.step()
     return {"loss": float(loss.detach()), "ce": float(ce.detach()), "kl": float(kl.detach()), "tokens": n + n_kl,
-            "replay_rows": int(replay.sum()) if replay is not None else 0}
+            "replay_rows": int(replay.sum()) if replay is not None else 0, "balance": float(balance.detach())}
+
+
+def router_dropout_at(carryon: CarryOn, step: int, total: int) -> float:
+    """Set the MoE router dropout for `step` of `total` (linear from start to end); returns it."""
+    start, end = carryon.arch.router_dropout
+    p = start + (end - start) * min(1.0, step / max(1, total - 1))
+    carryon.set_router_dropout(p)
+    return p
 
 
 @torch.no_grad()
@@ -284,44 +318,55 @@ def fit_in_process(cfg: CarryOnConfig, on_metrics: Callable[[dict, int], None] |
     log.info("embedded %d train batches at %.0f tokens/s (bridge %d bits, %.0f bytes/token)",
              len(train_enc), embed_tps, cfg.bridge.bits, bridges[0][0].bytes_per_token(base.hidden_size, base.dtype))
     # -- model ----------------------------------------------------------------------------------
-    model = build_carryon(cfg, [b.hidden_size for b in bases], base.vocab_size, base.head_weight, base.head_bias)
+    model = build_carryon(cfg, [b.hidden_size for b in bases], base.vocab_size, base.head_weight, base.head_bias, stages=1)
     dims = model.dims
     decode = lambda enc: [(decode_sources(bridges, e, dims, base.dtype), lab) for e, lab in enc]  # noqa: E731
     val = decode(val_enc)
     steps_per_epoch = len(train_enc)
-    total = min(cfg.train.max_steps or 10**9, cfg.train.epochs * steps_per_epoch)
-    opt, sched = make_optimizer(model, cfg, total)
-    search = AlphaSearch.from_config(cfg)
+    per_stage = cfg.train.epochs * steps_per_epoch
+    total = min(cfg.train.max_steps or 10**9, cfg.carryon.stages * per_stage)
     chunk = cfg.train.loss_chunk
     before = evaluate(model, val, [0.0], chunk)[0.0]
     log.info("validation loss before (base, alpha=0): %.4f", before)
     on_metrics({"val_loss_base": before}, 0)
-    # -- loop -----------------------------------------------------------------------------------
+    # -- loop: one stage at a time (a single stage unless growing in depth) ---------------------
     history, step, train_tokens, train_time = [], 0, 0, 0.0
-    for epoch in range(cfg.train.epochs):
-        order = torch.randperm(len(train_enc), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
-        for i in order.tolist():
-            if step >= total:
-                break
-            enc, labels = train_enc[i]
-            t0 = time.perf_counter()
-            out = train_step(model, opt, sched, decode_sources(bridges, enc, dims, base.dtype), labels, chunk, cfg.train.grad_clip)
-            train_time += time.perf_counter() - t0
-            train_tokens += out["tokens"]
-            step += 1
-            on_metrics({"train_loss": out["loss"], "lr": sched.get_last_lr()[0]}, step)
-            if step % 10 == 0:
-                log.info("epoch %d step %d/%d loss %.4f", epoch, step, total, out["loss"])
-        losses = evaluate(model, val, search.candidates(), chunk)
-        alpha = search.choose(losses)
-        model.set_alpha(alpha)
-        record = {"epoch": epoch, "step": step, "alpha": alpha, "val_loss": losses[alpha], "candidates": losses}
-        history.append(record)
-        on_metrics({"val_loss": losses[alpha], "alpha": alpha, **{f"val_loss_a{a:g}": v for a, v in losses.items()}}, step)
-        log.info("epoch %d: val loss %s -> alpha %.4g (loss %.4f)", epoch,
-                 {f"{a:g}": round(v, 4) for a, v in losses.items()}, alpha, losses[alpha])
+    for stage in range(cfg.carryon.stages):
         if step >= total:
             break
+        if stage:
+            grow_stage(model, cfg)
+            log.info("stage %d: grown on top of %d frozen stage(s)", stage, stage)
+        stage_start, stage_steps = step, min(per_stage, total - step)
+        opt, sched = make_optimizer(model, cfg, stage_steps)
+        search = AlphaSearch.from_config(cfg)
+        for epoch in range(cfg.train.epochs):
+            order = torch.randperm(len(train_enc), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
+            for i in order.tolist():
+                if step >= total:
+                    break
+                enc, labels = train_enc[i]
+                router_dropout_at(model, step - stage_start, stage_steps)
+                t0 = time.perf_counter()
+                out = train_step(model, opt, sched, decode_sources(bridges, enc, dims, base.dtype), labels, chunk, cfg.train.grad_clip)
+                train_time += time.perf_counter() - t0
+                train_tokens += out["tokens"]
+                step += 1
+                on_metrics({"train_loss": out["loss"], "lr": sched.get_last_lr()[0]}, step)
+                if step % 10 == 0:
+                    log.info("stage %d epoch %d step %d/%d loss %.4f", stage, epoch, step, total, out["loss"])
+            losses = evaluate(model, val, search.candidates(), chunk)
+            alpha = search.choose(losses)
+            model.set_alpha(alpha)
+            record = {"stage": stage, "epoch": epoch, "step": step, "alpha": alpha, "val_loss": losses[alpha],
+                      "candidates": losses}
+            history.append(record)
+            on_metrics({"val_loss": losses[alpha], "alpha": alpha, f"alpha_stage_{stage}": alpha,
+                        **{f"val_loss_a{a:g}": v for a, v in losses.items()}}, step)
+            log.info("stage %d epoch %d: val loss %s -> alpha %.4g (loss %.4f)", stage, epoch,
+                     {f"{a:g}": round(v, 4) for a, v in losses.items()}, alpha, losses[alpha])
+            if step >= total:
+                break
     # -- trade-off with general-domain data -----------------------------------------------------
     trade_off = None
     if gen_enc is not None:
@@ -335,6 +380,7 @@ def fit_in_process(cfg: CarryOnConfig, on_metrics: Callable[[dict, int], None] |
         "val_loss_before": before,
         "val_loss_after": after,
         "alpha": search.current,
+        "alphas": [float(a) for a in model.alphas],
         "steps": step,
         "train_examples": len(splits.train),
         "data": [r.summary() for r in splits.reports],

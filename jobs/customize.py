@@ -218,12 +218,13 @@ def run(cfg) -> dict:
         workers_max = r.train_workers_max
         # Each worker gets an equal share of rows (Ray Data's equal split), in batches of batch_size.
         steps_per_epoch = max(1, -(-(len(train_rows) // r.train_workers_min) // cfg.train.batch_size))
-        total = min(cfg.train.max_steps or 10**9, cfg.train.epochs * steps_per_epoch)
+        per_stage = cfg.train.epochs * steps_per_epoch  # growing in depth: every stage gets train.epochs
+        total = min(cfg.train.max_steps or 10**9, cfg.carryon.stages * per_stage)
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={
                 "cfg": cfg.model_dump(mode="json"), "meta": {k: calib[k] for k in ("hidden_sizes", "vocab_size", "dtype")},
-                "bridges": calib["bridges"], "total_steps": total, "cache": cache, "cache_mode": cache_mode,
+                "bridges": calib["bridges"], "total_steps": total, "steps_per_stage": per_stage, "cache": cache, "cache_mode": cache_mode,
                 "cache_dir": cache_dir, "out_dir": str(out_dir), "eval_sets": list(datasets), "n_custom": n_custom,
                 "mlflow": {"uri": uri, "run_id": tracker.run_id},
             },
@@ -251,12 +252,13 @@ def run(cfg) -> dict:
         # -- save -----------------------------------------------------------------------------
         with result.checkpoint.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, weights_only=True)
-        model = build_carryon(cfg, calib["hidden_sizes"], calib["vocab_size"])
+        model = build_carryon(cfg, calib["hidden_sizes"], calib["vocab_size"], stages=state["stages"])
         model.load_state_dict(state["model"])
         history = [h for h in tracker.history("val_loss")]
         before = next((v for _, v in tracker.history("val_loss_base")), None)
         summary = {
             "val_loss_before": before, "val_loss_after": final.get("val_loss"), "alpha": state["alpha"],
+            "alphas": [float(a) for a in model.alphas], "stages": state["stages"],
             "steps": state["step"], "epochs": state["epoch"] + 1, "cache": cache_mode,
             "data": [rep.summary() for rep in splits.reports],
         }

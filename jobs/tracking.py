@@ -40,6 +40,16 @@ def log_metrics(uri: str | None, run_id: str | None, metrics: dict[str, float], 
     MlflowClient(uri).log_batch(run_id, metrics=items)
 
 
+def log_params(uri: str | None, run_id: str | None, params: dict[str, object]) -> None:
+    """Log string params to an existing run (used from Ray Train workers)."""
+    if not uri or not run_id:
+        return
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).log_batch(run_id, params=[Param(k, str(v)[:5000]) for k, v in params.items()])
+
+
 class Tracker:
     """A thin wrapper that is a no-op when no tracking URI is set."""
 

@@ -32,10 +32,11 @@ from carryon_ray.base import load_head
 from carryon_ray.bridge import bridges_from_state
 from carryon_ray.config import CarryOnConfig
 from carryon_ray.embedding import decode_sources, from_rows, part_layout
-from carryon_ray.train import gate_mean, AlphaSearch, build_carryon, evaluate, make_optimizer, source_dims, train_step
+from carryon_ray.train import (AlphaSearch, build_carryon, evaluate, gate_mean, grow_stage, make_optimizer,
+                                router_dropout_at, source_dims, stage_digest, train_step)
 
 from .cache import get_batch, put_batch
-from .tracking import log_metrics
+from .tracking import log_metrics, log_params
 
 log = logging.getLogger("carryon.train")
 
@@ -91,25 +92,39 @@ def train_loop(config: dict) -> None:
     head_w = head_b = None
     if cfg.head.kind == "inherited":
         head_w, head_b = load_head(cfg.base)
-    model = build_carryon(cfg, meta["hidden_sizes"], meta["vocab_size"], head_w, head_b)
-    total = config["total_steps"]
-    opt, sched = make_optimizer(model, cfg, total)
-    search = AlphaSearch.from_config(cfg)
-    epoch0, step = 0, 0
+    total, per_stage = config["total_steps"], config["steps_per_stage"]
+    epochs_per_stage = cfg.train.epochs
+    epoch0, step, stage_start = 0, 0, 0
     ckpt = ray.train.get_checkpoint()
-    if ckpt:  # resume: model, optimizer, scheduler, alpha search, epoch
+    state = None
+    if ckpt:
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, weights_only=True)
+    # Growing in depth: the run starts with one stage; a resumed run rebuilds as many as it had.
+    model = build_carryon(cfg, meta["hidden_sizes"], meta["vocab_size"], head_w, head_b,
+                          stages=state["stages"] if state else 1)
+    stage_steps = min(per_stage, total)
+    if state:
+        stage_start = state["stage_start"]
+        stage_steps = min(per_stage, total - stage_start)
+    opt, sched = make_optimizer(model, cfg, stage_steps)
+    search = AlphaSearch.from_config(cfg)
+    if state:  # resume: model, optimizer, scheduler, alpha search, epoch
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         search.current, search.candidates_list = state["alpha"], list(state["alpha_list"])
         epoch0, step = state["epoch"] + 1, state["step"]
         log.info("resumed from checkpoint after epoch %d (step %d, alpha %.4g)", state["epoch"], step, search.current)
-    ddp = model
-    if world > 1:
-        ddp = ray.train.torch.prepare_model(model, move_to_device=False,
-                                             parallel_strategy_kwargs={"broadcast_buffers": False})
+
+    def wrap(m):
+        if world == 1:
+            return m
+        # Routed experts that saw no token in a step have no gradient: DDP must be told.
+        return ray.train.torch.prepare_model(m, move_to_device=False, parallel_strategy_kwargs={
+            "broadcast_buffers": False, "find_unused_parameters": cfg.carryon.experts > 0})
+
+    ddp = wrap(model)
     cache = config["cache"]
     cache_mode, cache_dir = config["cache_mode"], config["cache_dir"]
     out_dir = Path(config["out_dir"])
@@ -139,8 +154,21 @@ def train_loop(config: dict) -> None:
         before = evaluate(model, eval_set("val"), [0.0], chunk)[0.0]
         log.info("validation loss of the base (alpha = 0): %.4f", before)
         track({"val_loss_base": before}, 0)
-    # -- loop -----------------------------------------------------------------------------------
-    for epoch in range(epoch0, cfg.train.epochs):
+    # -- loop: epochs of stage 0, then of each grown stage ---------------------------------------
+    for epoch in range(epoch0, cfg.carryon.stages * epochs_per_stage):
+        if step >= total:
+            break
+        stage = epoch // epochs_per_stage
+        if stage >= len(model.stages):  # the previous stage is done: freeze it and grow a new one
+            digest = stage_digest(model, stage - 1)
+            grow_stage(model, cfg)
+            stage_start, stage_steps = step, min(per_stage, total - step)
+            opt, sched = make_optimizer(model, cfg, stage_steps)
+            search = AlphaSearch.from_config(cfg)
+            ddp = wrap(model)
+            log.info("stage %d: grown on top of %d frozen stage(s) (stage %d sha256 %s)", stage, stage, stage - 1, digest[:12])
+            if rank == 0:
+                log_params(mlflow_uri, run_id, {f"stage_{stage - 1}_sha256": digest})
         status = ray.get(cache.status.remote())
         from_cache = epoch > 0 and status["complete"]
         if not from_cache:
@@ -171,6 +199,7 @@ def train_loop(config: dict) -> None:
             consumed += ids
             wait_s += wait
             replay = torch.tensor([i >= n_custom for i in ids]) if has_replay else None
+            router_dropout_at(model, step - stage_start, stage_steps)
             out = train_step(ddp, opt, sched, decode_sources(bridges, enc, dims, base_dtype), labels, chunk,
                              cfg.train.grad_clip, replay, cfg.train.kl_weight, cfg.train.kl_top_k)
             replay_rows += out["replay_rows"]
@@ -193,6 +222,7 @@ def train_loop(config: dict) -> None:
             {"ids": consumed, "started": t_wall, "finished": time.time(), "world": world, "from_cache": from_cache,
              "node": ray.get_runtime_context().get_node_id(), "producer_nodes": sorted(prod_nodes)}))
         el = time.perf_counter() - t_epoch
+        usage = model.expert_usage()  # routed slots per expert in this epoch's training (this worker)
         # -- choose alpha on validation data ------------------------------------------------------
         cands = search.candidates()
         val_losses = evaluate(model, eval_set("val"), cands, chunk)
@@ -201,7 +231,8 @@ def train_loop(config: dict) -> None:
         alpha = search.choose(val_losses, general_losses, general_losses[0.0] if general_losses else None)
         model.set_alpha(alpha)
         metrics = {
-            "epoch": epoch, "step": step, "alpha": alpha, "val_loss": val_losses[alpha],
+            "epoch": epoch, "stage": stage, "step": step, "alpha": alpha, f"alpha_stage_{stage}": alpha,
+            "val_loss": val_losses[alpha],
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "train_tokens_per_s": tokens / max(el, 1e-9),
             "input_wait_fraction": wait_s / max(el, 1e-9),
@@ -212,6 +243,9 @@ def train_loop(config: dict) -> None:
         if general_losses:  # both losses per candidate: the guarded choice is auditable in MLflow
             metrics.update({f"val_general_alpha_{a:g}": v for a, v in general_losses.items()})
             metrics["general_loss_change"] = general_losses[alpha] - general_losses[0.0]
+        for layer, shares in enumerate(usage):
+            metrics.update({f"expert_share_l{layer}_e{e}": v for e, v in enumerate(shares)})
+            metrics[f"expert_max_share_l{layer}"] = max(shares)
         if has_replay:
             metrics.update({"replay_rows": replay_rows, "train_kl": float(np.mean(kls)) if kls else 0.0})
         gates = {name: gate_mean(model, eval_set(name)) for name in ("val", "general") if name in config["eval_sets"]}
@@ -233,7 +267,7 @@ def train_loop(config: dict) -> None:
                 torch.save({
                     "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "alpha": search.current, "alpha_list": search.candidates_list, "epoch": epoch, "step": step,
-                    "samples_consumed": len(consumed),
+                    "samples_consumed": len(consumed), "stages": len(model.stages), "stage_start": stage_start,
                 }, os.path.join(d, STATE_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)

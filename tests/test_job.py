@@ -145,3 +145,41 @@ def test_disk_cache_serves_later_epochs(cluster, tiny_dir, tmp_path):
     epoch0 = json.loads((out / "samples-epoch0-rank0.json").read_text())["ids"]
     epoch1 = json.loads((out / "samples-epoch1-rank0.json").read_text())["ids"]
     assert files and sorted(epoch1) == sorted(epoch0)  # the same samples, read back from disk
+
+
+def test_growing_moe_carryon_on_packed_text(cluster, tiny_dir, tmp_path):
+    """Issue 6 through `jobs.customize`: continued pretraining on packed plain text, a transformer
+    carry-on with routed experts and latent attention, grown in two stages."""
+    from mlflow.tracking import MlflowClient
+
+    from carryon_ray.data import arithmetic_problems
+    from carryon_ray.generation import CarryOnModel
+    from carryon_ray.train import stage_digest
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n".join(f"{r['question']} {r['answer']}".replace("\n", " ") for r in arithmetic_problems(80)))
+    out = tmp_path / "run"
+    arch = {"kind": "transformer", "width": 32, "heads": 4, "layers": 1, "attention": "mla", "kv_rank": 8,
+            "rope_dim": 4, "experts": 4, "top_k": 2, "shared_experts": 1, "stages": 2}
+    sets = [f"carryon.{k}={v}" for k, v in arch.items()] + [
+        f"data.train={docs}", "data.format=text", "data.pack=true", "data.max_length=64", "train.epochs=1",
+        "mlflow.experiment=grow-moe", f"output.dir={out}"]
+    res, _ = _job(cluster, tiny_dir, *[a for s in sets for a in ("--set", s)], timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "epoch 1: reading cached embeddings" in res.stdout  # stage 1 reuses the one base forward
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stages"] == 2 and len(summary["alphas"]) == 2
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+
+    client = MlflowClient(cluster["mlflow_url"])
+    run = client.get_run(summary["run_id"])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "stage")] == [0, 1]
+    assert {"alpha_stage_0", "alpha_stage_1"} <= set(run.data.metrics)
+    shares = [run.data.metrics[f"expert_share_l0_e{e}"] for e in range(4)]
+    assert sum(shares) == pytest.approx(1.0) and run.data.metrics["expert_max_share_l0"] == max(shares)
+    # Stage 0 was frozen when stage 1 grew: the digest logged then equals the saved adapter's.
+    model = CarryOnModel.from_pretrained(tiny_dir, out / "adapter")
+    assert len(model.carryon.stages) == 2
+    assert run.data.params["stage_0_sha256"] == stage_digest(model.carryon, 0)
+    assert model.carryon.alphas.tolist() == pytest.approx(summary["alphas"])
+    assert len(model.generate([[1, 2, 3]], 4, stop_at_eos=False)[0]) == 4
