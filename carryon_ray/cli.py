@@ -2,6 +2,8 @@
 
   carryon train    --config FILE [--set key=value ...]   in-process customization (one machine)
   carryon generate --adapter DIR --prompt TEXT           generate with base + adapter
+  carryon eval     --data FILE [--adapter DIR] [--gsm8k]   validation loss / exact match, base vs adapter
+  carryon probe    [--base NAME] [--data FILE]            per-layer Macro Influence and shortcut gain
   carryon config   [--config FILE]                       print the validated config (defaults filled)
 """
 
@@ -99,6 +101,54 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    import os
+    from pathlib import Path
+
+    from .base import FrozenBase
+    from .config import BaseModelConfig
+    from .probe import plot, probe
+
+    base = FrozenBase.load(BaseModelConfig(name=args.base, dtype=args.dtype))
+    layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    try:
+        result = probe(base, args.data, args.tokens, layers, args.max_length, args.format, args.recommend)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "probe.json").write_text(json.dumps(result.to_dict(), indent=2))
+    plot(result, str(out / "probe.png"))
+    print(json.dumps({"recommended_shallow": result.recommended, "least_influential_blocks": result.least_influential,
+                      "base_loss": round(result.base_loss, 4), "top_only_explained": round(result.top_only, 4),
+                      "gain": {k: round(v, 4) for k, v in result.gain.items()}, "noise_control": round(result.control, 4),
+                      "out": str(out)}, indent=2))
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and not args.no_mlflow:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(args.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(args.experiment)
+        run = client.create_run(exp_id, run_name=f"probe {args.base}", tags={"carryon.base": args.base})
+        rid = run.info.run_id
+        for k, v in {"base": args.base, "data": args.data, "tokens": result.tokens,
+                     "recommended_shallow": result.recommended}.items():
+            client.log_param(rid, k, v)
+        for k, v in enumerate(result.influence):
+            client.log_metric(rid, "macro_influence", v, step=k)
+        for j, g in result.gain.items():
+            client.log_metric(rid, "shortcut_gain", g, step=j)
+        client.log_metric(rid, "base_loss", result.base_loss)
+        client.log_metric(rid, "top_only_explained", result.top_only)
+        client.log_metric(rid, "noise_control_gain", result.control)
+        client.log_artifact(rid, str(out / "probe.png"), "figures")
+        client.log_artifact(rid, str(out / "probe.json"))
+        client.set_terminated(rid)
+        print(f"logged to MLflow run {rid} ({uri})")
+    return 0
+
+
 def cmd_config(args) -> int:
     print(yaml.safe_dump(_load(args).model_dump(mode="json"), sort_keys=False))
     return 0
@@ -146,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--experiment", default="carryon-eval", help="MLflow experiment (when MLFLOW_TRACKING_URI is set)")
     e.add_argument("--no-mlflow", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("probe", help="which base blocks matter and which shallow layers to feed the carry-on")
+    pr.add_argument("--base", default="smollm2-135m-instruct", help="base model (name, directory or .gguf)")
+    pr.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    pr.add_argument("--data", default="builtin:arithmetic", help="calibration rows (any file the job reads)")
+    pr.add_argument("--format", default="auto", choices=["auto", "text", "prompt_completion", "qa", "chat"])
+    pr.add_argument("--tokens", type=int, default=2048, help="calibration tokens (whole rows)")
+    pr.add_argument("--max-length", type=int, default=256)
+    pr.add_argument("--layers", default="all", help="shallow layers to test, e.g. 0,8,16,24 (default: every one)")
+    pr.add_argument("--recommend", type=int, default=2, help="how many shortcut layers to recommend")
+    pr.add_argument("--out", default="outputs/probe", help="directory for probe.json and probe.png")
+    pr.add_argument("--experiment", default="carryon-probe", help="MLflow experiment (when MLFLOW_TRACKING_URI is set)")
+    pr.add_argument("--no-mlflow", action="store_true")
+    pr.set_defaults(func=cmd_probe)
 
     c = sub.add_parser("config", help="print a validated config with every default filled in")
     with_config(c)

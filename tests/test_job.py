@@ -183,3 +183,22 @@ def test_growing_moe_carryon_on_packed_text(cluster, tiny_dir, tmp_path):
     assert run.data.params["stage_0_sha256"] == stage_digest(model.carryon, 0)
     assert model.carryon.alphas.tolist() == pytest.approx(summary["alphas"])
     assert len(model.generate([[1, 2, 3]], 4, stop_at_eos=False)[0]) == 4
+
+
+def test_probe_cli_writes_its_report_and_logs_to_mlflow(cluster, tiny_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "probe"
+    env = {**client_env(cluster), "MLFLOW_TRACKING_URI": cluster["mlflow_url"]}
+    res = subprocess.run([sys.executable, "-m", "carryon_ray.cli", "probe", "--base", tiny_dir, "--tokens", "600",
+                          "--out", str(out), "--experiment", "probe-test"], capture_output=True, text=True, env=env,
+                         timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "probe.json").read_text())
+    assert len(report["influence"]) == 2 and set(report["gain"]) == {"0", "1"}
+    assert all(report["gain"][str(j)] > report["control"] for j in report["recommended"])
+    assert (out / "probe.png").stat().st_size > 1000
+    run = _last_run(cluster, "probe-test")
+    client = MlflowClient(cluster["mlflow_url"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "macro_influence")] == [0, 1]
+    assert "figures/probe.png" in {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
