@@ -140,7 +140,7 @@ class Fingerprint:
         ]
 
 
-def _tokenizer_sha(tokenizer) -> str:
+def tokenizer_sha(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     blob = json.dumps([vocab, tokenizer.eos_token, tokenizer.bos_token], ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -223,7 +223,7 @@ class FrozenBase(nn.Module):
                 hidden_size=self.hidden_size,
                 num_layers=self.num_layers,
                 vocab_size=self.vocab_size,
-                tokenizer_sha=_tokenizer_sha(self.tokenizer),
+                tokenizer_sha=tokenizer_sha(self.tokenizer),
                 head_sha=_tensor_sha(self.head_weight),
             )
         return self._fingerprint

@@ -280,6 +280,10 @@ class ResourcesConfig(Strict):
     embed_batch_size: int = Field(8, gt=0, description="Sequences per base forward in an embedding actor.")
     embed_cpus: float = Field(1.0, gt=0, description="CPUs each embedding actor reserves.")
     embed_gpus: float = Field(0.0, ge=0, description="GPUs each embedding actor reserves.")
+    pool_per_base: bool = Field(
+        True, description="Model mixing: one embedding actor pool per base (each of embed_actors_min..max "
+        "actors), chained, so each base is placed and scaled on its own; False = one pool runs all bases."
+    )
     train_workers_min: int = Field(1, ge=1, description="Minimum Ray Train workers.")
     train_workers_max: int = Field(1, ge=1, description="Maximum Ray Train workers.")
     train_cpus: float = Field(1.0, gt=0, description="CPUs each training worker reserves.")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .adapter import load_adapter, resolve_adapter
+from .adapter import AdapterError, load_adapter, read_adapter_config, resolve_adapter
 from .base import FrozenBase, positions_from_mask
 from .bridge import Bridge, Bridges
 from .config import BaseModelConfig
@@ -180,14 +180,26 @@ class Adapter:
     config: dict
 
     @classmethod
-    def load(cls, base: FrozenBase, ref: str | Path) -> "Adapter":
+    def load(cls, bases: FrozenBase | list[FrozenBase], ref: str | Path) -> "Adapter":
+        """Load `ref` for the first len(its fingerprints) of `bases` (base 0 first: mixed-base
+        adapters need the same bases in the same order, checked by fingerprint)."""
+        bases = bases if isinstance(bases, list) else [bases]
         path = resolve_adapter(ref)
-        carryon, bridges, cfg = load_adapter(path, [base.fingerprint().to_dict()], base.head_weight, base.head_bias)
+        n = len(read_adapter_config(path).get("fingerprints", [])) or 1
+        if n > len(bases):
+            raise AdapterError(f"{path}: adapter mixes {n} bases; this server holds {len(bases)}")
+        base = bases[0]
+        carryon, bridges, cfg = load_adapter(path, [b.fingerprint().to_dict() for b in bases[:n]],
+                                             base.head_weight, base.head_bias)
         return cls(carryon.to(base.device), bridges, list(cfg["shallow"]), cfg)
+
+    @property
+    def num_bases(self) -> int:
+        return len(self.bridges)
 
 
 @torch.inference_mode()
-def generate_mixed(base: FrozenBase, prompts: list[list[int]], adapters: list[Adapter | None],
+def generate_mixed(bases: FrozenBase | list[FrozenBase], prompts: list[list[int]], adapters: list[Adapter | None],
                    max_new_tokens: list[int] | int = 64, temperature: list[float] | float = 0.0,
                    top_p: list[float] | float = 1.0, seeds: list[int | None] | None = None,
                    alphas: list[float | None] | None = None, stop_at_eos: bool = True,
@@ -195,7 +207,9 @@ def generate_mixed(base: FrozenBase, prompts: list[list[int]], adapters: list[Ad
     """Generate for rows that may each use a different adapter (None = the bare base).
 
     Per decoding step: one base forward for the whole batch (its KV cache shared), then one
-    carry-on forward per distinct adapter over its rows (each with its own KV cache). Greedy output
+    carry-on forward per distinct adapter over its rows (each with its own KV cache). `bases`
+    beyond the first (model mixing) also run once per step for the whole batch when an adapter in
+    it mixes them. Greedy output
     for a row equals `CarryOnModel.generate` with that row's adapter alone. `on_token(row, token)`
     is called as tokens are produced (streaming); when it returns True that row stops (e.g. a stop
     string was completed).
@@ -210,6 +224,9 @@ def generate_mixed(base: FrozenBase, prompts: list[list[int]], adapters: list[Ad
         if s is not None:
             g.manual_seed(s)
         gens.append(g)
+    bases = bases if isinstance(bases, list) else [bases]
+    base = bases[0]
+    n_bases = max([1] + [a.num_bases for a in adapters if a is not None])
     device = base.device
     pad, eos = base.tokenizer.pad_token_id, base.tokenizer.eos_token_id
     # Rows sharing an adapter (and an alpha) form one carry-on group.
@@ -220,15 +237,19 @@ def generate_mixed(base: FrozenBase, prompts: list[list[int]], adapters: list[Ad
     T = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (T - len(p)) + list(p) for p in prompts])
     mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts]).to(device)
-    base_cache, carry_caches = None, {key: None for key in groups}
+    base_caches, carry_caches = [None] * n_bases, {key: None for key in groups}
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * n
     feed = ids
     for _step in range(max(max_new)):
         Tn = feed.shape[1]
         positions = positions_from_mask(mask)[:, -Tn:]
-        states, base_cache = base.hidden_states(feed.to(device), mask, shallow, past_key_values=base_cache,
-                                                position_ids=positions, use_cache=True)
+        all_states = []
+        for b in range(n_bases):  # every base once per step for the whole batch
+            st, base_caches[b] = bases[b].hidden_states(feed.to(device), mask, shallow, past_key_values=base_caches[b],
+                                                        position_ids=positions, use_cache=True)
+            all_states.append(st)
+        states = all_states[0]
         x = states[0]
         logits = torch.empty(n, base.vocab_size, dtype=torch.float32)
         # Rows whose head is the base's own (bare base, inherited-head adapters) share one head
@@ -241,7 +262,8 @@ def generate_mixed(base: FrozenBase, prompts: list[list[int]], adapters: list[Ad
                 shared_rows += rows
                 shared_x.append(x[r, -1])
                 continue
-            srcs = [[br.roundtrip(s[r]) for br, s in zip(a.bridges[0], [x] + [states[1 + shallow.index(k)] for k in a.shallow])]]
+            srcs = [[br.roundtrip(s[r]) for br, s in zip(brs, [st[0]] + [st[1 + shallow.index(k)] for k in a.shallow])]
+                    for brs, st in zip(a.bridges, all_states)]
             res, carry_caches[key] = a.carryon(srcs, residual=x[r], positions=positions[r], key_mask=mask[r],
                                                caches=carry_caches[key], alpha=key[1])
             if isinstance(a.carryon.head, InheritedHead) and a.carryon.head.weight is base.head_weight:

@@ -65,18 +65,43 @@ def embed_pipeline(cfg, rows: list[dict], calib: dict, dims: list[list[int]]):
     r = cfg.resources
     bases = [b.model_dump() for b in [cfg.base, *cfg.extra_bases]]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // r.embed_batch_size, 64)))
-    return ds.map_batches(
-        EmbeddingProducer,
-        fn_constructor_kwargs=dict(base_cfgs=bases, bridge_bits=cfg.bridge.bits, bridge_tensors=calib["bridges"],
-                                   dims=dims, shallow=cfg.layers.shallow),
-        batch_size=r.embed_batch_size,
-        compute=ActorPoolStrategy(min_size=r.embed_actors_min, max_size=r.embed_actors_max),
-        num_cpus=r.embed_cpus,
-        num_gpus=r.embed_gpus,
-        resources={r.inference_resource: 1},
-        # Ray Data restarts a dead pool actor and re-runs its unfinished batches (measured in
-        # tests/test_faults.py: no sample lost or duplicated).
-    )
+    # One pool running every base, or (model mixing) one pool per base chained: each base is
+    # placed and scaled on its own and the bases run concurrently on different batches.
+    pools = [None] if len(bases) == 1 or not r.pool_per_base else list(range(len(bases)))
+    for i, only in enumerate(pools):
+        ds = ds.map_batches(
+            EmbeddingProducer,
+            fn_constructor_kwargs=dict(base_cfgs=bases, bridge_bits=cfg.bridge.bits, bridge_tensors=calib["bridges"],
+                                       dims=dims, shallow=cfg.layers.shallow, only=only, last=i == len(pools) - 1),
+            batch_size=r.embed_batch_size,
+            compute=ActorPoolStrategy(min_size=r.embed_actors_min, max_size=r.embed_actors_max),
+            num_cpus=r.embed_cpus,
+            num_gpus=r.embed_gpus,
+            resources={r.inference_resource: 1},
+            # Ray Data restarts a dead pool actor and re-runs its unfinished batches (measured in
+            # tests/test_faults.py: no sample lost or duplicated).
+        )
+    return ds
+
+
+def check_tokenizers(cfg, tok) -> None:
+    """Mixed bases must share base's tokenizer (same vocabulary and special tokens): their states
+    are averaged per token position. Checked before the cluster is asked for anything."""
+    from transformers import AutoTokenizer
+
+    from carryon_ray.base import tokenizer_sha, resolve_base_path
+
+    want = tokenizer_sha(tok)
+    for i, extra in enumerate(cfg.extra_bases):
+        try:
+            path, gguf = resolve_base_path(extra)
+            other = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+        except Exception as exc:
+            raise JobError(f"extra_bases[{i}] {extra.name!r} cannot be loaded: {exc}") from None
+        if tokenizer_sha(other) != want:
+            raise JobError(f"extra_bases[{i}] {extra.name!r} does not share the tokenizer of base {cfg.base.name!r} "
+                           f"(vocabulary {len(other)} vs {len(tok)} or different tokens): mixed bases must use one "
+                           "tokenizer; remove it or pick a base of the same family")
 
 
 def choose_cache(cfg, n_tokens: int, bytes_per_token: float) -> str:
@@ -163,6 +188,7 @@ def run(cfg) -> dict:
             raise JobError(f"base {cfg.base.name!r} cannot be loaded: {exc}") from None
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
+        check_tokenizers(cfg, tok)
         # -- data -----------------------------------------------------------------------------
         try:
             splits = load_splits(tok, cfg.data, seed=cfg.train.seed)

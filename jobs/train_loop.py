@@ -58,7 +58,7 @@ def _batches_from_shard(shard, batch_size: int, layout):
             return
         wait = time.perf_counter() - t0
         enc, labels = from_rows(rows, layout)
-        stats = (int(np.sum(rows["length"])), float(np.sum(rows["embed_seconds"])), set(rows["producer_node"]))
+        stats = (int(np.sum(rows["length"])), float(np.sum(rows["embed_seconds"])), {n for chain in rows["producer_node"] for n in chain.split(",")})
         yield enc, labels, [int(s) for s in rows["sample_id"]], stats, wait
 
 

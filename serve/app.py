@@ -73,7 +73,7 @@ class ModelServer:
 
             mlflow.set_tracking_uri(self.cfg.registry.tracking_uri)
             mlflow.set_registry_uri(self.cfg.registry.tracking_uri)
-        self.engine = Engine(FrozenBase.load(self.cfg.base), self.cfg.limits)
+        self.engine = Engine([FrozenBase.load(b) for b in [self.cfg.base, *self.cfg.extra_bases]], self.cfg.limits)
         self._sources: dict[str, str] = {}
         self.stats = {"batches": 0, "rows": 0, "max_batch": 0, "batch_sizes": {}, "adapter_loads": 0, "load_ms": []}
 

@@ -84,8 +84,10 @@ class Row:
 
 
 class Engine:
-    def __init__(self, base: FrozenBase, limits: LimitsConfig):
-        self.base = base
+    def __init__(self, base: FrozenBase | list[FrozenBase], limits: LimitsConfig):
+        # Mixed-base adapters need every base of their run; all bases share base 0's tokenizer.
+        self.bases = base if isinstance(base, list) else [base]
+        base = self.base = self.bases[0]
         self.limits = limits
         self.tokenizer = base.tokenizer
         self.max_positions = int(getattr(base.model.config, "max_position_embeddings", 0) or 1 << 30)
@@ -114,7 +116,7 @@ class Engine:
     def load_adapter(self, source: str) -> Adapter:
         """Load and check an adapter (fingerprint, checksum); AdapterError if it cannot serve."""
         try:
-            return Adapter.load(self.base, source)
+            return Adapter.load(self.bases, source)
         except AdapterError:
             raise
         except Exception as exc:  # registry download failures, missing directories
@@ -143,7 +145,7 @@ class Engine:
                 row.on_text(delta)
             return ts.stopped
 
-        generate_mixed(self.base, [r.prompt_ids for r in rows], [r.adapter for r in rows],
+        generate_mixed(self.bases, [r.prompt_ids for r in rows], [r.adapter for r in rows],
                        max_new_tokens=[r.max_tokens for r in rows], temperature=[r.temperature for r in rows],
                        top_p=[r.top_p for r in rows], seeds=[r.seed for r in rows], alphas=[r.alpha for r in rows],
                        on_token=on_token)

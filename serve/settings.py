@@ -125,6 +125,10 @@ class ServeConfig(Strict):
     """Everything `serve.app:build` needs."""
 
     base: BaseModelConfig = Field(default_factory=BaseModelConfig, description="The shared frozen base.")
+    extra_bases: list[BaseModelConfig] = Field(
+        default_factory=list, description="Further bases for adapters trained by mixing bases (the job's "
+        "extra_bases, same order). Each runs once per decoding step when a batch holds such an adapter."
+    )
     base_model_id: str | None = Field(
         None, description="Model id of the bare base in the API (default: base.name's last path part)."
     )

@@ -147,14 +147,18 @@ def test_disk_cache_serves_later_epochs(cluster, tiny_dir, tmp_path):
     assert files and sorted(epoch1) == sorted(epoch0)  # the same samples, read back from disk
 
 
-def test_growing_moe_carryon_on_packed_text(cluster, tiny_dir, tmp_path):
+def test_growing_moe_carryon_over_two_bases_on_packed_text(cluster, tiny_dir, tmp_path, smol_dir):
     """Issue 6 through `jobs.customize`: continued pretraining on packed plain text, a transformer
-    carry-on with routed experts and latent attention, grown in two stages."""
+    carry-on with routed experts and latent attention, grown in two stages, over two different
+    bases (widths 64 and 48) each run by its own embedding actor pool."""
     from mlflow.tracking import MlflowClient
 
     from carryon_ray.data import arithmetic_problems
     from carryon_ray.generation import CarryOnModel
     from carryon_ray.train import stage_digest
+    from conftest import make_tiny_base
+
+    other_dir = make_tiny_base(tmp_path / "other", smol_dir, seed=1, hidden=48, layers=3)
 
     docs = tmp_path / "docs.txt"
     docs.write_text("\n".join(f"{r['question']} {r['answer']}".replace("\n", " ") for r in arithmetic_problems(80)))
@@ -163,10 +167,13 @@ def test_growing_moe_carryon_on_packed_text(cluster, tiny_dir, tmp_path):
             "rope_dim": 4, "experts": 4, "top_k": 2, "shared_experts": 1, "stages": 2}
     sets = [f"carryon.{k}={v}" for k, v in arch.items()] + [
         f"data.train={docs}", "data.format=text", "data.pack=true", "data.max_length=64", "train.epochs=1",
-        "mlflow.experiment=grow-moe", f"output.dir={out}"]
+        "mlflow.experiment=grow-moe", f"output.dir={out}", "layers.fusion=projection",
+        f'extra_bases=[{{"name": "{other_dir}"}}]']
     res, _ = _job(cluster, tiny_dir, *[a for s in sets for a in ("--set", s)], timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "epoch 1: reading cached embeddings" in res.stdout  # stage 1 reuses the one base forward
+    plans = [line for line in (res.stdout + res.stderr).splitlines() if "Execution plan" in line]
+    assert any(p.count("MapBatches(EmbeddingProducer)") == 2 for p in plans), plans  # a pool per base
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"] == 2 and len(summary["alphas"]) == 2
     assert summary["val_loss_after"] < summary["val_loss_before"]
@@ -178,7 +185,8 @@ def test_growing_moe_carryon_on_packed_text(cluster, tiny_dir, tmp_path):
     shares = [run.data.metrics[f"expert_share_l0_e{e}"] for e in range(4)]
     assert sum(shares) == pytest.approx(1.0) and run.data.metrics["expert_max_share_l0"] == max(shares)
     # Stage 0 was frozen when stage 1 grew: the digest logged then equals the saved adapter's.
-    model = CarryOnModel.from_pretrained(tiny_dir, out / "adapter")
+    model = CarryOnModel.from_pretrained([tiny_dir, other_dir], out / "adapter")
+    assert [len(d) for d in model.carryon.dims] == [1, 1] and model.carryon.dims[1] == [48]
     assert len(model.carryon.stages) == 2
     assert run.data.params["stage_0_sha256"] == stage_digest(model.carryon, 0)
     assert model.carryon.alphas.tolist() == pytest.approx(summary["alphas"])
@@ -202,3 +210,22 @@ def test_probe_cli_writes_its_report_and_logs_to_mlflow(cluster, tiny_dir, tmp_p
     client = MlflowClient(cluster["mlflow_url"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "macro_influence")] == [0, 1]
     assert "figures/probe.png" in {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+
+
+def test_mixed_bases_with_different_tokenizers_fail_fast(cluster, tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other-tokenizer"
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(other)
+    import shutil
+
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_dir, f), other / f)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<not-in-the-base-vocabulary>"])
+    tok.save_pretrained(other)
+    res, took = _job(cluster, tiny_dir, "--set", f'extra_bases=[{{"name": "{other}"}}]',
+                     "--set", "mlflow.experiment=fail-tokenizer")
+    assert res.returncode == 1 and "does not share the tokenizer of base" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert took < 60

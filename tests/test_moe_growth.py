@@ -188,3 +188,39 @@ def test_moe_and_attention_options_need_the_transformer_kind():
     with pytest.raises(ConfigError, match="rope_dim"):
         make_config(carryon={**MOE_MLA, "rope_dim": 3})
     assert isinstance(build_carryon(make_config(carryon=MOE_MLA), [32], 10, torch.zeros(10, 32)), CarryOn)
+
+
+def test_mixed_base_adapter_serves_next_to_single_base_ones(tmp_path, tiny_dir, tiny_base, smol_dir):
+    """Two different bases (widths 64 and 48, 2 and 3 blocks) fused by projection; in one
+    mixed-adapter batch every row decodes exactly as its adapter does alone."""
+    from carryon_ray.base import FrozenBase
+    from carryon_ray.config import BaseModelConfig
+    from carryon_ray.generation import Adapter, generate_mixed
+    from conftest import make_tiny_base
+
+    other_dir = make_tiny_base(tmp_path / "other", smol_dir, seed=1, hidden=48, layers=3)
+    other = FrozenBase.load(BaseModelConfig(name=other_dir, dtype="float32"))
+    common = dict(data={"builtin_size": 48, "max_length": 96}, train={"epochs": 1, "batch_size": 8, "lr": 1e-2},
+                  carryon={"kind": "transformer", "width": 32, "heads": 4, "kv_heads": 2, "layers": 1},
+                  layers={"shallow": [0], "fusion": "projection"}, alpha={"init": 1.0})
+    mixed = fit_in_process(make_config(base={"name": tiny_dir}, extra_bases=[{"name": other_dir}],
+                                       output={"dir": str(tmp_path / "mixed")}, **common))
+    single = fit_in_process(make_config(base={"name": tiny_dir}, output={"dir": str(tmp_path / "single")}, **common))
+    saved = json.loads((mixed.adapter_dir / "adapter_config.json").read_text())
+    assert len(saved["fingerprints"]) == 2 and saved["dims"] == [[64, 64], [48, 48]]
+    bases = [tiny_base, other]
+    a_mixed, a_single = Adapter.load(bases, mixed.adapter_dir), Adapter.load(bases, single.adapter_dir)
+    with pytest.raises(Exception, match="mixes 2 bases; this server holds 1"):
+        Adapter.load([tiny_base], mixed.adapter_dir)
+    with pytest.raises(Exception, match="not the base this adapter was trained on"):
+        Adapter.load([other, tiny_base], single.adapter_dir)
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    got = generate_mixed(bases, prompts, [a_mixed, a_single, None], max_new_tokens=6, stop_at_eos=False)
+    alone_mixed = CarryOnModel.from_pretrained(bases, mixed.adapter_dir)
+    alone_single = CarryOnModel.from_pretrained([tiny_base], single.adapter_dir)
+    assert got[0] == alone_mixed.generate([prompts[0]], 6, stop_at_eos=False)[0]
+    assert got[1] == alone_single.generate([prompts[1]], 6, stop_at_eos=False)[0]
+    assert got[2] == CarryOnModel([tiny_base]).generate([prompts[2]], 6, stop_at_eos=False)[0]
+    # alpha = 0 on the mixed adapter is the bare base 0, token for token.
+    bare = CarryOnModel([tiny_base]).generate([prompts[0]], 6, stop_at_eos=False)[0]
+    assert generate_mixed(bases, prompts[:1], [a_mixed], max_new_tokens=6, alphas=[0.0], stop_at_eos=False)[0] == bare
