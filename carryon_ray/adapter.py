@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .bridge import Bridges, bridges_from_state, bridges_state
 from .config import ArchConfig, HeadConfig
-from .model import CarryOn
+from .model import CarryOn, fold_deltas
 
 FORMAT = "carryon-adapter"
 VERSION = 1
@@ -53,6 +53,7 @@ def save_adapter(
     """Write the adapter directory; returns its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    fold_deltas(carryon)  # recycled blocks ship as plain weights W + B A: serving needs no base blocks
     tensors = {k: v.detach().cpu().contiguous() for k, v in carryon.state_dict().items()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in bridges_state(bridges).items()})
     save_file(tensors, str(out / WEIGHTS))

@@ -309,3 +309,28 @@ def load_head(cfg: BaseModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise BaseLoadError(f"{path}: no output head among the safetensors tensors")
     bias = found.get("lm_head.bias")
     return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def load_top_blocks(cfg: BaseModelConfig, n: int) -> tuple[dict, list[dict[str, torch.Tensor]]]:
+    """(HF config dict, weights of the top `n` decoder blocks) read from the base's safetensors
+    files, keyed as inside a block (e.g. 'self_attn.q_proj.weight'): recycled carry-on blocks
+    start from them without loading the rest of the base."""
+    from safetensors import safe_open
+
+    path, _ = resolve_base_path(cfg)
+    root = Path(path)
+    if not (root / "config.json").is_file() or not sorted(root.glob("*.safetensors")):
+        raise BaseLoadError(f"{path}: recycling blocks needs a safetensors checkpoint with config.json")
+    conf = json.loads((root / "config.json").read_text())
+    total = int(conf["num_hidden_layers"])
+    if n > total:
+        raise BaseLoadError(f"carryon.recycle = {n} but the base has {total} blocks")
+    first = total - n
+    blocks: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    for f in sorted(root.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                parts = key.split(".")
+                if key.startswith("model.layers.") and int(parts[2]) >= first:
+                    blocks[int(parts[2]) - first][".".join(parts[3:])] = fh.get_tensor(key).float()
+    return conf, blocks

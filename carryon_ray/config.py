@@ -97,6 +97,7 @@ class ArchConfig(Strict):
     heads: int = Field(4, gt=0, description="Attention heads (transformer kind only).")
     kv_heads: int = Field(2, gt=0, description="Key/value heads for grouped-query attention; divides heads.")
     mlp_ratio: float = Field(2.667, gt=0, description="SwiGLU hidden size as a multiple of width.")
+    mlp_hidden: int | None = Field(None, gt=0, description="SwiGLU hidden size, exactly (overrides mlp_ratio).")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
     norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon (transformer kind).")
     attention: Literal["gqa", "mla"] = Field(
@@ -123,6 +124,13 @@ class ArchConfig(Strict):
         0.01, ge=0, description="MoE: weight of the load-balancing loss E * sum_i f_i * P_i (f_i = share of "
         "routed slots, P_i = mean router probability of expert i; 1 when perfectly balanced)."
     )
+    recycle: int = Field(
+        0, ge=0, description="Recycled blocks (FuseGPT): build the transformer carry-on from frozen copies of "
+        "the base's top N blocks, each linear layer W trained only through a low-rank delta W + B A, folded "
+        "into plain weights when the adapter is saved. Width, heads, kv_heads, mlp_hidden, rope_theta and "
+        "norm_eps are taken from the base; 0 = random initialisation."
+    )
+    recycle_rank: int = Field(8, gt=0, description="Rank of the recycled blocks' low-rank deltas.")
     gate: bool = Field(True, description="Use the sigmoid gate g (shares the trunk with f).")
     stages: int = Field(
         1, ge=1, description="Stacked carry-on stages (boosting / growing in depth). Training grows them one "
@@ -133,8 +141,8 @@ class ArchConfig(Strict):
     @model_validator(mode="after")
     def _heads_divide(self) -> "ArchConfig":
         if self.kind != "transformer":
-            if self.experts or self.attention != "gqa":
-                raise ValueError("carryon.experts and carryon.attention need carryon.kind: transformer "
+            if self.experts or self.attention != "gqa" or self.recycle:
+                raise ValueError("carryon.experts, carryon.attention and carryon.recycle need carryon.kind: transformer "
                                  "(the MoE feed-forward and latent attention live in transformer blocks)")
             return self
         if self.width % self.heads or (self.width // self.heads) % 2:
@@ -145,6 +153,9 @@ class ArchConfig(Strict):
             raise ValueError(f"carryon.rope_dim ({self.rope_dim}) must be even")
         if self.experts and self.top_k > self.experts:
             raise ValueError(f"carryon.top_k ({self.top_k}) exceeds carryon.experts ({self.experts})")
+        if self.recycle and (self.attention != "gqa" or self.experts or self.stages > 1):
+            raise ValueError("carryon.recycle copies the base's own blocks: it needs attention: gqa, experts: 0 "
+                             "and stages: 1")
         if not all(0 <= p < 1 for p in self.router_dropout):
             raise ValueError(f"carryon.router_dropout {self.router_dropout}: both values must be in [0, 1)")
         return self

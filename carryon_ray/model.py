@@ -137,9 +137,9 @@ class LatentAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, width: int, ratio: float):
+    def __init__(self, width: int, ratio: float, hidden: int | None = None):
         super().__init__()
-        hidden = int(math.ceil(width * ratio / 8) * 8)
+        hidden = hidden or int(math.ceil(width * ratio / 8) * 8)
         self.up = nn.Linear(width, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, width, bias=False)
 
@@ -208,13 +208,69 @@ class Block(nn.Module):
         self.attn = LatentAttention(cfg) if cfg.attention == "mla" else Attention(cfg)
         self.norm2 = RMSNorm(cfg.width, cfg.norm_eps)
         self.moe = cfg.experts > 0
-        self.mlp = MoE(cfg) if self.moe else SwiGLU(cfg.width, cfg.mlp_ratio)
+        self.mlp = MoE(cfg) if self.moe else SwiGLU(cfg.width, cfg.mlp_ratio, cfg.mlp_hidden)
 
     def forward(self, h, positions, key_mask=None, cache=None):
         a, cache = self.attn(self.norm1(h), positions, key_mask, cache)
         h = h + a
         m = self.mlp(self.norm2(h), key_mask) if self.moe else self.mlp(self.norm2(h))
         return h + m, cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Recycled blocks (FuseGPT): a frozen copy of a base block, trained through low-rank deltas.
+# ---------------------------------------------------------------------------------------------
+
+
+class LowRankDelta(nn.Module):
+    """y = x (W + B A)^T with W a frozen copy of a base weight. B starts at zero, so the layer
+    starts as exactly W; only A and B train; `folded` turns it back into one plain Linear."""
+
+    def __init__(self, weight: torch.Tensor, rank: int):
+        super().__init__()
+        out_f, in_f = weight.shape
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.weight.frozen_copy = True  # freeze_earlier_stages must not thaw it
+        self.A = nn.Parameter(torch.randn(rank, in_f, dtype=weight.dtype) / math.sqrt(in_f))
+        self.B = nn.Parameter(torch.zeros(out_f, rank, dtype=weight.dtype))
+
+    def forward(self, x):
+        return F.linear(x, self.weight) + F.linear(F.linear(x, self.A), self.B)
+
+    def folded(self) -> nn.Linear:
+        lin = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=False)
+        lin.weight.data = (self.weight + self.B @ self.A).detach().clone()
+        return lin
+
+
+def recycle_blocks(trunk: "TransformerTrunk", states: list[dict[str, torch.Tensor]], rank: int) -> None:
+    """Load Hugging Face Llama-style block weights (q/k/v/o, gate/up/down, the two norms) into the
+    trunk's blocks and wrap every linear layer in a LowRankDelta. The trunk's input map starts as
+    the identity when the widths agree, so the copied blocks first see the fused state itself."""
+    for block, st in zip(trunk.blocks, states):
+        dtype = block.attn.q.weight.dtype
+        weights = {
+            ("attn", "q"): st["self_attn.q_proj.weight"],
+            ("attn", "kv"): torch.cat([st["self_attn.k_proj.weight"], st["self_attn.v_proj.weight"]]),
+            ("attn", "o"): st["self_attn.o_proj.weight"],
+            ("mlp", "up"): torch.cat([st["mlp.gate_proj.weight"], st["mlp.up_proj.weight"]]),
+            ("mlp", "down"): st["mlp.down_proj.weight"],
+        }
+        for (parent, name), w in weights.items():
+            setattr(getattr(block, parent), name, LowRankDelta(w.to(dtype), rank))
+        block.norm1.weight.data = st["input_layernorm.weight"].to(dtype).clone()
+        block.norm2.weight.data = st["post_attention_layernorm.weight"].to(dtype).clone()
+    if trunk.inp.weight.shape[0] == trunk.inp.weight.shape[1]:
+        nn.init.eye_(trunk.inp.weight)
+
+
+def fold_deltas(module: nn.Module) -> None:
+    """Replace every LowRankDelta below `module` by its folded plain Linear (in place)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, LowRankDelta):
+            setattr(module, name, child.folded().to(child.weight.device))
+        else:
+            fold_deltas(child)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +444,9 @@ class CarryOn(nn.Module):
         """Only the newest stage (and a new head) train; earlier stages stay bit-identical."""
         for i, stage in enumerate(self.stages):
             stage.requires_grad_(i == len(self.stages) - 1)
+            for p in stage.parameters():
+                if getattr(p, "frozen_copy", False):  # recycled base weights train only through deltas
+                    p.requires_grad_(False)
         if isinstance(self.head, NewHead):
             self.head.requires_grad_(True)
 

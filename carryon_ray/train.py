@@ -19,12 +19,12 @@ from typing import Callable, Iterable
 import torch
 
 from .adapter import save_adapter
-from .base import FrozenBase
+from .base import FrozenBase, load_top_blocks
 from .config import CarryOnConfig
 from .data import batches, load_splits
 from .embedding import calibrate_bridges, decode_sources, embed_batch
 from .loss import IGNORE, chunked_cross_entropy, chunked_kl_to_base, select_targets
-from .model import CarryOn
+from .model import CarryOn, recycle_blocks
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ def build_carryon(
     """The carry-on of `cfg` with `stages` stages (default: all of cfg.carryon.stages)."""
     torch.manual_seed(cfg.train.seed)
     arch = cfg.carryon if stages is None else cfg.carryon.model_copy(update={"stages": stages})
+    blocks = None
+    if arch.recycle:  # the carry-on's blocks take the base's shape and start as its top blocks
+        conf, blocks = load_top_blocks(cfg.base, arch.recycle)
+        arch = recycled_arch(arch, conf)
     model = CarryOn(
         arch,
         cfg.head,
@@ -58,7 +62,23 @@ def build_carryon(
         head_bias,
         alpha=cfg.alpha.init,
     )
+    if blocks is not None:
+        recycle_blocks(model.stages[0].trunk, blocks, arch.recycle_rank)
     return model.to(DTYPES[cfg.train.dtype]) if cfg.head.kind == "new" else _cast_trainable(model, cfg)
+
+
+def recycled_arch(arch, conf: dict):
+    """The carry-on architecture that can hold copies of the base's blocks (Llama-style config)."""
+    heads = int(conf["num_attention_heads"])
+    if int(conf.get("head_dim") or conf["hidden_size"] // heads) * heads != int(conf["hidden_size"]):
+        raise ValueError("carryon.recycle: the base's head_dim x heads differs from its hidden size; "
+                         "its blocks do not fit a carry-on block")
+    return arch.model_copy(update={
+        "width": int(conf["hidden_size"]), "heads": heads, "kv_heads": int(conf.get("num_key_value_heads", heads)),
+        "mlp_hidden": int(conf["intermediate_size"]), "layers": arch.recycle,
+        "rope_theta": float(conf.get("rope_theta", (conf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+        "norm_eps": float(conf.get("rms_norm_eps", 1e-6)),
+    })
 
 
 def grow_stage(model: CarryOn, cfg: CarryOnConfig) -> None:
