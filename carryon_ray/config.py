@@ -124,6 +124,11 @@ class ArchConfig(Strict):
         0.01, ge=0, description="MoE: weight of the load-balancing loss E * sum_i f_i * P_i (f_i = share of "
         "routed slots, P_i = mean router probability of expert i; 1 when perfectly balanced)."
     )
+    stage_lora_rank: int = Field(
+        0, ge=0, description="Growing in depth: when a stage is added, every earlier stage's linear layers get "
+        "low-rank deltas (this rank) that train along with the new stage (limited global readjustment; the "
+        "earlier weights themselves stay frozen, the deltas are folded in at save). 0 = earlier stages fully frozen."
+    )
     recycle: int = Field(
         0, ge=0, description="Recycled blocks (FuseGPT): build the transformer carry-on from frozen copies of "
         "the base's top N blocks, each linear layer W trained only through a low-rank delta W + B A, folded "

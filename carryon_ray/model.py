@@ -226,21 +226,37 @@ class LowRankDelta(nn.Module):
     """y = x (W + B A)^T with W a frozen copy of a base weight. B starts at zero, so the layer
     starts as exactly W; only A and B train; `folded` turns it back into one plain Linear."""
 
-    def __init__(self, weight: torch.Tensor, rank: int):
+    def __init__(self, weight: torch.Tensor, rank: int, bias: torch.Tensor | None = None):
         super().__init__()
         out_f, in_f = weight.shape
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.weight.frozen_copy = True  # freeze_earlier_stages must not thaw it
+        self.bias = None
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+            self.bias.frozen_copy = True
         self.A = nn.Parameter(torch.randn(rank, in_f, dtype=weight.dtype) / math.sqrt(in_f))
         self.B = nn.Parameter(torch.zeros(out_f, rank, dtype=weight.dtype))
 
     def forward(self, x):
-        return F.linear(x, self.weight) + F.linear(F.linear(x, self.A), self.B)
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, self.A), self.B)
 
     def folded(self) -> nn.Linear:
-        lin = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=False)
+        lin = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None)
         lin.weight.data = (self.weight + self.B @ self.A).detach().clone()
+        if self.bias is not None:
+            lin.bias.data = self.bias.detach().clone()
         return lin
+
+
+def add_deltas(module: nn.Module, rank: int) -> None:
+    """Wrap every plain Linear below `module` in a LowRankDelta (growing's optional LoRA phase:
+    later stages nudge an earlier stage through low-rank updates while its weights stay put)."""
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            setattr(module, name, LowRankDelta(child.weight, rank, child.bias).to(child.weight.device))
+        else:
+            add_deltas(child, rank)
 
 
 def recycle_blocks(trunk: "TransformerTrunk", states: list[dict[str, torch.Tensor]], rank: int) -> None:
@@ -444,9 +460,11 @@ class CarryOn(nn.Module):
         """Only the newest stage (and a new head) train; earlier stages stay bit-identical."""
         for i, stage in enumerate(self.stages):
             stage.requires_grad_(i == len(self.stages) - 1)
-            for p in stage.parameters():
-                if getattr(p, "frozen_copy", False):  # recycled base weights train only through deltas
+            for name, p in stage.named_parameters():
+                if getattr(p, "frozen_copy", False):  # copied weights train only through their deltas
                     p.requires_grad_(False)
+                elif name.endswith((".A", ".B")):  # low-rank deltas (recycling, growing's LoRA phase)
+                    p.requires_grad_(True)
         if isinstance(self.head, NewHead):
             self.head.requires_grad_(True)
 

@@ -24,7 +24,7 @@ from .config import CarryOnConfig
 from .data import batches, load_splits
 from .embedding import calibrate_bridges, decode_sources, embed_batch
 from .loss import IGNORE, chunked_cross_entropy, chunked_kl_to_base, select_targets
-from .model import CarryOn, recycle_blocks
+from .model import CarryOn, add_deltas, recycle_blocks
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ def build_carryon(
     )
     if blocks is not None:
         recycle_blocks(model.stages[0].trunk, blocks, arch.recycle_rank)
+    if arch.stage_lora_rank and arch.stages > 1:  # a resumed growing run: rebuild the deltas it had
+        for stage in model.stages[:-1]:
+            add_deltas(stage, arch.stage_lora_rank)
+        model.freeze_earlier_stages()
     return model.to(DTYPES[cfg.train.dtype]) if cfg.head.kind == "new" else _cast_trainable(model, cfg)
 
 
@@ -84,6 +88,8 @@ def recycled_arch(arch, conf: dict):
 def grow_stage(model: CarryOn, cfg: CarryOnConfig) -> None:
     """Start the next stage: a fresh carry-on (seeded per stage) on top of the frozen ones."""
     torch.manual_seed(cfg.train.seed + len(model.stages))
+    if cfg.carryon.stage_lora_rank:  # the newest stage so far gets deltas before it is frozen
+        add_deltas(model.stages[-1], cfg.carryon.stage_lora_rank)
     model.grow(cfg.alpha.init)
     _cast_trainable(model, cfg)
     model.freeze_earlier_stages()

@@ -272,3 +272,35 @@ def test_recycled_deltas_train_and_fold_into_the_saved_adapter(tiny_dir, tiny_ba
     with torch.no_grad():
         after, _ = loaded(sources)
     assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_growing_lora_phase_readjusts_earlier_stages_through_deltas_only(tmp_path):
+    from carryon_ray.adapter import load_adapter, save_adapter
+    from carryon_ray.bridge import Bridge
+
+    cfg = make_config(carryon={"kind": "mlp", "width": 16, "stages": 2, "stage_lora_rank": 2},
+                      head={"kind": "new", "bottleneck": 8})
+    m = build_carryon(cfg, [24], 50, stages=1)
+    data = [([[torch.randn(4, 7, 24)]], torch.randint(0, 50, (4, 7))) for _ in range(3)]
+    opt, sched = make_optimizer(m, cfg, 3)
+    for sources, labels in data:
+        train_step(m, opt, sched, sources, labels, 64, 1.0)
+    stage0 = {k: v.clone() for k, v in m.stages[0].state_dict().items()}
+    grow_stage(m, cfg)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if n.startswith("stages.0.")} == {
+        f"stages.0.{n}.{ab}" for n in ("trunk.inp", "f", "g") for ab in ("A", "B")}  # only the deltas
+    opt, sched = make_optimizer(m, cfg, 3)
+    for sources, labels in data:
+        train_step(m, opt, sched, sources, labels, 64, 1.0)
+    now = m.stages[0].state_dict()
+    assert all(torch.equal(now[k], v) for k, v in stage0.items())  # the earlier weights did not move ...
+    assert any(float(now[k].abs().sum()) > 0 for k in now if k.endswith(".B"))  # ... their deltas did
+    m.eval()
+    with torch.no_grad():
+        before, _ = m(data[0][0])
+    out = save_adapter(tmp_path / "a", m, [[Bridge(0)]], [], [], "tok")
+    loaded, _, _ = load_adapter(out)
+    with torch.no_grad():
+        after, _ = loaded(data[0][0])
+    assert torch.allclose(before, after, atol=1e-5)  # folded: plain weights, same function
