@@ -8,7 +8,7 @@ export CARRYON_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo serve test test-fast bench clean
+.PHONY: install demo serve test test-fast bench bench-full clean
 
 install: $(STAMP)
 
@@ -50,12 +50,27 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-# Benchmarks write JSON under bench/results/ (see docs/benchmarks.md). The replay/KL comparison
-# takes about an hour on the 2-core CI machine, most of it LoRA's 120 full backward passes; the
-# serving benchmark a few minutes.
+# Benchmarks write JSON (docs/benchmarks.md explains every figure). `make bench` runs each script at
+# its quick size into bench/results/quick/ (under 30 minutes on the 2-core CI machine);
+# `make bench-full` runs the sizes behind the tables in the docs into bench/results/ (about two
+# hours here, most of it LoRA's full backward passes). Every script takes size options for GPU clusters.
+QUICK := bench/results/quick
 bench: $(STAMP)
+	mkdir -p $(QUICK)
+	$(BIN)/python bench/pipeline.py --rows 64 --reps 2 --out $(QUICK)/pipeline.json
+	$(BIN)/python bench/memory.py --sizes 135m,1.5b --steps 1 --out $(QUICK)/memory.json
+	$(BIN)/python bench/bridge.py --rows 120 --epochs 1 --out $(QUICK)/bridge.json
+	$(BIN)/python bench/serving.py --out $(QUICK)/serving.json
+	$(BIN)/python bench/replay_kl.py --n-train 200 --n-val 60 --replay-rows 100 --general-rows 40 --steps 20 --out $(QUICK)/replay_kl.json
+	$(BIN)/python bench/paper_features.py --rows 80 --epochs 2 --only transformer_recycled,mlp_one_base,mlp_two_bases --out $(QUICK)/paper_features.json
+
+bench-full: $(STAMP)
+	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/memory.py
+	$(BIN)/python bench/bridge.py
 	$(BIN)/python bench/serving.py
 	$(BIN)/python bench/replay_kl.py
+	$(BIN)/python bench/paper_features.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -286,6 +286,8 @@ def run(cfg) -> dict:
             "val_loss_before": before, "val_loss_after": final.get("val_loss"), "alpha": state["alpha"],
             "alphas": [float(a) for a in model.alphas], "stages": state["stages"],
             "steps": state["step"], "epochs": state["epoch"] + 1, "cache": cache_mode,
+            "last_epoch": {k: final.get(k) for k in ("epoch_seconds", "first_batch_wait_s", "input_wait_fraction",
+                                                      "from_cache", "producer_tokens_per_s", "train_tokens_per_s")},
             "data": [rep.summary() for rep in splits.reports],
         }
         adapter_dir = save_adapter(out_dir / "adapter", model, bridges, cfg.layers.shallow, calib["fingerprints"],

@@ -187,6 +187,7 @@ def train_loop(config: dict) -> None:
             log.info("epoch %d: streaming embeddings from the actor pool", epoch)
             source = _batches_from_shard(train_shard, cfg.train.batch_size, layout)
         consumed, losses, tokens, wait_s, t_epoch, t_wall = [], [], 0, 0.0, time.perf_counter(), time.time()
+        first_wait = 0.0
         prod_tok, prod_s, prod_nodes = 0, 0.0, set()
         replay_rows, kls = 0, []
         for i, (enc, labels, ids, stats, wait) in enumerate(source):
@@ -198,6 +199,7 @@ def train_loop(config: dict) -> None:
                 prod_nodes |= stats[2]
             consumed += ids
             wait_s += wait
+            first_wait = wait if i == 0 else first_wait
             replay = torch.tensor([i >= n_custom for i in ids]) if has_replay else None
             router_dropout_at(model, step - stage_start, stage_steps)
             out = train_step(ddp, opt, sched, decode_sources(bridges, enc, dims, base_dtype), labels, chunk,
@@ -236,6 +238,7 @@ def train_loop(config: dict) -> None:
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
             "train_tokens_per_s": tokens / max(el, 1e-9),
             "input_wait_fraction": wait_s / max(el, 1e-9),
+            "epoch_seconds": el, "first_batch_wait_s": first_wait,
             "samples": len(consumed), "from_cache": int(from_cache),
             "peak_rss_mb": _peak_rss_mb(),
             **{f"val_loss_alpha_{a:g}": v for a, v in val_losses.items()},

@@ -304,3 +304,24 @@ def test_growing_lora_phase_readjusts_earlier_stages_through_deltas_only(tmp_pat
     with torch.no_grad():
         after, _ = loaded(data[0][0])
     assert torch.allclose(before, after, atol=1e-5)  # folded: plain weights, same function
+
+
+def test_moe_mla_grown_adapter_decodes_in_a_mixed_batch_as_alone(tmp_path, tiny_base, tiny_dir):
+    """What the Serve replicas run (generate_mixed) for an adapter with every issue-6 option."""
+    from carryon_ray.adapter import save_adapter
+    from carryon_ray.bridge import Bridge
+    from carryon_ray.generation import Adapter, generate_mixed
+
+    cfg = make_config(base={"name": tiny_dir}, carryon={**MOE_MLA, "stages": 2}, layers={"shallow": [0]},
+                      alpha={"init": 1.0})
+    m = build_carryon(cfg, [64], tiny_base.vocab_size, tiny_base.head_weight, stages=1)
+    grow_stage(m, cfg)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    path = save_adapter(tmp_path / "a", m, [[Bridge(8), Bridge(8)]], [0], [tiny_base.fingerprint().to_dict()], tiny_dir)
+    adapter = Adapter.load(tiny_base, path)
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    got = generate_mixed(tiny_base, prompts, [adapter, None], max_new_tokens=5, stop_at_eos=False)
+    alone = CarryOnModel.from_pretrained(tiny_base, path).generate([prompts[0]], 5, stop_at_eos=False)[0]
+    assert got[0] == alone
+    assert got[1] == CarryOnModel([tiny_base]).generate([prompts[1]], 5, stop_at_eos=False)[0]
