@@ -57,12 +57,12 @@ test-fast: $(STAMP)
 QUICK := bench/results/quick
 bench: $(STAMP)
 	mkdir -p $(QUICK)
-	$(BIN)/python bench/pipeline.py --rows 64 --reps 2 --out $(QUICK)/pipeline.json
+	$(BIN)/python bench/pipeline.py --rows 64 --reps 1 --out $(QUICK)/pipeline.json
 	$(BIN)/python bench/memory.py --sizes 135m,1.5b --steps 1 --out $(QUICK)/memory.json
-	$(BIN)/python bench/bridge.py --rows 120 --epochs 1 --out $(QUICK)/bridge.json
+	$(BIN)/python bench/bridge.py --rows 96 --epochs 1 --out $(QUICK)/bridge.json
 	$(BIN)/python bench/serving.py --out $(QUICK)/serving.json
-	$(BIN)/python bench/replay_kl.py --n-train 200 --n-val 60 --replay-rows 100 --general-rows 40 --steps 20 --out $(QUICK)/replay_kl.json
-	$(BIN)/python bench/paper_features.py --rows 80 --epochs 2 --only transformer_recycled,mlp_one_base,mlp_two_bases --out $(QUICK)/paper_features.json
+	$(BIN)/python bench/replay_kl.py --n-train 160 --n-val 40 --replay-rows 80 --general-rows 30 --steps 15 --out $(QUICK)/replay_kl.json
+	$(BIN)/python bench/paper_features.py --rows 64 --epochs 1 --second random --out $(QUICK)/paper_features.json
 
 bench-full: $(STAMP)
 	$(BIN)/python bench/pipeline.py

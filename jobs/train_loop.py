@@ -188,6 +188,7 @@ def train_loop(config: dict) -> None:
             source = _batches_from_shard(train_shard, cfg.train.batch_size, layout)
         consumed, losses, tokens, wait_s, t_epoch, t_wall = [], [], 0, 0.0, time.perf_counter(), time.time()
         first_wait = 0.0
+        model.expert_usage(reset=True)  # count this epoch's training routes only (not validation forwards)
         prod_tok, prod_s, prod_nodes = 0, 0.0, set()
         replay_rows, kls = 0, []
         for i, (enc, labels, ids, stats, wait) in enumerate(source):
