@@ -60,15 +60,20 @@ def rows_of(examples):
             "labels": np.array([e.labels for e in examples], dtype=object)}
 
 
-def producer_throughput(args, cfg, base, splits) -> dict:
+def calibrated_producer(cfg, base, splits):
+    """(EmbeddingProducer, bridges, dims): the actor's callable, bridge fitted on 16 training rows."""
     from actors.embedder import EmbeddingProducer
 
-    pad = base.tokenizer.pad_token_id
-    calib = next(batches(splits.train, 16, pad))
+    calib = next(batches(splits.train, 16, base.tokenizer.pad_token_id))
     bridges = calibrate_bridges([base], cfg.bridge, calib["input_ids"], calib["attention_mask"], [])
     dims = source_dims([base.hidden_size], [])
     producer = EmbeddingProducer([cfg.base.model_dump()], 8, {k: v.numpy() for k, v in bridges_state(bridges).items()},
                                  dims, [])
+    return producer, bridges, dims
+
+
+def producer_throughput(args, base, splits, producer) -> dict:
+    pad = base.tokenizer.pad_token_id
     groups = [splits.train[i : i + 8] for i in range(0, len(splits.train) - 7, 8)]
     plain_s, prod_s, tokens = [], [], sum(len(e.input_ids) for g in groups for e in g)
     for _ in range(args.reps):
@@ -88,17 +93,9 @@ def producer_throughput(args, cfg, base, splits) -> dict:
             "producer_seconds": prod_s, "plain_seconds": plain_s}
 
 
-def stages_alone(cfg, base, splits) -> dict:
+def stages_alone(cfg, base, splits, producer, bridges, dims) -> dict:
     """Each stage with one thread, as in the actor and the Train worker."""
-    from actors.embedder import EmbeddingProducer
-
     torch.set_num_threads(1)
-    pad = base.tokenizer.pad_token_id
-    calib = next(batches(splits.train, 16, pad))
-    bridges = calibrate_bridges([base], cfg.bridge, calib["input_ids"], calib["attention_mask"], [])
-    dims = source_dims([base.hidden_size], [])
-    producer = EmbeddingProducer([cfg.base.model_dump()], 8, {k: v.numpy() for k, v in bridges_state(bridges).items()},
-                                 dims, [])
     layout = part_layout(bridges, dims, base.dtype)
     t0 = time.perf_counter()
     produced = [producer(rows_of(splits.train[i : i + 8])) for i in range(0, len(splits.train), 8)]
@@ -143,11 +140,12 @@ def main() -> None:
         cfg = config(args, tmp)
         base = FrozenBase.load(cfg.base)
         splits = load_splits(base.tokenizer, cfg.data, seed=cfg.train.seed)
-        report = {"config": vars(args), "producer": producer_throughput(args, cfg, base, splits)}
+        producer, bridges, dims = calibrated_producer(cfg, base, splits)
+        report = {"config": vars(args), "producer": producer_throughput(args, base, splits, producer)}
         print("producer", json.dumps(report["producer"]), flush=True)
-        alone = stages_alone(cfg, base, splits)
+        alone = stages_alone(cfg, base, splits, producer, bridges, dims)
         print("alone", json.dumps(alone), flush=True)
-        del base
+        del base, producer
         epoch = ray_epoch(cfg)
         print("ray", json.dumps(epoch), flush=True)
     slower = max(alone["embed_alone_s"], alone["train_alone_s"])
