@@ -209,10 +209,9 @@ def generate_mixed(bases: FrozenBase | list[FrozenBase], prompts: list[list[int]
     Per decoding step: one base forward for the whole batch (its KV cache shared), then one
     carry-on forward per distinct adapter over its rows (each with its own KV cache). `bases`
     beyond the first (model mixing) also run once per step for the whole batch when an adapter in
-    it mixes them. Greedy output
-    for a row equals `CarryOnModel.generate` with that row's adapter alone. `on_token(row, token)`
-    is called as tokens are produced (streaming); when it returns True that row stops (e.g. a stop
-    string was completed).
+    it mixes them. Greedy output for a row equals `CarryOnModel.generate` with that row's adapter
+    alone. `on_token(row, token)` is called as tokens are produced (streaming); when it returns
+    True that row stops (e.g. a stop string was completed).
     """
     n = len(prompts)
     per = lambda v, d=None: list(v) if isinstance(v, (list, tuple)) else [v if v is not None else d] * n  # noqa: E731
