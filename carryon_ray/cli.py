@@ -92,7 +92,7 @@ def cmd_eval(args) -> int:
                      "max_new_tokens": args.max_new_tokens}.items():
             client.log_param(run.info.run_id, k, v)
         for name in ("base", "adapter"):
-            for key in ("loss", "accuracy", "alpha"):
+            for key in ("loss", "accuracy", "answered", "alpha"):
                 if name in result and key in result[name]:
                     client.log_metric(run.info.run_id, f"{name}_{key}", float(result[name][key]))
         client.log_text(run.info.run_id, json.dumps(result, indent=2, default=str), "eval.json")

@@ -56,22 +56,33 @@ def validation_loss(model: CarryOnModel, examples, alpha: float | None = None, b
     return total / max(count, 1)
 
 
+def score_answers(rows: list[dict], texts: list[str]) -> dict:
+    """Exact match of generated `texts` against the rows' reference answers (both read with
+    extract_answer). Any generator can be scored this way, so baselines use the same rule."""
+    records, correct, formatted = [], 0, 0
+    for r, text in zip(rows, texts, strict=True):
+        want, got = extract_answer(str(r["answer"])), extract_answer(text)
+        ok = want is not None and got == want
+        correct += ok
+        formatted += got is not None
+        records.append({"question": r["question"], "expected": str(want), "predicted": str(got), "correct": ok})
+    n = max(len(rows), 1)
+    return {"accuracy": correct / n, "correct": correct, "n": len(rows),
+            "answered": formatted / n, "records": records}
+
+
 def exact_match(model: CarryOnModel, rows: list[dict], template: str, max_new_tokens: int = 256,
                 alpha: float | None = None, batch_size: int = 8) -> dict:
-    """Greedy GSM8K-style accuracy over `rows` ({'question', 'answer'})."""
+    """Greedy GSM8K-style accuracy over `rows` ({'question', 'answer'}). 'answered' is the share of
+    generations that end with a '#### number' at all (a base that never learned the format scores 0)."""
     tok = model.tokenizer
-    records, correct = [], 0
+    texts = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
         prompts = [tok(template.format(question=r["question"]), add_special_tokens=False)["input_ids"] for r in chunk]
         outs = model.generate(prompts, max_new_tokens, temperature=0.0, alpha=alpha)
-        for r, out in zip(chunk, outs):
-            text = tok.decode(out, skip_special_tokens=True)
-            want, got = extract_answer(str(r["answer"])), extract_answer(text)
-            ok = want is not None and got == want
-            correct += ok
-            records.append({"question": r["question"], "expected": str(want), "predicted": str(got), "correct": ok})
-    return {"accuracy": correct / max(len(rows), 1), "correct": correct, "n": len(rows), "records": records}
+        texts += [tok.decode(out, skip_special_tokens=True) for out in outs]
+    return score_answers(rows, texts)
 
 
 def evaluate_dataset(base, adapter: str | None, data: str, fmt: str = "auto", template: str | None = None,
@@ -95,7 +106,7 @@ def evaluate_dataset(base, adapter: str | None, data: str, fmt: str = "auto", te
             res["alpha"] = float(m.carryon.alpha if a is None else a)
         if gsm8k:
             em = exact_match(m, rows, cfg.prompt_template, max_new_tokens, a if m.carryon is not None else None)
-            res.update({"accuracy": em["accuracy"], "correct": em["correct"], "n": em["n"]})
+            res.update({k: em[k] for k in ("accuracy", "correct", "n", "answered")})
             res["samples"] = em["records"][:5]
         out[name] = res
     return out

@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from carryon_ray.evaluation import exact_match, extract_answer, validation_loss
+from carryon_ray.evaluation import exact_match, extract_answer, score_answers, validation_loss
 from carryon_ray.generation import CarryOnModel
 from conftest import ROOT
 
@@ -33,6 +33,17 @@ def test_exact_match_scores_what_generation_says(tiny_base):
     # A random tiny model never writes '#### 2': every row is scored, none is correct.
     assert res["n"] == 2 and res["correct"] == 0 and res["accuracy"] == 0.0
     assert [r["expected"] for r in res["records"]] == ["2", "4"]
+
+
+def test_score_answers_counts_correct_and_formatted_answers():
+    rows = [{"question": "a", "answer": "so #### 1,000"}, {"question": "b", "answer": "#### 1/2"},
+            {"question": "c", "answer": "#### 3"}]
+    res = score_answers(rows, ["#### 1000", "#### 0.5", "three"])
+    assert (res["correct"], res["n"]) == (2, 3) and res["accuracy"] == 2 / 3
+    assert res["answered"] == 2 / 3  # the third text has no '#### number'
+    assert [r["correct"] for r in res["records"]] == [True, True, False]
+    with pytest.raises(ValueError):  # one text per row, or nothing is scored
+        score_answers(rows, ["#### 1000"])
 
 
 def test_validation_loss_equals_the_base_reference(tiny_base):
