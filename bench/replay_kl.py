@@ -1,17 +1,24 @@
-"""Customize without forgetting: naive carry-on vs carry-on + replay/KL (guarded alpha) vs peft LoRA.
+"""Quality and forgetting: carry-ons (MLP, 2-layer transformer; naive and replay/KL) vs peft LoRA.
 
 Protocol (issue 8): SmolLM2-135M-Instruct in fp32; GSM8K train split -> the first N problems for
 training and the next M for validation (the paper's Question/Answer template, loss on the answer);
 WikiText-2 valid: the first lines feed replay, the last `--general-rows` windows are the general
 validation set (disjoint). Every method gets the same number of optimizer steps at batch 8.
 
-- naive:      MLP carry-on (gated, inherited head), cross entropy only; alpha = best GSM8K loss.
-- replay_kl:  the same carry-on, each batch also holds `--replay-per-batch` WikiText rows whose loss is
-              KL(base || carry-on); alpha = best GSM8K loss whose general loss is within 0 of the base.
-- lora:       peft LoRA on q_proj/v_proj, cross entropy on the same batches.
+- <kind>:           carry-on of that kind (gated, inherited head; `--carryons mlp,transformer`: an MLP
+                    and a 2-layer transformer of about the same trainable size), cross entropy only;
+                    alpha = best GSM8K loss.
+- <kind>_replay_kl: the same carry-on (kinds in `--replay-kinds`), each batch also holds
+                    `--replay-per-batch` WikiText rows whose loss is KL(base || carry-on); alpha = best
+                    GSM8K loss whose general loss is within 0 of the base.
+- lora:             peft LoRA on q_proj/v_proj, cross entropy on the same batches.
 
-Base states are computed once and reused by both carry-ons (as the job's cache does). Writes
-bench/results/replay_kl.json. Run: python bench/replay_kl.py [--steps 120 --n-train 1000 ...].
+Every carry-on is reported at its chosen alpha and at its balance point (the largest alpha whose
+WikiText-2 loss does not rise). Exact-match accuracy (the paper's protocol, carryon_ray.evaluation)
+is scored on `--em-n` held-out questions that neither training nor validation read, for the base,
+each carry-on at both alphas, and LoRA. Base states are computed once and reused by every carry-on
+(as the job's cache does). Writes bench/results/replay_kl.json.
+Run: python bench/replay_kl.py [--steps 120 --n-train 1000 ...].
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import torch  # noqa: E402
 
 from carryon_ray.base import FrozenBase, resolve_base_path  # noqa: E402
 from carryon_ray.config import BaseModelConfig, DataConfig, validate_config  # noqa: E402
-from carryon_ray.data import collate, load_examples  # noqa: E402
+from carryon_ray.data import DataReport, collate, load_examples, read_rows  # noqa: E402
+from carryon_ray.evaluation import exact_match, score_answers  # noqa: E402
+from carryon_ray.generation import CarryOnModel  # noqa: E402
 from carryon_ray.loss import IGNORE  # noqa: E402
 from carryon_ray.train import AlphaSearch, build_carryon, evaluate, gate_mean, make_optimizer, train_step  # noqa: E402
 
@@ -71,11 +80,35 @@ def eval_batches(states, examples, bs=16):
                                     for i in range(0, len(examples), bs))]
 
 
-def run_carryon(args, base, data, replay: bool) -> dict:
+def arch(args, kind: str) -> dict:
+    if kind == "mlp":
+        return {"kind": "mlp", "width": args.width, "gate": True}
+    return {"kind": "transformer", "width": args.transformer_width, "layers": 2, "heads": 4, "kv_heads": 2, "gate": True}
+
+
+def held_out_accuracy(args, model, alphas: dict[str, float], em_rows) -> dict:
+    """Exact match of base + carry-on at each named alpha on the held-out questions."""
+    if not em_rows:
+        return {}
+    out = {}
+    for name, a in alphas.items():
+        same = [v for v in out.values() if v["alpha"] == a]
+        if same:  # e.g. the balance point is the chosen alpha: the same greedy answers
+            out[name] = same[0]
+            continue
+        t0 = time.perf_counter()
+        em = exact_match(model, em_rows, args.template, args.em_tokens, alpha=a, batch_size=args.em_batch)
+        out[name] = {"alpha": a, "accuracy": em["accuracy"], "correct": em["correct"], "n": em["n"],
+                     "answered": em["answered"], "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"  exact match at {name} (alpha {a}): {em['correct']}/{em['n']}, answered {em['answered']:.2f}", flush=True)
+    return out
+
+
+def run_carryon(args, base, data, kind: str, replay: bool, em_rows) -> dict:
     data_cfg = {"train": "bench", "replay": "wikitext", "general_val": "wikitext"} if replay else {"train": "bench"}
     cfg = validate_config({
         "data": data_cfg,
-        "carryon": {"kind": "mlp", "width": args.width, "gate": True},
+        "carryon": arch(args, kind),
         "alpha": {"init": 1.0, "rule": "list", "candidates": ALPHAS[1:], "max": 2.0,
                   "general_guard": 0.0 if replay else None},
         "train": {"lr": args.lr, "batch_size": args.batch, "warmup_steps": 10, "seed": 0},
@@ -107,7 +140,9 @@ def run_carryon(args, base, data, replay: bool) -> dict:
     alpha = search.choose(val, gen, gen[0.0]) if replay else min(val, key=val.get)
     balance = max([a for a in ALPHAS if gen[a] <= gen[0.0]], default=0.0)
     model.set_alpha(alpha)
-    return {"alpha": alpha, "val_loss": val[alpha], "gain": val[0.0] - val[alpha],
+    model.eval()
+    em = held_out_accuracy(args, CarryOnModel([base], model), {"chosen": alpha, "balance": balance}, em_rows)
+    return {"kind": kind, "alpha": alpha, "exact_match": em, "val_loss": val[alpha], "gain": val[0.0] - val[alpha],
             "general_change": gen[alpha] - gen[0.0], "curve": {f"{a:g}": [val[a], gen[a]] for a in ALPHAS},
             "at_alpha_1": {"gain": val[0.0] - val[1.0], "general_change": gen[1.0] - gen[0.0]},
             "balance_alpha": balance, "at_balance": {"gain": val[0.0] - val[balance], "general_change": gen[balance] - gen[0.0]},
@@ -131,7 +166,26 @@ def hf_loss(model, examples, bs=8) -> float:
     return total / count
 
 
-def run_lora(args, base_dir: str, data) -> dict:
+def hf_exact_match(args, model, tok, rows) -> dict:
+    """Greedy generation with Hugging Face's generate (left padding), scored by the same rule."""
+    texts, t0 = [], time.perf_counter()
+    side, tok.padding_side = tok.padding_side, "left"
+    try:
+        for i in range(0, len(rows), args.em_batch):
+            prompts = [args.template.format(question=r["question"]) for r in rows[i : i + args.em_batch]]
+            b = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.inference_mode():
+                out = model.generate(**b, max_new_tokens=args.em_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            texts += tok.batch_decode(out[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    em = score_answers(rows, texts)
+    return {"accuracy": em["accuracy"], "correct": em["correct"], "n": em["n"], "answered": em["answered"],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def run_lora(args, base_dir: str, data, tok, em_rows) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -159,7 +213,10 @@ def run_lora(args, base_dir: str, data) -> dict:
     train_s = time.perf_counter() - t0
     model.eval()
     val, gen = hf_loss(model, data["val"][1]), hf_loss(model, data["general"][1])
-    return {"val_loss": val, "gain": base_val - val, "general_change": gen - base_gen, "trainable_params": params,
+    em = hf_exact_match(args, model, tok, em_rows) if em_rows else {}
+    if em:
+        print(f"  lora exact match: {em['correct']}/{em['n']}, answered {em['answered']:.2f}", flush=True)
+    return {"exact_match": em, "val_loss": val, "gain": base_val - val, "general_change": gen - base_gen, "trainable_params": params,
             "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / args.steps, 3),
             "base_val_loss": base_val, "base_general_loss": base_gen}
 
@@ -176,7 +233,14 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--replay-per-batch", type=int, default=4)
-    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--carryons", default="mlp,transformer", help="carry-on kinds trained without replay")
+    p.add_argument("--replay-kinds", default="mlp", help="kinds also trained with replay/KL ('' for none)")
+    p.add_argument("--width", type=int, default=256, help="MLP carry-on width")
+    p.add_argument("--transformer-width", type=int, default=112,
+                   help="d_model of the 2-layer transformer carry-on (112: about the MLP's trainable size)")
+    p.add_argument("--em-n", type=int, default=48, help="held-out questions for exact match (0: skip)")
+    p.add_argument("--em-tokens", type=int, default=192, help="new tokens per exact-match answer")
+    p.add_argument("--em-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--lora-rank", type=int, default=8)
@@ -189,8 +253,14 @@ def main() -> int:
     base = FrozenBase.load(BaseModelConfig(name=args.base, dtype="float32", device="cpu"))
     tok = base.tokenizer
     qa = DataConfig(train=args.gsm8k, format="qa", max_length=256)
-    gsm, rep = load_examples(args.gsm8k, tok, qa, limit=2 * (args.n_train + args.n_val))  # some rows run long
+    read = 2 * (args.n_train + args.n_val)  # some rows run long
+    gsm, rep = load_examples(args.gsm8k, tok, qa, limit=read)
     print(f"GSM8K: {rep.summary()}", flush=True)
+    args.template = qa.prompt_template
+    # Held-out questions: the rows after every row training and validation could have read.
+    em_rows = read_rows(args.gsm8k, DataReport(args.gsm8k), limit=read + args.em_n)[read:] if args.em_n else []
+    if args.em_n and len(em_rows) < args.em_n:
+        sys.exit(f"--em-n {args.em_n}: only {len(em_rows)} rows of {args.gsm8k} are left after the first {read}")
     train, val = gsm[: args.n_train], gsm[args.n_train : args.n_train + args.n_val]
     text = DataConfig(train=args.wikitext, format="text", loss_on_prompt=True, max_length=128)
     wiki, _ = load_examples(args.wikitext, tok, text)
@@ -205,16 +275,23 @@ def main() -> int:
     data["val_b"] = eval_batches(*data["val"])
     data["general_b"] = eval_batches(*data["general"])
     results = {"protocol": {k: v for k, v in vars(args).items() if k != "out"}, "embed_tokens_per_s": speeds}
-    for name, replay_on in [("naive", False), ("replay_kl", True)]:
+    if em_rows:
+        results["base_exact_match"] = held_out_accuracy(args, CarryOnModel([base]), {"base": None}, em_rows)["base"]
+    kinds = [k for k in args.carryons.split(",") if k]
+    runs = [(k, False) for k in kinds] + [(k, True) for k in args.replay_kinds.split(",") if k]
+    for kind, replay_on in runs:
+        name = f"{kind}_replay_kl" if replay_on else kind
         print(f"training {name}", flush=True)
-        results[name] = run_carryon(args, base, data, replay_on)
+        results[name] = run_carryon(args, base, data, kind, replay_on, em_rows)
         print(json.dumps({k: v for k, v in results[name].items() if k != "curve"}), flush=True)
     if not args.skip_lora:
         print("training lora", flush=True)
-        results["lora"] = run_lora(args, resolve_base_path(BaseModelConfig(name=args.base))[0], data)
+        results["lora"] = run_lora(args, resolve_base_path(BaseModelConfig(name=args.base))[0], data, tok, em_rows)
         print(json.dumps(results["lora"]), flush=True)
-        lo, rk = results["lora"], results["replay_kl"]
-        results["targets"] = {"gain_at_least_lora": rk["gain"] >= lo["gain"], "general_change_at_most_0": rk["general_change"] <= 0}
+        lo = results["lora"]
+        results["targets"] = {name: {"gain_at_least_lora": r["gain"] >= lo["gain"],
+                                     "general_change_at_most_0": r["general_change"] <= 0}
+                              for name, r in results.items() if isinstance(r, dict) and "kind" in r}
     results["wall_seconds"] = round(time.perf_counter() - t_all, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
