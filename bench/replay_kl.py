@@ -86,6 +86,11 @@ def arch(args, kind: str) -> dict:
     return {"kind": "transformer", "width": args.transformer_width, "layers": 2, "heads": 4, "kv_heads": 2, "gate": True}
 
 
+def summary(em: dict) -> dict:
+    """An exact-match result without its per-question records (the JSON keeps the counts)."""
+    return {k: v for k, v in em.items() if k != "records"}
+
+
 def held_out_accuracy(args, model, alphas: dict[str, float], em_rows) -> dict:
     """Exact match of base + carry-on at each named alpha on the held-out questions."""
     if not em_rows:
@@ -98,8 +103,7 @@ def held_out_accuracy(args, model, alphas: dict[str, float], em_rows) -> dict:
             continue
         t0 = time.perf_counter()
         em = exact_match(model, em_rows, args.template, args.em_tokens, alpha=a, batch_size=args.em_batch)
-        out[name] = {"alpha": a, "accuracy": em["accuracy"], "correct": em["correct"], "n": em["n"],
-                     "answered": em["answered"], "seconds": round(time.perf_counter() - t0, 1)}
+        out[name] = {"alpha": a, **summary(em), "seconds": round(time.perf_counter() - t0, 1)}
         print(f"  exact match at {name} (alpha {a}): {em['correct']}/{em['n']}, answered {em['answered']:.2f}", flush=True)
     return out
 
@@ -180,9 +184,7 @@ def hf_exact_match(args, model, tok, rows) -> dict:
             texts += tok.batch_decode(out[:, b["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tok.padding_side = side
-    em = score_answers(rows, texts)
-    return {"accuracy": em["accuracy"], "correct": em["correct"], "n": em["n"], "answered": em["answered"],
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return {**summary(score_answers(rows, texts)), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def run_lora(args, base_dir: str, data, tok, em_rows) -> dict:
