@@ -59,7 +59,8 @@ class EmbeddingCache:
         self.complete = True
 
     def status(self) -> dict:
-        return {"mode": self.mode, "complete": self.complete, "batches": len(self.items)}
+        return {"mode": self.mode, "complete": self.complete, "batches": len(self.items),
+                "node": ray.get_runtime_context().get_node_id()}
 
     def items_for(self, rank: int, world: int) -> list:
         """This rank's share; every rank gets the same count (DDP steps in lockstep)."""

@@ -159,6 +159,7 @@ def run(cfg) -> dict:
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from actors.embedder import calibrate
     from carryon_ray.adapter import save_adapter
@@ -239,7 +240,12 @@ def run(cfg) -> dict:
                  "object store" if cache_mode == "memory" else f"disk at {cache_dir}", n_tokens * bpt / 1e6, n_tokens, bpt)
         tracker.param("cache_mode", cache_mode)
         tracker.param("bridge_bytes_per_token", f"{bpt:.1f}")
-        cache = EmbeddingCache.options(name=f"carryon-cache-{uuid.uuid4().hex[:8]}").remote(cache_mode, cache_dir)
+        # The cache lives on the driver's node: the job cannot outlive that node anyway, while any
+        # worker node (an inference node, a spot training node) may vanish mid-run and take an
+        # unpinned zero-CPU actor, and the object-store copies it owns, with it.
+        beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        cache = EmbeddingCache.options(name=f"carryon-cache-{uuid.uuid4().hex[:8]}",
+                                       scheduling_strategy=beside_driver).remote(cache_mode, cache_dir)
         # -- train ----------------------------------------------------------------------------
         workers_max = r.train_workers_max
         # Each worker gets an equal share of rows (Ray Data's equal split), in batches of batch_size.

@@ -223,7 +223,8 @@ def train_loop(config: dict) -> None:
         # An audit of what this worker trained on: every sample id, once per epoch, and when.
         (out_dir / f"samples-epoch{epoch}-rank{rank}.json").write_text(json.dumps(
             {"ids": consumed, "started": t_wall, "finished": time.time(), "world": world, "from_cache": from_cache,
-             "node": ray.get_runtime_context().get_node_id(), "producer_nodes": sorted(prod_nodes)}))
+             "node": ray.get_runtime_context().get_node_id(), "producer_nodes": sorted(prod_nodes),
+             "cache_node": status["node"]}))
         el = time.perf_counter() - t_epoch
         usage = model.expert_usage()  # routed slots per expert in this epoch's training (this worker)
         # -- choose alpha on validation data ------------------------------------------------------

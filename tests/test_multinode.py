@@ -75,6 +75,8 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
         # Embedders ran on both inference nodes (so the removed one held work) and nowhere else.
         assert set(epoch0["producer_nodes"]) == {inf1.node_id, inf2.node_id}
         assert all(a["node"] in (trn.node_id, trn2.node_id) for a in audits.values())  # trainers on training nodes
+        # The cache sits beside the driver, so losing a worker node (here inf2) cannot take it away.
+        assert {a["cache_node"] for a in audits.values()} == {c.head_node.node_id}
         worlds = {name: a["world"] for name, a in audits.items()}
         print(f"training workers per epoch audit: {worlds}")
         assert worlds["samples-epoch0-rank0.json"] == 1 and 2 in worlds.values()  # grew from 1 to 2 workers
