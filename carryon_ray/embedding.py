@@ -111,13 +111,17 @@ def to_rows(enc: dict[str, torch.Tensor], labels: torch.Tensor, attention_mask: 
 
 
 def from_rows(rows: dict, layout: dict[str, tuple[torch.dtype, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Re-pad a group of per-sample rows into (encoded batch, labels [B, T])."""
+    """Re-pad a group of per-sample rows into (encoded batch, labels [B, T]).
+
+    The encoded batch also carries `attention_mask` [B, T] (1 = real token) so the trainer can keep
+    the right padding out of routing statistics; `decode_sources` reads only the bridge parts."""
     from .loss import IGNORE
 
     lengths = [int(n) for n in rows["length"]]
     B, T = len(lengths), max(lengths)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
     enc = {k: torch.zeros((B, T, last), dtype=dt) for k, (dt, last) in layout.items()}
+    enc["attention_mask"] = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
     for j, n in enumerate(lengths):
         labels[j, :n] = _from_bytes(rows["labels"][j], torch.int32, 1)[:, 0].long()
         for k, (dt, last) in layout.items():

@@ -136,8 +136,14 @@ def make_optimizer(model: CarryOn, cfg: CarryOnConfig, total_steps: int):
 
 
 def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, grad_clip: float = 1.0,
-               replay: torch.Tensor | None = None, kl_weight: float = 1.0, kl_top_k: int | None = None) -> dict:
+               replay: torch.Tensor | None = None, kl_weight: float = 1.0, kl_top_k: int | None = None,
+               key_mask: torch.Tensor | None = None) -> dict:
     """One optimizer step on a decoded batch. `model` may be DDP-wrapped.
+
+    `key_mask` ([B, T], 1 = real token) keeps right padding out of the MoE load-balance loss and
+    the expert-usage counts. Batches are right-padded and attention is causal, so real tokens never
+    see a pad: without experts the mask changes nothing and is not passed, which keeps the fast
+    causal attention kernel.
 
     Rows flagged in `replay` ([B] bool) are general-domain text: their loss is KL(base || carry-on)
     against the base's own logits W x (x = the deep state the carry-on corrects), not cross
@@ -146,7 +152,8 @@ def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, 
     """
     carryon: CarryOn = getattr(model, "module", model)
     carryon.train()
-    x, _ = model(sources)
+    routed = key_mask is not None and carryon.arch.experts > 0
+    x, _ = model(sources, key_mask=key_mask.to(sources[0][0].device) if routed else None)
     balance = carryon.balance_loss()  # 0 unless the carry-on routes over experts
     if replay is None or not bool(replay.any()):
         h, y = select_targets(x, labels)
@@ -315,7 +322,8 @@ def _encode_all(bases, bridges, examples, batch_size, pad_id, shallow):
     """Run the base + bridge once over `examples`; keep (encoded, labels) for every epoch."""
     out, tokens, t0 = [], 0, time.perf_counter()
     for b in batches(examples, batch_size, pad_id):
-        out.append((embed_batch(bases, bridges, b["input_ids"], b["attention_mask"], shallow), b["labels"]))
+        enc = embed_batch(bases, bridges, b["input_ids"], b["attention_mask"], shallow)
+        out.append(({**enc, "attention_mask": b["attention_mask"]}, b["labels"]))
         tokens += int(b["attention_mask"].sum())
     return out, tokens / max(time.perf_counter() - t0, 1e-9)
 
@@ -374,7 +382,8 @@ def fit_in_process(cfg: CarryOnConfig, on_metrics: Callable[[dict, int], None] |
                 enc, labels = train_enc[i]
                 router_dropout_at(model, step - stage_start, stage_steps)
                 t0 = time.perf_counter()
-                out = train_step(model, opt, sched, decode_sources(bridges, enc, dims, base.dtype), labels, chunk, cfg.train.grad_clip)
+                out = train_step(model, opt, sched, decode_sources(bridges, enc, dims, base.dtype), labels, chunk,
+                                 cfg.train.grad_clip, key_mask=enc["attention_mask"])
                 train_time += time.perf_counter() - t0
                 train_tokens += out["tokens"]
                 step += 1

@@ -204,7 +204,7 @@ def train_loop(config: dict) -> None:
             replay = torch.tensor([i >= n_custom for i in ids]) if has_replay else None
             router_dropout_at(model, step - stage_start, stage_steps)
             out = train_step(ddp, opt, sched, decode_sources(bridges, enc, dims, base_dtype), labels, chunk,
-                             cfg.train.grad_clip, replay, cfg.train.kl_weight, cfg.train.kl_top_k)
+                             cfg.train.grad_clip, replay, cfg.train.kl_weight, cfg.train.kl_top_k, enc["attention_mask"])
             replay_rows += out["replay_rows"]
             kls.append(out["kl"])
             step += 1

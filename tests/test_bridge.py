@@ -98,3 +98,26 @@ def test_pca_projection(smol_states, calibration):
     # 64 of 576 directions, fitted on other text (arithmetic problems).
     assert err < 0.6  # measured 0.54: PCA compression is lossy; the bench reports its effect on loss
     assert b.bytes_per_token(576) == 64 + 4
+
+
+def test_rows_roundtrip_drops_padding_and_rebuilds_the_mask():
+    """to_rows / from_rows: what travels between embedding actors and trainers, sample by sample."""
+    from carryon_ray.embedding import decode_sources, from_rows, part_layout, source_key, to_rows
+
+    torch.manual_seed(0)
+    bridges = [[Bridge.from_config(BridgeConfig(bits=4), torch.randn(64, 24))]]
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    states = torch.randn(3, 5, 24)
+    enc = {source_key(0, 0, k): v for k, v in bridges[0][0].encode(states).items()}
+    labels = torch.randint(0, 50, (3, 5)).masked_fill(mask == 0, -100)
+    rows = to_rows(enc, labels, mask, [7, 3, 11])
+    assert rows["length"] == [5, 2, 4] and rows["sample_id"] == [7, 3, 11]
+    # The trainer groups rows in another order; each comes back at its own length.
+    order = [2, 0, 1]
+    enc2, labels2 = from_rows({k: [v[j] for j in order] for k, v in rows.items()}, part_layout(bridges, [[24]], torch.float32))
+    assert torch.equal(enc2["attention_mask"], mask[order])
+    assert torch.equal(labels2, labels[order])
+    want = decode_sources(bridges, enc, [[24]])[0][0][order]
+    got = decode_sources(bridges, enc2, [[24]])[0][0]
+    real = mask[order].bool()
+    assert torch.equal(got[real], want[real])

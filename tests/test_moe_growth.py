@@ -125,6 +125,29 @@ def test_train_step_adds_the_weighted_balance_loss():
     assert out["loss"] == pytest.approx(out["ce"] + 0.5 * out["balance"], rel=1e-5)
 
 
+def test_right_padding_stays_out_of_the_balance_loss_and_expert_usage():
+    cfg = make_config(carryon={**MOE_MLA, "balance_weight": 0.5}, head={"kind": "new", "bottleneck": 8})
+    m = build_carryon(cfg, [48], 100)
+    m.set_router_dropout(0.0)
+    opt = torch.optim.SGD(m.trainable_parameters(), lr=0.0)  # lr 0: the two steps see the same weights
+    mask = torch.tensor([[1] * 6, [1] * 3 + [0] * 3])
+    labels = torch.randint(0, 100, (2, 6)).masked_fill(mask == 0, -100)
+    x = torch.randn(2, 6, 48)
+    junk = x.clone()
+    junk[1, 3:] = 50 * torch.randn(3, 48)  # different padding, same real tokens
+
+    def step(states, key_mask):
+        for layer in m.moe_layers():
+            layer.reset_usage()
+        out = train_step(m, opt, None, [[states]], labels, 64, 1.0, key_mask=key_mask)
+        return out["balance"], sum(layer.usage.sum() for layer in m.moe_layers())
+
+    (b1, u1), (b2, u2) = step(x, mask), step(junk, mask)
+    assert b1 == pytest.approx(b2, rel=1e-6) and u1 == u2 == 2 * 9 * 2  # 2 layers x 9 real tokens x top_k 2
+    (b3, u3), (b4, _) = step(x, None), step(junk, None)
+    assert u3 == 2 * 12 * 2 and b3 != pytest.approx(b4, rel=1e-6)  # unmasked, the pads would count
+
+
 def test_growing_trains_only_the_newest_stage_and_keeps_earlier_ones_bit_identical():
     cfg = make_config(carryon={"kind": "mlp", "width": 16, "stages": 3}, head={"kind": "new", "bottleneck": 8})
     m = build_carryon(cfg, [24], 50, stages=1)
