@@ -18,8 +18,6 @@ import torch  # noqa: E402
 from carryon_ray.base import FrozenBase, resolve_base_path  # noqa: E402
 from carryon_ray.config import BaseModelConfig, CarryOnConfig, validate_config  # noqa: E402
 
-SHARED = ROOT.parent / "shared" / "data"
-
 
 @pytest.fixture(scope="session")
 def smol_dir() -> str:

@@ -81,9 +81,9 @@ def test_text_and_gsm8k_files(tmp_path, tok):
     p.write_text("first line of text\n\nsecond line\n")
     exs, rep = load_examples(str(p), tok, DataConfig(train=str(p)))
     assert rep.kept == 2 and all(ex.labels == ex.input_ids for ex in exs)
-    from conftest import SHARED
+    from conftest import ROOT
 
-    gsm = SHARED / "gsm8k" / "train.jsonl"
+    gsm = ROOT / "tests" / "data" / "gsm8k" / "train-head50.jsonl"  # vendored (MIT, LICENSE beside it)
     exs, rep = load_examples(str(gsm), tok, DataConfig(train=str(gsm), max_length=512), limit=50)
     assert rep.rows == 50 and rep.kept >= 48
 
