@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from carryon_ray.base import resolve_base_path  # noqa: E402
 from carryon_ray.config import BaseModelConfig, validate_config  # noqa: E402
-from carryon_ray.train import fit_in_process  # noqa: E402
+from carryon_ray.recipe import fit_in_process  # noqa: E402
 
 SMOL = "smollm2-135m-instruct"
 
@@ -74,9 +74,9 @@ def run(name: str, args, carryon: dict, extra_bases=(), fusion="average", lr=Non
 
     trainable = sum(p.numel() for p in build_carryon(cfg, [576] * (1 + len(extra_bases)), 49152,
                                                      torch.zeros(49152, 576)).trainable_parameters())
-    out = {"val_loss_base": r.val_loss_before, "val_loss_per_epoch": [h["val_loss"] for h in r.history],
-           "alpha_per_epoch": [h["alpha"] for h in r.history], "trainable_params": trainable,
-           "train_tokens_per_s": r.train_tokens_per_s, "wall_s": wall}
+    out = {"val_loss_base": r["val_loss_before"], "val_loss_per_epoch": [h["val_loss"] for h in r["history"]],
+           "alpha_per_epoch": [h["alpha"] for h in r["history"]], "trainable_params": trainable,
+           "train_tokens_per_s": r["last_epoch"]["train_tokens_per_s"], "wall_s": wall}
     print(name, json.dumps(out), flush=True)
     return out
 

@@ -35,9 +35,8 @@ import torch  # noqa: E402
 from carryon_ray.base import FrozenBase  # noqa: E402
 from carryon_ray.config import validate_config  # noqa: E402
 from carryon_ray.data import batches, load_splits  # noqa: E402
-from carryon_ray.embedding import calibrate_bridges, decode_sources, from_rows, part_layout  # noqa: E402
-from carryon_ray.bridge import bridges_state  # noqa: E402
-from carryon_ray.train import build_carryon, make_optimizer, source_dims, train_step  # noqa: E402
+from carryon_ray.embedding import calibrate, decode_sources, from_rows, part_layout, token_rows  # noqa: E402
+from carryon_ray.train import build_carryon, make_optimizer, train_step  # noqa: E402
 
 
 def config(args, out_dir: str):
@@ -55,21 +54,17 @@ def config(args, out_dir: str):
 
 
 def rows_of(examples):
-    return {"sample_id": np.arange(len(examples)),
-            "input_ids": np.array([e.input_ids for e in examples], dtype=object),
-            "labels": np.array([e.labels for e in examples], dtype=object)}
+    rows = token_rows(examples)
+    return {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
 
 
 def calibrated_producer(cfg, base, splits):
     """(EmbeddingProducer, bridges, dims): the actor's callable, bridge fitted on 16 training rows."""
     from actors.embedder import EmbeddingProducer
 
-    calib = next(batches(splits.train, 16, base.tokenizer.pad_token_id))
-    bridges = calibrate_bridges([base], cfg.bridge, calib["input_ids"], calib["attention_mask"], [])
-    dims = source_dims([base.hidden_size], [])
-    producer = EmbeddingProducer([cfg.base.model_dump()], 8, {k: v.numpy() for k, v in bridges_state(bridges).items()},
-                                 dims, [])
-    return producer, bridges, dims
+    calib = calibrate([base], cfg.bridge, [], token_rows(splits.train[:16]))
+    producer = EmbeddingProducer([cfg.base.model_dump()], calib)
+    return producer, calib.bridges(), calib.dims
 
 
 def producer_throughput(args, base, splits, producer) -> dict:
@@ -100,8 +95,8 @@ def stages_alone(cfg, base, splits, producer, bridges, dims) -> dict:
     t0 = time.perf_counter()
     produced = [producer(rows_of(splits.train[i : i + 8])) for i in range(0, len(splits.train), 8)]
     embed_s = time.perf_counter() - t0
-    decoded = [(decode_sources(bridges, enc, dims, base.dtype), lab)
-               for enc, lab in (from_rows(p, layout) for p in produced)]
+    decoded = [(decode_sources(bridges, b.enc, dims, base.dtype), b.labels)
+               for b in (from_rows(p, layout) for p in produced)]
     model = build_carryon(cfg, [base.hidden_size], base.vocab_size, base.head_weight, base.head_bias)
     opt, sched = make_optimizer(model, cfg, len(decoded))
     t0 = time.perf_counter()

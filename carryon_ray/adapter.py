@@ -77,15 +77,24 @@ def save_adapter(
     return out
 
 
-def resolve_adapter(ref: str | Path, dst: str | Path | None = None) -> Path:
-    """A local adapter directory for `ref`: a path, or an MLflow URI (models:/NAME@ALIAS,
-    models:/NAME/VERSION, runs:/RUN_ID/adapter) downloaded from the tracking server."""
-    ref = str(ref)
-    if ref.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
-        import mlflow.artifacts
+URI_RESOLVERS = "carryon_ray.adapter_uris"  # entry-point group: URI scheme -> fn(uri, dst) -> local dir
 
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=None if dst is None else str(dst)))
-    return Path(ref)
+
+def resolve_adapter(ref: str | Path, dst: str | Path | None = None) -> Path:
+    """A local adapter directory for `ref`: a path, or a URI whose scheme an installed integration
+    resolves (carryon_mlflow registers models:/, runs:/ and mlflow-artifacts:/). The core itself
+    knows no registry: resolvers are found through the `carryon_ray.adapter_uris` entry points."""
+    ref = str(ref)
+    scheme, sep, _ = ref.partition(":/")
+    if not sep or len(scheme) < 2 or "/" in scheme:  # a plain path (or a Windows drive letter)
+        return Path(ref)
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=URI_RESOLVERS):
+        if ep.name == scheme:
+            return Path(ep.load()(ref, dst))
+    raise AdapterError(f"{ref}: no resolver installed for {scheme}:/ adapter URIs (carryon-ray's MLflow "
+                       "integration provides models:/, runs:/ and mlflow-artifacts:/; reinstall the package)")
 
 
 def read_adapter_config(path: str | Path) -> dict:

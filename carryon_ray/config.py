@@ -309,6 +309,10 @@ class ResourcesConfig(Strict):
         60.0, gt=0, description="How often Ray Train checks whether more training workers fit "
         "(elastic range only); growing restarts the group from the latest checkpoint."
     )
+    deterministic: bool = Field(
+        True, description="Ray Data hands rows to the trainers in order (reproducible runs, the same batches as "
+        "`carryon train`); False lets whichever embedding actor finishes first go first."
+    )
     cache: Literal["auto", "memory", "disk"] = Field(
         "auto", description="Where epoch-1 embeddings are kept for later epochs: the object store, "
         "a storage path, or 'auto' (memory when they fit in a quarter of the object store)."
@@ -404,7 +408,8 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the YAML."""
 
 
-def _describe(err: dict[str, Any]) -> str:
+def describe_error(err: dict[str, Any]) -> str:
+    """One pydantic validation error as a line that names the field, the value and the fix."""
     path = ".".join(str(p) for p in err["loc"]) or "<root>"
     kind = err["type"]
     value = err.get("input")
@@ -425,8 +430,12 @@ def validate_config(data: dict[str, Any] | None, source: str = "config") -> Carr
     try:
         return CarryOnConfig.model_validate(data or {})
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors()]
-        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(validation_message(exc, source)) from None
+
+
+def validation_message(exc: ValidationError, source: str) -> str:
+    """All of a ValidationError's problems, one per line, under 'invalid <source>:'."""
+    return f"invalid {source}:\n  " + "\n  ".join(describe_error(e) for e in exc.errors())
 
 
 def read_yaml_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:
@@ -459,3 +468,14 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> d
                 raise ConfigError(f"--set {key}: {p} is not a section")
         node[leaf] = value
     return data
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """['train.epochs=1', 'data.train=x.jsonl'] -> {'train.epochs': 1, ...} (values parsed as YAML)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out

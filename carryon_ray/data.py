@@ -253,17 +253,16 @@ class Splits:
     train: list[Example]
     val: list[Example]
     general: list[Example] | None
-    reports: list[DataReport]
+    reports: dict[str, DataReport]  # by role: train, val (a separate file), general, replay
     replay: list[Example] | None = None  # general-domain rows mixed into training (KL to the base)
 
 
 def load_splits(tokenizer, cfg: DataConfig, seed: int = 0) -> Splits:
     """Train/validation (by fraction or file) and the optional general-domain validation set."""
     train, rep = load_examples(cfg.train, tokenizer, cfg, cfg.num_samples, seed)
-    reports = [rep]
+    reports = {"train": rep}
     if cfg.val:
-        val, vrep = load_examples(cfg.val, tokenizer, cfg, seed=seed + 1)
-        reports.append(vrep)
+        val, reports["val"] = load_examples(cfg.val, tokenizer, cfg, seed=seed + 1)
     else:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
@@ -273,13 +272,11 @@ def load_splits(tokenizer, cfg: DataConfig, seed: int = 0) -> Splits:
     general = None
     if cfg.general_val:
         gcfg = cfg.model_copy(update={"format": "text", "loss_on_prompt": True})
-        general, grep = load_examples(cfg.general_val, tokenizer, gcfg)
-        reports.append(grep)
+        general, reports["general"] = load_examples(cfg.general_val, tokenizer, gcfg)
     replay = None
     if cfg.replay:
         rcfg = cfg.model_copy(update={"format": "text", "loss_on_prompt": True})
-        pool, rrep = load_examples(cfg.replay, tokenizer, rcfg, seed=seed + 2)
-        reports.append(rrep)
+        pool, reports["replay"] = load_examples(cfg.replay, tokenizer, rcfg, seed=seed + 2)
         want = max(1, round(cfg.replay_ratio * len(train)))
         replay = random.Random(seed + 3).sample(pool, min(want, len(pool)))
     return Splits(train, val, general, reports, replay)

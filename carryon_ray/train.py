@@ -1,32 +1,21 @@
-"""Training and evaluation of a carry-on: one step, one evaluation, the alpha rule, and the
-in-process reference loop.
-
-`train_step`, `evaluate` and `AlphaSearch` are the pieces the Ray job reuses unchanged on its
-Train workers; `fit_in_process` strings them together in one process (base forward, bridge,
-carry-on step). It is the offline path, the baseline the benchmarks compare the cluster pipeline
-against, and a complete customization for one modest machine.
+"""The pieces of training a carry-on: building it, one optimizer step, one evaluation at many
+alphas, and the alpha rule. `carryon_ray/recipe.py` strings them into the one training recipe that
+both runners (in-process and Ray Train) drive.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
-from .adapter import save_adapter
-from .base import FrozenBase, load_top_blocks
+from .base import load_top_blocks
 from .config import CarryOnConfig
-from .data import batches, load_splits
-from .embedding import calibrate_bridges, decode_sources, embed_batch
+from .embedding import source_dims
 from .loss import IGNORE, chunked_cross_entropy, chunked_kl_to_base, select_targets
 from .model import CarryOn, add_deltas, recycle_blocks
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -34,11 +23,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # ---------------------------------------------------------------------------------------------
 # Building the carry-on.
 # ---------------------------------------------------------------------------------------------
-
-
-def source_dims(hidden_sizes: list[int], shallow: list[int]) -> list[list[int]]:
-    """Widths of the carry-on's sources: per base, the deep state then each shallow layer."""
-    return [[d] * (1 + len(shallow)) for d in hidden_sizes]
 
 
 def build_carryon(
@@ -293,139 +277,3 @@ def balance_point(sweep: dict[float, tuple[float, float]], base_general: float, 
         if sweep[a][1] <= base_general + tolerance:
             return a
     return 0.0
-
-
-# ---------------------------------------------------------------------------------------------
-# The in-process reference trainer.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FitResult:
-    adapter_dir: Path
-    val_loss_before: float
-    val_loss_after: float
-    alpha: float
-    history: list[dict]
-    embed_tokens_per_s: float
-    train_tokens_per_s: float
-    data_summary: list[str]
-    trade_off: dict[float, tuple[float, float]] | None = None
-
-
-def calibration_rows(cfg: CarryOnConfig) -> int:
-    """Rows in the calibration batch: enough for bridge.calibration_tokens at typical lengths."""
-    return max(8, min(64, cfg.bridge.calibration_tokens // 64))
-
-
-def _encode_all(bases, bridges, examples, batch_size, pad_id, shallow):
-    """Run the base + bridge once over `examples`; keep (encoded, labels) for every epoch."""
-    out, tokens, t0 = [], 0, time.perf_counter()
-    for b in batches(examples, batch_size, pad_id):
-        enc = embed_batch(bases, bridges, b["input_ids"], b["attention_mask"], shallow)
-        out.append(({**enc, "attention_mask": b["attention_mask"]}, b["labels"]))
-        tokens += int(b["attention_mask"].sum())
-    return out, tokens / max(time.perf_counter() - t0, 1e-9)
-
-
-def fit_in_process(cfg: CarryOnConfig, on_metrics: Callable[[dict, int], None] | None = None) -> FitResult:
-    """Customize a base in this process and save the adapter to cfg.output.dir."""
-    on_metrics = on_metrics or (lambda m, s: None)
-    # -- setup ----------------------------------------------------------------------------------
-    bases = [FrozenBase.load(b) for b in [cfg.base, *cfg.extra_bases]]
-    base = bases[0]
-    tok = base.tokenizer
-    log.info("base %s: %d layers, hidden %d, vocab %d", cfg.base.name, base.num_layers, base.hidden_size, base.vocab_size)
-    # -- data -----------------------------------------------------------------------------------
-    splits = load_splits(tok, cfg.data, seed=cfg.train.seed)
-    for r in splits.reports:
-        log.info("data %s", r.summary())
-    pad = tok.pad_token_id
-    # -- bridges: channel scales (and PCA when configured) fitted on a calibration batch ---------
-    shallow = cfg.layers.shallow
-    calib = next(batches(splits.train, calibration_rows(cfg), pad))
-    bridges = calibrate_bridges(bases, cfg.bridge, calib["input_ids"], calib["attention_mask"], shallow)
-    # -- embeddings: the base forward runs once per sample; later epochs reuse the codes ---------
-    train_enc, embed_tps = _encode_all(bases, bridges, splits.train, cfg.train.batch_size, pad, shallow)
-    val_enc, _ = _encode_all(bases, bridges, splits.val, cfg.train.batch_size, pad, shallow)
-    gen_enc = _encode_all(bases, bridges, splits.general, cfg.train.batch_size, pad, shallow)[0] if splits.general else None
-    log.info("embedded %d train batches at %.0f tokens/s (bridge %d bits, %.0f bytes/token)",
-             len(train_enc), embed_tps, cfg.bridge.bits, bridges[0][0].bytes_per_token(base.hidden_size, base.dtype))
-    # -- model ----------------------------------------------------------------------------------
-    model = build_carryon(cfg, [b.hidden_size for b in bases], base.vocab_size, base.head_weight, base.head_bias, stages=1)
-    dims = model.dims
-    decode = lambda enc: [(decode_sources(bridges, e, dims, base.dtype), lab) for e, lab in enc]  # noqa: E731
-    val = decode(val_enc)
-    steps_per_epoch = len(train_enc)
-    per_stage = cfg.train.epochs * steps_per_epoch
-    total = min(cfg.train.max_steps or 10**9, cfg.carryon.stages * per_stage)
-    chunk = cfg.train.loss_chunk
-    before = evaluate(model, val, [0.0], chunk)[0.0]
-    log.info("validation loss before (base, alpha=0): %.4f", before)
-    on_metrics({"val_loss_base": before}, 0)
-    # -- loop: one stage at a time (a single stage unless growing in depth) ---------------------
-    history, step, train_tokens, train_time = [], 0, 0, 0.0
-    for stage in range(cfg.carryon.stages):
-        if step >= total:
-            break
-        if stage:
-            grow_stage(model, cfg)
-            log.info("stage %d: grown on top of %d frozen stage(s)", stage, stage)
-        stage_start, stage_steps = step, min(per_stage, total - step)
-        opt, sched = make_optimizer(model, cfg, stage_steps)
-        search = AlphaSearch.from_config(cfg)
-        for epoch in range(cfg.train.epochs):
-            order = torch.randperm(len(train_enc), generator=torch.Generator().manual_seed(cfg.train.seed + epoch))
-            for i in order.tolist():
-                if step >= total:
-                    break
-                enc, labels = train_enc[i]
-                router_dropout_at(model, step - stage_start, stage_steps)
-                t0 = time.perf_counter()
-                out = train_step(model, opt, sched, decode_sources(bridges, enc, dims, base.dtype), labels, chunk,
-                                 cfg.train.grad_clip, key_mask=enc["attention_mask"])
-                train_time += time.perf_counter() - t0
-                train_tokens += out["tokens"]
-                step += 1
-                on_metrics({"train_loss": out["loss"], "lr": sched.get_last_lr()[0]}, step)
-                if step % 10 == 0:
-                    log.info("stage %d epoch %d step %d/%d loss %.4f", stage, epoch, step, total, out["loss"])
-            losses = evaluate(model, val, search.candidates(), chunk)
-            alpha = search.choose(losses)
-            model.set_alpha(alpha)
-            record = {"stage": stage, "epoch": epoch, "step": step, "alpha": alpha, "val_loss": losses[alpha],
-                      "candidates": losses}
-            history.append(record)
-            on_metrics({"val_loss": losses[alpha], "alpha": alpha, f"alpha_stage_{stage}": alpha,
-                        **{f"val_loss_a{a:g}": v for a, v in losses.items()}}, step)
-            log.info("stage %d epoch %d: val loss %s -> alpha %.4g (loss %.4f)", stage, epoch,
-                     {f"{a:g}": round(v, 4) for a, v in losses.items()}, alpha, losses[alpha])
-            if step >= total:
-                break
-    # -- trade-off with general-domain data -----------------------------------------------------
-    trade_off = None
-    if gen_enc is not None:
-        gen = decode(gen_enc)
-        sweep = cfg.alpha.general_sweep
-        custom, general = evaluate(model, val, sweep, chunk), evaluate(model, gen, sweep, chunk)
-        trade_off = {a: (custom[a], general[a]) for a in sweep}
-    # -- save -----------------------------------------------------------------------------------
-    after = history[-1]["val_loss"]
-    summary = {
-        "val_loss_before": before,
-        "val_loss_after": after,
-        "alpha": search.current,
-        "alphas": [float(a) for a in model.alphas],
-        "steps": step,
-        "train_examples": len(splits.train),
-        "data": [r.summary() for r in splits.reports],
-    }
-    adapter_dir = save_adapter(
-        Path(cfg.output.dir) / "adapter", model, bridges, shallow,
-        [b.fingerprint().to_dict() for b in bases], cfg.base.name, summary,
-    )
-    log.info("validation loss %.4f -> %.4f at alpha %.4g; adapter saved to %s", before, after, search.current, adapter_dir)
-    return FitResult(
-        adapter_dir, before, after, search.current, history, embed_tps,
-        train_tokens / max(train_time, 1e-9), [r.summary() for r in splits.reports], trade_off,
-    )

@@ -1,13 +1,14 @@
 """The embedding cache: the base forward runs once per sample; later epochs read the cache.
 
-Trainers stream epoch 0 from the embedding actors and hand each consumed training batch to the
-cache. Two backends:
+Trainers stream epoch 0 from the embedding actors and hand each consumed training batch (an
+`EncodedBatch` as named tensors) to the cache. Two backends:
 
-- memory: the cache actor `ray.put`s each batch it receives, so it owns the objects: they live in
-  the object store independently of the trainer that produced them and survive a trainer restart
-  (Ray 2.56 removed `ray.put(..., _owner=...)`, so ownership has to be taken by the actor itself);
-- disk: batches are written as safetensors files under a storage path (shared storage on a real
-  cluster), for datasets that do not fit in the object store.
+- memory: the batch is sent to the cache actor, which `ray.put`s it, so the actor owns the object:
+  it lives in the object store independently of the trainer that produced it and survives a
+  trainer restart (Ray 2.56 removed `ray.put(..., _owner=...)`, so ownership has to be taken by
+  the actor itself; the batch therefore passes through the actor once);
+- disk: the trainer writes the batch as a safetensors file under a storage path (shared storage on
+  a real cluster) and sends only the path, for datasets that do not fit in the object store.
 
 The cache is "complete" once every trainer has finished epoch 0; an incomplete cache (a failure
 in the middle of epoch 0) is cleared and the epoch re-streamed.
@@ -22,22 +23,24 @@ import ray
 import torch
 from safetensors.torch import load_file, save_file
 
+from carryon_ray.embedding import EncodedBatch
 
-def put_batch(cache, batch: dict[str, torch.Tensor], mode: str, directory: str | None, rank: int, index: int):
-    """Called on a trainer: store one batch in the cache (by reference, never by copy through the actor)."""
+
+def put_batch(cache, batch: EncodedBatch, mode: str, directory: str | None, rank: int, index: int) -> None:
+    """Called on a trainer: store one batch in the cache."""
+    tensors = {k: v.contiguous() for k, v in batch.tensors().items()}
     if mode == "memory":
-        ray.get(cache.put.remote(batch))
+        ray.get(cache.put.remote(tensors))
     else:
         path = Path(directory) / f"rank{rank:03d}-{index:06d}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in batch.items()}, str(path))
+        save_file(tensors, str(path))
         ray.get(cache.add.remote([str(path)]))
 
 
-def get_batch(item) -> dict[str, torch.Tensor]:
-    if isinstance(item, str):
-        return load_file(item)
-    return ray.get(item)
+def get_batch(item) -> EncodedBatch:
+    tensors: dict[str, torch.Tensor] = load_file(item) if isinstance(item, str) else ray.get(item)
+    return EncodedBatch.from_tensors(tensors)
 
 
 @ray.remote(num_cpus=0)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import logging
 import os
 import sys
@@ -42,8 +41,12 @@ def connect_ray(cfg) -> None:
     import ray
     import ray.data
 
+    ctx = ray.data.DataContext.get_current()
     # Our own progress line replaces Ray Data's per-operator bars, which flood job logs.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx.enable_progress_bars = False
+    # Rows reach the trainers in the order the job lists them, so a run is reproducible and trains
+    # on the same batches as `carryon train` (Ray Train copies these options into its shards).
+    ctx.execution_options.preserve_order = cfg.resources.deterministic
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -55,8 +58,8 @@ def connect_ray(cfg) -> None:
         ray.init(resources={r.inference_resource: 100, r.training_resource: 100}, runtime_env={"env_vars": env})
 
 
-def embed_pipeline(cfg, rows: list[dict], calib: dict, dims: list[list[int]]):
-    """A lazy Ray Dataset: token rows -> bridge codes from an elastic pool of embedding actors."""
+def embed_pipeline(cfg, rows: list[dict], calib):
+    """A lazy Ray Dataset: token rows -> embedding rows from an elastic pool of embedding actors."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -71,8 +74,7 @@ def embed_pipeline(cfg, rows: list[dict], calib: dict, dims: list[list[int]]):
     for i, only in enumerate(pools):
         ds = ds.map_batches(
             EmbeddingProducer,
-            fn_constructor_kwargs=dict(base_cfgs=bases, bridge_bits=cfg.bridge.bits, bridge_tensors=calib["bridges"],
-                                       dims=dims, shallow=cfg.layers.shallow, only=only, last=i == len(pools) - 1),
+            fn_constructor_kwargs=dict(base_cfgs=bases, calibration=calib, only=only, last=i == len(pools) - 1),
             batch_size=r.embed_batch_size,
             compute=ActorPoolStrategy(min_size=r.embed_actors_min, max_size=r.embed_actors_max),
             num_cpus=r.embed_cpus,
@@ -114,68 +116,26 @@ def choose_cache(cfg, n_tokens: int, bytes_per_token: float) -> str:
     return "memory" if need < 0.25 * store else "disk"
 
 
-def plot_figures(tracker, cfg, final: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = tracker.history("train_loss_step")
-    val = tracker.history("val_loss")
-    if train or val:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        if train:
-            ax.plot(*zip(*train), label="train loss", alpha=0.7)
-        if val:
-            ax.plot(*zip(*val), "o-", label="validation loss (chosen alpha)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("cross entropy")
-        ax.legend()
-        tracker.figure(fig, "figures/loss_curves.png")
-        plt.close(fig)
-    sweep = sorted(cfg.alpha.general_sweep)
-    if all(f"sweep_general_{a:g}" in final for a in sweep):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        cust = [final[f"sweep_val_{a:g}"] for a in sweep]
-        gen = [final[f"sweep_general_{a:g}"] for a in sweep]
-        ax.plot(sweep, cust, "o-", label="customization validation loss")
-        ax.plot(sweep, gen, "s-", label="general-domain loss")
-        ax.axvline(final["alpha"], color="grey", ls="--", label=f"chosen alpha {final['alpha']:g}")
-        chosen = final.get(f"val_general_alpha_{final['alpha']:g}")
-        if chosen is not None:  # the operating point the (guarded) search picked
-            ax.plot([final["alpha"]], [chosen], "r*", ms=14, label="chosen point (general loss)")
-        if cfg.alpha.general_guard is not None and "val_general_alpha_0" in final:
-            ax.axhline(final["val_general_alpha_0"] + cfg.alpha.general_guard, color="red", ls=":",
-                       label=f"guard: base + {cfg.alpha.general_guard:g}")
-        ax.set_xlabel("alpha")
-        ax.set_ylabel("cross entropy")
-        ax.legend()
-        tracker.figure(fig, "figures/alpha_tradeoff.png")
-        plt.close(fig)
-
-
 def run(cfg) -> dict:
-    """Run one customization; returns a summary dict. Raises JobError / ConfigError on bad input."""
+    """Run one customization; returns its summary. Raises JobError / ConfigError on bad input."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from actors.embedder import calibrate
-    from carryon_ray.adapter import save_adapter
+    from carryon_mlflow.tracking import Tracker, finish_run
     from carryon_ray.base import resolve_base_path
-    from carryon_ray.bridge import bridges_from_state
     from carryon_ray.data import DataError, load_splits
-    from carryon_ray.train import build_carryon, calibration_rows, source_dims
+    from carryon_ray.embedding import calibration_rows, token_rows, training_rows
+    from carryon_ray.recipe import RunPlan, Trainer, report_data, write_summary
 
     from .cache import EmbeddingCache
-    from .tracking import Tracker, tracking_uri
-    from .train_loop import STATE_FILE, train_loop
+    from .train_loop import TrainLoopConfig, load_state, train_loop
 
     out_dir = Path(cfg.output.dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    uri = tracking_uri(cfg.mlflow.tracking_uri)
-    tracker = Tracker(uri, cfg.mlflow.experiment, cfg.mlflow.run_name)
+    tracker = Tracker.for_config(cfg)
     tracker.start(cfg.model_dump(mode="json"), tags={"carryon.base": cfg.base.name})
     t_start = time.perf_counter()
     try:
@@ -195,44 +155,25 @@ def run(cfg) -> dict:
             splits = load_splits(tok, cfg.data, seed=cfg.train.seed)
         except DataError as exc:
             raise JobError(str(exc)) from None
-        roles = (["train"] + (["val"] if cfg.data.val else []) + (["general"] if cfg.data.general_val else [])
-                 + (["replay"] if cfg.data.replay else []))
-        for role, rep in zip(roles, splits.reports):
-            log.info("data (%s) %s", role, rep.summary())
-            tracker.metrics(rep.metrics(f"data_{role}"))
-        tracker.text("\n".join(r.summary() for r in splits.reports), "data_report.txt")
+        report_data(splits, tracker.reporter)
+        tracker.text("\n".join(r.summary() for r in splits.reports.values()), "data_report.txt")
         connect_ray(cfg)
-
-        def rows(examples):
-            return [{"sample_id": i, "input_ids": e.input_ids, "labels": e.labels} for i, e in enumerate(examples)]
-
-        train_rows, val_rows = rows(splits.train), rows(splits.val)
-        n_custom = len(train_rows)
-        if splits.replay:  # replay rows follow the customization rows: ids >= n_custom mark them
-            train_rows += [{**r, "sample_id": n_custom + r["sample_id"]} for r in rows(splits.replay)]
-            log.info("replay: %d general-domain sequences mixed into %d customization sequences (KL to the base, "
-                     "weight %g)", len(splits.replay), n_custom, cfg.train.kl_weight)
-            tracker.metrics({"replay_sequences": len(splits.replay)})
-            random.Random(cfg.train.seed).shuffle(train_rows)  # interleave, so every batch may hold replay
+        train_rows = training_rows(splits, cfg.train.seed)
         # -- calibrate the bridge on an inference-class node -----------------------------------
         r = cfg.resources
-        calib_rows = train_rows[: calibration_rows(cfg)]
         calib = ray.get(
             ray.remote(calibrate).options(num_cpus=r.embed_cpus, num_gpus=r.embed_gpus,
                                           resources={r.inference_resource: 1}, max_retries=2).remote(
                 [b.model_dump() for b in [cfg.base, *cfg.extra_bases]], cfg.bridge.model_dump(), cfg.layers.shallow,
-                {"input_ids": [x["input_ids"] for x in calib_rows], "labels": [x["labels"] for x in calib_rows]},
+                train_rows[: calibration_rows(cfg)],
             )
         )
-        dims = source_dims(calib["hidden_sizes"], cfg.layers.shallow)
         # -- the embedding pipeline -----------------------------------------------------------
-        datasets = {"train": embed_pipeline(cfg, train_rows, calib, dims), "val": embed_pipeline(cfg, val_rows, calib, dims)}
+        datasets = {"train": embed_pipeline(cfg, train_rows, calib),
+                    "val": embed_pipeline(cfg, token_rows(splits.val), calib)}
         if splits.general:
-            datasets["general"] = embed_pipeline(cfg, rows(splits.general), calib, dims)
-        import torch
-
-        bridges = bridges_from_state(cfg.bridge.bits, dims, {k: torch.tensor(v) for k, v in calib["bridges"].items()})
-        bpt = sum(br.bytes_per_token(d, getattr(torch, calib["dtype"])) for brs, ds in zip(bridges, dims) for br, d in zip(brs, ds))
+            datasets["general"] = embed_pipeline(cfg, token_rows(splits.general), calib)
+        bpt = calib.bytes_per_token()
         n_tokens = sum(len(x["input_ids"]) for x in train_rows)
         cache_mode = choose_cache(cfg, n_tokens, bpt)
         cache_dir = str(out_dir / "embedding-cache")
@@ -247,19 +188,15 @@ def run(cfg) -> dict:
         cache = EmbeddingCache.options(name=f"carryon-cache-{uuid.uuid4().hex[:8]}",
                                        scheduling_strategy=beside_driver).remote(cache_mode, cache_dir)
         # -- train ----------------------------------------------------------------------------
+        plan = RunPlan.of(cfg, len(train_rows), r.train_workers_min)
+        loop = TrainLoopConfig(cfg=cfg.model_dump(mode="json"), calibration=calib, plan=plan, cache=cache,
+                               cache_mode=cache_mode, cache_dir=cache_dir, out_dir=str(out_dir),
+                               eval_sets=[k for k in datasets if k != "train"], mlflow_uri=tracker.uri,
+                               run_id=tracker.run_id)
         workers_max = r.train_workers_max
-        # Each worker gets an equal share of rows (Ray Data's equal split), in batches of batch_size.
-        steps_per_epoch = max(1, -(-(len(train_rows) // r.train_workers_min) // cfg.train.batch_size))
-        per_stage = cfg.train.epochs * steps_per_epoch  # growing in depth: every stage gets train.epochs
-        total = min(cfg.train.max_steps or 10**9, cfg.carryon.stages * per_stage)
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={
-                "cfg": cfg.model_dump(mode="json"), "meta": {k: calib[k] for k in ("hidden_sizes", "vocab_size", "dtype")},
-                "bridges": calib["bridges"], "total_steps": total, "steps_per_stage": per_stage, "cache": cache, "cache_mode": cache_mode,
-                "cache_dir": cache_dir, "out_dir": str(out_dir), "eval_sets": list(datasets), "n_custom": n_custom,
-                "mlflow": {"uri": uri, "run_id": tracker.run_id},
-            },
+            train_loop_config={"loop": loop},
             scaling_config=ScalingConfig(
                 num_workers=r.train_workers_min if r.train_workers_min == workers_max else (r.train_workers_min, workers_max),
                 use_gpu=r.train_gpus > 0,
@@ -280,37 +217,15 @@ def run(cfg) -> dict:
         result = trainer.fit()
         if result.error:
             raise JobError(f"training failed: {result.error}")
-        final = result.metrics or {}
-        # -- save -----------------------------------------------------------------------------
-        with result.checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, weights_only=True)
-        model = build_carryon(cfg, calib["hidden_sizes"], calib["vocab_size"], stages=state["stages"])
-        model.load_state_dict(state["model"])
-        history = [h for h in tracker.history("val_loss")]
-        before = next((v for _, v in tracker.history("val_loss_base")), None)
-        summary = {
-            "val_loss_before": before, "val_loss_after": final.get("val_loss"), "alpha": state["alpha"],
-            "alphas": [float(a) for a in model.alphas], "stages": state["stages"],
-            "steps": state["step"], "epochs": state["epoch"] + 1, "cache": cache_mode,
-            "last_epoch": {k: final.get(k) for k in ("epoch_seconds", "first_batch_wait_s", "input_wait_fraction",
-                                                      "from_cache", "producer_tokens_per_s", "train_tokens_per_s")},
-            "data": [rep.summary() for rep in splits.reports],
-        }
-        adapter_dir = save_adapter(out_dir / "adapter", model, bridges, cfg.layers.shallow, calib["fingerprints"],
-                                   cfg.base.name, summary)
-        plot_figures(tracker, cfg, {**final, "alpha": state["alpha"]})
-        tracker.artifacts(str(adapter_dir), "adapter")
-        version = None
-        if cfg.mlflow.register_as:
-            tags = {"carryon.shared": str(cfg.mlflow.shared).lower(), "carryon.base": cfg.base.name}
-            if cfg.mlflow.owner:
-                tags["carryon.owner"] = cfg.mlflow.owner
-            version = tracker.register(cfg.mlflow.register_as, cfg.mlflow.alias, "adapter", tags)
-        wall = time.perf_counter() - t_start
-        tracker.metrics({"wall_seconds": wall})
-        summary.update({"adapter": str(adapter_dir), "run_id": tracker.run_id, "model_version": version,
-                        "wall_seconds": round(wall, 1), "val_history": history})
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        # -- save: the run's results travel in its last checkpoint ------------------------------
+        recipe = Trainer(cfg, calib, plan)
+        recipe.load_state_dict(load_state(result.checkpoint))
+        data = [rep.summary() for rep in splits.reports.values()]
+        adapter_dir = recipe.save(out_dir, cfg.base.name, {"data": data})
+        summary = {**recipe.summary(), "data": data, "cache": cache_mode, "adapter": str(adapter_dir),
+                   "run_id": tracker.run_id, "wall_seconds": round(time.perf_counter() - t_start, 1)}
+        summary["model_version"] = finish_run(tracker, cfg, summary, str(adapter_dir))
+        write_summary(out_dir, summary)
         tracker.end("FINISHED")
         return summary
     except BaseException:
@@ -319,8 +234,7 @@ def run(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from carryon_ray.cli import parse_overrides
-    from carryon_ray.config import ConfigError, load_config
+    from carryon_ray.config import ConfigError, load_config, parse_overrides
 
     p = argparse.ArgumentParser(prog="python -m jobs.customize", description="Run one carry-on customization on Ray.")
     p.add_argument("--config", required=True, help="YAML config (see configs/)")

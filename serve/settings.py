@@ -15,7 +15,8 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from carryon_ray.config import BaseModelConfig, ConfigError, Strict, _describe, apply_overrides, read_yaml_mapping
+from carryon_ray.config import (BaseModelConfig, ConfigError, Strict, apply_overrides, read_yaml_mapping,
+                                validation_message)
 
 # Public adapter names: letters, digits, '.', '_', '-'; never a path (no '/', no '..').
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -160,7 +161,7 @@ def validate_serve_config(data: dict[str, Any] | None, source: str = "serve conf
     try:
         return ServeConfig.model_validate(data or {})
     except ValidationError as exc:
-        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(_describe(e) for e in exc.errors())) from None
+        raise ConfigError(validation_message(exc, source)) from None
 
 
 def load_serve_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,

@@ -100,24 +100,31 @@ def test_pca_projection(smol_states, calibration):
     assert b.bytes_per_token(576) == 64 + 4
 
 
-def test_rows_roundtrip_drops_padding_and_rebuilds_the_mask():
-    """to_rows / from_rows: what travels between embedding actors and trainers, sample by sample."""
-    from carryon_ray.embedding import decode_sources, from_rows, part_layout, source_key, to_rows
+def test_rows_roundtrip_drops_padding_and_rebuilds_the_mask(tiny_base):
+    """embed_rows / from_rows: what travels between embedding actors and trainers, sample by sample
+    (each row at its own length, with its id and replay flag)."""
+    from carryon_ray.embedding import (ROW_ID, ROW_LENGTH, ROW_REPLAY, collate_rows, decode_sources, embed_batch,
+                                       from_rows, part_layout, row_batches, embed_rows)
 
     torch.manual_seed(0)
-    bridges = [[Bridge.from_config(BridgeConfig(bits=4), torch.randn(64, 24))]]
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
-    states = torch.randn(3, 5, 24)
-    enc = {source_key(0, 0, k): v for k, v in bridges[0][0].encode(states).items()}
-    labels = torch.randint(0, 50, (3, 5)).masked_fill(mask == 0, -100)
-    rows = to_rows(enc, labels, mask, [7, 3, 11])
-    assert rows["length"] == [5, 2, 4] and rows["sample_id"] == [7, 3, 11]
+    rows = [{"sample_id": i, "replay": r, "input_ids": torch.randint(0, 500, (n,)).tolist(),
+             "labels": [-100] * 2 + torch.randint(0, 500, (n - 2,)).tolist()}
+            for i, r, n in zip([7, 3, 11], [False, True, False], [5, 2, 4])]
+    columns = {k: [r[k] for r in rows] for k in rows[0]}
+    padded = collate_rows(rows, 0)
+    bridges = [[Bridge.from_config(BridgeConfig(bits=4), torch.randn(64, 64))]]
+    out = embed_rows([tiny_base], bridges, columns, [])
+    assert out[ROW_LENGTH].tolist() == [5, 2, 4] and out[ROW_ID].tolist() == [7, 3, 11]
+    assert out[ROW_REPLAY].tolist() == [False, True, False]
     # The trainer groups rows in another order; each comes back at its own length.
     order = [2, 0, 1]
-    enc2, labels2 = from_rows({k: [v[j] for j in order] for k, v in rows.items()}, part_layout(bridges, [[24]], torch.float32))
-    assert torch.equal(enc2["attention_mask"], mask[order])
-    assert torch.equal(labels2, labels[order])
-    want = decode_sources(bridges, enc, [[24]])[0][0][order]
-    got = decode_sources(bridges, enc2, [[24]])[0][0]
-    real = mask[order].bool()
-    assert torch.equal(got[real], want[real])
+    layout = part_layout(bridges, [[64]], torch.float32)
+    (batch,) = row_batches({k: v[order] for k, v in out.items()}, 8)
+    got = from_rows(batch, layout)
+    assert torch.equal(got.attention_mask, padded["attention_mask"][order][:, :5])
+    assert torch.equal(got.labels, padded["labels"][order][:, :5])
+    assert got.sample_ids == [11, 7, 3] and got.replay.tolist() == [False, False, True]
+    want = decode_sources(bridges, embed_batch([tiny_base], bridges, padded["input_ids"], padded["attention_mask"], []),
+                          [[64]])[0][0][order]
+    real = got.attention_mask.bool()
+    assert torch.equal(decode_sources(bridges, got.enc, [[64]])[0][0][real], want[real])

@@ -31,24 +31,34 @@ def client_env(state: dict) -> dict:
     return {**os.environ, **local_cluster.client_env(state), "PYTHONPATH": str(ROOT)}
 
 
-def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, tmp_path):
-    from mlflow.tracking import MlflowClient
+# The job of the first test and the parity test: replay, the general guard, two epochs.
+TRAINING_SETS = ["data.general_val=tests/data/general.txt", "data.replay=tests/data/general.txt",
+                 "data.replay_ratio=0.1", "alpha.general_guard=0.05", "carryon.gate=true"]
+REGISTER_SETS = ["mlflow.register_as=user-alice-tiny", "mlflow.alias=prod", "mlflow.owner=alice"]
 
-    out = tmp_path / "run"
+
+@pytest.fixture(scope="module")
+def submitted(cluster, tiny_dir, tmp_path_factory):
+    """One customization through the real `ray job submit`, tracked in the real MLflow server."""
+    out = tmp_path_factory.mktemp("submitted") / "run"
     cmd = [str(ROOT / ".venv" / "bin" / "ray") if (ROOT / ".venv/bin/ray").exists() else "ray",
            "job", "submit", "--address", cluster["dashboard_url"], "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": cluster["mlflow_url"]}}),
            "--", "python", "-m", "jobs.customize", "--config", TINY_CONFIG,
            "--set", f"base.name={tiny_dir}", "--set", f"output.dir={out}",
-           "--set", "mlflow.register_as=user-alice-tiny", "--set", "mlflow.alias=prod", "--set", "mlflow.owner=alice",
-           "--set", "data.general_val=tests/data/general.txt", "--set", "data.replay=tests/data/general.txt",
-           "--set", "data.replay_ratio=0.1", "--set", "alpha.general_guard=0.05", "--set", "carryon.gate=true"]
+           *[a for s in TRAINING_SETS + REGISTER_SETS for a in ("--set", s)]]
     t0 = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True, env=client_env(cluster), timeout=900, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     print(f"ray job submit: {time.time() - t0:.1f}s")
+    return res, json.loads((out / "summary.json").read_text())
+
+
+def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, submitted):
+    from mlflow.tracking import MlflowClient
+
+    res, summary = submitted
     assert "epoch 1: reading cached embeddings" in res.stdout  # base forward ran once per sample
-    summary = json.loads((out / "summary.json").read_text())
     assert summary["val_loss_after"] < summary["val_loss_before"]
 
     client = MlflowClient(cluster["mlflow_url"])
@@ -88,9 +98,41 @@ def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, tmp_path):
     assert len(model.generate([[1, 2, 3]], 4, stop_at_eos=False)[0]) == 4
 
 
-def _job(cluster, tiny_dir, *sets, timeout=300):
+def test_in_process_runner_matches_the_ray_job(cluster, tiny_dir, submitted, tmp_path):
+    """`carryon train` and the Ray job run one recipe: on the same config (replay, the general guard,
+    two epochs) they choose the same alpha each epoch, reach the same losses, and log the same
+    metric names to MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    _, ray_summary = submitted
+    out = tmp_path / "in-process"
+    sets = [f"base.name={tiny_dir}", f"output.dir={out}", "mlflow.experiment=parity", *TRAINING_SETS]
+    env = {**client_env(cluster), "MLFLOW_TRACKING_URI": cluster["mlflow_url"]}
+    res = subprocess.run([sys.executable, "-m", "carryon_cli", "train", "--config", TINY_CONFIG,
+                          *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, env=env,
+                         timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-4000:]
+    local = json.loads((out / "summary.json").read_text())
+    assert [h["alpha"] for h in local["history"]] == [h["alpha"] for h in ray_summary["history"]]
+    assert local["val_loss_before"] == pytest.approx(ray_summary["val_loss_before"], abs=1e-5)
+    for mine, theirs in zip(local["history"], ray_summary["history"], strict=True):
+        assert mine["candidates"].keys() == theirs["candidates"].keys()
+        for a in mine["candidates"]:
+            assert mine["candidates"][a] == pytest.approx(theirs["candidates"][a], abs=1e-5)
+            assert mine["general"][a] == pytest.approx(theirs["general"][a], abs=1e-5)  # the guard ran in both
+    assert local["steps"] == ray_summary["steps"]
+    client = MlflowClient(cluster["mlflow_url"])
+    names = {r: set(client.get_run(s["run_id"]).data.metrics) for r, s in (("ray", ray_summary), ("local", local))}
+    assert names["ray"] == names["local"], names["ray"] ^ names["local"]
+    assert {"replay_rows", "train_kl", "general_loss_change", "val_general_alpha_0"} <= names["local"]
+
+
+def _job(cluster, tiny_dir, *sets, timeout=300, tracking=True):
     cmd = [sys.executable, "-m", "jobs.customize", "--config", TINY_CONFIG, "--set", f"base.name={tiny_dir}", *sets]
-    env = {**client_env(cluster), "RAY_ADDRESS": cluster["ray_address"], "MLFLOW_TRACKING_URI": cluster["mlflow_url"]}
+    env = {**client_env(cluster), "RAY_ADDRESS": cluster["ray_address"]}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if tracking:
+        env["MLFLOW_TRACKING_URI"] = cluster["mlflow_url"]
     t0 = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     return res, time.time() - t0
@@ -133,12 +175,17 @@ def test_mostly_bad_data_stops_with_a_clear_error(cluster, tiny_dir, tmp_path):
     assert res.returncode == 1 and "bad_json=8" in res.stderr and "too many malformed rows" in res.stderr
 
 
-def test_disk_cache_serves_later_epochs(cluster, tiny_dir, tmp_path):
+def test_disk_cache_serves_later_epochs_with_tracking_off(cluster, tiny_dir, tmp_path):
+    """The disk cache, and a job with no MLflow at all: results travel with the run, not the tracker."""
     out = tmp_path / "run"
-    res, _ = _job(cluster, tiny_dir, "--set", "resources.cache=disk", "--set", f"output.dir={out}",
-                  "--set", "mlflow.experiment=disk-cache", timeout=600)
+    res, _ = _job(cluster, tiny_dir, "--set", "resources.cache=disk", "--set", f"output.dir={out}", timeout=600,
+                  tracking=False)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     text = res.stdout + res.stderr
+    assert "MLflow tracking off" in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run_id"] is None and summary["val_loss_after"] < summary["val_loss_before"]
+    assert f"validation loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}" in text
     assert f"embedding cache: disk at {out / 'embedding-cache'}" in text
     assert "epoch 1: reading cached embeddings (disk" in text
     files = sorted((out / "embedding-cache").glob("*.safetensors"))
@@ -198,7 +245,7 @@ def test_probe_cli_writes_its_report_and_logs_to_mlflow(cluster, tiny_dir, tmp_p
 
     out = tmp_path / "probe"
     env = {**client_env(cluster), "MLFLOW_TRACKING_URI": cluster["mlflow_url"]}
-    res = subprocess.run([sys.executable, "-m", "carryon_ray.cli", "probe", "--base", tiny_dir, "--tokens", "600",
+    res = subprocess.run([sys.executable, "-m", "carryon_cli", "probe", "--base", tiny_dir, "--tokens", "600",
                           "--out", str(out), "--experiment", "probe-test"], capture_output=True, text=True, env=env,
                          timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]

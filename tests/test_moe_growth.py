@@ -4,6 +4,7 @@ growing in depth (earlier stages bit-identical, one alpha per stage) and packed 
 pretraining. The Ray job runs of the same features are in test_job.py."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import torch
 from carryon_ray.config import ConfigError
 from carryon_ray.generation import CarryOnModel
 from carryon_ray.model import MoE, CarryOn
-from carryon_ray.train import build_carryon, fit_in_process, grow_stage, make_optimizer, router_dropout_at, stage_digest, train_step
+from carryon_ray.recipe import fit_in_process
+from carryon_ray.train import build_carryon, grow_stage, make_optimizer, router_dropout_at, stage_digest, train_step
 from conftest import make_config
 
 MOE_MLA = {"kind": "transformer", "width": 32, "heads": 4, "layers": 2, "attention": "mla", "kv_rank": 8,
@@ -175,13 +177,13 @@ def test_in_process_growing_run_chooses_an_alpha_per_stage_and_saves_every_stage
                       data={"builtin_size": 48, "max_length": 96}, train={"epochs": 1, "batch_size": 8},
                       output={"dir": str(tmp_path)})
     r = fit_in_process(cfg)
-    assert [h["stage"] for h in r.history] == [0, 1]
-    saved = json.loads((r.adapter_dir / "adapter_config.json").read_text())
+    assert [h["stage"] for h in r["history"]] == [0, 1]
+    saved = json.loads((Path(r["adapter"]) / "adapter_config.json").read_text())
     assert saved["arch"]["stages"] == 2 and len(saved["alphas"]) == 2
-    assert saved["alphas"] == pytest.approx([h["alpha"] for h in r.history])
-    model = CarryOnModel.from_pretrained(tiny_dir, r.adapter_dir)
+    assert saved["alphas"] == pytest.approx([h["alpha"] for h in r["history"]])
+    model = CarryOnModel.from_pretrained(tiny_dir, r["adapter"])
     assert len(model.carryon.stages) == 2
-    assert r.val_loss_after <= r.history[0]["val_loss"] + 1e-6  # a stage never makes validation worse
+    assert r["val_loss_after"] <= r["history"][0]["val_loss"] + 1e-6  # a stage never makes validation worse
 
 
 def test_packed_text_fills_every_window_and_keeps_every_token(tiny_base, tmp_path):
@@ -229,18 +231,18 @@ def test_mixed_base_adapter_serves_next_to_single_base_ones(tmp_path, tiny_dir, 
     mixed = fit_in_process(make_config(base={"name": tiny_dir}, extra_bases=[{"name": other_dir}],
                                        output={"dir": str(tmp_path / "mixed")}, **common))
     single = fit_in_process(make_config(base={"name": tiny_dir}, output={"dir": str(tmp_path / "single")}, **common))
-    saved = json.loads((mixed.adapter_dir / "adapter_config.json").read_text())
+    saved = json.loads((Path(mixed["adapter"]) / "adapter_config.json").read_text())
     assert len(saved["fingerprints"]) == 2 and saved["dims"] == [[64, 64], [48, 48]]
     bases = [tiny_base, other]
-    a_mixed, a_single = Adapter.load(bases, mixed.adapter_dir), Adapter.load(bases, single.adapter_dir)
+    a_mixed, a_single = Adapter.load(bases, mixed["adapter"]), Adapter.load(bases, single["adapter"])
     with pytest.raises(Exception, match="mixes 2 bases; this server holds 1"):
-        Adapter.load([tiny_base], mixed.adapter_dir)
+        Adapter.load([tiny_base], mixed["adapter"])
     with pytest.raises(Exception, match="not the base this adapter was trained on"):
-        Adapter.load([other, tiny_base], single.adapter_dir)
+        Adapter.load([other, tiny_base], single["adapter"])
     prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9]]
     got = generate_mixed(bases, prompts, [a_mixed, a_single, None], max_new_tokens=6, stop_at_eos=False)
-    alone_mixed = CarryOnModel.from_pretrained(bases, mixed.adapter_dir)
-    alone_single = CarryOnModel.from_pretrained([tiny_base], single.adapter_dir)
+    alone_mixed = CarryOnModel.from_pretrained(bases, mixed["adapter"])
+    alone_single = CarryOnModel.from_pretrained([tiny_base], single["adapter"])
     assert got[0] == alone_mixed.generate([prompts[0]], 6, stop_at_eos=False)[0]
     assert got[1] == alone_single.generate([prompts[1]], 6, stop_at_eos=False)[0]
     assert got[2] == CarryOnModel([tiny_base]).generate([prompts[2]], 6, stop_at_eos=False)[0]

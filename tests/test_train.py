@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from carryon_ray.train import AlphaSearch, balance_point, fit_in_process
+from carryon_ray.recipe import fit_in_process
+from carryon_ray.train import AlphaSearch, balance_point
 from conftest import ROOT, make_config
 
 
@@ -45,29 +46,29 @@ def test_in_process_trainer_lowers_validation_loss_on_smollm2(tmp_path, smol_dir
         output={"dir": str(tmp_path)},
     )
     r = fit_in_process(cfg)
-    drop = r.val_loss_before - r.val_loss_after
-    print(f"SmolLM2 in-process: val loss {r.val_loss_before:.4f} -> {r.val_loss_after:.4f} "
-          f"(drop {drop:.4f}) at alpha {r.alpha}; embed {r.embed_tokens_per_s:.0f} tok/s")
+    drop = r["val_loss_before"] - r["val_loss_after"]
+    print(f"SmolLM2 in-process: val loss {r['val_loss_before']:.4f} -> {r['val_loss_after']:.4f} "
+          f"(drop {drop:.4f}) at alpha {r['alpha']}; producer {r['last_epoch'].get('producer_tokens_per_s')} tok/s")
     assert drop > 0.2  # measured ~0.5+ on this setup; a broken trainer leaves it at 0
-    assert (r.adapter_dir / "adapter.safetensors").is_file()
-    assert [h["epoch"] for h in r.history] == [0, 1]
+    assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
+    assert [h["epoch"] for h in r["history"]] == [0, 1]
 
 
 def test_cli_train_and_generate_on_tiny_base(tmp_path, tiny_dir):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "carryon_ray.cli", "train", "--set", "data.train=builtin:arithmetic",
+    cmd = [sys.executable, "-m", "carryon_cli", "train", "--set", "data.train=builtin:arithmetic",
            "--set", f"base.name={tiny_dir}", "--set", "data.builtin_size=48", "--set", "train.epochs=2",
            "--set", "carryon.kind=transformer", "--set", "carryon.width=32", "--set", f"output.dir={out}"]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout[res.stdout.index("{"):])
     assert summary["val_loss_after"] < summary["val_loss_before"]
-    gen = subprocess.run([sys.executable, "-m", "carryon_ray.cli", "generate", "--base", tiny_dir, "--adapter",
+    gen = subprocess.run([sys.executable, "-m", "carryon_cli", "generate", "--base", tiny_dir, "--adapter",
                           summary["adapter"], "--prompt", "Question: 2 + 2?\nAnswer:", "--max-tokens", "5"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert gen.returncode == 0, gen.stderr[-3000:]
-    bad = subprocess.run([sys.executable, "-m", "carryon_ray.cli", "train", "--set", "data.train=x.jsonl",
+    bad = subprocess.run([sys.executable, "-m", "carryon_cli", "train", "--set", "data.train=x.jsonl",
                           "--set", "train.lr=-1"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode != 0 and "train.lr: bad value -1" in bad.stderr
 
@@ -173,3 +174,38 @@ def test_replay_split_size_follows_the_ratio(tiny_base):
     assert len(splits.train) == 30 and len(splits.replay) == 6
     assert len(load_splits(tiny_base.tokenizer, cfg.model_copy(update={"replay_ratio": 4.0})).replay) < 120  # capped
     assert all(all(lab != -100 for lab in e.labels) for e in splits.replay)  # loss on every replay token
+
+
+class Recorder:
+    """A Reporter that keeps what it is told."""
+
+    def __init__(self):
+        self.values: dict[str, list] = {}
+        self.param_values: dict = {}
+
+    def metrics(self, values, step):
+        for k, v in values.items():
+            self.values.setdefault(k, []).append((step, v))
+
+    def params(self, values):
+        self.param_values.update(values)
+
+
+def test_in_process_runner_uses_replay_and_the_general_guard(tmp_path, tiny_dir):
+    """`carryon train` once ignored data.replay and alpha.general_guard; the one recipe honours them."""
+    general = ROOT / "tests" / "data" / "general.txt"
+    cfg = make_config(base={"name": tiny_dir}, carryon={"kind": "mlp", "width": 16, "gate": True},
+                      data={"builtin_size": 64, "max_length": 96, "replay": str(general), "replay_ratio": 0.25,
+                            "general_val": str(general)},
+                      train={"epochs": 2, "batch_size": 8}, alpha={"init": 0.5, "general_guard": 0.0},
+                      output={"dir": str(tmp_path)})
+    rec = Recorder()
+    summary = fit_in_process(cfg, rec)
+    replay = rec.values["replay_rows"]
+    assert len(replay) == 2 and sum(v for _, v in replay) == 2 * rec.values["replay_sequences"][0][1] > 0
+    for h in summary["history"]:  # every epoch scored each candidate on the general set, and the guard held
+        assert h["general"] is not None and 0.0 in h["general"]
+        assert h["general"][h["alpha"]] <= h["general"][0.0] + 1e-9
+    assert {"train_kl", "general_loss_change", "gate_mean_general", "sweep_general_0"} <= set(rec.values)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["history"][-1]["alpha"] == summary["alpha"]

@@ -1,4 +1,5 @@
-"""Cluster-side commands of the `carryon` CLI: up, down, status, customize."""
+"""Cluster commands of `carryon`: up, down, status (a local Ray head + MLflow server) and
+customize (submit the customization job, or run its driver here)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from . import local_cluster
+from jobs import local_cluster
 
 
 def cmd_up(args) -> int:
@@ -59,8 +60,7 @@ def cmd_customize(args) -> int:
     if address == state.get("dashboard_url") and not any(kv.startswith("output.dir=") for kv in args.set):
         # A local cluster shares this filesystem: write outputs here, not into the job's
         # temporary copy of the working directory.
-        from carryon_ray.cli import parse_overrides
-        from carryon_ray.config import ConfigError, load_config
+        from carryon_ray.config import ConfigError, load_config, parse_overrides
 
         try:
             out = Path(load_config(args.config, parse_overrides(args.set)).output.dir)
@@ -72,7 +72,7 @@ def cmd_customize(args) -> int:
     if mlflow:
         env["MLFLOW_TRACKING_URI"] = mlflow
     if args.local:  # the driver runs here; Ray work goes to RAY_ADDRESS, the recorded cluster, or a local Ray
-        from .customize import main as job_main
+        from jobs.customize import main as job_main
 
         os.environ.update(env)
         if address and not os.environ.get("RAY_ADDRESS"):

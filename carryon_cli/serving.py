@@ -12,11 +12,9 @@ APP_NAME = "carryon"
 
 
 def cmd_serve(args) -> int:
-    from carryon_ray.cli import parse_overrides
-    from carryon_ray.config import ConfigError
+    from carryon_ray.config import ConfigError, parse_overrides
     from jobs import local_cluster
-
-    from .settings import load_serve_config
+    from serve.settings import load_serve_config
 
     state = local_cluster.status(args.state_dir) or {}
     address = args.address or os.environ.get("RAY_ADDRESS") or state.get("ray_address")
@@ -25,10 +23,10 @@ def cmd_serve(args) -> int:
         return 2
     if address == state.get("ray_address"):
         os.environ.update(local_cluster.client_env(state))  # before ray is imported (token auth)
-    overrides = parse_overrides(args.set)
-    if state.get("mlflow_url") and "registry.tracking_uri" not in overrides:
-        overrides["registry.tracking_uri"] = os.environ.get("MLFLOW_TRACKING_URI", state["mlflow_url"])
     try:
+        overrides = parse_overrides(args.set)
+        if state.get("mlflow_url") and "registry.tracking_uri" not in overrides:
+            overrides["registry.tracking_uri"] = os.environ.get("MLFLOW_TRACKING_URI", state["mlflow_url"])
         cfg = load_serve_config(args.config, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -37,8 +35,8 @@ def cmd_serve(args) -> int:
     import ray
     from ray import serve
 
-    from .access import keys_summary, load_keys
-    from .app import deployments
+    from serve.access import keys_summary, load_keys
+    from serve.app import deployments
 
     try:
         keys = load_keys(cfg.auth)

@@ -1,4 +1,4 @@
-"""`carryon` command line.
+"""Core commands of `carryon`: the ones that need no cluster.
 
   carryon train    --config FILE [--set key=value ...]   in-process customization (one machine)
   carryon generate --adapter DIR --prompt TEXT           generate with base + adapter
@@ -9,27 +9,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
-import sys
 
 import yaml
 
 
-def parse_overrides(pairs: list[str]) -> dict:
-    """['train.epochs=1', 'data.train=x.jsonl'] -> {'train.epochs': 1, ...} (values parsed as YAML)."""
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
-    return out
-
-
 def _load(args):
-    from .config import ConfigError, apply_overrides, load_config, validate_config
+    from carryon_ray.config import ConfigError, apply_overrides, load_config, parse_overrides, validate_config
 
     try:
         if args.config:
@@ -40,24 +26,31 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
-    from .train import fit_in_process
+    """The in-process runner of the one recipe, tracked in MLflow exactly like the Ray job when
+    the config (or $MLFLOW_TRACKING_URI) names a tracking server."""
+    from carryon_mlflow.tracking import Tracker, finish_run
+    from carryon_ray.recipe import fit_in_process, write_summary
 
     cfg = _load(args)
-    result = fit_in_process(cfg)
-    print(json.dumps({
-        "adapter": str(result.adapter_dir),
-        "val_loss_before": round(result.val_loss_before, 4),
-        "val_loss_after": round(result.val_loss_after, 4),
-        "alpha": result.alpha,
-        "embed_tokens_per_s": round(result.embed_tokens_per_s, 1),
-        "train_tokens_per_s": round(result.train_tokens_per_s, 1),
-    }, indent=2))
+    tracker = Tracker.for_config(cfg)
+    tracker.start(cfg.model_dump(mode="json"), tags={"carryon.base": cfg.base.name, "carryon.runner": "in-process"})
+    try:
+        summary = fit_in_process(cfg, tracker.reporter)
+        summary["run_id"] = tracker.run_id
+        summary["model_version"] = finish_run(tracker, cfg, summary, summary["adapter"])
+        write_summary(cfg.output.dir, summary)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+    print(json.dumps({k: summary[k] for k in ("adapter", "val_loss_before", "val_loss_after", "alpha", "steps",
+                                              "epochs", "run_id", "model_version")}, indent=2))
     return 0
 
 
 def cmd_generate(args) -> int:
-    from .config import BaseModelConfig
-    from .generation import CarryOnModel
+    from carryon_ray.config import BaseModelConfig
+    from carryon_ray.generation import CarryOnModel
 
     model = CarryOnModel.from_pretrained(BaseModelConfig(name=args.base, dtype=args.dtype), args.adapter)
     tok = model.tokenizer
@@ -71,43 +64,38 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    import os
+def _tracker(args, run_name: str, tags: dict | None = None):
+    """An MLflow run for eval/probe when $MLFLOW_TRACKING_URI is set (and --no-mlflow is not)."""
+    from carryon_mlflow.tracking import Tracker, tracking_uri
 
-    from .config import BaseModelConfig
-    from .evaluation import evaluate_dataset
+    return Tracker(None if args.no_mlflow else tracking_uri(None), args.experiment, run_name)
+
+
+def cmd_eval(args) -> int:
+    from carryon_ray.config import BaseModelConfig
+    from carryon_ray.evaluation import evaluate_dataset
 
     result = evaluate_dataset(BaseModelConfig(name=args.base, dtype=args.dtype), args.adapter, args.data, args.format,
                               args.template, args.limit, args.max_new_tokens, args.alpha, args.gsm8k, args.max_length)
     print(json.dumps(result, indent=2, default=str))
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri and not args.no_mlflow:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(args.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(args.experiment)
-        run = client.create_run(exp_id, run_name=f"eval {args.adapter or args.base}")
-        for k, v in {"base": args.base, "adapter": args.adapter or "", "data": args.data, "gsm8k": args.gsm8k,
-                     "max_new_tokens": args.max_new_tokens}.items():
-            client.log_param(run.info.run_id, k, v)
-        for name in ("base", "adapter"):
-            for key in ("loss", "accuracy", "answered", "alpha"):
-                if name in result and key in result[name]:
-                    client.log_metric(run.info.run_id, f"{name}_{key}", float(result[name][key]))
-        client.log_text(run.info.run_id, json.dumps(result, indent=2, default=str), "eval.json")
-        client.set_terminated(run.info.run_id)
-        print(f"logged to MLflow run {run.info.run_id} ({uri})")
+    tracker = _tracker(args, f"eval {args.adapter or args.base}")
+    if tracker.client:
+        tracker.start({"base": args.base, "adapter": args.adapter or "", "data": args.data, "gsm8k": args.gsm8k,
+                       "max_new_tokens": args.max_new_tokens})
+        tracker.metrics({f"{name}_{key}": float(result[name][key]) for name in ("base", "adapter") if name in result
+                         for key in ("loss", "accuracy", "answered", "alpha") if key in result[name]})
+        tracker.text(json.dumps(result, indent=2, default=str), "eval.json")
+        tracker.end("FINISHED")
+        print(f"logged to MLflow run {tracker.run_id} ({tracker.uri})")
     return 0
 
 
 def cmd_probe(args) -> int:
-    import os
     from pathlib import Path
 
-    from .base import FrozenBase
-    from .config import BaseModelConfig
-    from .probe import plot, probe
+    from carryon_ray.base import FrozenBase
+    from carryon_ray.config import BaseModelConfig
+    from carryon_ray.probe import plot, probe
 
     base = FrozenBase.load(BaseModelConfig(name=args.base, dtype=args.dtype))
     layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
@@ -123,29 +111,20 @@ def cmd_probe(args) -> int:
                       "base_loss": round(result.base_loss, 4), "top_only_explained": round(result.top_only, 4),
                       "gain": {k: round(v, 4) for k, v in result.gain.items()}, "noise_control": round(result.control, 4),
                       "out": str(out)}, indent=2))
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri and not args.no_mlflow:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(args.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(args.experiment)
-        run = client.create_run(exp_id, run_name=f"probe {args.base}", tags={"carryon.base": args.base})
-        rid = run.info.run_id
-        for k, v in {"base": args.base, "data": args.data, "tokens": result.tokens,
-                     "recommended_shallow": result.recommended}.items():
-            client.log_param(rid, k, v)
+    tracker = _tracker(args, f"probe {args.base}")
+    if tracker.client:
+        tracker.start({"base": args.base, "data": args.data, "tokens": result.tokens,
+                       "recommended_shallow": result.recommended}, tags={"carryon.base": args.base})
         for k, v in enumerate(result.influence):
-            client.log_metric(rid, "macro_influence", v, step=k)
+            tracker.metrics({"macro_influence": v}, step=k)
         for j, g in result.gain.items():
-            client.log_metric(rid, "shortcut_gain", g, step=j)
-        client.log_metric(rid, "base_loss", result.base_loss)
-        client.log_metric(rid, "top_only_explained", result.top_only)
-        client.log_metric(rid, "noise_control_gain", result.control)
-        client.log_artifact(rid, str(out / "probe.png"), "figures")
-        client.log_artifact(rid, str(out / "probe.json"))
-        client.set_terminated(rid)
-        print(f"logged to MLflow run {rid} ({uri})")
+            tracker.metrics({"shortcut_gain": g}, step=j)
+        tracker.metrics({"base_loss": result.base_loss, "top_only_explained": result.top_only,
+                         "noise_control_gain": result.control})
+        tracker.client.log_artifact(tracker.run_id, str(out / "probe.png"), "figures")
+        tracker.client.log_artifact(tracker.run_id, str(out / "probe.json"))
+        tracker.end("FINISHED")
+        print(f"logged to MLflow run {tracker.run_id} ({tracker.uri})")
     return 0
 
 
@@ -154,11 +133,7 @@ def cmd_config(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="carryon", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
+def add_commands(sub) -> None:
     def with_config(sp):
         sp.add_argument("--config", help="YAML config file (see configs/)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -214,15 +189,3 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print a validated config with every default filled in")
     with_config(c)
     c.set_defaults(func=cmd_config)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,206 @@
+"""MLflow tracking for customization runs: one run per customization, params, stepped metrics,
+figures, the adapter as an artifact, and registration in the model registry under an alias.
+
+Both runners use it the same way: `Tracker.start` opens the run, a `MlflowReporter` (the
+recipe's Reporter) receives the recipe's metrics from wherever the recipe runs (this process or
+a Ray Train worker), and `finish_run` logs the figures and the adapter from the run's summary.
+Nothing is read back from MLflow: results travel with the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+log = logging.getLogger("carryon.tracking")
+
+
+def tracking_uri(configured: str | None) -> str | None:
+    """The configured URI, else $MLFLOW_TRACKING_URI, else None (tracking off)."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:5000]
+    return out
+
+
+def log_metrics(uri: str | None, run_id: str | None, metrics: dict[str, float], step: int) -> None:
+    """Log a batch of metrics to an existing run (from any process)."""
+    if not uri or not run_id:
+        return
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and v == v]  # drop NaN
+    for i in range(0, len(items), 900):  # MLflow takes up to 1000 metrics per batch
+        MlflowClient(uri).log_batch(run_id, metrics=items[i : i + 900])
+
+
+def log_params(uri: str | None, run_id: str | None, params: dict[str, object]) -> None:
+    """Log string params to an existing run (from any process)."""
+    if not uri or not run_id:
+        return
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    items = [Param(k, str(v)[:5000]) for k, v in params.items()]
+    for i in range(0, len(items), 90):  # MLflow accepts up to 100 params per batch
+        MlflowClient(uri).log_batch(run_id, params=items[i : i + 90])
+
+
+class MlflowReporter:
+    """The recipe's Reporter, writing to one MLflow run; picklable (a URI and a run id), so a Ray
+    Train worker can hold one."""
+
+    def __init__(self, uri: str | None, run_id: str | None):
+        self.uri, self.run_id = uri, run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        log_metrics(self.uri, self.run_id, values, step)
+
+    def params(self, values: dict[str, object]) -> None:
+        log_params(self.uri, self.run_id, values)
+
+
+class Tracker:
+    """One MLflow run; every method is a no-op when no tracking URI is set."""
+
+    def __init__(self, uri: str | None, experiment: str, run_name: str | None = None):
+        self.uri, self.experiment, self.run_name = uri, experiment, run_name
+        self.run_id: str | None = None
+        self.client = None
+        if uri:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(uri)
+
+    @classmethod
+    def for_config(cls, cfg) -> "Tracker":
+        return cls(tracking_uri(cfg.mlflow.tracking_uri), cfg.mlflow.experiment, cfg.mlflow.run_name)
+
+    def start(self, params: dict[str, Any], tags: dict[str, str] | None = None) -> str | None:
+        if not self.client:
+            log.info("MLflow tracking off (set mlflow.tracking_uri or MLFLOW_TRACKING_URI)")
+            return None
+        exp = self.client.get_experiment_by_name(self.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
+        run = self.client.create_run(exp_id, run_name=self.run_name, tags=tags or {})
+        self.run_id = run.info.run_id
+        log_params(self.uri, self.run_id, flatten(params))
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
+        return self.run_id
+
+    @property
+    def reporter(self) -> MlflowReporter:
+        return MlflowReporter(self.uri, self.run_id)
+
+    def metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        log_metrics(self.uri, self.run_id, metrics, step)
+
+    def param(self, key: str, value: Any) -> None:
+        log_params(self.uri, self.run_id, {key: value})
+
+    def text(self, text: str, name: str) -> None:
+        if self.client and self.run_id:
+            self.client.log_text(self.run_id, text, name)
+
+    def figure(self, fig, name: str) -> None:
+        if self.client and self.run_id:
+            self.client.log_figure(self.run_id, fig, name)
+
+    def artifacts(self, local_dir: str, artifact_path: str) -> None:
+        if self.client and self.run_id:
+            self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def register(self, name: str, alias: str, artifact_path: str, tags: dict[str, str] | None = None) -> int | None:
+        """Register the run's artifact directory as a new model version and point `alias` at it.
+
+        `tags` go on the registered model (serving reads carryon.owner / carryon.shared)."""
+        if not (self.client and self.run_id):
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # already registered
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        mv = self.client.create_model_version(name, source=source, run_id=self.run_id)
+        self.client.set_registered_model_alias(name, alias, mv.version)
+        for key, value in (tags or {}).items():
+            self.client.set_registered_model_tag(name, key, value)
+        log.info("registered %s version %s (alias %r): load with models:/%s@%s", name, mv.version, alias, name, alias)
+        return int(mv.version)
+
+    def end(self, status: str) -> None:
+        if self.client and self.run_id:
+            self.client.set_terminated(self.run_id, status)
+
+
+def plot_figures(tracker: Tracker, cfg, summary: dict) -> None:
+    """The loss curve and the alpha trade-off figure, from the run's summary."""
+    if not (tracker.client and tracker.run_id):
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = summary.get("train_losses") or []
+    val = [(h["step"], h["val_loss"]) for h in summary.get("history", [])]
+    if train or val:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if train:
+            ax.plot(*zip(*train), label="train loss", alpha=0.7)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation loss (chosen alpha)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross entropy")
+        ax.legend()
+        tracker.figure(fig, "figures/loss_curves.png")
+        plt.close(fig)
+    final = summary.get("last_epoch") or {}
+    sweep = sorted(cfg.alpha.general_sweep)
+    if all(f"sweep_general_{a:g}" in final for a in sweep):
+        alpha = summary["alpha"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(sweep, [final[f"sweep_val_{a:g}"] for a in sweep], "o-", label="customization validation loss")
+        ax.plot(sweep, [final[f"sweep_general_{a:g}"] for a in sweep], "s-", label="general-domain loss")
+        ax.axvline(alpha, color="grey", ls="--", label=f"chosen alpha {alpha:g}")
+        chosen = final.get(f"val_general_alpha_{alpha:g}")
+        if chosen is not None:  # the operating point the (guarded) search picked
+            ax.plot([alpha], [chosen], "r*", ms=14, label="chosen point (general loss)")
+        if cfg.alpha.general_guard is not None and "val_general_alpha_0" in final:
+            ax.axhline(final["val_general_alpha_0"] + cfg.alpha.general_guard, color="red", ls=":",
+                       label=f"guard: base + {cfg.alpha.general_guard:g}")
+        ax.set_xlabel("alpha")
+        ax.set_ylabel("cross entropy")
+        ax.legend()
+        tracker.figure(fig, "figures/alpha_tradeoff.png")
+        plt.close(fig)
+
+
+def finish_run(tracker: Tracker, cfg, summary: dict, adapter_dir: str) -> int | None:
+    """Figures, the adapter as an artifact, registration (with the serving tags), wall time.
+    Returns the registered version (None when not registering or tracking is off)."""
+    plot_figures(tracker, cfg, summary)
+    tracker.artifacts(str(adapter_dir), "adapter")
+    version = None
+    if cfg.mlflow.register_as:
+        tags = {"carryon.shared": str(cfg.mlflow.shared).lower(), "carryon.base": cfg.base.name}
+        if cfg.mlflow.owner:
+            tags["carryon.owner"] = cfg.mlflow.owner
+        version = tracker.register(cfg.mlflow.register_as, cfg.mlflow.alias, "adapter", tags)
+    if summary.get("wall_seconds") is not None:
+        tracker.metrics({"wall_seconds": summary["wall_seconds"]})
+    return version

@@ -1,0 +1,407 @@
+"""The training recipe, written once: what a customization run does after the base has produced
+bridge codes, whichever process drives it.
+
+    setup    Trainer(cfg, calibration, plan): the carry-on, its optimizer and schedule, the alpha search
+    data     batches arrive as EncodedBatch (bridge codes); the trainer decodes them itself
+    loop     per epoch: begin_epoch (grow a stage when the previous one is done), train_on (one
+             train_step per batch: CE on customization rows, KL to the base on replay rows, MoE
+             balance), end_epoch (alpha chosen on validation data, with the general-domain guard
+             when configured; metrics; history)
+    save     summary() and save() write the adapter; state_dict() / load_state_dict() checkpoint it
+
+Two runners drive it and add only what their process needs: `fit_in_process` below (one process,
+`carryon train`) and the Ray Train worker loop in jobs/train_loop.py (streaming shards, the
+embedding cache, DDP, checkpoints). Metric names, replay, the guard, stages, MoE, the summary and
+the adapter are therefore the same in both by construction (tests/test_parity.py runs both).
+
+A `Reporter` receives metrics and params: MLflow at the edges (carryon_mlflow), nothing here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+
+from .adapter import save_adapter
+from .config import CarryOnConfig
+from .embedding import Calibration, EncodedBatch, decode_sources, part_layout
+from .train import (AlphaSearch, build_carryon, evaluate, gate_mean, grow_stage, make_optimizer, router_dropout_at,
+                    stage_digest, train_step)
+
+log = logging.getLogger("carryon.train")
+
+
+class Reporter(Protocol):
+    """Where a run's numbers go (MLflow, a log, nothing)."""
+
+    def metrics(self, values: dict[str, float], step: int) -> None: ...
+
+    def params(self, values: dict[str, object]) -> None: ...
+
+
+class NullReporter:
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        pass
+
+    def params(self, values: dict[str, object]) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """How long a run is: steps per epoch, epochs per stage, stages, an optional step cap."""
+
+    steps_per_epoch: int
+    epochs_per_stage: int
+    stages: int = 1
+    max_steps: int | None = None
+
+    @classmethod
+    def of(cls, cfg: CarryOnConfig, n_rows: int, workers: int = 1) -> "RunPlan":
+        """The plan for `n_rows` training rows split evenly over `workers` (Ray Data's equal split)."""
+        per_worker = n_rows // max(1, workers)
+        return cls(max(1, -(-per_worker // cfg.train.batch_size)), cfg.train.epochs, cfg.carryon.stages,
+                   cfg.train.max_steps)
+
+    @property
+    def steps_per_stage(self) -> int:
+        return self.epochs_per_stage * self.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return min(self.max_steps or 1 << 62, self.stages * self.steps_per_stage)
+
+    @property
+    def epochs(self) -> int:
+        return self.stages * self.epochs_per_stage
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Order of the cached batches in `epoch`: as streamed in epoch 0, a seeded shuffle after."""
+    order = list(range(n))
+    if epoch > 0:
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+@dataclass
+class EpochStats:
+    """What one pass over training batches measured."""
+
+    sample_ids: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    kls: list[float] = field(default_factory=list)
+    tokens: int = 0
+    replay_rows: int = 0
+    wait_s: float = 0.0
+    first_wait_s: float = 0.0
+    seconds: float = 0.0
+    produced_tokens: int = 0
+    produced_seconds: float = 0.0
+    producer_nodes: set[str] = field(default_factory=set)
+    streamed: bool = True
+
+
+Decoded = list[tuple[list, torch.Tensor]]  # (sources, labels) per batch, for evaluation
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    """One carry-on being fitted: model, optimizer, schedule, alpha search, history."""
+
+    def __init__(self, cfg: CarryOnConfig, calib: Calibration, plan: RunPlan, head_weight=None, head_bias=None,
+                 reporter: Reporter | None = None, wrap: Callable | None = None):
+        self.cfg, self.calib, self.plan = cfg, calib, plan
+        self.bridges, self.dims = calib.bridges(), calib.dims
+        self.layout = part_layout(self.bridges, self.dims, calib.base_dtype)
+        self.head = (head_weight, head_bias)
+        self.reporter = reporter or NullReporter()
+        self.wrap = wrap or (lambda m: m)  # DDP on several Ray Train workers
+        self.chunk = cfg.train.loss_chunk
+        self.epoch = 0  # the next epoch to run
+        self.step = 0
+        self.stage_start = 0
+        self.val_loss_base: float | None = None
+        self.history: list[dict] = []  # one record per finished epoch
+        self.train_losses: list[tuple[int, float]] = []  # (step, loss) for the loss curve
+        self.last_metrics: dict[str, float] = {}  # the latest end_epoch's metrics
+        self.model = build_carryon(cfg, calib.hidden_sizes, calib.vocab_size, head_weight, head_bias, stages=1)
+        self._stage_setup()
+
+    def _stage_setup(self) -> None:
+        """A fresh optimizer, schedule and alpha search for the current (newest) stage."""
+        self.stage_steps = max(1, min(self.plan.steps_per_stage, self.plan.total_steps - self.stage_start))
+        self.opt, self.sched = make_optimizer(self.model, self.cfg, self.stage_steps)
+        self.search = AlphaSearch.from_config(self.cfg)
+        self.ddp = self.wrap(self.model)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "alpha": self.search.current,
+                "alpha_list": list(self.search.candidates_list), "epoch": self.epoch, "step": self.step,
+                "stages": len(self.model.stages), "stage_start": self.stage_start,
+                "val_loss_base": self.val_loss_base, "history": self.history,
+                "train_losses": [list(p) for p in self.train_losses], "last_metrics": dict(self.last_metrics)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the model is rebuilt with as many stages as the checkpoint had."""
+        w, b = self.head
+        self.model = build_carryon(self.cfg, self.calib.hidden_sizes, self.calib.vocab_size, w, b,
+                                   stages=state["stages"])
+        self.stage_start = state["stage_start"]
+        self._stage_setup()
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.search.current, self.search.candidates_list = state["alpha"], list(state["alpha_list"])
+        self.epoch, self.step = state["epoch"], state["step"]
+        self.val_loss_base, self.history = state["val_loss_base"], list(state["history"])
+        self.train_losses = [tuple(p) for p in state["train_losses"]]
+        self.last_metrics = dict(state["last_metrics"])
+
+    # -- data -------------------------------------------------------------------------------------
+    def decode(self, batch: EncodedBatch) -> list[list[torch.Tensor]]:
+        return decode_sources(self.bridges, batch.enc, self.dims, self.calib.base_dtype)
+
+    def eval_set(self, batches: Iterable[EncodedBatch]) -> Decoded:
+        return [(self.decode(b), b.labels) for b in batches]
+
+    # -- the loop ---------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.plan.epochs or self.step >= self.plan.total_steps
+
+    @property
+    def stage(self) -> int:
+        return self.epoch // self.plan.epochs_per_stage
+
+    def baseline(self, val: Decoded) -> float:
+        """Validation loss of the base itself (alpha = 0), before any training."""
+        self.val_loss_base = evaluate(self.model, val, [0.0], self.chunk)[0.0]
+        log.info("validation loss of the base (alpha = 0): %.4f", self.val_loss_base)
+        self.reporter.metrics({"val_loss_base": self.val_loss_base}, 0)
+        return self.val_loss_base
+
+    def begin_epoch(self) -> int:
+        """Grow a new stage when the previous one has had its epochs; returns the stage."""
+        stage = self.stage
+        if stage >= len(self.model.stages):  # freeze the finished stage and stack a new one on it
+            digest = stage_digest(self.model, stage - 1)
+            grow_stage(self.model, self.cfg)
+            self.stage_start = self.step
+            self._stage_setup()
+            log.info("stage %d: grown on top of %d frozen stage(s) (stage %d sha256 %s)", stage, stage, stage - 1,
+                     digest[:12])
+            self.reporter.params({f"stage_{stage - 1}_sha256": digest})
+        self.model.expert_usage(reset=True)  # count this epoch's training routes only
+        return stage
+
+    def train_on(self, batches: Iterable[EncodedBatch], streamed: bool = True,
+                 on_batch: Callable[[int, EncodedBatch], None] | None = None) -> EpochStats:
+        """One optimizer step per batch until the batches or the run's step budget end.
+
+        `streamed` batches count toward producer throughput (they were just embedded); `on_batch`
+        sees each batch before it trains (the Ray runner fills its embedding cache there)."""
+        cfg = self.cfg
+        stats = EpochStats(streamed=streamed)
+        it, t0 = iter(batches), time.perf_counter()
+        i = 0
+        while self.step < self.plan.total_steps:
+            t_wait = time.perf_counter()
+            batch = next(it, None)
+            if batch is None:
+                break
+            wait = time.perf_counter() - t_wait
+            stats.wait_s += wait
+            stats.first_wait_s = wait if i == 0 else stats.first_wait_s
+            if on_batch is not None:
+                on_batch(i, batch)
+            if streamed:
+                stats.produced_tokens += batch.produced_tokens
+                stats.produced_seconds += batch.produced_seconds
+                stats.producer_nodes |= batch.producer_nodes
+            router_dropout_at(self.model, self.step - self.stage_start, self.stage_steps)
+            replay = batch.replay if cfg.data.replay else None
+            out = train_step(self.ddp, self.opt, self.sched, self.decode(batch), batch.labels, self.chunk,
+                             cfg.train.grad_clip, replay, cfg.train.kl_weight, cfg.train.kl_top_k,
+                             batch.attention_mask)
+            self.step += 1
+            i += 1
+            stats.sample_ids += batch.sample_ids
+            stats.losses.append(out["loss"])
+            stats.kls.append(out["kl"])
+            stats.tokens += out["tokens"]
+            stats.replay_rows += out["replay_rows"]
+            self.train_losses.append((self.step, out["loss"]))
+            self.reporter.metrics({"train_loss_step": out["loss"], "lr": self.sched.get_last_lr()[0]}, self.step)
+            if self.step % 5 == 0:
+                el = time.perf_counter() - t0
+                log.info("progress: epoch %d step %d/%d samples %d loss %.4f ETA %.0fs", self.epoch, self.step,
+                         self.plan.total_steps, len(stats.sample_ids), out["loss"],
+                         el / i * max(0, self.plan.total_steps - self.step))
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def end_epoch(self, stats: EpochStats, val: Decoded, general: Decoded | None = None) -> dict:
+        """Choose alpha on validation data (guarded by the general set when configured), record
+        the epoch, report its metrics; returns them."""
+        cfg, model, chunk = self.cfg, self.model, self.chunk
+        stage = self.stage
+        usage = model.expert_usage()  # routed slots per expert in this epoch's training
+        cands = self.search.candidates()
+        val_losses = evaluate(model, val, cands, chunk)
+        general_losses = evaluate(model, general, sorted({0.0, *cands}), chunk) if general else None
+        alpha = self.search.choose(val_losses, general_losses, general_losses[0.0] if general_losses else None)
+        model.set_alpha(alpha)
+        el = max(stats.seconds, 1e-9)
+        metrics: dict[str, float] = {
+            "epoch": self.epoch, "stage": stage, "step": self.step, "alpha": alpha, f"alpha_stage_{stage}": alpha,
+            "val_loss": val_losses[alpha],
+            "train_loss": float(np.mean(stats.losses)) if stats.losses else float("nan"),
+            "train_tokens_per_s": stats.tokens / el, "input_wait_fraction": stats.wait_s / el,
+            "epoch_seconds": stats.seconds, "first_batch_wait_s": stats.first_wait_s,
+            "samples": len(stats.sample_ids), "from_cache": int(not stats.streamed), "peak_rss_mb": peak_rss_mb(),
+            **{f"val_loss_alpha_{a:g}": v for a, v in val_losses.items()},
+        }
+        if general_losses:  # both losses per candidate: the guarded choice is auditable
+            metrics.update({f"val_general_alpha_{a:g}": v for a, v in general_losses.items()})
+            metrics["general_loss_change"] = general_losses[alpha] - general_losses[0.0]
+        for layer, shares in enumerate(usage):
+            metrics.update({f"expert_share_l{layer}_e{e}": v for e, v in enumerate(shares)})
+            metrics[f"expert_max_share_l{layer}"] = max(shares)
+        if cfg.data.replay:
+            metrics.update({"replay_rows": stats.replay_rows,
+                            "train_kl": float(np.mean(stats.kls)) if stats.kls else 0.0})
+        for name, data in (("val", val), ("general", general)):
+            g = gate_mean(model, data) if data else None
+            if g is not None:
+                metrics[f"gate_mean_{name}"] = g
+        if stats.streamed and stats.produced_seconds > 0:
+            metrics["producer_tokens_per_s"] = stats.produced_tokens / stats.produced_seconds
+        if general:  # the customization vs general trade-off curve at the configured alphas
+            sweep = cfg.alpha.general_sweep
+            custom, gen = evaluate(model, val, sweep, chunk), evaluate(model, general, sweep, chunk)
+            metrics.update({f"sweep_val_{a:g}": custom[a] for a in sweep})
+            metrics.update({f"sweep_general_{a:g}": gen[a] for a in sweep})
+        log.info("epoch %d: val loss %s -> alpha %.4g", self.epoch, {f"{a:g}": round(v, 4) for a, v in val_losses.items()},
+                 alpha)
+        self.history.append({"epoch": self.epoch, "stage": stage, "step": self.step, "alpha": alpha,
+                             "val_loss": val_losses[alpha], "candidates": dict(val_losses),
+                             "general": dict(general_losses) if general_losses else None})
+        self.reporter.metrics(metrics, self.step)
+        self.epoch += 1
+        self.last_metrics = metrics
+        return metrics
+
+    # -- results ----------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        """What the run achieved; travels in the checkpoint, so every runner can report it."""
+        last = self.history[-1] if self.history else {}
+        return {"val_loss_before": self.val_loss_base, "val_loss_after": last.get("val_loss"),
+                "alpha": self.model.alpha, "alphas": [float(a) for a in self.model.alphas],
+                "stages": len(self.model.stages), "steps": self.step, "epochs": self.epoch,
+                "history": self.history, "train_losses": [list(p) for p in self.train_losses],
+                "last_epoch": dict(self.last_metrics)}
+
+    def save(self, out_dir: str | Path, base_name: str, extra: dict | None = None) -> Path:
+        """Write the adapter (safetensors + JSON) to out_dir/adapter; returns its path."""
+        training = {k: v for k, v in self.summary().items() if k != "train_losses"} | (extra or {})
+        return save_adapter(Path(out_dir) / "adapter", self.model, self.bridges, self.calib.shallow,
+                            self.calib.fingerprints, base_name, training)
+
+
+def report_data(splits, reporter: Reporter) -> None:
+    """Rows read, kept and skipped per data source, in the log and as metrics."""
+    for role, rep in splits.reports.items():
+        log.info("data (%s) %s", role, rep.summary())
+        reporter.metrics(rep.metrics(f"data_{role}"), 0)
+    if splits.replay:
+        log.info("replay: %d general-domain sequences mixed into %d customization sequences", len(splits.replay),
+                 len(splits.train))
+        reporter.metrics({"replay_sequences": len(splits.replay)}, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-process runner: `carryon train`, one machine, no cluster.
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_in_process(cfg: CarryOnConfig, reporter: Reporter | None = None) -> dict:
+    """Customize a base in this process; writes the adapter and summary.json to cfg.output.dir and
+    returns the summary. The same recipe and the same row path as the Ray job: token rows ->
+    `embed_rows` in embed_batch_size groups -> `from_rows` in batch_size groups -> Trainer."""
+    from .base import FrozenBase
+    from .data import load_splits
+    from .embedding import (calibrate, calibration_rows, concat_rows, embed_rows, from_rows, row_batches,
+                            token_rows, training_rows)
+
+    reporter = reporter or NullReporter()
+    t_start = time.perf_counter()
+    # -- setup ----------------------------------------------------------------------------------
+    bases = [FrozenBase.load(b) for b in [cfg.base, *cfg.extra_bases]]
+    tok = bases[0].tokenizer
+    log.info("base %s: %d layers, hidden %d, vocab %d", cfg.base.name, bases[0].num_layers, bases[0].hidden_size,
+             bases[0].vocab_size)
+    # -- data -----------------------------------------------------------------------------------
+    splits = load_splits(tok, cfg.data, seed=cfg.train.seed)
+    report_data(splits, reporter)
+    rows = training_rows(splits, cfg.train.seed)
+    # -- calibrate, then embed once: the base forward runs once per sample ------------------------
+    calib = calibrate(bases, cfg.bridge, cfg.layers.shallow, rows[: calibration_rows(cfg)])
+    bridges, shallow, eb = calib.bridges(), cfg.layers.shallow, cfg.resources.embed_batch_size
+    reporter.params({"bridge_bytes_per_token": f"{calib.bytes_per_token():.1f}"})
+
+    def embedded(token_rows_: list[dict]) -> dict:
+        return concat_rows([embed_rows(bases, bridges, {k: [r[k] for r in token_rows_[i : i + eb]]
+                                                         for k in token_rows_[0]}, shallow)
+                            for i in range(0, len(token_rows_), eb)])
+
+    layout = part_layout(bridges, calib.dims, calib.base_dtype)
+    bs = cfg.train.batch_size
+    t0 = time.perf_counter()
+    train = [from_rows(g, layout) for g in row_batches(embedded(rows), bs)]
+    log.info("embedded %d training rows in %.1fs (bridge %d bits, %.0f bytes/token)", len(rows),
+             time.perf_counter() - t0, cfg.bridge.bits, calib.bytes_per_token())
+    head_w, head_b = (bases[0].head_weight, bases[0].head_bias) if cfg.head.kind == "inherited" else (None, None)
+    trainer = Trainer(cfg, calib, RunPlan.of(cfg, len(rows)), head_w, head_b, reporter)
+    val = trainer.eval_set(from_rows(g, layout) for g in row_batches(embedded(token_rows(splits.val)), bs))
+    general = trainer.eval_set(from_rows(g, layout) for g in row_batches(embedded(token_rows(splits.general)), bs)) \
+        if splits.general else None
+    # -- loop -----------------------------------------------------------------------------------
+    trainer.baseline(val)
+    while not trainer.done:
+        trainer.begin_epoch()
+        streamed = trainer.epoch == 0
+        stats = trainer.train_on((train[i] for i in epoch_order(len(train), cfg.train.seed, trainer.epoch)), streamed)
+        trainer.end_epoch(stats, val, general)
+    # -- save -----------------------------------------------------------------------------------
+    out = Path(cfg.output.dir)
+    data = [r.summary() for r in splits.reports.values()]
+    adapter = trainer.save(out, cfg.base.name, {"data": data})
+    summary = {**trainer.summary(), "data": data, "adapter": str(adapter),
+               "wall_seconds": round(time.perf_counter() - t_start, 1)}
+    write_summary(out, summary)
+    log.info("validation loss %.4f -> %.4f at alpha %.4g; adapter saved to %s", summary["val_loss_before"],
+             summary["val_loss_after"], summary["alpha"], adapter)
+    return summary
+
+
+def write_summary(out_dir: str | Path, summary: dict) -> Path:
+    """summary.json next to the adapter (the per-step train losses stay out of it)."""
+    path = Path(out_dir) / "summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({k: v for k, v in summary.items() if k != "train_losses"}, indent=2, default=str))
+    return path
