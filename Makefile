@@ -39,7 +39,8 @@ demo: $(STAMP)
 # .carryon/api-keys.yaml; requests send it as `Authorization: Bearer <key>`.
 serve: $(STAMP)
 	$(BIN)/carryon up --reuse
-	@test -f .carryon/api-keys.yaml || $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24) + ': demo')" > .carryon/api-keys.yaml
+	@test -f .carryon/api-keys.yaml || (umask 077 && $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24) + ': demo')" > .carryon/api-keys.yaml)
+	@chmod 600 .carryon/api-keys.yaml
 	$(BIN)/carryon serve serve/local.yaml --set auth.keys_file=$(CURDIR)/.carryon/api-keys.yaml
 	@echo "try: curl -s http://127.0.0.1:8000/v1/completions -H \"Authorization: Bearer $$(cut -d: -f1 .carryon/api-keys.yaml)\" \\"
 	@echo "       -H 'Content-Type: application/json' -d '{\"model\": \"demo-arithmetic\", \"prompt\": \"Question: 3 + 4?\\nAnswer:\", \"max_tokens\": 40, \"temperature\": 0}'"

@@ -44,9 +44,9 @@ def cmd_serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    if args.stop:
-        serve.delete(APP_NAME)
-        print(f"deleted Serve application {APP_NAME!r}")
+    if args.stop:  # the application, Serve's controller and its HTTP proxies: nothing keeps the port
+        serve.shutdown()
+        print(f"stopped Serve (application {APP_NAME!r}, controller and proxies)")
         return 0
     serve.start(http_options={"host": args.host, "port": args.port}, proxy_location=args.proxy_location)
     t0 = time.time()
@@ -72,5 +72,5 @@ def add_commands(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port of Serve's proxy")
     p.add_argument("--proxy-location", default="HeadOnly", choices=["HeadOnly", "EveryNode"],
                    help="where Serve runs HTTP proxies (EveryNode on a real multi-host cluster)")
-    p.add_argument("--stop", action="store_true", help="delete the application instead")
+    p.add_argument("--stop", action="store_true", help="shut Serve down on the cluster instead (frees the port)")
     p.set_defaults(func=cmd_serve)

@@ -1,15 +1,37 @@
-"""Base + carry-on as one language model: logits and KV-cached generation.
+"""Base + carry-on as a language model: full-sequence logits, and one decode engine for every
+kind of generation (offline `generate`, many adapters at once, the Serve replicas).
 
-Each new token costs one base decoder step (its KV cache) plus one carry-on step (a transformer
-carry-on keeps its own KV cache; an MLP carry-on is position-wise and needs none). The carry-on
-reads bridge-roundtripped states, exactly what it saw in training; the residual it corrects is
-the base's exact final state, so alpha = 0 gives the base's logits bit for bit.
+The engine schedules at the level of single decoding steps, as vLLM and TGI do (iteration-level
+scheduling, Orca OSDI '22): each `step()` retires finished or cancelled rows, admits waiting ones,
+decodes one token for every running row (one base forward for all of them, whatever adapter each
+uses, then one carry-on forward per adapter), and spends a bounded prompt-token budget prefilling
+newly admitted rows (chunked, so a long prompt cannot stall everyone's next token). No request
+waits for a batch-mate to finish.
+
+KV memory is per row, in a preallocated slot pool (`KVPool`): one tensor per layer holding every
+running row's keys and values at their own positions. We chose a slot pool over paged blocks
+because torch on CPU has no paged-attention kernel: with slots, the rows of a step are a
+contiguous range of the pool (running rows are kept compacted, decoding rows first), so attention
+reads the cache in place; admitting a row writes only its own slot, and retiring one moves at most
+two rows. The pool grows by doubling (rows, then positions) up to the base's context, and is
+released when the engine goes idle. Carry-on transformers keep their (small) caches in a pool per
+adapter.
+
+The carry-on reads bridge-roundtripped states, exactly what it saw in training; the residual it
+corrects is the base's exact final state, so alpha = 0 gives the base's own tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import queue
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,153 +42,13 @@ from .bridge import Bridge, Bridges
 from .config import BaseModelConfig
 from .model import CarryOn, InheritedHead
 
-
-@dataclass
-class DecodeState:
-    """What one decoding step hands to the next."""
-
-    attention_mask: torch.Tensor  # [B, S] 1 = real token (left padding allowed)
-    base_caches: list  # one HF cache per base
-    carry_caches: list | None  # CarryOn caches (per stage)
-
-
-class CarryOnModel:
-    """A frozen base (or several) plus an optional carry-on adapter."""
-
-    def __init__(self, bases: list[FrozenBase], carryon: CarryOn | None = None,
-                 bridges: Bridges | Bridge | None = None, shallow: list[int] | tuple[int, ...] = (),
-                 config: dict | None = None):
-        self.bases = bases
-        self.carryon = carryon.to(bases[0].device) if carryon is not None else None
-        self.shallow = list(shallow)
-        if bridges is None or isinstance(bridges, Bridge):  # one bridge for every stream
-            one = bridges or Bridge(0)
-            bridges = [[one] * (1 + len(self.shallow)) for _ in bases]
-        self.bridges = bridges
-        self.config = config or {}
-
-    @property
-    def base(self) -> FrozenBase:
-        return self.bases[0]
-
-    @property
-    def tokenizer(self):
-        return self.base.tokenizer
-
-    @classmethod
-    def from_pretrained(cls, base: FrozenBase | str | BaseModelConfig | list, adapter_dir: str | Path | None = None):
-        """Load the base(s) if needed and attach the adapter (checked against their fingerprints).
-
-        `adapter_dir` is a directory or an MLflow URI such as models:/NAME@ALIAS.
-        """
-        bases = base if isinstance(base, list) else [base]
-        bases = [b if isinstance(b, FrozenBase) else FrozenBase.load(b) for b in bases]
-        if adapter_dir is None:
-            return cls(bases)
-        adapter_dir = resolve_adapter(adapter_dir)
-        carryon, bridges, cfg = load_adapter(
-            adapter_dir, [b.fingerprint().to_dict() for b in bases], bases[0].head_weight, bases[0].head_bias
-        )
-        return cls(bases, carryon, bridges, cfg["shallow"], cfg)
-
-    # -- one step -------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def step(self, input_ids: torch.Tensor, state: DecodeState | None = None, alpha: float | None = None,
-             last_only: bool = True, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, DecodeState]:
-        """Feed `input_ids` [B, T] (a prompt, or one new token per row); return logits and state.
-
-        `attention_mask` marks real tokens among those fed (left padding); default all ones.
-        """
-        device = self.base.device
-        input_ids = input_ids.to(device)
-        B, T = input_ids.shape
-        new_mask = torch.ones(B, T, dtype=torch.long) if attention_mask is None else attention_mask
-        new_mask = new_mask.to(device)
-        if state is None:
-            state = DecodeState(new_mask, [None] * len(self.bases), None)
-        else:
-            state.attention_mask = torch.cat([state.attention_mask, new_mask], 1)
-        mask = state.attention_mask
-        positions = positions_from_mask(mask)[:, -T:]
-        all_states = []
-        for i, b in enumerate(self.bases):
-            states, state.base_caches[i] = b.hidden_states(
-                input_ids, mask, self.shallow, past_key_values=state.base_caches[i], position_ids=positions, use_cache=True
-            )
-            all_states.append(states)
-        x = all_states[0][0]
-        if self.carryon is None:
-            x = x[:, -1:] if last_only else x
-            return F.linear(x, self.base.head_weight, self.base.head_bias), state
-        sources = [[br.roundtrip(s) for br, s in zip(brs, states)] for brs, states in zip(self.bridges, all_states)]
-        out, state.carry_caches = self.carryon(
-            sources, residual=x, positions=positions, key_mask=mask, caches=state.carry_caches, alpha=alpha
-        )
-        if last_only:
-            out = out[:, -1:]
-        return self.carryon.logits(out), state
-
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, alpha: float | None = None):
-        """Full-sequence logits [B, T, V] of base + carry-on (no cache kept)."""
-        return self.step(input_ids, None, alpha, last_only=False, attention_mask=attention_mask)[0]
-
-    # -- generation -----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(self, prompts: list[list[int]] | torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, alpha: float | None = None, use_cache: bool = True,
-                 stop_at_eos: bool = True) -> list[list[int]]:
-        """New token ids for each prompt (greedy when temperature == 0).
-
-        Prompts of different lengths are left-padded. use_cache=False recomputes the whole
-        sequence at every step (the reference the KV-cached path must match).
-        """
-        if isinstance(prompts, torch.Tensor):
-            prompts = prompts.tolist()
-        pad = self.tokenizer.pad_token_id
-        eos = self.tokenizer.eos_token_id
-        T = max(len(p) for p in prompts)
-        seq = torch.tensor([[pad] * (T - len(p)) + list(p) for p in prompts])
-        mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-        gen = torch.Generator(device="cpu")
-        if seed is not None:
-            gen.manual_seed(seed)
-        out: list[list[int]] = [[] for _ in prompts]
-        done = torch.zeros(len(prompts), dtype=torch.bool)
-        logits, state = self.step(seq, None, alpha, attention_mask=mask)
-        for n in range(max_new_tokens):
-            nxt = sample(logits[:, -1].float().cpu(), temperature, top_p, gen)
-            for i, t in enumerate(nxt.tolist()):
-                if not done[i]:
-                    out[i].append(t)
-                    done[i] = stop_at_eos and t == eos
-            if bool(done.all()) or n + 1 == max_new_tokens:
-                break
-            if use_cache:
-                logits, state = self.step(nxt[:, None], state, alpha)
-            else:
-                seq = torch.cat([seq, nxt[:, None]], 1)
-                mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
-                logits, _ = self.step(seq, None, alpha, attention_mask=mask)
-        return out
-
-
-def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    """Next token per row: argmax at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=gen).squeeze(-1)
+# Below this temperature a row decodes greedily: logits / T overflows float32 long before T
+# reaches 0 (vLLM uses the same cut-off).
+MIN_TEMPERATURE = 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
-# Many adapters, one base: the base runs once per decoding step for every row of a batch, then
-# each group of rows gets its own carry-on. This is where carry-ons beat multi-LoRA serving: the
-# base computation is identical for every user.
+# Adapters.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -181,8 +63,9 @@ class Adapter:
 
     @classmethod
     def load(cls, bases: FrozenBase | list[FrozenBase], ref: str | Path) -> "Adapter":
-        """Load `ref` for the first len(its fingerprints) of `bases` (base 0 first: mixed-base
-        adapters need the same bases in the same order, checked by fingerprint)."""
+        """Load `ref` (a directory, or a URI such as models:/NAME@ALIAS) for the first
+        len(its fingerprints) of `bases` (base 0 first: mixed-base adapters need the same bases in
+        the same order, checked by fingerprint)."""
         bases = bases if isinstance(bases, list) else [bases]
         path = resolve_adapter(ref)
         n = len(read_adapter_config(path).get("fingerprints", [])) or 1
@@ -197,90 +80,595 @@ class Adapter:
     def num_bases(self) -> int:
         return len(self.bridges)
 
+    @property
+    def alpha(self) -> float:
+        return self.carryon.alpha
 
-@torch.inference_mode()
+
+# ---------------------------------------------------------------------------------------------
+# KV memory.
+# ---------------------------------------------------------------------------------------------
+
+
+class KVPool:
+    """Keys and values of many sequences for every attention layer of one model.
+
+    Per layer, one tensor [slots, heads, positions, dim] for keys and one for values (any two
+    tensors a layer caches: MLA stores its latent and RoPE key). Before a forward the engine
+    `bind`s which slot each row of the batch uses and where its new positions start; the model's
+    attention layers then call `update(k, v, layer_id)` (the Hugging Face Cache interface), which
+    writes the new positions and returns every cached position of those rows. A contiguous range
+    of slots comes back as a view of the pool, without a copy.
+    """
+
+    def __init__(self, max_len: int):
+        self.max_len = max_len
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.slots, self.length = 0, 0  # allocated capacity
+        self._rows: slice | torch.Tensor = slice(0, 0)
+        self._index = torch.zeros(0, 1, 0, dtype=torch.long)  # write positions [B, 1, T] -> pool index
+        self._slot_index = torch.zeros(0, 1, dtype=torch.long)
+        self._span = 0
+
+    def bind(self, slots: list[int], starts: torch.Tensor, T: int) -> None:
+        """The next forward feeds T positions per row: row i into slot slots[i] at positions
+        starts[i] .. starts[i] + T - 1 (right-padded rows write junk past their real tokens; it is
+        never attended to and is overwritten by the row's next tokens)."""
+        self._span = int(starts.max()) + T
+        self._reserve(max(slots) + 1, self._span)
+        lo = slots[0]
+        contiguous = slots == list(range(lo, lo + len(slots)))
+        self._rows = slice(lo, lo + len(slots)) if contiguous else torch.tensor(slots)
+        self._slot_index = torch.tensor(slots)[:, None]
+        self._index = starts[:, None] + torch.arange(T)[None, :]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_id: int, *args, **kwargs):
+        if layer_id not in self.k:
+            self.k[layer_id] = k.new_zeros(self.slots, k.shape[1], self.length, k.shape[3])
+            self.v[layer_id] = v.new_zeros(self.slots, v.shape[1], self.length, v.shape[3])
+        K, V = self.k[layer_id], self.v[layer_id]
+        idx = self._index.to(K.device)
+        slots = self._slot_index.to(K.device)
+        K[slots, :, idx] = k.transpose(1, 2)  # [B, T, H, d] into each row's own positions
+        V[slots, :, idx] = v.transpose(1, 2)
+        rows = self._rows if isinstance(self._rows, slice) else self._rows.to(K.device)
+        return K[rows, :, : self._span], V[rows, :, : self._span]
+
+    def move(self, src: int, dst: int, upto: int) -> None:
+        """Copy slot src's first `upto` positions into slot dst (compaction)."""
+        for t in (*self.k.values(), *self.v.values()):
+            t[dst, :, :upto] = t[src, :, :upto]
+
+    def swap(self, a: int, b: int, upto: int) -> None:
+        for t in (*self.k.values(), *self.v.values()):
+            tmp = t[a, :, :upto].clone()
+            t[a, :, :upto] = t[b, :, :upto]
+            t[b, :, :upto] = tmp
+
+    def _reserve(self, slots: int, length: int) -> None:
+        """Grow capacity by doubling (copying once) so that `slots` x `length` fits."""
+        if slots <= self.slots and length <= self.length:
+            return
+        new_slots = max(self.slots, 4)
+        while new_slots < slots:
+            new_slots *= 2
+        new_len = max(self.length, 64)
+        while new_len < length:
+            new_len *= 2
+        new_len = max(min(new_len, self.max_len), length)
+        for store in (self.k, self.v):
+            for i, t in store.items():
+                grown = t.new_zeros(new_slots, t.shape[1], new_len, t.shape[3])
+                grown[: t.shape[0], :, : t.shape[2]] = t
+                store[i] = grown
+        self.slots, self.length = new_slots, new_len
+
+    def clear(self) -> None:
+        self.k.clear()
+        self.v.clear()
+        self.slots = self.length = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k.values(), *self.v.values()))
+
+
+def step_mask(starts: torch.Tensor, T: int, span: int, device) -> torch.Tensor:
+    """[B, 1, T, span] bool: row i's query j (at position starts[i] + j) sees cached positions up to
+    its own."""
+    q = (starts[:, None] + torch.arange(T)[None, :]).to(device)
+    return (torch.arange(span, device=device)[None, None, :] <= q[:, :, None])[:, None]
+
+
+def _hf_mask(base: FrozenBase, mask: torch.Tensor) -> torch.Tensor:
+    """The 4D mask in the form the base's attention implementation takes (sdpa: bool; eager and
+    others: additive float)."""
+    if getattr(base.model.config, "_attn_implementation", "sdpa") == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=base.dtype, device=mask.device).masked_fill(~mask, torch.finfo(base.dtype).min)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests and their rows.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """What one generation asks for. `on_token(seq, token)` runs on the engine's thread after every
+    token; returning True ends the row (a completed stop string)."""
+
+    prompt: list[int]
+    adapter: Adapter | None = None
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None  # None: fresh entropy for every request
+    alpha: float | None = None  # None: the adapter's own alpha
+    stop_at_eos: bool = True
+    logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the top k
+    deadline: float | None = None  # time.monotonic() after which the row is retired ("timeout")
+    on_token: Callable[["Sequence", int], bool] | None = None
+    label: str = ""  # the adapter's public name, for per-adapter counts
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Sequence:
+    """A request as it moves through the engine, and its result."""
+
+    request: Request
+    id: int = field(default_factory=lambda: next(_ids))
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)  # per token: {"logprob", "top": [(id, logprob)]}
+    finish_reason: str | None = None  # stop, length, cancelled, timeout, error
+    error: str | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    # engine state
+    cancelled: bool = False
+    slot: int = -1  # index into the engine's running rows (and the base KV pools)
+    adapter_slot: int = -1  # slot in the adapter's own KV pool
+    fed: int = 0  # positions in the KV cache
+    pending: int | None = None  # the last sampled token, not yet fed
+    generator: torch.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def decoding(self) -> bool:
+        return self.pending is not None
+
+    def cancel(self) -> None:
+        """Ask the engine to retire this row at its next step (thread-safe)."""
+        self.cancelled = True
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    tokens: int = 0  # generated
+    prompt_tokens: int = 0  # prefilled
+    finished: dict = field(default_factory=dict)  # finish_reason -> count
+    adapter_rows: dict = field(default_factory=dict)  # adapter name -> rows admitted
+
+
+class _AdapterSlots:
+    """The KV pool of one transformer adapter and which of its slots are free."""
+
+    def __init__(self, max_len: int):
+        self.pool = KVPool(max_len)
+        self.free: list[int] = []
+        self.used = 0
+
+    def take(self) -> int:
+        if self.free:
+            return self.free.pop()
+        self.used += 1
+        return self.used - 1
+
+    def give(self, slot: int) -> None:
+        self.free.append(slot)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine.
+# ---------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Iteration-level scheduler over one base (or several, for mixed-base adapters).
+
+    Not thread-safe by itself except `submit` and `Sequence.cancel`: one thread calls `step()`
+    (serve/engine.py runs that loop for a Serve replica; `run` does it for offline generation).
+    """
+
+    def __init__(self, bases: FrozenBase | list[FrozenBase], max_rows: int = 32, prefill_tokens: int = 512,
+                 max_len: int | None = None):
+        self.bases = bases if isinstance(bases, list) else [bases]
+        base = self.base = self.bases[0]
+        self.max_rows, self.prefill_tokens = max_rows, max(1, prefill_tokens)
+        context = int(getattr(base.model.config, "max_position_embeddings", 0) or 1 << 20)
+        self.max_len = min(max_len or context, context)
+        self.pad, self.eos = base.tokenizer.pad_token_id, base.tokenizer.eos_token_id
+        self.pools = [KVPool(self.max_len) for _ in self.bases]
+        self.adapter_slots: dict[int, _AdapterSlots] = {}
+        self.inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self.waiting: deque[Sequence] = deque()
+        self.rows: list[Sequence] = []  # running, in slot order: decoding rows first, then prefilling
+        self.decoding = 0  # rows[:decoding] decode; rows[decoding:] are still prefilling
+        self.stats = EngineStats()
+        self.lock = threading.Lock()  # held for the length of a step (stats readers take it too)
+
+    # -- requests -----------------------------------------------------------------------------
+    def submit(self, request: Request) -> Sequence:
+        """Queue a request (thread-safe); it is admitted at a coming step."""
+        seq = Sequence(request)
+        self.inbox.put(seq)
+        return seq
+
+    def has_work(self) -> bool:
+        return bool(self.rows or self.waiting or not self.inbox.empty())
+
+    def run(self, requests: list[Request]) -> list[Sequence]:
+        """Offline: submit everything, step until all are done, return the sequences in order."""
+        seqs = [self.submit(r) for r in requests]
+        while not all(s.done for s in seqs):
+            self.step()
+        return seqs
+
+    # -- one step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Retire, admit, decode one token per running row, prefill within the budget.
+        Returns the sequences that finished during this step."""
+        with self.lock:
+            finished: list[Sequence] = []
+            self._take_inbox()
+            self._retire_cancelled(finished)
+            self._admit(finished)
+            if self.decoding:
+                rows = self.rows[: self.decoding]
+                self._forward(rows, [[s.pending] for s in rows], finished)
+            chunks = self._prefill_chunks()
+            if chunks:
+                self.stats.prompt_tokens += sum(len(c) for _, c in chunks)
+                self._forward([s for s, _ in chunks], [c for _, c in chunks], finished)
+            for seq in finished:
+                if seq.slot >= 0:
+                    self._release(seq)
+            self.stats.steps += 1
+            for seq in finished:
+                self.stats.finished[seq.finish_reason] = self.stats.finished.get(seq.finish_reason, 0) + 1
+            if not self.rows:  # idle: give the KV memory back
+                for pool in self.pools:
+                    pool.clear()
+                self.adapter_slots.clear()
+            return finished
+
+    def abort_all(self, reason: str) -> list[Sequence]:
+        """End every waiting and running row with an error and reset the KV memory (after a step
+        failed midway, the rows' caches cannot be trusted). Returns the rows ended."""
+        with self.lock:
+            self._take_inbox()
+            ended = [s for s in [*self.rows, *self.waiting] if not s.done]
+            for s in ended:
+                s.finish_reason, s.error = "error", reason
+                s.slot = -1
+            self.rows, self.waiting, self.decoding = [], deque(), 0
+            for pool in self.pools:
+                pool.clear()
+            self.adapter_slots.clear()
+            return ended
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                self.waiting.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _retire_cancelled(self, finished: list[Sequence]) -> None:
+        """Cancelled rows and rows past their deadline leave before this step's forwards."""
+        now = time.monotonic()
+        for seq in [*self.rows, *self.waiting]:
+            if seq.cancelled:
+                seq.finish_reason = "cancelled"
+            elif seq.request.deadline is not None and now > seq.request.deadline:
+                seq.finish_reason = "timeout"
+            else:
+                continue
+            finished.append(seq)
+            if seq.slot >= 0:
+                self._release(seq)
+        self.waiting = deque(s for s in self.waiting if not s.done)
+
+    def _admit(self, finished: list[Sequence]) -> None:
+        while self.waiting and len(self.rows) < self.max_rows:
+            seq = self.waiting.popleft()
+            r = seq.request
+            if not r.prompt or len(r.prompt) + max(r.max_tokens, 1) > self.max_len:
+                seq.finish_reason, seq.error = "error", (
+                    f"prompt ({len(r.prompt)} tokens) plus max_tokens ({r.max_tokens}) exceeds the context of "
+                    f"{self.max_len}" if r.prompt else "the prompt is empty")
+                finished.append(seq)
+                continue
+            seq.generator = torch.Generator(device="cpu")
+            seq.generator.manual_seed(r.seed if r.seed is not None else secrets.randbits(63))
+            seq.slot = len(self.rows)
+            self.rows.append(seq)
+            name = r.label or ("adapter" if r.adapter is not None else "base")
+            self.stats.adapter_rows[name] = self.stats.adapter_rows.get(name, 0) + 1
+            if r.adapter is not None:
+                if r.adapter.carryon.uses_cache:
+                    slots = self.adapter_slots.setdefault(id(r.adapter), _AdapterSlots(self.max_len))
+                    seq.adapter_slot = slots.take()
+
+    def _prefill_chunks(self) -> list[tuple[Sequence, list[int]]]:
+        """Prompt chunks for this step: prefilling rows in admission order until the token budget
+        is spent (the first row always makes progress)."""
+        budget, chunks = self.prefill_tokens, []
+        for seq in self.rows[self.decoding:]:
+            if budget <= 0:
+                break
+            if seq.done:
+                continue
+            take = min(len(seq.request.prompt) - seq.fed, budget)
+            chunks.append((seq, seq.request.prompt[seq.fed : seq.fed + take]))
+            budget -= take
+        return chunks
+
+    # -- the forward ----------------------------------------------------------------------------
+    def _forward(self, seqs: list[Sequence], feeds: list[list[int]], finished: list[Sequence]) -> None:
+        """One forward over `seqs` (a contiguous range of slots), feeding each its tokens; rows
+        whose feed ends their prompt, and decoding rows, get a next token."""
+        base, device = self.base, self.base.device
+        B, T = len(seqs), max(len(f) for f in feeds)
+        ids = torch.full((B, T), self.pad, dtype=torch.long)
+        for i, f in enumerate(feeds):
+            ids[i, : len(f)] = torch.tensor(f)
+        starts = torch.tensor([s.fed for s in seqs])
+        positions = (starts[:, None] + torch.arange(T)[None, :]).to(device)
+        span = int(starts.max()) + T
+        mask = step_mask(starts, T, span, device)
+        slots = [s.slot for s in seqs]
+        adapters = [s.request.adapter for s in seqs]
+        shallow = sorted({k for a in adapters if a is not None for k in a.shallow})
+        n_bases = max([1] + [a.num_bases for a in adapters if a is not None])
+        states = []
+        for b in range(n_bases):  # every base once for the whole batch
+            self.pools[b].bind(slots, starts, T)
+            st, _ = self.bases[b].hidden_states(ids.to(device), _hf_mask(self.bases[b], mask), shallow,
+                                                past_key_values=self.pools[b], position_ids=positions, use_cache=True)
+            states.append(st)
+        for s, f in zip(seqs, feeds):
+            s.fed += len(f)
+        last = torch.tensor([len(f) - 1 for f in feeds], device=device)
+        want = [i for i, s in enumerate(seqs) if s.decoding or s.fed == len(s.request.prompt)]
+        x = states[0][0]
+        out = x[torch.arange(B, device=device), last]  # each row's final state at its last fed token
+        # Each adapter's rows through its carry-on (all of them: a transformer carry-on must see
+        # every prompt token for its cache); rows whose head is the base's own share one projection.
+        groups: dict[int, list[int]] = {}
+        for i, a in enumerate(adapters):
+            if a is not None:
+                groups.setdefault(id(a), []).append(i)
+        own_head = torch.ones(B, dtype=torch.bool)
+        for rows in groups.values():
+            a = adapters[rows[0]]
+            r = torch.tensor(rows, device=device)
+            pick = [0] + [1 + shallow.index(k) for k in a.shallow]
+            srcs = [[br.roundtrip(st[j][r]) for br, j in zip(brs, pick)] for brs, st in zip(a.bridges, states)]
+            cache = None
+            if a.carryon.uses_cache:
+                pool = self.adapter_slots[id(a)].pool
+                pool.bind([seqs[i].adapter_slot for i in rows], starts[rows], T)
+                cache = pool
+            alpha = torch.tensor([a.alpha if seqs[i].request.alpha is None else seqs[i].request.alpha for i in rows])
+            group_span = int(starts[rows].max()) + T  # the group's own cache is only this long
+            res = a.carryon(srcs, residual=x[r], positions=positions[r], cache=cache,
+                            attn_mask=mask[r][..., :group_span], alpha=alpha)
+            res = res[torch.arange(len(rows), device=device), last[r]]
+            out[r] = res.to(out.dtype)
+            if not (isinstance(a.carryon.head, InheritedHead) and a.carryon.head.weight is base.head_weight):
+                own_head[rows] = False  # projected by the adapter's own head below
+        if not want:
+            return
+        w = torch.tensor(want, device=device)
+        logits = torch.empty(len(want), base.vocab_size, dtype=torch.float32)
+        shared = [j for j, i in enumerate(want) if own_head[i]]
+        if shared:
+            logits[shared] = F.linear(out[w[shared]].to(base.head_weight.dtype), base.head_weight,
+                                      base.head_bias).float().cpu()
+        for j, i in enumerate(want):
+            if not own_head[i]:
+                logits[j] = adapters[i].carryon.logits(out[i : i + 1]).float().cpu()[0]
+        self._sample([seqs[i] for i in want], logits, finished)
+
+    # -- sampling -------------------------------------------------------------------------------
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, finished: list[Sequence]) -> None:
+        """A next token per row, each with its own parameters and generator; whatever fails for
+        one row (a broken adapter's NaN logits) ends that row alone."""
+        greedy = torch.tensor([s.request.temperature < MIN_TEMPERATURE for s in seqs])
+        best = logits.argmax(-1)
+        now = time.monotonic()
+        for j, seq in enumerate(seqs):
+            r = seq.request
+            try:
+                row = logits[j]
+                if torch.isnan(row).any() or not torch.isfinite(row).any():
+                    raise FloatingPointError("the model produced NaN or no finite logit")
+                token = int(best[j]) if greedy[j] else sample(row, r.temperature, r.top_p, seq.generator)
+                if r.logprobs is not None:
+                    lp = torch.log_softmax(row, -1)
+                    entry = {"logprob": float(lp[token])}
+                    if r.logprobs:
+                        top = lp.topk(r.logprobs)
+                        entry["top"] = list(zip(top.indices.tolist(), top.values.tolist()))
+                    seq.logprobs.append(entry)
+            except (RuntimeError, FloatingPointError, ValueError) as exc:
+                seq.finish_reason, seq.error = "error", f"sampling failed: {exc}"
+                finished.append(seq)
+                continue
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+                i = seq.slot
+                if i >= self.decoding:  # prompt done: move into the decoding range
+                    self._swap(i, self.decoding)
+                    self.decoding += 1
+            seq.tokens.append(token)
+            seq.pending = token
+            self.stats.tokens += 1
+            stop = False
+            if r.on_token is not None:
+                try:
+                    stop = bool(r.on_token(seq, token))
+                except Exception as exc:  # noqa: BLE001 - a callback's failure ends its own row only
+                    seq.finish_reason, seq.error = "error", f"token callback failed: {exc}"
+                    finished.append(seq)
+                    continue
+            if stop or (r.stop_at_eos and token == self.eos):
+                seq.finish_reason = "stop"
+            elif len(seq.tokens) >= r.max_tokens or seq.fed + 1 >= self.max_len:
+                seq.finish_reason = "length"
+            if seq.done:
+                finished.append(seq)
+
+    # -- slots ----------------------------------------------------------------------------------
+    def _swap(self, i: int, j: int) -> None:
+        if i == j:
+            return
+        a, b = self.rows[i], self.rows[j]
+        upto = max(a.fed, b.fed)
+        for pool in self.pools:
+            pool.swap(i, j, upto)
+        self.rows[i], self.rows[j] = b, a
+        a.slot, b.slot = j, i
+
+    def _release(self, seq: Sequence) -> None:
+        """Take a row out of the running set, keeping decoding rows first and slots compact."""
+        i = seq.slot
+        if i < self.decoding:  # fill its place from the end of the decoding range ...
+            self._swap(i, self.decoding - 1)
+            self.decoding -= 1
+            i = self.decoding
+        self._swap(i, len(self.rows) - 1)  # ... and that place from the end of the prefilling range
+        self.rows.pop()
+        seq.slot = -1
+        a = seq.request.adapter
+        if a is not None and seq.adapter_slot >= 0:
+            slots = self.adapter_slots.get(id(a))
+            if slots is not None:
+                slots.give(seq.adapter_slot)
+            seq.adapter_slot = -1
+
+    def kv_bytes(self) -> int:
+        return sum(p.nbytes() for p in self.pools) + sum(s.pool.nbytes() for s in self.adapter_slots.values())
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """One token from a row of logits: nucleus sampling at `temperature`. Safe for every valid
+    parameter: the most likely token always stays in the nucleus (top_p may round to 0)."""
+    probs = torch.softmax(logits.float() / max(temperature, MIN_TEMPERATURE), -1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+
+
+# ---------------------------------------------------------------------------------------------
+# The user-facing model and the many-adapter helper, both over the engine.
+# ---------------------------------------------------------------------------------------------
+
+
 def generate_mixed(bases: FrozenBase | list[FrozenBase], prompts: list[list[int]], adapters: list[Adapter | None],
                    max_new_tokens: list[int] | int = 64, temperature: list[float] | float = 0.0,
                    top_p: list[float] | float = 1.0, seeds: list[int | None] | None = None,
-                   alphas: list[float | None] | None = None, stop_at_eos: bool = True,
-                   on_token=None) -> list[list[int]]:
-    """Generate for rows that may each use a different adapter (None = the bare base).
-
-    Per decoding step: one base forward for the whole batch (its KV cache shared), then one
-    carry-on forward per distinct adapter over its rows (each with its own KV cache). `bases`
-    beyond the first (model mixing) also run once per step for the whole batch when an adapter in
-    it mixes them. Greedy output for a row equals `CarryOnModel.generate` with that row's adapter
-    alone. `on_token(row, token)` is called as tokens are produced (streaming); when it returns
-    True that row stops (e.g. a stop string was completed).
-    """
+                   alphas: list[float | None] | None = None, stop_at_eos: bool = True) -> list[list[int]]:
+    """Generate for rows that may each use a different adapter (None = the bare base): one base
+    forward per step for every row, one carry-on forward per adapter. Greedy output for a row
+    equals `CarryOnModel.generate` with that row's adapter alone."""
     n = len(prompts)
-    per = lambda v, d=None: list(v) if isinstance(v, (list, tuple)) else [v if v is not None else d] * n  # noqa: E731
-    max_new, temps, tops = per(max_new_tokens), per(temperature), per(top_p)
-    seeds, alphas = per(seeds), per(alphas)
-    gens = []
-    for s in seeds:
-        g = torch.Generator(device="cpu")
-        if s is not None:
-            g.manual_seed(s)
-        gens.append(g)
-    bases = bases if isinstance(bases, list) else [bases]
-    base = bases[0]
-    n_bases = max([1] + [a.num_bases for a in adapters if a is not None])
-    device = base.device
-    pad, eos = base.tokenizer.pad_token_id, base.tokenizer.eos_token_id
-    # Rows sharing an adapter (and an alpha) form one carry-on group.
-    groups: dict[tuple, list[int]] = {}
-    for i, (a, al) in enumerate(zip(adapters, alphas)):
-        groups.setdefault((id(a) if a is not None else None, al), []).append(i)
-    shallow = sorted({k for a in adapters if a is not None for k in a.shallow})
-    T = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (T - len(p)) + list(p) for p in prompts])
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts]).to(device)
-    base_caches, carry_caches = [None] * n_bases, {key: None for key in groups}
-    out: list[list[int]] = [[] for _ in prompts]
-    done = [False] * n
-    feed = ids
-    for _step in range(max(max_new)):
-        Tn = feed.shape[1]
-        positions = positions_from_mask(mask)[:, -Tn:]
-        all_states = []
-        for b in range(n_bases):  # every base once per step for the whole batch
-            st, base_caches[b] = bases[b].hidden_states(feed.to(device), mask, shallow, past_key_values=base_caches[b],
-                                                        position_ids=positions, use_cache=True)
-            all_states.append(st)
-        states = all_states[0]
-        x = states[0]
-        logits = torch.empty(n, base.vocab_size, dtype=torch.float32)
-        # Rows whose head is the base's own (bare base, inherited-head adapters) share one head
-        # projection: the vocabulary matmul is the largest per-step cost after the base itself.
-        shared_rows, shared_x = [], []
-        for key, rows in groups.items():
-            a = adapters[rows[0]]
-            r = torch.tensor(rows, device=device)
-            if a is None:
-                shared_rows += rows
-                shared_x.append(x[r, -1])
-                continue
-            srcs = [[br.roundtrip(s[r]) for br, s in zip(brs, [st[0]] + [st[1 + shallow.index(k)] for k in a.shallow])]
-                    for brs, st in zip(a.bridges, all_states)]
-            res, carry_caches[key] = a.carryon(srcs, residual=x[r], positions=positions[r], key_mask=mask[r],
-                                               caches=carry_caches[key], alpha=key[1])
-            if isinstance(a.carryon.head, InheritedHead) and a.carryon.head.weight is base.head_weight:
-                shared_rows += rows
-                shared_x.append(res[:, -1].to(base.head_weight.dtype))
-            else:
-                logits[rows] = a.carryon.logits(res[:, -1]).float().cpu()
-        if shared_rows:
-            logits[shared_rows] = F.linear(torch.cat(shared_x), base.head_weight, base.head_bias).float().cpu()
-        nxt = torch.zeros(n, dtype=torch.long)
-        for i in range(n):
-            nxt[i] = sample(logits[i : i + 1], temps[i], tops[i], gens[i])[0]
-            if not done[i]:
-                out[i].append(int(nxt[i]))
-                stop = on_token(i, int(nxt[i])) if on_token is not None else False
-                done[i] = bool(stop) or (stop_at_eos and int(nxt[i]) == eos) or len(out[i]) >= max_new[i]
-        if all(done):
-            break
-        feed = nxt[:, None]
-        mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], 1)
-    return out
+
+    def per(v, default=None):
+        return list(v) if isinstance(v, (list, tuple)) else [v if v is not None else default] * n
+
+    reqs = [Request(list(p), a, m, t, tp, s, al, stop_at_eos)
+            for p, a, m, t, tp, s, al in zip(prompts, adapters, per(max_new_tokens), per(temperature), per(top_p),
+                                             per(seeds), per(alphas))]
+    engine = Engine(bases, max_rows=max(1, n), prefill_tokens=max(sum(len(p) for p in prompts), 1))
+    return [s.tokens for s in engine.run(reqs)]
+
+
+class CarryOnModel:
+    """A frozen base (or several) plus an optional carry-on adapter."""
+
+    def __init__(self, bases: list[FrozenBase], carryon: CarryOn | None = None,
+                 bridges: Bridges | Bridge | None = None, shallow: list[int] | tuple[int, ...] = (),
+                 config: dict | None = None):
+        self.bases = bases
+        self.adapter: Adapter | None = None
+        if carryon is not None:
+            shallow = list(shallow)
+            if bridges is None or isinstance(bridges, Bridge):  # one bridge for every stream
+                one = bridges or Bridge(0)
+                bridges = [[one] * (1 + len(shallow)) for _ in range(len(carryon.dims))]
+            self.adapter = Adapter(carryon.to(bases[0].device), bridges, shallow, config or {})
+
+    @property
+    def carryon(self) -> CarryOn | None:
+        return self.adapter.carryon if self.adapter else None
+
+    @property
+    def base(self) -> FrozenBase:
+        return self.bases[0]
+
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
+
+    @classmethod
+    def from_pretrained(cls, base: FrozenBase | str | BaseModelConfig | list, adapter: str | Path | None = None):
+        """Load the base(s) if needed and attach the adapter (checked against their fingerprints).
+        `adapter` is a directory or a URI such as models:/NAME@ALIAS."""
+        bases = base if isinstance(base, list) else [base]
+        bases = [b if isinstance(b, FrozenBase) else FrozenBase.load(b) for b in bases]
+        model = cls(bases)
+        if adapter is not None:
+            model.adapter = Adapter.load(bases, adapter)
+        return model
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               alpha: float | None = None) -> torch.Tensor:
+        """Full-sequence logits [B, T, V] of base + carry-on, one forward, no cache (left padding
+        allowed: positions follow the mask)."""
+        base = self.base
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        positions = positions_from_mask(mask).to(base.device)
+        a = self.adapter
+        shallow = a.shallow if a else []
+        states = [b.hidden_states(input_ids, mask, shallow, position_ids=positions)[0] for b in self.bases[: a.num_bases if a else 1]]
+        x = states[0][0]
+        if a is None:
+            return F.linear(x, base.head_weight, base.head_bias)
+        sources = [[br.roundtrip(s) for br, s in zip(brs, st)] for brs, st in zip(a.bridges, states)]
+        out = a.carryon(sources, residual=x, positions=positions, key_mask=mask.to(base.device), alpha=alpha)
+        return a.carryon.logits(out)
+
+    def generate(self, prompts: list[list[int]] | torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, alpha: float | None = None,
+                 stop_at_eos: bool = True) -> list[list[int]]:
+        """New token ids for each prompt (greedy when temperature == 0), through the decode engine.
+        With a seed, row i samples with seed + i (rows are independent)."""
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        seeds = [None if seed is None else seed + i for i in range(len(prompts))]
+        return generate_mixed(self.bases, prompts, [self.adapter] * len(prompts), max_new_tokens, temperature, top_p,
+                              seeds, [alpha] * len(prompts), stop_at_eos)

@@ -53,13 +53,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def attend(q, k, v, key_mask=None):
-    """Causal attention of T queries over S >= T keys (the last T keys are the queries' own
-    positions; earlier ones come from the cache), skipping padded keys."""
+def attend(q, k, v, key_mask=None, attn_mask=None):
+    """Causal attention of the T queries over their sequence's keys.
+
+    Without a cache the keys are the queries' own positions, and `key_mask` ([B, S], 1 = real)
+    hides padding. With a KV cache the decode engine passes `attn_mask` itself ([B, 1, T, S] bool,
+    True = may attend): each row's queries sit at their own positions inside the cache."""
+    if attn_mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     T, S = q.shape[2], k.shape[2]
     if key_mask is None and S == T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    # Query i (absolute index S - T + i) sees keys j <= that index that are not padding.
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
     if key_mask is not None:
         mask = mask & key_mask[:, None, None, :S].bool()
@@ -68,6 +72,8 @@ def attend(q, k, v, key_mask=None):
 
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads and an optional KV cache."""
+
+    layer_id = 0  # this layer's index in the carry-on's KV cache (set by CarryOn)
 
     def __init__(self, cfg: ArchConfig):
         super().__init__()
@@ -78,19 +84,17 @@ class Attention(nn.Module):
         self.kv = nn.Linear(cfg.width, 2 * cfg.kv_heads * self.head_dim, bias=False)
         self.o = nn.Linear(cfg.heads * self.head_dim, cfg.width, bias=False)
 
-    def forward(self, h, positions, key_mask=None, cache=None):
+    def forward(self, h, positions, key_mask=None, cache=None, attn_mask=None):
         B, T, _ = h.shape
         q = self.q(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(h).view(B, T, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         cos, sin = rope(positions, self.head_dim, self.theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # append this step's keys/values to what earlier steps computed
-            k = torch.cat([cache[0], k], dim=2)
-            v = torch.cat([cache[1], v], dim=2)
-        new_cache = (k, v)
+        if cache is not None:  # store this step's keys/values; get every cached position back
+            k, v = cache.update(k, v, self.layer_id)
         rep = self.heads // self.kv_heads
-        out = attend(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), key_mask)
-        return self.o(out.transpose(1, 2).reshape(B, T, -1)), new_cache
+        out = attend(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), key_mask, attn_mask)
+        return self.o(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class LatentAttention(nn.Module):
@@ -101,6 +105,8 @@ class LatentAttention(nn.Module):
     query and key have a position-free part (from the latents) and a RoPE part: RoPE cannot be
     applied to the latent itself because rotation does not commute with the up-projection.
     Queries may be low-rank too (q_rank)."""
+
+    layer_id = 0  # this layer's index in the carry-on's KV cache (set by CarryOn)
 
     def __init__(self, cfg: ArchConfig):
         super().__init__()
@@ -115,7 +121,7 @@ class LatentAttention(nn.Module):
         self.kv_up = nn.Linear(cfg.kv_rank, cfg.heads * 2 * self.head_dim, bias=False)
         self.o = nn.Linear(cfg.heads * self.head_dim, cfg.width, bias=False)
 
-    def forward(self, h, positions, key_mask=None, cache=None):
+    def forward(self, h, positions, key_mask=None, cache=None, attn_mask=None):
         B, T, _ = h.shape
         H, hd, dr = self.heads, self.head_dim, self.rope_dim
         q = self.q_up(self.q_norm(self.q_down(h)) if self.q_down is not None else h)
@@ -124,16 +130,14 @@ class LatentAttention(nn.Module):
         latent = self.kv_norm(latent)[:, None]  # [B, 1, T, r]: the sequence on dim 2, like k/v caches
         cos, sin = rope(positions, dr, self.theta)
         q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope[:, None], cos, sin)
-        if cache is not None:
-            latent = torch.cat([cache[0], latent], dim=2)
-            k_rope = torch.cat([cache[1], k_rope], dim=2)
-        new_cache = (latent, k_rope)
+        if cache is not None:  # the cache holds the latent and the shared RoPE key, not k and v
+            latent, k_rope = cache.update(latent, k_rope, self.layer_id)
         S = latent.shape[2]
         k_pos_free, v = self.kv_up(latent[:, 0]).view(B, S, H, 2 * hd).transpose(1, 2).split([hd, hd], dim=-1)
         q = torch.cat([q_pos_free, q_rope], dim=-1)
         k = torch.cat([k_pos_free, k_rope.expand(B, H, S, dr)], dim=-1)
-        out = attend(q, k, v, key_mask)
-        return self.o(out.transpose(1, 2).reshape(B, T, -1)), new_cache
+        out = attend(q, k, v, key_mask, attn_mask)
+        return self.o(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class SwiGLU(nn.Module):
@@ -210,11 +214,10 @@ class Block(nn.Module):
         self.moe = cfg.experts > 0
         self.mlp = MoE(cfg) if self.moe else SwiGLU(cfg.width, cfg.mlp_ratio, cfg.mlp_hidden)
 
-    def forward(self, h, positions, key_mask=None, cache=None):
-        a, cache = self.attn(self.norm1(h), positions, key_mask, cache)
-        h = h + a
+    def forward(self, h, positions, key_mask=None, cache=None, attn_mask=None):
+        h = h + self.attn(self.norm1(h), positions, key_mask, cache, attn_mask)
         m = self.mlp(self.norm2(h), key_mask) if self.moe else self.mlp(self.norm2(h))
-        return h + m, cache
+        return h + m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,8 +304,8 @@ class MLPTrunk(nn.Module):
         super().__init__()
         self.inp = nn.Linear(d_in, cfg.width)
 
-    def forward(self, s, positions=None, key_mask=None, cache=None):
-        return F.gelu(self.inp(s)), None  # position-wise: no cache needed
+    def forward(self, s, positions=None, key_mask=None, cache=None, attn_mask=None):
+        return F.gelu(self.inp(s))  # position-wise: no cache needed
 
 
 class TransformerTrunk(nn.Module):
@@ -314,13 +317,11 @@ class TransformerTrunk(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = RMSNorm(cfg.width, cfg.norm_eps)
 
-    def forward(self, s, positions, key_mask=None, cache=None):
+    def forward(self, s, positions, key_mask=None, cache=None, attn_mask=None):
         h = self.inp(s)
-        new_cache = []
-        for i, block in enumerate(self.blocks):
-            h, c = block(h, positions, key_mask, None if cache is None else cache[i])
-            new_cache.append(c)
-        return self.norm(h), new_cache
+        for block in self.blocks:
+            h = block(h, positions, key_mask, cache, attn_mask)
+        return self.norm(h)
 
 
 TRUNKS = {"mlp": MLPTrunk, "transformer": TransformerTrunk}
@@ -380,12 +381,12 @@ class Stage(nn.Module):
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
 
-    def forward(self, sources, positions=None, key_mask=None, cache=None):
-        feats, cache = self.trunk(self.fusion(sources), positions, key_mask, cache)
+    def forward(self, sources, positions=None, key_mask=None, cache=None, attn_mask=None):
+        feats = self.trunk(self.fusion(sources), positions, key_mask, cache, attn_mask)
         dx = self.f(feats)
         if self.g is not None:
             dx = torch.sigmoid(self.g(feats)) * dx
-        return dx, cache
+        return dx
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,6 +455,18 @@ class CarryOn(nn.Module):
         else:
             self.head = NewHead(self.d_res, head.bottleneck, vocab_size)
         self.freeze_earlier_stages()
+        self._number_attention_layers()
+
+    def _number_attention_layers(self) -> None:
+        """Give every attention layer, across stages, its own index in a KV cache."""
+        layers = [m for m in self.modules() if isinstance(m, (Attention, LatentAttention))]
+        for i, m in enumerate(layers):
+            m.layer_id = i
+
+    @property
+    def uses_cache(self) -> bool:
+        """Whether decoding needs a KV cache (the MLP carry-on is position-wise)."""
+        return self.arch.kind == "transformer"
 
     # -- growing in depth -------------------------------------------------------------------
     def freeze_earlier_stages(self) -> None:
@@ -475,6 +488,7 @@ class CarryOn(nn.Module):
         self.alphas = torch.cat([self.alphas, self.alphas.new_tensor([alpha])])
         self.arch = self.arch.model_copy(update={"stages": len(self.stages)})
         self.freeze_earlier_stages()
+        self._number_attention_layers()
 
     def set_alpha(self, alpha: float, stage: int = -1) -> None:
         self.alphas[stage] = float(alpha)
@@ -484,11 +498,14 @@ class CarryOn(nn.Module):
         return float(self.alphas[-1])
 
     # -- the one forward ----------------------------------------------------------------------
-    def update(self, sources, residual=None, positions=None, key_mask=None, caches=None):
-        """Run all stages; return (x_{T-1}, dx_T, caches).
+    def update(self, sources, residual=None, positions=None, key_mask=None, cache=None, attn_mask=None):
+        """Run all stages; return (x_{T-1}, dx_T).
 
         sources: list over bases of [deep, shallow...] tensors [B, T, d] (what the bridge
         delivers); residual: base 0's exact deep state when known (serving), else sources[0][0].
+        Training and evaluation pass neither positions nor a cache (positions 0..T-1, `key_mask`
+        for padding); the decode engine passes each row's positions, its KV cache (any object with
+        `update(k, v, layer_id) -> (all k, all v)`) and the matching `attn_mask`.
         Splitting off the last stage's dx lets validation score many alphas from one forward.
         """
         dtype = self.stages[0].f.weight.dtype
@@ -496,22 +513,23 @@ class CarryOn(nn.Module):
         x = (sources[0][0] if residual is None else residual).to(dtype)
         if positions is None:
             B, T = x.shape[:2]
-            start = 0 if not caches or caches[-1] is None else caches[-1][0][0].shape[2]
-            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
-        new_caches, dx = [], None
+            positions = torch.arange(T, device=x.device).expand(B, T)
+        dx = None
         for i, stage in enumerate(self.stages):
             if dx is not None:  # previous stage's update joins the residual stream
                 x = x + self.alphas[i - 1] * dx
             srcs = sources if i == 0 else [[x] + sources[0][1:]] + sources[1:]
-            dx, c = stage(srcs, positions, key_mask, None if caches is None else caches[i])
-            new_caches.append(c)
-        return x, dx, new_caches
+            dx = stage(srcs, positions, key_mask, cache, attn_mask)
+        return x, dx
 
-    def forward(self, sources, residual=None, positions=None, key_mask=None, caches=None, alpha=None):
-        """Residual stream after the carry-on: x_T = x_{T-1} + a_T dx_T (feed to `logits`)."""
-        x, dx, caches = self.update(sources, residual, positions, key_mask, caches)
+    def forward(self, sources, residual=None, positions=None, key_mask=None, cache=None, attn_mask=None, alpha=None):
+        """Residual stream after the carry-on: x_T = x_{T-1} + a_T dx_T (feed to `logits`).
+        `alpha` may be a number or a per-row tensor [B] (rows of different requests)."""
+        x, dx = self.update(sources, residual, positions, key_mask, cache, attn_mask)
         a = self.alphas[-1] if alpha is None else alpha
-        return x + a * dx, caches
+        if isinstance(a, torch.Tensor) and a.dim() == 1:
+            a = a.to(dx)[:, None, None]
+        return x + a * dx
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x)

@@ -137,7 +137,7 @@ def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, 
     carryon: CarryOn = getattr(model, "module", model)
     carryon.train()
     routed = key_mask is not None and carryon.arch.experts > 0
-    x, _ = model(sources, key_mask=key_mask.to(sources[0][0].device) if routed else None)
+    x = model(sources, key_mask=key_mask.to(sources[0][0].device) if routed else None)
     balance = carryon.balance_loss()  # 0 unless the carry-on routes over experts
     if replay is None or not bool(replay.any()):
         h, y = select_targets(x, labels)
@@ -211,7 +211,7 @@ def evaluate(carryon: CarryOn, batches_: Iterable[tuple[list, torch.Tensor]], al
     sums = {a: 0.0 for a in alphas}
     count = 0
     for sources, labels in batches_:
-        x, dx, _ = carryon.update(sources)
+        x, dx = carryon.update(sources)
         hx, y = select_targets(x, labels)
         hd, _ = select_targets(dx, labels)
         count += y.numel()

@@ -1,9 +1,12 @@
 """Who may call which adapter: API keys -> users, and the adapter catalog.
 
-A user sees the bare base, the adapters they own, and shared ones. An adapter that exists but is
-not theirs is reported exactly like one that does not exist, so names of other users' adapters
-cannot be probed. Catalog entries come from the serve config and, for other names, from the MLflow
-model registry (tags carryon.owner / carryon.shared set by the customization job).
+A user sees the bare base, the adapters they own, and shared ones. A lookup first resolves the
+caller's visible catalog (the configured adapters plus the registry listing, filtered by the
+carryon.owner / carryon.shared tags the customization job sets) and only then looks the name up in
+it, so "exists but is not yours" and "does not exist" do the same work and give the same answer:
+names of other users' adapters cannot be probed, not even by timing. Registry answers are kept in
+bounded LRU caches (`registry.cache_size`) for `registry.refresh_s`; one user's lookups never
+decide what another user sees.
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,16 +84,48 @@ class CatalogUnavailable(RuntimeError):
     """The registry could not be asked (answered as 503, never as 'not found')."""
 
 
+class TTLCache:
+    """A bounded LRU of (value, time) entries that expire after `ttl` seconds (thread-safe)."""
+
+    def __init__(self, size: int, ttl: float):
+        self.size, self.ttl = size, ttl
+        self._items: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is None or time.monotonic() - hit[1] >= self.ttl:
+                return None
+            self._items.move_to_end(key)
+            return hit[0]
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = (value, time.monotonic())
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class Catalog:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
         self.static = {a.name: a for a in cfg.adapters}
-        self._cache: dict[str, tuple[float, dict | None]] = {}
-        self._listing: tuple[float, list[dict]] | None = None
+        reg = cfg.registry
+        self._listing = TTLCache(1, reg.refresh_s)  # the registry's carryon models with their tags
+        self._visible = TTLCache(reg.cache_size, reg.refresh_s)  # user -> names they may call
+        self._versions = TTLCache(reg.cache_size, reg.refresh_s)  # name -> version behind the alias
         self._client = None
+        self.registry_calls = 0  # for tests and stats: what a lookup cost
 
     # -- registry --------------------------------------------------------------------------------
     def _registry(self):
+        if not self.cfg.registry.enabled:
+            return None
         if self._client is None:
             from mlflow.tracking import MlflowClient
 
@@ -98,67 +135,77 @@ class Catalog:
             self._client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         return self._client
 
-    def _registry_entry(self, name: str) -> dict | None:
-        now = time.monotonic()
-        hit = self._cache.get(name)
-        if hit and now - hit[0] < self.cfg.registry.refresh_s:
-            return hit[1]
+    def _registry_models(self) -> dict[str, dict]:
+        """name -> {owner, shared} of every registered model, paged, cached for refresh_s."""
+        cached = self._listing.get("all")
+        if cached is not None:
+            return cached
         client = self._registry()
         if client is None:
-            return None
+            return {}
+        models, token = {}, None
+        try:
+            while True:
+                self.registry_calls += 1
+                page = client.search_registered_models(max_results=1000, page_token=token)
+                for m in page:
+                    if valid_name(m.name) and m.name not in self.static:
+                        models[m.name] = {"owner": m.tags.get("carryon.owner"),
+                                          "shared": m.tags.get("carryon.shared") == "true"}
+                token = getattr(page, "token", None)
+                if not token:
+                    break
+        except Exception as exc:  # noqa: BLE001 - any registry failure is "unavailable", never "not found"
+            raise CatalogUnavailable(f"model registry unavailable: {type(exc).__name__}") from None
+        self._listing.put("all", models)
+        return models
+
+    def _version(self, name: str) -> str:
+        cached = self._versions.get(name)
+        if cached is not None:
+            return cached
         from mlflow.exceptions import MlflowException
 
         try:
-            rm = client.get_registered_model(name)
-            mv = client.get_model_version_by_alias(name, self.cfg.registry.alias)
-            entry = {"owner": rm.tags.get("carryon.owner"), "shared": rm.tags.get("carryon.shared") == "true",
-                     "version": mv.version}
+            self.registry_calls += 1
+            version = self._registry().get_model_version_by_alias(name, self.cfg.registry.alias).version
         except MlflowException as exc:
-            if getattr(exc, "error_code", "") not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise CatalogUnavailable(f"model registry unavailable: {exc.error_code}") from None
-            entry = None
+            if getattr(exc, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise LookupError(name) from None  # listed, but the alias is not set (yet)
+            raise CatalogUnavailable(f"model registry unavailable: {exc.error_code}") from None
         except OSError as exc:
             raise CatalogUnavailable(f"model registry unavailable: {type(exc).__name__}") from None
-        self._cache[name] = (now, entry)
-        return entry
+        self._versions.put(name, str(version))
+        return str(version)
 
     # -- lookups ---------------------------------------------------------------------------------
     @staticmethod
     def _allowed(user: str, owner: str | None, shared: bool) -> bool:
         return shared or (owner is not None and owner == user and user != ANONYMOUS)
 
+    def visible(self, user: str) -> list[str]:
+        """The adapter names `user` may call, sorted."""
+        names = self._visible.get(user)
+        if names is None:
+            names = {a.name for a in self.cfg.adapters if self._allowed(user, a.owner, a.shared)}
+            names |= {n for n, m in self._registry_models().items() if self._allowed(user, m["owner"], m["shared"])}
+            names = frozenset(names)
+            self._visible.put(user, names)
+        return sorted(names)
+
     def resolve(self, user: str, name: str) -> Resolved | None:
-        """The adapter `name` if `user` may call it; None when it does not exist or is not theirs."""
-        if not valid_name(name):
+        """The adapter `name` if `user` may call it; None when it does not exist or is not theirs
+        (the same work either way: the caller's visible set, then a membership test)."""
+        if not valid_name(name) or name not in self.visible(user):
             return None
         entry = self.static.get(name)
         if entry is not None:
-            ok = self._allowed(user, entry.owner, entry.shared)
-            return Resolved(name, entry.source, name) if ok else None
-        if not self.cfg.registry.enabled:
+            return Resolved(name, entry.source, name)
+        try:
+            version = self._version(name)
+        except LookupError:
             return None
-        reg = self._registry_entry(name)
-        if reg is None or not self._allowed(user, reg["owner"], reg["shared"]):
-            return None
-        return Resolved(name, f"models:/{name}/{reg['version']}", f"{name}@v{reg['version']}")
-
-    def visible(self, user: str) -> list[str]:
-        names = [a.name for a in self.cfg.adapters if self._allowed(user, a.owner, a.shared)]
-        client = self._registry() if self.cfg.registry.enabled else None
-        if client is not None:
-            now = time.monotonic()
-            if self._listing is None or now - self._listing[0] >= self.cfg.registry.refresh_s:
-                try:
-                    models = [{"name": m.name, "owner": m.tags.get("carryon.owner"),
-                               "shared": m.tags.get("carryon.shared") == "true"}
-                              for m in client.search_registered_models(max_results=1000)]
-                except Exception as exc:  # noqa: BLE001 - listing degrades to the static catalog
-                    log.warning("registry listing failed: %s", exc)
-                    models = []
-                self._listing = (now, models)
-            names += [m["name"] for m in self._listing[1]
-                      if m["name"] not in self.static and valid_name(m["name"]) and self._allowed(user, m["owner"], m["shared"])]
-        return sorted(set(names))
+        return Resolved(name, f"models:/{name}/{version}", f"{name}@v{version}")
 
 
 def keys_summary(keys: dict[str, str]) -> str:

@@ -1,26 +1,31 @@
-"""The model side of serving, free of Ray: tokenization, adapters, and one batched generation.
+"""The model side of serving, free of Ray: one decode engine per replica, owned by one thread.
 
-A replica owns one `Engine`: the frozen base (loaded once), the chat template, and `run(rows)`,
-which decodes a batch of requests that may each name a different adapter through
-`generate_mixed` (one base forward per step for the whole batch). Text comes out incrementally:
-`TextStream` turns token ids into text deltas, holding back an unfinished UTF-8 character and any
-tail that could still become a stop string, and ends the row when a stop string completes.
+`ServingEngine` holds the frozen base(s), tokenizes requests, loads adapters, and runs the core's
+`Engine` (carryon_ray/generation.py: iteration-level scheduling, per-row KV memory) in a thread
+that steps while any row is waiting or running. Requests come in from the replica's event loop
+through `submit`, which returns a `Generation`: an async iterator of text deltas ending in the
+result. Text comes out incrementally: `TextStream` turns token ids into text deltas, holding back
+an unfinished UTF-8 character and any tail that could still become a stop string, and ends the row
+when a stop string completes. A generation that is cancelled (client gone, request timed out)
+frees its row at the engine's next step.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 from carryon_ray.adapter import AdapterError
 from carryon_ray.base import FrozenBase
-from carryon_ray.generation import Adapter, generate_mixed
+from carryon_ray.generation import Adapter, Engine, Request, Sequence
 
-from .settings import LimitsConfig
+from .protocol import GenerateRequest, GenerateResult, ServeError, StreamDelta, TokenLogprob
+from .settings import EngineConfig, LimitsConfig
 
-
-class RequestError(ValueError):
-    """A request the engine refuses (answered as 4xx with this message)."""
+log = logging.getLogger("carryon.serve")
 
 
 class TextStream:
@@ -65,52 +70,90 @@ class TextStream:
         return delta
 
 
+_END = object()
+
+
 @dataclass
-class Row:
-    """One request in a batch and, after `Engine.run`, its result."""
+class Generation:
+    """One request in flight, seen from the event loop: iterate for StreamDelta items (the last
+    item is the GenerateResult); `cancel()` frees its row at the engine's next step."""
 
-    prompt_ids: list[int]
-    adapter: Adapter | None = None
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    alpha: float | None = None
-    stop: list[str] = field(default_factory=list)
-    on_text: Callable[[str], None] | None = None  # called from the generation thread
-    text: str = ""
-    completion_tokens: int = 0
-    finish_reason: str | None = None
+    prompt_tokens: int
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    seq: Sequence | None = None
+
+    def push(self, item) -> None:  # from the engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def cancel(self) -> None:
+        if self.seq is not None:
+            self.seq.cancel()
+
+    async def stream(self):
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, ServeError):
+                raise item
+            yield item
+            if isinstance(item, GenerateResult):
+                return
+
+    async def result(self) -> GenerateResult:
+        async for item in self.stream():
+            if isinstance(item, GenerateResult):
+                return item
+        raise ServeError(500, "generation ended without a result", "server_error")
 
 
-class Engine:
-    def __init__(self, base: FrozenBase | list[FrozenBase], limits: LimitsConfig):
-        # Mixed-base adapters need every base of their run; all bases share base 0's tokenizer.
-        self.bases = base if isinstance(base, list) else [base]
-        base = self.base = self.bases[0]
-        self.limits = limits
-        self.tokenizer = base.tokenizer
-        self.max_positions = int(getattr(base.model.config, "max_position_embeddings", 0) or 1 << 30)
+class ServingEngine:
+    def __init__(self, bases: list[FrozenBase], limits: LimitsConfig, engine: EngineConfig):
+        self.bases, self.base = bases, bases[0]
+        self.limits, self.cfg = limits, engine
+        self.tokenizer = self.base.tokenizer
+        self.engine = Engine(bases, max_rows=engine.max_rows, prefill_tokens=engine.prefill_tokens)
+        self.max_positions = self.engine.max_len
+        self._pending: dict[int, tuple[Generation, TextStream]] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self.ttft: list[float] = []  # seconds from submission to first token, recent requests
+        self._thread = threading.Thread(target=self._loop, name="carryon-engine", daemon=True)
+        self._thread.start()
 
     # -- prompts ---------------------------------------------------------------------------------
-    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
-        if messages is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise RequestError("this base has no chat template; use /v1/completions")
-            prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        else:
-            ids = self.tokenizer(prompt)["input_ids"]
+    def encode(self, prompt: str | list[int] | None = None, messages: list[dict] | None = None,
+               max_tokens: int = 1) -> list[int]:
+        """Token ids of a prompt (text or ids) or chat messages; ServeError 400 for anything the
+        tokenizer refuses, an empty or over-long prompt, or one that leaves no room for max_tokens."""
+        tok, param = self.tokenizer, "messages" if messages is not None else "prompt"
+        try:
+            if messages is not None:
+                if not getattr(tok, "chat_template", None):
+                    raise ServeError(400, "this base has no chat template; use /v1/completions", param="messages")
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+            elif isinstance(prompt, list):
+                ids = list(prompt)
+                bad = [t for t in ids if not 0 <= t < self.base.vocab_size]
+                if bad:
+                    raise ServeError(400, f"token id {bad[0]} is outside the vocabulary (0..{self.base.vocab_size - 1})",
+                                     param="prompt")
+            else:
+                ids = tok(prompt)["input_ids"]
+        except ServeError:
+            raise
+        except (TypeError, ValueError, UnicodeError) as exc:  # e.g. a lone surrogate in the text
+            raise ServeError(400, f"the {param} cannot be tokenized ({type(exc).__name__}); send valid Unicode text",
+                             param=param) from None
         if not ids:
-            raise RequestError("the prompt is empty")
+            raise ServeError(400, "the prompt is empty", param=param)
         if len(ids) > self.limits.max_prompt_tokens:
-            raise RequestError(f"the prompt has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}")
+            raise ServeError(400, f"the prompt has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}",
+                             param=param)
+        if len(ids) + max_tokens > self.max_positions:
+            raise ServeError(400, f"prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the base's "
+                             f"context of {self.max_positions}", param="max_tokens")
         return ids
-
-    def check_length(self, row: Row) -> None:
-        if len(row.prompt_ids) + row.max_tokens > self.max_positions:
-            raise RequestError(f"prompt ({len(row.prompt_ids)} tokens) plus max_tokens ({row.max_tokens}) exceeds "
-                               f"the base's context of {self.max_positions}")
 
     # -- adapters --------------------------------------------------------------------------------
     def load_adapter(self, source: str) -> Adapter:
@@ -123,33 +166,85 @@ class Engine:
             raise AdapterError(f"adapter cannot be fetched: {type(exc).__name__}: {exc}") from None
 
     # -- generation ------------------------------------------------------------------------------
-    def run(self, rows: list[Row]) -> list[Row]:
-        """Decode a batch; fills each row's text, token count and finish reason."""
-        streams = [TextStream(self.tokenizer, r.stop) for r in rows]
-        eos = self.tokenizer.eos_token_id
+    def submit(self, req: GenerateRequest, ids: list[int], adapter: Adapter | None) -> Generation:
+        """Queue one row; the returned Generation streams its text (call from the event loop)."""
+        waiting = self.engine.inbox.qsize() + len(self.engine.waiting)
+        if waiting >= self.cfg.max_waiting and len(self.engine.rows) >= self.cfg.max_rows:
+            raise ServeError(503, "this replica's queue is full; retry shortly", "server_error", code="overloaded",
+                             retry_after=2)
+        gen = Generation(len(ids), asyncio.get_running_loop())
+        text = TextStream(self.tokenizer, req.stop)
 
-        def on_token(i: int, token: int) -> bool:
-            row, ts = rows[i], streams[i]
-            row.completion_tokens += 1
-            if token == eos:
-                row.finish_reason = "stop"
-                delta = ts.flush()
+        def on_token(seq: Sequence, token: int) -> bool:
+            if token == self.engine.eos and seq.request.stop_at_eos:
+                delta = text.flush()
             else:
-                delta = ts.add(token)
-                if ts.stopped:
-                    row.finish_reason = "stop"
-                elif row.completion_tokens >= row.max_tokens:
-                    row.finish_reason = "length"
-                    delta += ts.flush()
-            if delta and row.on_text is not None:
-                row.on_text(delta)
-            return ts.stopped
+                delta = text.add(token)
+            if delta:
+                gen.push(StreamDelta(text=delta))
+            return text.stopped
 
-        generate_mixed(self.bases, [r.prompt_ids for r in rows], [r.adapter for r in rows],
-                       max_new_tokens=[r.max_tokens for r in rows], temperature=[r.temperature for r in rows],
-                       top_p=[r.top_p for r in rows], seeds=[r.seed for r in rows], alphas=[r.alpha for r in rows],
-                       on_token=on_token)
-        for r, ts in zip(rows, streams):
-            r.text = ts.out  # what a streaming client received, exactly
-            r.finish_reason = r.finish_reason or "length"
-        return rows
+        request = Request(ids, adapter, req.max_tokens, req.temperature, req.top_p, req.seed, req.alpha,
+                          stop_at_eos=not req.ignore_eos, logprobs=req.logprobs, deadline=time.monotonic() + self.limits.request_timeout_s,
+                          on_token=on_token, label=req.model)
+        seq = self.engine.submit(request)
+        gen.seq = seq
+        self._pending[seq.id] = (gen, text)
+        self._wake.set()
+        return gen
+
+    def _deliver(self, seq: Sequence) -> None:
+        gen, text = self._pending.pop(seq.id, (None, None))
+        if gen is None:
+            return
+        if seq.first_token_at is not None:
+            self.ttft.append(seq.first_token_at - seq.submitted)
+            del self.ttft[:-1000]
+        if seq.finish_reason == "error":
+            gen.push(ServeError(500, f"generation failed for this request: {seq.error}", "server_error"))
+            return
+        if seq.finish_reason == "timeout":
+            gen.push(ServeError(504, f"generation took longer than limits.request_timeout_s "
+                                     f"({self.limits.request_timeout_s:g}s)", "server_error", code="timeout"))
+            return
+        tail = text.flush()
+        if tail:
+            gen.push(StreamDelta(text=tail))
+        logprobs = None
+        if seq.request.logprobs is not None:
+            dec = lambda t: self.tokenizer.decode([t])  # noqa: E731
+            logprobs = [TokenLogprob(token=dec(t), id=t, logprob=e["logprob"],
+                                     top=[(dec(i), lp) for i, lp in e.get("top", [])])
+                        for t, e in zip(seq.tokens, seq.logprobs)]
+        reason = "length" if seq.finish_reason == "length" else "stop"
+        gen.push(GenerateResult(text=text.out, finish_reason=reason, prompt_tokens=len(seq.request.prompt),
+                                completion_tokens=len(seq.tokens), logprobs=logprobs))
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self.engine.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                finished = self.engine.step()
+            except Exception:  # noqa: BLE001 - a failed step fails the rows in it; the replica stays up
+                log.exception("decode step failed; ending the requests in flight")
+                finished = self.engine.abort_all("the decode step failed")
+            for seq in finished:
+                self._deliver(seq)
+
+    def stats(self) -> dict:
+        e = self.engine
+        with e.lock:
+            ttft = sorted(self.ttft)
+            return {"running_rows": len(e.rows), "decoding_rows": e.decoding,
+                    "waiting": len(e.waiting) + e.inbox.qsize(), "steps": e.stats.steps,
+                    "generated_tokens": e.stats.tokens, "prompt_tokens": e.stats.prompt_tokens,
+                    "finished": dict(e.stats.finished), "adapter_rows": dict(e.stats.adapter_rows),
+                    "kv_bytes": e.kv_bytes(), "max_rows": e.max_rows,
+                    "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None}
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()

@@ -52,8 +52,12 @@ class RegistryConfig(Strict):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI.")
     alias: str = Field("current", description="Registry alias served for a registered model NAME.")
     refresh_s: float = Field(
-        30.0, ge=0, description="How long a registry answer (owner tags, alias -> version) is reused; "
-        "a moved alias is served within this time."
+        30.0, ge=0, description="How long a registry answer (the listing with owner tags, alias -> version) is "
+        "reused; a moved alias is served within this time."
+    )
+    cache_size: int = Field(
+        1024, ge=1, description="Entries kept in each registry lookup cache (per-user visible sets, alias -> "
+        "version), least recently used evicted."
     )
 
 
@@ -77,25 +81,37 @@ class AuthConfig(Strict):
 
 
 class LimitsConfig(Strict):
-    """What one request may ask for."""
+    """What one request (and one key) may ask for: no request can hold a replica."""
 
     max_tokens: int = Field(256, ge=1, description="Largest max_tokens a request may set (also the default cap).")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when the request omits it (capped at max_tokens).")
-    max_prompt_tokens: int = Field(2048, ge=1, description="Longest prompt, in tokens after the chat template.")
+    max_prompt_tokens: int = Field(1024, ge=1, description="Longest prompt, in tokens after the chat template.")
+    max_request_prompt_tokens: int = Field(
+        2048, ge=1, description="Prompt tokens of one request, all its prompts and choices together.")
     max_prompt_chars: int = Field(32_000, ge=1, description="Longest prompt text, checked before tokenizing.")
     max_stop: int = Field(4, ge=0, description="Most stop strings per request.")
     max_prompts: int = Field(8, ge=1, description="Most prompts in one /v1/completions request (list form).")
+    max_n: int = Field(4, ge=1, description="Most choices (n) per prompt.")
     alpha_max: float = Field(2.0, ge=0, description="Upper bound of the carryon_alpha override.")
-    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body.")
+    max_body_bytes: int = Field(
+        1_000_000, ge=1024, description="Largest request body; enforced while the body streams in (chunked bodies "
+        "included), after the key is checked.")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="A request still generating after this long is ended (504); its row is freed.")
+    max_concurrent_per_key: int = Field(
+        16, ge=1, description="Requests one API key may have in flight per gateway replica; more answer 429 with "
+        "Retry-After.")
 
 
-class BatchingConfig(Strict):
-    """Cross-user batching inside one replica (one base forward per decoding step for the batch)."""
+class EngineConfig(Strict):
+    """The decode engine of each replica: iteration-level scheduling over one base."""
 
-    max_batch_size: int = Field(16, ge=1, description="Most requests decoded together.")
-    batch_wait_timeout_s: float = Field(
-        0.02, ge=0, description="How long the first request of a batch waits for others to join."
-    )
+    max_rows: int = Field(32, ge=1, description="Rows decoded together in one step (one base forward for all).")
+    prefill_tokens: int = Field(
+        256, ge=1, description="Prompt tokens prefilled per step: a long prompt is fed in chunks of at most this many, "
+        "so it delays every running row's next token by at most one such chunk.")
+    max_waiting: int = Field(
+        512, ge=0, description="Requests queued for a row beyond max_rows; more answer 503 with Retry-After.")
 
 
 class ReplicaConfig(Strict):
@@ -137,7 +153,7 @@ class ServeConfig(Strict):
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow registry discovery.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Request limits.")
-    batching: BatchingConfig = Field(default_factory=BatchingConfig, description="Cross-user batching.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="The replicas' decode engine.")
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig, description="Model replicas.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="HTTP ingress.")
 

@@ -29,10 +29,10 @@ def test_round_trip_gives_identical_outputs(adapter, tiny_base):
     loaded = CarryOnModel.from_pretrained(tiny_base, path)
     ids, mask = batch(tiny_base.tokenizer)
     assert loaded.carryon.alpha == pytest.approx(0.8)
-    for got, want in zip(loaded.bridges[0], original.bridges[0]):  # deep and layer-0 streams
+    for got, want in zip(loaded.adapter.bridges[0], original.adapter.bridges[0]):  # deep and layer-0 streams
         assert got.bits == 4 and torch.equal(got.projection, want.projection)
         assert torch.equal(got.channel_scale, want.channel_scale)
-    assert not torch.equal(loaded.bridges[0][0].projection, loaded.bridges[0][1].projection)
+    assert not torch.equal(loaded.adapter.bridges[0][0].projection, loaded.adapter.bridges[0][1].projection)
     assert torch.equal(loaded.logits(ids, mask), original.logits(ids, mask))
     files = sorted(p.name for p in path.iterdir())
     assert files == ["adapter.safetensors", "adapter_config.json"]

@@ -1,4 +1,5 @@
-"""KV-cached generation produces exactly the tokens of full-sequence recomputation."""
+"""The decode engine (KV-cached, rows joining and leaving) produces exactly the tokens of
+full-sequence recomputation, and each row exactly what it produces alone."""
 
 import pytest
 import torch
@@ -10,14 +11,26 @@ from test_invariants import random_carryon
 PROMPTS = ["Question: A farmer has 12 cows and buys 5 more. How many cows?\nAnswer:", "Once upon a time"]
 
 
+def recompute(model: CarryOnModel, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """The reference: greedy decoding that recomputes every sequence in full at every step (no
+    cache, left padding, positions from the mask)."""
+    out = []
+    for p in prompts:
+        seq = list(p)
+        for _ in range(n):
+            seq.append(int(model.logits(torch.tensor([seq]))[0, -1].argmax()))
+        out.append(seq[len(p):])
+    return out
+
+
 @pytest.mark.parametrize("kind", ["mlp", "transformer"])
 def test_kv_cache_matches_recompute(smol_fp32, kind):
     base = smol_fp32
     model = CarryOnModel([base], random_carryon(base, kind, shallow=(0,)), Bridge(8), shallow=[0])
     model.carryon.set_alpha(0.05)  # a small correction: outputs differ from the base but stay fluent
     prompts = [base.tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    cached = model.generate(prompts, 16, use_cache=True, stop_at_eos=False)
-    full = model.generate(prompts, 16, use_cache=False, stop_at_eos=False)
+    cached = model.generate(prompts, 16, stop_at_eos=False)
+    full = recompute(model, prompts, 16)
     assert cached == full
     assert all(len(o) == 16 for o in cached)
     assert len(set(cached[0])) > 3  # real text, not one repeated token
@@ -71,3 +84,81 @@ def test_mixed_adapter_batch_matches_each_adapter_alone(smol_fp32):
     assert sampled[0] == sampled[1]
     alone = CarryOnModel([base], a, ad_a.bridges, [0]).generate([prompts[0]], 8, temperature=1.0, seed=1, stop_at_eos=False)
     assert sampled[0] == alone[0]
+
+
+# -- the decode engine: rows join and leave at every step -----------------------------------------
+
+
+def test_rows_joining_and_leaving_mid_generation_match_each_row_alone(tiny_base):
+    """Requests of different lengths and adapters submitted at different steps, with a prefill
+    budget smaller than one prompt (chunked prefill): every row's greedy tokens equal its adapter
+    alone, and the engine really overlapped them (fewer steps than rows x tokens)."""
+    from carryon_ray.generation import Adapter, Engine, Request
+
+    a = random_carryon(tiny_base, "transformer")
+    b = random_carryon(tiny_base, "mlp")
+    for m, seed in ((a, 3), (b, 4)):
+        torch.manual_seed(seed)
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+        m.set_alpha(1.0)
+    ad_a, ad_b = Adapter(a, [[Bridge(8), Bridge(8)]], [0], {}), Adapter(b, [[Bridge(0), Bridge(0)]], [0], {})
+    tok = tiny_base.tokenizer
+    prompts = [tok(t)["input_ids"] for t in ["one two three four five six seven", "hi", "a b c d e f g h i j k l m n o"]]
+    plan = [(0, prompts[0], ad_a, 30), (0, prompts[1], None, 5), (3, prompts[2], ad_b, 12), (7, prompts[1], ad_a, 20),
+            (7, prompts[0], ad_b, 3), (15, prompts[2], None, 9)]
+    engine = Engine(tiny_base, max_rows=3, prefill_tokens=6)  # fewer rows than requests: some wait
+    seqs, step = [None] * len(plan), 0
+    while step < 500 and not all(s is not None and s.done for s in seqs):
+        for i, (at, p, ad, n) in enumerate(plan):
+            if at == step:
+                seqs[i] = engine.submit(Request(p, ad, n, stop_at_eos=False))
+        engine.step()
+        step += 1
+    for (at, p, ad, n), seq in zip(plan, seqs):
+        alone = CarryOnModel([tiny_base], ad.carryon if ad else None, ad.bridges if ad else None,
+                             ad.shallow if ad else ()).generate([p], n, stop_at_eos=False)[0]
+        assert seq.tokens == alone and seq.finish_reason == "length"
+    assert engine.stats.steps < sum(n for *_, n in plan)
+    assert not engine.rows and engine.kv_bytes() == 0  # idle: every slot and pool released
+
+
+def test_a_failing_row_fails_alone_and_cancellation_frees_its_row(tiny_base):
+    from carryon_ray.generation import Adapter, Engine, Request
+
+    broken = random_carryon(tiny_base, "mlp")
+    with torch.no_grad():
+        broken.stages[0].f.bias.fill_(float("nan"))  # NaN logits: sampling must fail for this row only
+    bad = Adapter(broken, [[Bridge(0), Bridge(0)]], [0], {})
+    ids = tiny_base.tokenizer("hello there")["input_ids"]
+    engine = Engine(tiny_base, max_rows=4)
+    ok = engine.submit(Request(ids, None, 6, temperature=1.0, seed=1, stop_at_eos=False))
+    nan = engine.submit(Request(ids, bad, 6, temperature=1.0, seed=1, stop_at_eos=False))
+    long = engine.submit(Request(ids, None, 500, stop_at_eos=False))
+    for _ in range(8):
+        engine.step()
+    assert nan.finish_reason == "error" and "NaN" in nan.error
+    assert ok.finish_reason == "length" and len(ok.tokens) == 6
+    assert ok.tokens == CarryOnModel([tiny_base]).generate([ids], 6, temperature=1.0, seed=1, stop_at_eos=False)[0]
+    long.cancel()
+    finished = engine.step()
+    assert long in finished and long.finish_reason == "cancelled" and len(long.tokens) < 500
+    assert not engine.rows
+
+
+def test_unseeded_sampling_differs_and_seeded_sampling_repeats(tiny_base):
+    ids = [tiny_base.tokenizer("Once upon a time")["input_ids"]]
+    model = CarryOnModel([tiny_base])
+    free = {tuple(model.generate(ids, 10, temperature=1.0, stop_at_eos=False)[0]) for _ in range(4)}
+    assert len(free) > 1  # an unseeded generator would repeat itself
+    assert model.generate(ids, 10, temperature=1.0, seed=9)[0] == model.generate(ids, 10, temperature=1.0, seed=9)[0]
+
+
+def test_degenerate_sampling_parameters_are_safe(tiny_base):
+    """temperature 5e-324 would overflow logits / T and top_p 1e-300 rounds to 0 in float32: both
+    decode (greedily) instead of raising in torch.multinomial for the whole batch."""
+    ids = [tiny_base.tokenizer("Once upon a time")["input_ids"]]
+    model = CarryOnModel([tiny_base])
+    greedy = model.generate(ids, 8, stop_at_eos=False)[0]
+    assert model.generate(ids, 8, temperature=5e-324, stop_at_eos=False)[0] == greedy
+    assert model.generate(ids, 8, temperature=1.0, top_p=1e-300, seed=2, stop_at_eos=False)[0] == greedy

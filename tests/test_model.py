@@ -84,8 +84,8 @@ def test_stacked_stages_keep_earlier_ones_frozen(tiny_base):
     # x_2 = x_1 + a_2 dx_2 with x_1 = x_0 + a_1 dx_1
     with torch.no_grad():
         x0 = sources[0][0]
-        dx1, _ = m.stages[0]([[x0]])
+        dx1 = m.stages[0]([[x0]])
         x1 = x0 + m.alphas[0] * dx1
-        dx2, _ = m.stages[1]([[x1]])
-        out, _ = m(sources)
+        dx2 = m.stages[1]([[x1]])
+        out = m(sources)
     assert torch.allclose(out, x1 + m.alphas[1] * dx2)

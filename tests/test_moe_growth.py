@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from carryon_ray.config import ConfigError
-from carryon_ray.generation import CarryOnModel
+from carryon_ray.generation import CarryOnModel, KVPool, step_mask
 from carryon_ray.model import MoE, CarryOn
 from carryon_ray.recipe import fit_in_process
 from carryon_ray.train import build_carryon, grow_stage, make_optimizer, router_dropout_at, stage_digest, train_step
@@ -70,13 +70,13 @@ def test_router_dropout_decays_and_only_acts_in_training():
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(2, 6, 48)
     m.eval()
-    ref, _ = m([[x]])
+    ref = m([[x]])
     m.set_router_dropout(0.9)
-    again, _ = m([[x]])
+    again = m([[x]])
     assert torch.equal(ref, again)  # evaluation and serving never drop experts
     m.train()
     torch.manual_seed(3)
-    dropped, _ = m([[x]])
+    dropped = m([[x]])
     assert not torch.equal(ref, dropped)
 
 
@@ -88,16 +88,20 @@ def test_cached_decoding_equals_the_full_forward(attention):
         torch.nn.init.normal_(p, std=0.1)
     m.eval()
     x = torch.randn(2, 9, 48)
-    full, _ = m([[x]])
-    out, caches = m([[x[:, :5]]])
-    steps = [out]
+    full = m([[x]])
+    pool = KVPool(64)
+
+    def fed(start: int, T: int):
+        starts = torch.tensor([start, start])
+        pool.bind([0, 1], starts, T)
+        return dict(cache=pool, positions=starts[:, None] + torch.arange(T), attn_mask=step_mask(starts, T, start + T, "cpu"))
+
+    steps = [m([[x[:, :5]]], **fed(0, 5))]
     for t in range(5, 9):
-        o, caches = m([[x[:, t : t + 1]]], caches=caches)
-        steps.append(o)
+        steps.append(m([[x[:, t : t + 1]]], **fed(t, 1)))
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
     if attention == "mla":  # the cache is the latent plus one shared RoPE key per token
-        latent, k_rope = caches[0][0]
-        assert latent.shape == (2, 1, 9, 8) and k_rope.shape == (2, 1, 9, 4)
+        assert pool.k[0].shape[1:] == (1, pool.length, 8) and pool.v[0].shape[1:] == (1, pool.length, 4)
 
 
 def test_moe_mla_carryon_keeps_the_alpha_zero_invariant(tiny_base):
@@ -263,7 +267,7 @@ def test_recycled_block_equals_the_base_block_in_hugging_face(tiny_dir, tiny_bas
     h = torch.randn(2, 7, 64)
     pos = torch.arange(7).expand(2, 7)
     with torch.no_grad():
-        ours, _ = block(h, pos)
+        ours = block(h, pos)
         want = hf.layers[-1](h, attention_mask=None, position_ids=pos, position_embeddings=hf.rotary_emb(h, pos))
     want = want[0] if isinstance(want, tuple) else want
     assert torch.allclose(ours, want, atol=1e-5)  # the copy starts as the base's top block exactly
@@ -289,13 +293,13 @@ def test_recycled_deltas_train_and_fold_into_the_saved_adapter(tiny_dir, tiny_ba
     assert any(float(p.detach().abs().sum()) > 0 for n, p in m.named_parameters() if n.endswith(".B"))  # deltas learned
     m.eval()
     with torch.no_grad():
-        before, _ = m(sources)
+        before = m(sources)
     out = save_adapter(tmp_path / "adapter", m, [[Bridge(0)]], [], [tiny_base.fingerprint().to_dict()], tiny_dir)
     loaded, _, saved = load_adapter(out, head_weight=tiny_base.head_weight)
     assert saved["arch"]["width"] == 64 and saved["arch"]["mlp_hidden"] == 128 and saved["arch"]["layers"] == 2
     assert not any(k.endswith((".A", ".B")) for k in loaded.state_dict())  # plain weights W + B A
     with torch.no_grad():
-        after, _ = loaded(sources)
+        after = loaded(sources)
     assert torch.allclose(before, after, atol=1e-5)
 
 
@@ -323,11 +327,11 @@ def test_growing_lora_phase_readjusts_earlier_stages_through_deltas_only(tmp_pat
     assert any(float(now[k].abs().sum()) > 0 for k in now if k.endswith(".B"))  # ... their deltas did
     m.eval()
     with torch.no_grad():
-        before, _ = m(data[0][0])
+        before = m(data[0][0])
     out = save_adapter(tmp_path / "a", m, [[Bridge(0)]], [], [], "tok")
     loaded, _, _ = load_adapter(out)
     with torch.no_grad():
-        after, _ = loaded(data[0][0])
+        after = loaded(data[0][0])
     assert torch.allclose(before, after, atol=1e-5)  # folded: plain weights, same function
 
 

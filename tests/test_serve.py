@@ -65,8 +65,9 @@ def served(tmp_path_factory, tiny_dir):
                         {"name": "alice-broken", "source": str(broken), "owner": "alice"}],
            "registry": {"refresh_s": 0},
            "auth": {"keys_file": str(keys_file), "admins": ["alice"]},
-           "limits": {"max_tokens": 32, "max_prompt_chars": 2000, "alpha_max": 2.0, "max_body_bytes": 20000},
-           "batching": {"max_batch_size": 8, "batch_wait_timeout_s": 0.15},
+           "limits": {"max_tokens": 900, "max_prompt_chars": 2000, "alpha_max": 2.0, "max_body_bytes": 20000,
+                      "max_concurrent_per_key": 20},
+           "engine": {"max_rows": 16, "prefill_tokens": 64},
            "replicas": {"num_cpus": 1, "max_adapters": 4}}
     (tmp / "serve.yaml").write_text(yaml.safe_dump(cfg))
 
@@ -94,6 +95,20 @@ def served(tmp_path_factory, tiny_dir):
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         print(f"carryon serve: {time.time() - t0:.1f}s")
         yield {"url": f"http://127.0.0.1:{port}", "base": base, "adapters": ads, "state": state}
+        # `carryon serve --stop` leaves nothing listening on the port (controller and proxy included).
+        stop = subprocess.run([sys.executable, "-m", "carryon_cli", "serve", "--stop", "--state-dir", str(state_dir)],
+                              capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+        assert stop.returncode == 0, stop.stderr[-2000:]
+        import socket
+
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) != 0:
+                    break
+            time.sleep(0.5)
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, "the port is still held after serve --stop"
     finally:
         assert local_cluster.down(str(state_dir))
         assert not local_cluster._stragglers(state["ray_temp_dir"])
@@ -141,8 +156,14 @@ def test_api_generation_equals_carryon_model_generate(served):
     assert body["choices"][0]["text"] == offline(served, "bob-b", PROMPT_B, 10, temperature=0.9, top_p=0.9, seed=7)[0]
 
 
-def test_two_users_share_a_batch_and_get_their_own_outputs(served):
-    before = httpx.get(served["url"] + "/v1/carryon/stats", headers={"Authorization": f"Bearer {KEYS['alice']}"}).json()
+def stats(served) -> dict:
+    r = httpx.get(served["url"] + "/v1/carryon/stats", headers={"Authorization": f"Bearer {KEYS['alice']}"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_users_share_decoding_steps_and_get_their_own_outputs(served):
+    before = stats(served)
     results = {}
 
     def call(name, model, key, prompt):
@@ -155,10 +176,10 @@ def test_two_users_share_a_batch_and_get_their_own_outputs(served):
         t.start()
     for t in threads:
         t.join()
-    after = httpx.get(served["url"] + "/v1/carryon/stats", headers={"Authorization": f"Bearer {KEYS['alice']}"}).json()
-    assert after["rows"] - before["rows"] == 4
-    assert after["batches"] - before["batches"] < 4  # at least two users were decoded together
-    assert after["max_batch"] >= 2
+    after = stats(served)
+    tokens = after["generated_tokens"] - before["generated_tokens"]
+    assert tokens == 40
+    assert after["steps"] - before["steps"] < tokens  # rows of different users shared decoding steps
     assert results["a"] == offline(served, "alice-a", PROMPT_A, 10)[0]
     assert results["b"] == offline(served, "bob-b", PROMPT_A, 10)[0]
     assert results["s"] == offline(served, "shared-s", PROMPT_B, 10)[0]
@@ -228,10 +249,16 @@ BAD = [
     ("missing prompt", {"model": "alice-a"}, 400, "prompt: required"),
     ("empty prompt", {"model": "alice-a", "prompt": ""}, 400, "empty"),
     ("over-long prompt", {"model": "alice-a", "prompt": "x" * 2001}, 400, "2000 characters"),
-    ("max_tokens over limit", {"model": "alice-a", "prompt": "x", "max_tokens": 33}, 400, "limit of 32"),
+    ("max_tokens over limit", {"model": "alice-a", "prompt": "x", "max_tokens": 901}, 400, "limit of 900"),
     ("negative temperature", {"model": "alice-a", "prompt": "x", "temperature": -1}, 400, "temperature"),
     ("alpha over max", {"model": "alice-a", "prompt": "x", "carryon_alpha": 2.5}, 400, "carryon_alpha"),
-    ("n > 1", {"model": "alice-a", "prompt": "x", "n": 2}, 400, "n:"),
+    ("n over limit", {"model": "alice-a", "prompt": "x", "n": 5}, 400, "n: at most 4"),
+    ("unsupported field", {"model": "alice-a", "prompt": "x", "tools": []}, 400, "tools: unknown field"),
+    ("penalty", {"model": "alice-a", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("logit bias", {"model": "alice-a", "prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    ("lone surrogate", b'{"model": "alice-a", "prompt": "\\ud800 x"}', 400, "cannot be tokenized"),
+    ("token id out of range", {"model": "alice-a", "prompt": [1, 99999999]}, 400, "outside the vocabulary"),
+    ("streaming n > 1", {"model": "alice-a", "prompt": "x", "n": 2, "stream": True}, 400, "streaming takes n = 1"),
     ("unknown adapter", {"model": "no-such-adapter", "prompt": "x"}, 404, "does not exist"),
     ("body too large", {"model": "alice-a", "prompt": "x" * 30000}, 413, "bytes"),
     ("too many prompts", {"model": "alice-a", "prompt": ["a"] * 9}, 400, "prompts"),
@@ -299,3 +326,226 @@ def test_bounded_load_across_adapters(served):
               "p95_s": round(q[94], 3), "p99_s": round(q[98], 3)}
     print("load test:", json.dumps(report))
     assert len(latencies) >= 20
+
+
+# -- the decode engine under many users (issue 14) ----------------------------------------------
+
+
+def _stream_lines(served, body, key="alice"):
+    """An open streaming response (context manager) for a completion."""
+    return httpx.stream("POST", served["url"] + "/v1/completions", json={**body, "stream": True},
+                        headers={"Authorization": f"Bearer {KEYS[key]}"}, timeout=120)
+
+
+def test_a_short_request_does_not_wait_for_long_ones(served):
+    """Rows join the running decode at the next step and leave when done: a short request sent
+    while long ones decode finishes first, and every row still equals its adapter alone."""
+    done, results = [], {}
+
+    def call(name, model, key, n):
+        results[name] = complete(served, model, PROMPT_A, key=key, max_tokens=n)
+        done.append(name)
+
+    longs = [threading.Thread(target=call, args=(f"long-{m}", m, k, 600)) for m, k in [("alice-a", "alice"),
+                                                                                       ("bob-b", "bob")]]
+    for t in longs:
+        t.start()
+    base_steps = stats(served)["steps"]
+    while stats(served)["steps"] < base_steps + 20:  # the long rows are decoding
+        time.sleep(0.05)
+    short = threading.Thread(target=call, args=("short", "shared-s", "carol", 4))
+    short.start()
+    for t in [short, *longs]:
+        t.join()
+    assert done[0] == "short", done
+    assert results["short"]["choices"][0]["text"] == offline(served, "shared-s", PROMPT_A, 4)[0]
+    for m in ("alice-a", "bob-b"):  # greedy output per row survives rows joining and leaving mid-generation
+        text, n_out, _ = offline(served, m, PROMPT_A, 600)
+        assert results[f"long-{m}"]["choices"][0]["text"] == text
+        assert results[f"long-{m}"]["usage"]["completion_tokens"] == n_out
+
+
+def test_a_disconnected_stream_frees_its_row(served):
+    before = stats(served)
+    with _stream_lines(served, {"model": "alice-a", "prompt": PROMPT_A, "max_tokens": 900, "temperature": 0}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one chunk arrived: the row is decoding; now hang up
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        now = stats(served)
+        if now["running_rows"] == 0 and now["finished"].get("cancelled", 0) > before["finished"].get("cancelled", 0):
+            break
+        time.sleep(0.1)
+    assert now["running_rows"] == 0 and now["finished"].get("cancelled", 0) == before["finished"].get("cancelled", 0) + 1
+    assert now["generated_tokens"] - before["generated_tokens"] < 900  # it did not decode to max_tokens
+    assert complete(served, "alice-a", PROMPT_A, max_tokens=3)["usage"]["completion_tokens"] == 3  # admitted next
+
+
+def test_a_poisoned_sampling_parameter_hurts_no_one(served):
+    """Temperatures and top_p that float32 cannot represent decode (greedily) instead of failing the
+    step: every concurrent request answers 200 with its own output."""
+    results = {}
+
+    def call(name, model, key, **kw):
+        results[name] = post(served, "/v1/completions", {"model": model, "prompt": PROMPT_A, "max_tokens": 8, **kw},
+                             key=key)
+
+    jobs = [("tiny-temp", "alice-a", "alice", {"temperature": 5e-324}),
+            ("tiny-top-p", "bob-b", "bob", {"temperature": 1.0, "top_p": 1e-300}),
+            ("normal", "shared-s", "carol", {"temperature": 0})]
+    threads = [threading.Thread(target=call, args=(n, m, k), kwargs=kw) for n, m, k, kw in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.status_code == 200 for r in results.values()), {n: r.text for n, r in results.items()}
+    assert results["normal"].json()["choices"][0]["text"] == offline(served, "shared-s", PROMPT_A, 8)[0]
+    assert results["tiny-temp"].json()["choices"][0]["text"] == offline(served, "alice-a", PROMPT_A, 8)[0]  # greedy
+    assert results["tiny-top-p"].json()["choices"][0]["text"] == offline(served, "bob-b", PROMPT_A, 8)[0]  # top-1 only
+
+
+def test_unseeded_sampling_draws_fresh_randomness(served):
+    texts = {complete(served, "tiny-base", "Once upon a time", max_tokens=12, temperature=1.0)["choices"][0]["text"]
+             for _ in range(5)}
+    assert len(texts) > 1
+
+
+def _raw(served, head: bytes, body_chunks=(), read_timeout=20.0) -> tuple[int, bytes, dict]:
+    """Send raw HTTP on a socket: the head, then body chunks (chunked encoding, never terminated),
+    and read whatever the server answers without sending the rest."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(served["url"])
+    with socket.create_connection((u.hostname, u.port), timeout=read_timeout) as s:
+        s.sendall(head)
+        for chunk in body_chunks:
+            s.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + 10:
+            part = s.recv(65536)
+            if not part:
+                break
+            data += part
+    status = int(data.split(b" ", 2)[1])
+    headers = dict(line.split(b": ", 1) for line in data.split(b"\r\n\r\n")[0].split(b"\r\n")[1:] if b": " in line)
+    return status, data, {k.decode().lower(): v.decode() for k, v in headers.items()}
+
+
+def test_chunked_bodies_are_bounded_and_authenticated_before_reading(served):
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n")
+    # No key: 401 at once, although not a byte of the body was sent.
+    status, data, _ = _raw(served, head + b"\r\n")
+    assert status == 401, data[:300]
+    # A key, then a chunked body that never ends: 413 once the limit (20,000 bytes) is passed.
+    status, data, _ = _raw(served, head + f"Authorization: Bearer {KEYS['alice']}\r\n\r\n".encode(),
+                           [b"x" * 8000] * 4)
+    assert status == 413 and b"20000 bytes" in data, data[:300]
+
+
+def test_per_key_concurrency_is_limited_with_retry_after(served):
+    """At most 20 requests in flight per key (the fixture's limit): 24 at once from one key, and the
+    ones over the limit answer 429 with Retry-After while other keys are served."""
+    results = []
+
+    def call():
+        results.append(post(served, "/v1/completions", {"model": "alice-a", "prompt": PROMPT_A, "max_tokens": 900,
+                                                        "temperature": 0, "ignore_eos": True}))
+
+    threads = [threading.Thread(target=call) for _ in range(24)]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and stats(served)["running_rows"] < 20 and len(results) < 4:
+        time.sleep(0.05)
+    other = post(served, "/v1/completions", {"model": "bob-b", "prompt": "x", "max_tokens": 2}, key="bob")
+    for t in threads:
+        t.join()
+    assert other.status_code == 200  # other keys are unaffected
+    codes = sorted(r.status_code for r in results)
+    assert codes.count(429) >= 4 and set(codes) == {200, 429}, codes
+    limited = next(r for r in results if r.status_code == 429)
+    assert int(limited.headers["retry-after"]) >= 1 and "in flight" in limited.json()["error"]["message"]
+    assert all(r.json()["usage"]["completion_tokens"] == 900 for r in results if r.status_code == 200)
+    assert post(served, "/v1/completions", {"model": "alice-a", "prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_openai_compatibility_cases(served):
+    """What the official client and LangChain/LlamaIndex-style bodies send."""
+    import openai
+
+    client = openai.OpenAI(base_url=served["url"] + "/v1", api_key=KEYS["alice"], max_retries=0)
+    assert client.models.retrieve("alice-a").id == "alice-a"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("bob-b")  # exists, not alice's: 404 like a missing one
+    ids = served["base"].tokenizer(PROMPT_A)["input_ids"]
+    by_ids = client.completions.create(model="alice-a", prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == offline(served, "alice-a", PROMPT_A, 6)[0]
+    first = client.chat.completions.create(
+        model="shared-s", temperature=0, max_tokens=6, presence_penalty=0, frequency_penalty=0, logit_bias={},
+        logprobs=False, response_format={"type": "text"}, n=1,
+        messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    echoed = first.choices[0].message.model_dump()  # refusal, annotations, audio, function_call, tool_calls: None
+    second = client.chat.completions.create(model="shared-s", temperature=0, max_tokens=4, messages=[
+        {"role": "user", "content": "Hi"}, echoed, {"role": "user", "content": "Again"}])
+    assert second.choices[0].finish_reason in ("stop", "length")
+    lp = client.completions.create(model="alice-a", prompt=PROMPT_A, max_tokens=4, temperature=0, logprobs=3)
+    assert len(lp.choices[0].logprobs.token_logprobs) == 4 and len(lp.choices[0].logprobs.top_logprobs[0]) == 3
+    assert all(v <= 0 for v in lp.choices[0].logprobs.token_logprobs)
+    chat_lp = client.chat.completions.create(model="alice-a", messages=[{"role": "user", "content": "Hi"}],
+                                             max_tokens=3, temperature=0, logprobs=True, top_logprobs=2)
+    assert len(chat_lp.choices[0].logprobs.content) == 3 and len(chat_lp.choices[0].logprobs.content[0].top_logprobs) == 2
+    many = client.completions.create(model="shared-s", prompt=PROMPT_B, max_tokens=6, temperature=1.0, n=3, seed=5)
+    assert [c.index for c in many.choices] == [0, 1, 2] and len({c.text for c in many.choices}) > 1
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model="alice-a", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+
+
+def test_openapi_health_and_offline_docs(served):
+    spec = httpx.get(served["url"] + "/openapi.json").json()
+    op = spec["paths"]["/v1/completions"]["post"]
+    assert {"400", "401", "404", "413", "429", "503"} <= set(op["responses"]) and "422" not in op["responses"]
+    assert any(s.get("scheme") == "bearer" for s in spec["components"]["securitySchemes"].values())
+    assert op.get("security")
+    assert "/v1/models/{model_id}" in spec["paths"]
+    docs = httpx.get(served["url"] + "/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text.lower()
+    js = httpx.get(served["url"] + "/docs/assets/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+    health = httpx.get(served["url"] + "/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    metrics = httpx.get(served["url"] + "/metrics", headers={"Authorization": f"Bearer {KEYS['alice']}"})
+    assert metrics.status_code == 200 and "carryon_running_rows" in metrics.text
+    assert 'carryon_requests_total{model="alice-a"}' in metrics.text
+
+
+def test_a_lost_replica_answers_503_with_retry_after_and_health_follows(served):
+    """kill -9 of the model replica mid-request: the request answers 503 + Retry-After, /health
+    reports not ready until Serve has restarted the replica, then requests succeed again."""
+    import os
+    import signal
+
+    pid = stats(served)["pid"]
+    result = {}
+
+    def call():
+        result["r"] = post(served, "/v1/completions", {"model": "alice-a", "prompt": PROMPT_A, "max_tokens": 900})
+
+    t = threading.Thread(target=call)
+    t.start()
+    steps = stats(served)["steps"]
+    while stats(served)["steps"] < steps + 10:
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    t.join(timeout=120)
+    r = result["r"]
+    assert r.status_code == 503 and int(r.headers["retry-after"]) > 0, r.text
+    assert httpx.get(served["url"] + "/health", timeout=30).status_code == 503  # no replica answers yet
+    deadline = time.time() + 180
+    while time.time() < deadline and httpx.get(served["url"] + "/health", timeout=30).status_code != 200:
+        time.sleep(1)
+    assert complete(served, "alice-a", PROMPT_A, max_tokens=4)["choices"][0]["text"] == offline(served, "alice-a", PROMPT_A, 4)[0]

@@ -1,5 +1,5 @@
 """Serving parts that need no cluster: text streaming with stop strings, the serve config schema,
-API keys and the adapter catalog's access rules, and one engine batch."""
+API keys and the adapter catalog's access rules, and the serving engine's thread and limits."""
 
 import hashlib
 
@@ -8,8 +8,9 @@ import pytest
 from carryon_ray.config import ConfigError
 from conftest import ROOT
 from serve.access import ANONYMOUS, Catalog, load_keys, user_for
-from serve.engine import Engine, RequestError, Row, TextStream
-from serve.settings import AuthConfig, LimitsConfig, validate_serve_config
+from serve.engine import ServingEngine, TextStream
+from serve.protocol import GenerateRequest, GenerateResult, ServeError, StreamDelta
+from serve.settings import AuthConfig, EngineConfig, LimitsConfig, validate_serve_config
 
 
 def stream_all(tok, ids, stop):
@@ -79,18 +80,83 @@ def test_catalog_hides_other_users_adapters():
     assert cat.visible("alice") == ["a1", "pub"] and cat.visible("bob") == ["pub"]
 
 
-def test_engine_batch_rows_and_limits(tiny_base):
-    eng = Engine(tiny_base, LimitsConfig(max_prompt_tokens=40))
-    with pytest.raises(RequestError, match="limit is 40"):
-        eng.encode("word " * 50)
-    with pytest.raises(RequestError, match="empty"):
-        eng.encode("")
-    chat = eng.encode(messages=[{"role": "user", "content": "hi"}])
-    assert chat[-3:] == tiny_base.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"][-3:]
-    ids = eng.encode("hello there")
-    rows = eng.run([Row(ids, max_tokens=5), Row(ids, max_tokens=3, stop=[])])
-    assert [r.completion_tokens for r in rows] == [5, 3]
-    assert rows[0].finish_reason == "length" and rows[1].text and rows[0].text.startswith(rows[1].text)
+def test_catalog_does_the_same_work_for_missing_and_not_yours():
+    """A lookup resolves the caller's visible set first: a name that exists but is not theirs and
+    a name that exists nowhere cost the same (no registry call for either), and the per-user
+    cache is bounded."""
+    cfg = validate_serve_config({
+        "adapters": [{"name": "a1", "source": "/s/a1", "owner": "alice"}],
+        "registry": {"enabled": False, "cache_size": 2},
+    })
+    cat = Catalog(cfg)
+    cat.visible("bob")
+    calls = cat.registry_calls
+    assert cat.resolve("bob", "a1") is None and cat.resolve("bob", "nowhere") is None
+    assert cat.registry_calls == calls
+    for user in ("u1", "u2", "u3", "u4"):
+        cat.visible(user)
+    assert len(cat._visible) == 2  # LRU-bounded
+
+
+def _request(**kw) -> GenerateRequest:
+    return GenerateRequest(**{"model": "base", "max_tokens": 5, "temperature": 0.0, "top_p": 1.0, **kw})
+
+
+def test_serving_engine_limits_and_tokenizer_errors(tiny_base):
+    eng = ServingEngine([tiny_base], LimitsConfig(max_prompt_tokens=40), EngineConfig())
+    try:
+        with pytest.raises(ServeError, match="limit is 40") as e:
+            eng.encode("word " * 50)
+        assert e.value.status == 400
+        with pytest.raises(ServeError, match="empty"):
+            eng.encode("")
+        with pytest.raises(ServeError, match="cannot be tokenized") as e:  # a lone surrogate: 400, not 500
+            eng.encode("\ud800 hi")
+        assert e.value.status == 400 and e.value.param == "prompt"
+        with pytest.raises(ServeError, match="cannot be tokenized") as e:
+            eng.encode(messages=[{"role": "user", "content": "x\ud800"}])
+        assert e.value.param == "messages"
+        with pytest.raises(ServeError, match="outside the vocabulary"):
+            eng.encode([1, 2, 10**9])
+        with pytest.raises(ServeError, match="exceeds the base's context"):
+            eng.encode("hello", max_tokens=10**6)
+        chat = eng.encode(messages=[{"role": "user", "content": "hi"}])
+        assert chat[-3:] == tiny_base.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"][-3:]
+        assert eng.encode([5, 6, 7]) == [5, 6, 7]
+    finally:
+        eng.close()
+
+
+def test_serving_engine_streams_text_and_retires_cancelled_rows(tiny_base):
+    """Rows run on the engine's own thread; text arrives as deltas ending in the result; a cancelled
+    generation leaves the engine at its next step."""
+    import asyncio
+
+    eng = ServingEngine([tiny_base], LimitsConfig(), EngineConfig(max_rows=4))
+
+    async def main():
+        ids = eng.encode("hello there")
+        short = eng.submit(_request(max_tokens=5), ids, None)
+        items = [item async for item in short.stream()]
+        assert isinstance(items[-1], GenerateResult) and items[-1].completion_tokens == 5
+        assert "".join(i.text for i in items[:-1]) == items[-1].text
+        assert all(isinstance(i, StreamDelta) for i in items[:-1])
+        long = eng.submit(_request(max_tokens=900), ids, None)
+        async for _ in long.stream():
+            break  # the first delta: the row is running
+        long.cancel()
+        for _ in range(200):
+            if eng.stats()["running_rows"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        stats = eng.stats()
+        assert stats["running_rows"] == 0 and stats["finished"].get("cancelled") == 1
+        assert len(long.seq.tokens) < 900
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.close()
 
 
 def test_build_reads_yaml_args_and_pins_replicas(tmp_path):

@@ -97,13 +97,13 @@ def test_kl_to_base_is_exactly_zero_at_alpha_zero():
     from carryon_ray.loss import chunked_kl_to_base, select_targets
 
     m, sources, labels = _carryon_and_batch(0.0)
-    x, _ = m(sources)
+    x = m(sources)
     h, _ = select_targets(x, labels)
     hb, _ = select_targets(sources[0][0], labels)
     assert float(chunked_kl_to_base(m.logits, hb, h, chunk=5)) == 0.0
     assert float(chunked_kl_to_base(m.logits, hb, h, chunk=5, top_k=8)) == 0.0
     m.set_alpha(1.0)
-    x, _ = m(sources)
+    x = m(sources)
     h, _ = select_targets(x, labels)
     kl = chunked_kl_to_base(m.logits, hb, h, chunk=5)
     assert float(kl) > 0
