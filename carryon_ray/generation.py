@@ -571,15 +571,27 @@ class Engine:
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """One token from a row of logits: nucleus sampling at `temperature`. Safe for every valid
-    parameter: the most likely token always stays in the nucleus (top_p may round to 0)."""
+    """One token from a row of logits: nucleus sampling at `temperature`, by inverse CDF with one
+    uniform draw (torch.multinomial and a full sort each cost ~1-4 ms on a 49k vocabulary on CPU;
+    this costs ~0.1 ms). The nucleus is found among the top candidates, widened until it holds
+    top_p of the mass, so it is exact. Safe for every valid parameter: the most likely token always
+    stays in the nucleus (top_p may round to 0)."""
     probs = torch.softmax(logits.float() / max(temperature, MIN_TEMPERATURE), -1)
+    idx = None
     if top_p < 1.0:
-        sorted_p, idx = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        k = 256
+        while True:
+            probs_k, idx = probs.topk(min(k, probs.numel()))
+            if float(probs_k.sum()) >= top_p or k >= probs.numel():
+                break
+            k *= 4
+        keep = probs_k.cumsum(-1) - probs_k < top_p
         keep[0] = True
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+        probs = probs_k * keep
+    cdf = probs.cumsum(-1)
+    u = torch.rand(1, generator=gen) * cdf[-1]
+    j = int(torch.searchsorted(cdf, u).clamp(max=cdf.numel() - 1))
+    return j if idx is None else int(idx[j])
 
 
 # ---------------------------------------------------------------------------------------------
