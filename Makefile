@@ -8,7 +8,7 @@ export CARRYON_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo serve test test-fast bench bench-full clean
+.PHONY: install demo serve test test-fast bench bench-full gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -23,27 +23,34 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job end to end: a local Ray head (both node classes) and MLflow server, the
-# customization submitted as a Ray job, then generation from the adapter registered in MLflow.
+# customization submitted as a Ray job (it ends by printing base and adapter answers to held-out
+# prompts side by side), then one answer from the adapter as registered in MLflow.
 # The cluster stays up so the MLflow UI can be opened; `.venv/bin/carryon down` stops it.
 demo: $(STAMP)
 	$(BIN)/carryon up --reuse
 	$(BIN)/carryon customize configs/demo.yaml
-	MLFLOW_TRACKING_URI=$$($(BIN)/carryon status --field mlflow_url) $(BIN)/carryon generate \
-	  --adapter models:/demo-arithmetic@current --max-tokens 80 \
-	  --prompt "Question: Ava has 12 apples. Ava gets 7 more and then gives away 5. How many apples does Ava have now?$$(printf '\nAnswer:')"
-	@echo "MLflow UI: $$($(BIN)/carryon status --field mlflow_url)   Ray dashboard: $$($(BIN)/carryon status --field dashboard_url)"
+	@echo "From the registry (models:/demo-topics@current):"
+	@MLFLOW_TRACKING_URI=$$($(BIN)/carryon status --field mlflow_url) $(BIN)/carryon generate \
+	  --adapter models:/demo-topics@current --max-tokens 4 \
+	  --prompt "Sentence: The goalkeeper celebrated a win after the derby.$$(printf '\nTopic:')"
+	@echo ""
+	@echo "Next:"
+	@echo "  make serve                                   # the OpenAI-compatible API with this adapter at :8000"
+	@printf '%s\n' "  curl -s http://127.0.0.1:8000/v1/completions -H \"Authorization: Bearer \$$(cut -d: -f1 .carryon/api-keys.yaml)\" \\" \
+	  "    -H 'Content-Type: application/json' -d '{\"model\": \"demo-topics\", \"prompt\": \"Sentence: Heavy rain flooded the harbor.\\nTopic:\", \"max_tokens\": 4, \"temperature\": 0}'"
+	@echo "  open $$($(BIN)/carryon status --field mlflow_url)         # MLflow: loss curve, alpha trade-off, held-out accuracy"
 	@echo "Stop the local cluster with: .venv/bin/carryon down"
 
 # The OpenAI-compatible API over SmolLM2 and every adapter registered in the local MLflow (run
-# `make demo` first for demo-arithmetic). A random API key for user `demo` is written once to
+# `make demo` first for demo-topics). A random API key for user `demo` is written once to
 # .carryon/api-keys.yaml; requests send it as `Authorization: Bearer <key>`.
 serve: $(STAMP)
 	$(BIN)/carryon up --reuse
 	@test -f .carryon/api-keys.yaml || (umask 077 && $(BIN)/python -c "import secrets; print(secrets.token_urlsafe(24) + ': demo')" > .carryon/api-keys.yaml)
 	@chmod 600 .carryon/api-keys.yaml
 	$(BIN)/carryon serve serve/local.yaml --set auth.keys_file=$(CURDIR)/.carryon/api-keys.yaml
-	@echo "try: curl -s http://127.0.0.1:8000/v1/completions -H \"Authorization: Bearer $$(cut -d: -f1 .carryon/api-keys.yaml)\" \\"
-	@echo "       -H 'Content-Type: application/json' -d '{\"model\": \"demo-arithmetic\", \"prompt\": \"Question: 3 + 4?\\nAnswer:\", \"max_tokens\": 40, \"temperature\": 0}'"
+	@printf '%s\n' "try: curl -s http://127.0.0.1:8000/v1/completions -H \"Authorization: Bearer $$(cut -d: -f1 .carryon/api-keys.yaml)\" \\" \
+	  "       -H 'Content-Type: application/json' -d '{\"model\": \"demo-topics\", \"prompt\": \"Sentence: Heavy rain flooded the harbor.\\nTopic:\", \"max_tokens\": 4, \"temperature\": 0}'"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -76,6 +83,19 @@ bench-full: $(STAMP)
 	$(BIN)/python bench/replay_kl.py
 	$(BIN)/python bench/paper_features.py
 	$(BIN)/python bench/demo.py
+
+# GPU figures (bench/gpu_check.py): run on a machine with CUDA; writes bench/results/gpu_check.json.
+# `make gpu-check SMOKE=1` runs the tiny CPU version the test suite runs.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py $(if $(SMOKE),--smoke --out bench/results/quick/gpu_check.json,)
+
+# A GPU box with torch and transformers but no pydantic (the core's config needs it): wheels for
+# Python 3.12 into .whl/, to carry there and install with
+#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site python3 bench/gpu_check.py
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 
 clean:
 	rm -rf outputs .pytest_cache
