@@ -242,7 +242,8 @@ class DataConfig(Strict):
     """Training and validation data."""
 
     train: str = Field(
-        ..., description="Required. A .jsonl or .txt path, or 'builtin:arithmetic' (word "
+        ..., description="Required. A .jsonl or .txt path, or a built-in: 'builtin:topics' (sentences labelled "
+        "with one of five topics: the demo's task), 'builtin:arithmetic' (word "
         "problems with worked solutions in the GSM8K answer format, generated)."
     )
     format: Literal["auto", "text", "prompt_completion", "qa", "chat"] = Field(
@@ -253,12 +254,14 @@ class DataConfig(Strict):
         "Question: {question}\nAnswer:", description="Template rendering a 'qa' question into the prompt."
     )
     num_samples: int | None = Field(None, gt=0, description="Use at most this many training rows.")
-    builtin_size: int = Field(600, gt=0, description="Rows generated for 'builtin:arithmetic'.")
+    builtin_size: int = Field(600, gt=0, description="Rows generated when data.train is a built-in (builtin:...).")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out fraction when `val` is not set.")
     val: str | None = Field(None, description="A separate validation file.")
     general_val: str | None = Field(
-        None, description="Optional general-domain validation text (.txt or .jsonl) to measure forgetting."
+        None, description="Optional general-domain validation set to measure forgetting: .txt, .jsonl (any row "
+        "format, every token scored) or a built-in."
     )
+    general_rows: int = Field(200, gt=0, description="Rows of data.general_val used (the first ones).")
     replay: str | None = Field(
         None, description="General-domain text (.txt or .jsonl) mixed into training; on its tokens the loss is "
         "KL(base || carry-on), which teaches the carry-on to leave general text alone."
@@ -284,6 +287,19 @@ class DataConfig(Strict):
         if self.pack and self.format != "text":
             raise ValueError(f"data.pack packs plain text; set data.format: text (got {self.format!r})")
         return self
+
+
+class EvalConfig(Strict):
+    """What the finished adapter is judged on, beyond validation loss."""
+
+    heldout: str | None = Field(
+        None, description="Rows the run never trains or validates on: a .jsonl path ({question, answer} or "
+        "{prompt, completion}) or a built-in such as 'builtin:topics-heldout'. After training, the base and "
+        "base + adapter answer them greedily, side by side; both accuracies go to MLflow and the summary."
+    )
+    heldout_size: int = Field(40, gt=0, description="Held-out rows scored (generated for built-ins, read for files).")
+    max_new_tokens: int = Field(16, gt=0, description="Tokens generated per held-out answer.")
+    show: int = Field(5, ge=0, description="Held-out examples printed side by side at the end of the run.")
 
 
 class ResourcesConfig(Strict):
@@ -390,6 +406,7 @@ class CarryOnConfig(Strict):
     alpha: AlphaConfig = Field(default_factory=AlphaConfig, description="alpha search.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     data: DataConfig = Field(..., description="Data (required: at least data.train).")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out scoring of the adapter.")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Cluster resources.")
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="Tracking.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Output.")

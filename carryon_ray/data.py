@@ -96,6 +96,73 @@ def arithmetic_problems(n: int, seed: int = 0) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The demo's built-in task: the topic of a sentence, from a fixed label set.
+# ---------------------------------------------------------------------------------------------
+
+TOPICS = {
+    "sports": (["The striker", "Our goalkeeper", "The coach", "The home team", "A young sprinter", "The captain",
+                "The tennis champion", "The cyclist", "The referee", "The swimmer"],
+               ["scored twice in", "trained hard before", "lost the lead during", "celebrated a win after",
+                "was injured in", "set a new record in", "was sent off during", "warmed up for"],
+               ["the final match", "the league game", "the marathon", "the semifinal", "the relay race",
+                "the derby", "the championship round", "the penalty shootout"]),
+    "weather": (["A cold front", "Heavy rain", "The storm", "Thick fog", "A heat wave", "Strong wind", "Light snow",
+                 "The thunderstorm", "A sudden hailstorm", "Morning frost"],
+                ["swept across", "flooded", "covered", "is expected over", "hit", "lingered over", "moved toward",
+                 "cleared from"],
+                ["the coast", "the northern valleys", "the city center", "the mountain passes", "the harbor",
+                 "the southern plains", "the airport", "the river delta"]),
+    "food": (["The chef", "My grandmother", "The bakery", "A street vendor", "The restaurant", "Our neighbor",
+              "The pastry cook", "The food truck"],
+             ["baked", "roasted", "served", "seasoned", "grilled", "simmered", "sliced", "prepared"],
+             ["fresh bread with garlic", "a spicy tomato soup", "lemon cake for dessert", "noodles with ginger",
+              "a pot of lentil stew", "crispy potatoes with rosemary", "a plate of dumplings", "pancakes with honey"]),
+    "music": (["The orchestra", "A jazz trio", "The violinist", "Our choir", "The guitarist", "The drummer",
+               "A famous pianist", "The rock band"],
+              ["performed", "rehearsed", "recorded", "composed", "played", "released", "sang", "improvised"],
+              ["a new symphony", "an old ballad", "the opening song", "a live album", "a slow waltz",
+               "the encore", "a folk melody", "a loud anthem"]),
+    "technology": (["The startup", "Our engineers", "The new phone", "A software update", "The laptop maker",
+                    "The research lab", "The chip designer", "The cloud provider"],
+                   ["released", "patched", "tested", "shipped", "upgraded", "announced", "debugged", "launched"],
+                   ["a faster processor", "the mobile app", "a security fix", "an open source library",
+                    "the battery firmware", "a new data center", "the operating system", "a smarter search engine"]),
+}
+TOPIC_PROMPT = "Sentence: {sentence}\nTopic:"
+
+
+def topic_rows(n: int, seed: int = 0, split: str = "train") -> list[dict]:
+    """`n` generated sentences, each about one of five topics, as prompt/completion rows whose
+    completion is the topic's name. `split` is 'train' or 'heldout': a sentence belongs to one split
+    by a hash of its text, so the two never share a prompt (whatever n and seed)."""
+    import hashlib
+
+    rng = random.Random(f"{seed}:{split}")
+    rows, seen = [], set()
+    labels = sorted(TOPICS)
+    for _ in range(200 * n):
+        if len(rows) >= n:
+            break
+        label = labels[len(rows) % len(labels)]
+        subjects, verbs, objects = TOPICS[label]
+        sentence = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}."
+        in_heldout = hashlib.sha256(sentence.encode()).digest()[0] < 64  # about a quarter of all sentences
+        if sentence in seen or in_heldout != (split == "heldout"):
+            continue
+        seen.add(sentence)
+        rows.append({"prompt": TOPIC_PROMPT.format(sentence=sentence), "completion": " " + label})
+    else:
+        raise DataError(f"builtin:topics has fewer than {n} distinct {split} sentences; lower data.builtin_size")
+    rng.shuffle(rows)
+    return rows
+
+
+BUILTINS = {"builtin:arithmetic": lambda n, seed: arithmetic_problems(n, seed),
+            "builtin:topics": lambda n, seed: topic_rows(n, seed, "train"),
+            "builtin:topics-heldout": lambda n, seed: topic_rows(n, seed, "heldout")}
+
+
+# ---------------------------------------------------------------------------------------------
 # Reading rows.
 # ---------------------------------------------------------------------------------------------
 
@@ -218,13 +285,13 @@ def mask_first(examples: list[Example], n: int) -> None:
 
 
 def load_examples(source: str, tokenizer, cfg: DataConfig, limit: int | None = None, seed: int = 0):
-    """(examples, report) for one source: a path or 'builtin:arithmetic'."""
+    """(examples, report) for one source: a path or a built-in dataset (BUILTINS)."""
     report = DataReport(source)
-    if source == "builtin:arithmetic":
-        rows = arithmetic_problems(min(cfg.builtin_size, limit or cfg.builtin_size), seed=seed)
+    if source in BUILTINS:
+        rows = BUILTINS[source](min(cfg.builtin_size, limit or cfg.builtin_size), seed)
         report.rows = len(rows)
     elif source.startswith("builtin:"):
-        raise DataError(f"unknown built-in dataset {source!r}; available: builtin:arithmetic")
+        raise DataError(f"unknown built-in dataset {source!r}; available: {', '.join(sorted(BUILTINS))}")
     else:
         rows = read_rows(source, report, limit)
     # Packing cuts the joined stream itself: each row stays whole until then (no EOS mid-document).
@@ -270,12 +337,14 @@ def load_splits(tokenizer, cfg: DataConfig, seed: int = 0) -> Splits:
         val = [train[i] for i in order[:n_val]]
         train = [train[i] for i in order[n_val:]]
     general = None
+    # General-domain sets score every token of whatever rows they hold (plain text, or a built-in /
+    # jsonl of another task read whole).
     if cfg.general_val:
-        gcfg = cfg.model_copy(update={"format": "text", "loss_on_prompt": True})
-        general, reports["general"] = load_examples(cfg.general_val, tokenizer, gcfg)
+        gcfg = cfg.model_copy(update={"format": "auto", "loss_on_prompt": True, "builtin_size": cfg.general_rows})
+        general, reports["general"] = load_examples(cfg.general_val, tokenizer, gcfg, limit=cfg.general_rows)
     replay = None
     if cfg.replay:
-        rcfg = cfg.model_copy(update={"format": "text", "loss_on_prompt": True})
+        rcfg = cfg.model_copy(update={"format": "auto", "loss_on_prompt": True})
         pool, reports["replay"] = load_examples(cfg.replay, tokenizer, rcfg, seed=seed + 2)
         want = max(1, round(cfg.replay_ratio * len(train)))
         replay = random.Random(seed + 3).sample(pool, min(want, len(pool)))
@@ -303,3 +372,13 @@ def batches(examples: list[Example], batch_size: int, pad_id: int, shuffle_seed:
         random.Random(shuffle_seed).shuffle(order)
     for i in range(0, len(order), batch_size):
         yield collate([examples[j] for j in order[i : i + batch_size]], pad_id)
+
+
+def heldout_rows(source: str, size: int, seed: int = 0) -> list[dict]:
+    """The raw rows of a held-out set: `size` generated rows of a built-in, or the first `size`
+    objects of a .jsonl file (malformed lines skipped)."""
+    if source in BUILTINS:
+        return BUILTINS[source](size, seed)
+    if source.startswith("builtin:"):
+        raise DataError(f"unknown built-in dataset {source!r}; available: {', '.join(sorted(BUILTINS))}")
+    return read_rows(source, DataReport(source), size)

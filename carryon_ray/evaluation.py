@@ -85,6 +85,72 @@ def exact_match(model: CarryOnModel, rows: list[dict], template: str, max_new_to
     return score_answers(rows, texts)
 
 
+def answer_of(row: dict, template: str) -> tuple[str, str] | None:
+    """(prompt, expected answer) of a held-out row: GSM8K {question, answer} (the answer after
+    '####'), {prompt, completion}, or chat {messages} ending with the assistant's reply."""
+    if "question" in row and "answer" in row:
+        return template.format(question=row["question"]), str(row["answer"])
+    if "prompt" in row and "completion" in row:
+        return str(row["prompt"]), str(row["completion"])
+    return None
+
+
+def is_correct(expected: str, generated: str) -> bool:
+    """GSM8K answers compare the number after '####'; other answers compare the first line of the
+    generation, stripped, with the expected text, stripped (case-sensitive: the format is part of
+    what a customization teaches)."""
+    want = extract_answer(expected)
+    if want is not None:
+        return extract_answer(generated) == want
+    return generated.strip().split("\n")[0].strip() == expected.strip()
+
+
+def heldout_comparison(bases, adapter, rows: list[dict], template: str, max_new_tokens: int = 16) -> dict:
+    """Greedy answers of the bare base and of base + adapter on held-out rows, side by side, in one
+    decode run (the two are rows of one mixed batch). Returns accuracies and every record."""
+    from .generation import generate_mixed
+
+    bases = bases if isinstance(bases, list) else [bases]
+    tok = bases[0].tokenizer
+    pairs = [p for p in (answer_of(r, template) for r in rows) if p is not None]
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
+    n = len(prompts)
+    outs = generate_mixed(bases, prompts * 2, [None] * n + [adapter] * n, max_new_tokens=max_new_tokens)
+    texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
+    records = [{"prompt": p, "expected": e.strip(), "base": texts[i].strip(), "adapter": texts[n + i].strip(),
+                "base_correct": is_correct(e, texts[i]), "adapter_correct": is_correct(e, texts[n + i])}
+               for i, (p, e) in enumerate(pairs)]
+    acc = lambda key: sum(r[key] for r in records) / max(n, 1)  # noqa: E731
+    return {"rows": n, "base_accuracy": acc("base_correct"), "adapter_accuracy": acc("adapter_correct"),
+            "records": records}
+
+
+def score_heldout(bases, adapter_dir, cfg) -> dict | None:
+    """cfg.eval's held-out comparison for a saved adapter (None when no held-out set is configured)."""
+    from .data import heldout_rows
+    from .generation import Adapter
+
+    if not cfg.eval.heldout:
+        return None
+    bases = bases if isinstance(bases, list) else [bases]
+    rows = heldout_rows(cfg.eval.heldout, cfg.eval.heldout_size, cfg.train.seed)
+    return heldout_comparison(bases, Adapter.load(bases, adapter_dir), rows, cfg.data.prompt_template,
+                              cfg.eval.max_new_tokens)
+
+
+def side_by_side(result: dict, show: int) -> str:
+    """The first `show` held-out answers of base and adapter, and both accuracies, as text."""
+    lines = []
+    for r in result["records"][:show]:
+        prompt = r["prompt"].replace("\n", " | ")
+        lines += [f"  prompt   {prompt}", f"  expected {r['expected']!r}",
+                  f"  base     {r['base'][:60]!r}  {'right' if r['base_correct'] else 'wrong'}",
+                  f"  adapter  {r['adapter'][:60]!r}  {'right' if r['adapter_correct'] else 'wrong'}", ""]
+    lines.append(f"held-out accuracy on {result['rows']} prompts: base {result['base_accuracy']:.0%}, "
+                 f"base + adapter {result['adapter_accuracy']:.0%}")
+    return "\n".join(lines)
+
+
 def evaluate_dataset(base, adapter: str | None, data: str, fmt: str = "auto", template: str | None = None,
                      limit: int | None = None, max_new_tokens: int = 256, alpha: float | None = None,
                      gsm8k: bool = False, max_length: int = 512) -> dict:

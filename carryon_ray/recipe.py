@@ -323,6 +323,20 @@ class Trainer:
                             self.calib.fingerprints, base_name, training)
 
 
+def report_heldout(result: dict | None, cfg: CarryOnConfig, reporter: Reporter) -> dict | None:
+    """The held-out comparison (carryon_ray.evaluation.score_heldout) as metrics, a printed side-by-side
+    table, and the summary's `heldout` entry; the same in both runners."""
+    if result is None:
+        return None
+    from .evaluation import side_by_side
+
+    reporter.metrics({"heldout_accuracy_base": result["base_accuracy"],
+                      "heldout_accuracy_adapter": result["adapter_accuracy"], "heldout_rows": result["rows"]}, 0)
+    print("\n" + side_by_side(result, cfg.eval.show), flush=True)
+    return {k: result[k] for k in ("rows", "base_accuracy", "adapter_accuracy")} | {
+        "examples": result["records"][: max(cfg.eval.show, 20)]}
+
+
 def report_data(splits, reporter: Reporter) -> None:
     """Rows read, kept and skipped per data source, in the log and as metrics."""
     for role, rep in splits.reports.items():
@@ -391,7 +405,10 @@ def fit_in_process(cfg: CarryOnConfig, reporter: Reporter | None = None) -> dict
     out = Path(cfg.output.dir)
     data = [r.summary() for r in splits.reports.values()]
     adapter = trainer.save(out, cfg.base.name, {"data": data})
-    summary = {**trainer.summary(), "data": data, "adapter": str(adapter),
+    from .evaluation import score_heldout
+
+    heldout = report_heldout(score_heldout(bases, adapter, cfg), cfg, reporter)
+    summary = {**trainer.summary(), "data": data, "adapter": str(adapter), "heldout": heldout,
                "wall_seconds": round(time.perf_counter() - t_start, 1)}
     write_summary(out, summary)
     log.info("validation loss %.4f -> %.4f at alpha %.4g; adapter saved to %s", summary["val_loss_before"],

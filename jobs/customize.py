@@ -116,6 +116,23 @@ def choose_cache(cfg, n_tokens: int, bytes_per_token: float) -> str:
     return "memory" if need < 0.25 * store else "disk"
 
 
+def score_heldout_remote(cfg_json: dict, files: dict[str, bytes]) -> dict | None:
+    """On an inference-class node: the held-out comparison of base and base + adapter (the adapter
+    travels as its files' bytes, so the node needs no shared filesystem with the driver)."""
+    import tempfile
+
+    from carryon_ray.base import FrozenBase
+    from carryon_ray.config import CarryOnConfig
+    from carryon_ray.evaluation import score_heldout
+
+    cfg = CarryOnConfig.model_validate(cfg_json)
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in files.items():
+            (Path(d) / name).write_bytes(data)
+        bases = [FrozenBase.load(b) for b in [cfg.base, *cfg.extra_bases]]
+        return score_heldout(bases, d, cfg)
+
+
 def run(cfg) -> dict:
     """Run one customization; returns its summary. Raises JobError / ConfigError on bad input."""
     import ray
@@ -128,7 +145,7 @@ def run(cfg) -> dict:
     from carryon_ray.base import resolve_base_path
     from carryon_ray.data import DataError, load_splits
     from carryon_ray.embedding import calibration_rows, token_rows, training_rows
-    from carryon_ray.recipe import RunPlan, Trainer, report_data, write_summary
+    from carryon_ray.recipe import RunPlan, Trainer, report_data, report_heldout, write_summary
 
     from .cache import EmbeddingCache
     from .train_loop import TrainLoopConfig, load_state, train_loop
@@ -222,8 +239,16 @@ def run(cfg) -> dict:
         recipe.load_state_dict(load_state(result.checkpoint))
         data = [rep.summary() for rep in splits.reports.values()]
         adapter_dir = recipe.save(out_dir, cfg.base.name, {"data": data})
+        heldout = None
+        if cfg.eval.heldout:  # base and base + adapter on held-out prompts, on an inference-class node
+            files = {p.name: p.read_bytes() for p in Path(adapter_dir).iterdir() if p.is_file()}
+            result = ray.get(ray.remote(score_heldout_remote).options(
+                num_cpus=r.embed_cpus, num_gpus=r.embed_gpus, resources={r.inference_resource: 1}, max_retries=2,
+            ).remote(cfg.model_dump(mode="json"), files))
+            heldout = report_heldout(result, cfg, tracker.reporter)
         summary = {**recipe.summary(), "data": data, "cache": cache_mode, "adapter": str(adapter_dir),
-                   "run_id": tracker.run_id, "wall_seconds": round(time.perf_counter() - t_start, 1)}
+                   "heldout": heldout, "run_id": tracker.run_id,
+                   "wall_seconds": round(time.perf_counter() - t_start, 1)}
         summary["model_version"] = finish_run(tracker, cfg, summary, str(adapter_dir))
         write_summary(out_dir, summary)
         tracker.end("FINISHED")
@@ -251,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print("RESULT " + json.dumps({k: v for k, v in summary.items() if k != "val_history"}))
+    brief = {k: v for k, v in summary.items() if k not in ("history", "train_losses", "last_epoch", "heldout")}
+    if summary.get("heldout"):
+        brief["heldout"] = {k: v for k, v in summary["heldout"].items() if k != "examples"}
+    print("RESULT " + json.dumps(brief))  # the whole summary is summary.json in output.dir
     before, after = summary["val_loss_before"], summary["val_loss_after"]
     if before is not None and after is not None:
         print(f"validation loss {before:.4f} -> {after:.4f} at alpha {summary['alpha']:g}; adapter at {summary['adapter']}")

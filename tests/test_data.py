@@ -96,3 +96,25 @@ def test_splits_and_collate(tok, tmp_path):
     b = collate(s.train[:3], tok.pad_token_id)
     assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
     assert ((b["attention_mask"] == 0) <= (b["labels"] == IGNORE)).all()  # padding carries no loss
+
+
+def test_builtin_topics_train_and_heldout_never_share_a_prompt():
+    from carryon_ray.data import BUILTINS, TOPICS, heldout_rows, topic_rows
+
+    train, held = topic_rows(600, seed=3), topic_rows(150, seed=3, split="heldout")
+    assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in held})
+    assert len({r["prompt"] for r in train}) == 600  # no duplicates either
+    assert {r["completion"].strip() for r in held} == set(TOPICS)
+    assert heldout_rows("builtin:topics-heldout", 10, 3) == topic_rows(10, seed=3, split="heldout")
+    assert "builtin:topics" in BUILTINS
+    with pytest.raises(DataError, match="fewer than"):
+        topic_rows(100_000)
+
+
+def test_heldout_answers_are_scored_by_their_kind():
+    from carryon_ray.evaluation import answer_of, is_correct
+
+    assert is_correct(" music", "music\nTopic: x") and not is_correct(" music", "Music")
+    assert is_correct("so 3 + 4 = 7\n#### 7", "7 apples\n#### 7.0") and not is_correct("#### 7", "#### 8")
+    assert answer_of({"question": "q?", "answer": "#### 2"}, "Q: {question}") == ("Q: q?", "#### 2")
+    assert answer_of({"text": "x"}, "{question}") is None

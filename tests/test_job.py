@@ -33,7 +33,8 @@ def client_env(state: dict) -> dict:
 
 # The job of the first test and the parity test: replay, the general guard, two epochs.
 TRAINING_SETS = ["data.general_val=tests/data/general.txt", "data.replay=tests/data/general.txt",
-                 "data.replay_ratio=0.1", "alpha.general_guard=0.05", "carryon.gate=true"]
+                 "data.replay_ratio=0.1", "alpha.general_guard=0.05", "carryon.gate=true",
+                 "eval.heldout=builtin:topics-heldout", "eval.heldout_size=6", "eval.max_new_tokens=2"]
 REGISTER_SETS = ["mlflow.register_as=user-alice-tiny", "mlflow.alias=prod", "mlflow.owner=alice"]
 
 
@@ -60,6 +61,9 @@ def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, submitted):
     res, summary = submitted
     assert "epoch 1: reading cached embeddings" in res.stdout  # base forward ran once per sample
     assert summary["val_loss_after"] < summary["val_loss_before"]
+    # Held-out prompts answered by base and adapter on an inference node, printed side by side.
+    assert summary["heldout"]["rows"] == 6 and len(summary["heldout"]["examples"]) == 6
+    assert "held-out accuracy on 6 prompts: base" in res.stdout
 
     client = MlflowClient(cluster["mlflow_url"])
     run = client.get_run(summary["run_id"])
@@ -67,7 +71,8 @@ def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, submitted):
     assert run.data.params["carryon.kind"] == "mlp" and run.data.params["train.epochs"] == "2"
     assert run.data.params["cache_mode"] == "memory"
     for key in ("val_loss", "alpha", "train_loss_step", "val_loss_base", "producer_tokens_per_s",
-                "train_tokens_per_s", "peak_rss_mb", "data_train_kept", "sweep_general_0"):
+                "train_tokens_per_s", "peak_rss_mb", "data_train_kept", "sweep_general_0", "heldout_accuracy_base",
+                "heldout_accuracy_adapter"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2  # one alpha choice per epoch
     # Replay with KL to the base: counted and logged; the guarded alpha choice keeps the general

@@ -209,3 +209,19 @@ def test_in_process_runner_uses_replay_and_the_general_guard(tmp_path, tiny_dir)
     assert {"train_kl", "general_loss_change", "gate_mean_general", "sweep_general_0"} <= set(rec.values)
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["history"][-1]["alpha"] == summary["alpha"]
+
+
+def test_the_demo_path_end_to_end_on_the_tiny_base(tmp_path, tiny_dir):
+    """configs/demo.yaml through `carryon train` on a tiny random base (not for accuracy: that is a
+    benchmark figure): held-out answers of base and adapter side by side in the output and summary."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-m", "carryon_cli", "train", "--config", "configs/demo.yaml",
+                          "--set", f"base.name={tiny_dir}", "--set", f"output.dir={tmp_path}",
+                          "--set", "data.builtin_size=48", "--set", "train.epochs=1", "--set", "eval.heldout_size=8"],
+                         capture_output=True, text=True, env={k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"},
+                         timeout=600, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "held-out accuracy on 8 prompts: base" in res.stdout and "  adapter  " in res.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["heldout"]["rows"] == 8 and 0 <= summary["heldout"]["adapter_accuracy"] <= 1
+    assert summary["history"][0]["general"] is not None  # the demo's general-domain set was scored
