@@ -14,6 +14,13 @@ import json
 import yaml
 
 
+def bar(items, desc: str = "", total: int | None = None):
+    """A tqdm progress bar on the terminal (silent when stderr is not a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, total=total, disable=None, leave=False, dynamic_ncols=True)
+
+
 def _load(args):
     from carryon_ray.config import ConfigError, apply_overrides, load_config, parse_overrides, validate_config
 
@@ -35,7 +42,7 @@ def cmd_train(args) -> int:
     tracker = Tracker.for_config(cfg)
     tracker.start(cfg.model_dump(mode="json"), tags={"carryon.base": cfg.base.name, "carryon.runner": "in-process"})
     try:
-        summary = fit_in_process(cfg, tracker.reporter)
+        summary = fit_in_process(cfg, tracker.reporter, progress=bar)
         summary["run_id"] = tracker.run_id
         summary["model_version"] = finish_run(tracker, cfg, summary, summary["adapter"])
         write_summary(cfg.output.dir, summary)
@@ -76,7 +83,8 @@ def cmd_eval(args) -> int:
     from carryon_ray.evaluation import evaluate_dataset
 
     result = evaluate_dataset(BaseModelConfig(name=args.base, dtype=args.dtype), args.adapter, args.data, args.format,
-                              args.template, args.limit, args.max_new_tokens, args.alpha, args.gsm8k, args.max_length)
+                              args.template, args.limit, args.max_new_tokens, args.alpha, args.gsm8k, args.max_length,
+                              progress=bar)
     print(json.dumps(result, indent=2, default=str))
     tracker = _tracker(args, f"eval {args.adapter or args.base}")
     if tracker.client:
@@ -100,7 +108,8 @@ def cmd_probe(args) -> int:
     base = FrozenBase.load(BaseModelConfig(name=args.base, dtype=args.dtype))
     layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     try:
-        result = probe(base, args.data, args.tokens, layers, args.max_length, args.format, args.recommend)
+        result = probe(base, args.data, args.tokens, layers, args.max_length, args.format, args.recommend,
+                       progress=bar)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     out = Path(args.out)

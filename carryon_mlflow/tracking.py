@@ -71,6 +71,15 @@ class MlflowReporter:
     def params(self, values: dict[str, object]) -> None:
         log_params(self.uri, self.run_id, values)
 
+    def dataset(self, name: str, source: str, profile: list[dict], context: str) -> None:
+        if not self.uri or not self.run_id:
+            return
+        from mlflow.tracking import MlflowClient
+
+        from .flavor import dataset_input
+
+        MlflowClient(self.uri).log_inputs(self.run_id, datasets=[dataset_input(name, source, profile, context)])
+
 
 class Tracker:
     """One MLflow run; every method is a no-op when no tracking URI is set."""
@@ -191,16 +200,24 @@ def plot_figures(tracker: Tracker, cfg, summary: dict) -> None:
 
 
 def finish_run(tracker: Tracker, cfg, summary: dict, adapter_dir: str) -> int | None:
-    """Figures, the adapter as an artifact, registration (with the serving tags), wall time.
-    Returns the registered version (None when not registering or tracking is off)."""
+    """Figures, held-out accuracies, the adapter as an MLflow model (pyfunc flavor, the adapter its
+    artifact), registration of that model (with the serving tags), wall time. Returns the
+    registered version (None when not registering or tracking is off)."""
+    if not (tracker.client and tracker.run_id):
+        return None
+    import tempfile
+
+    from .flavor import save_pyfunc
+
     plot_figures(tracker, cfg, summary)
-    tracker.artifacts(str(adapter_dir), "adapter")
+    with tempfile.TemporaryDirectory() as d:
+        tracker.artifacts(str(save_pyfunc(adapter_dir, f"{d}/model")), "model")
     version = None
     if cfg.mlflow.register_as:
         tags = {"carryon.shared": str(cfg.mlflow.shared).lower(), "carryon.base": cfg.base.name}
         if cfg.mlflow.owner:
             tags["carryon.owner"] = cfg.mlflow.owner
-        version = tracker.register(cfg.mlflow.register_as, cfg.mlflow.alias, "adapter", tags)
+        version = tracker.register(cfg.mlflow.register_as, cfg.mlflow.alias, "model", tags)
     if summary.get("wall_seconds") is not None:
         tracker.metrics({"wall_seconds": summary["wall_seconds"]})
     return version

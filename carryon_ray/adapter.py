@@ -1,13 +1,17 @@
-"""Adapter files: data, not code.
+"""Adapter files: data, not code, in the layout Hugging Face adapter users expect.
 
 An adapter directory holds
-  adapter.safetensors    the carry-on weights (never the inherited head) and the bridge calibration
-  adapter_config.json    architecture, alphas, bridge, base fingerprint(s), tokenizer, training
-                         summary, and the SHA-256 of the weights file
+  adapter_config.json        `base_model_name_or_path`, the carry-on's architecture (only the fields
+                             its kind uses), alphas, bridge, base fingerprint(s), training summary,
+                             and the SHA-256 of the weights file
+  adapter_model.safetensors  the carry-on weights (never the inherited head) and the bridge calibration
+  README.md                  a model card: base, data, chosen alpha, validation and held-out figures,
+                             how to load it
 
 Loading parses JSON and safetensors only (nothing is unpickled), checks the weights hash (a
 truncated or tampered file fails cleanly), and refuses a base whose fingerprint differs from the
-one the carry-on was trained on.
+one the carry-on was trained on. Adapters written by carryon-ray 0.1 before this layout (format
+version 1: adapter.safetensors, the whole arch) still load.
 """
 
 from __future__ import annotations
@@ -19,14 +23,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import __version__
 from .bridge import Bridges, bridges_from_state, bridges_state
 from .config import ArchConfig, HeadConfig
 from .model import CarryOn, fold_deltas
 
 FORMAT = "carryon-adapter"
-VERSION = 1
-WEIGHTS = "adapter.safetensors"
+VERSION = 2
+WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+CARD = "README.md"
+WEIGHTS_BY_VERSION = {1: "adapter.safetensors", 2: WEIGHTS}
 
 
 class AdapterError(ValueError):
@@ -47,21 +54,26 @@ def save_adapter(
     bridges: Bridges,
     shallow: list[int],
     fingerprints: list[dict],
-    tokenizer_name: str,
+    base_name: str,
     training: dict | None = None,
 ) -> Path:
-    """Write the adapter directory; returns its path."""
+    """Write the adapter directory (config, weights, model card); returns its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fold_deltas(carryon)  # recycled blocks ship as plain weights W + B A: serving needs no base blocks
     tensors = {k: v.detach().cpu().contiguous() for k, v in carryon.state_dict().items()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in bridges_state(bridges).items()})
-    save_file(tensors, str(out / WEIGHTS))
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
+    head = {"kind": carryon.head_cfg.kind} | ({"bottleneck": carryon.head_cfg.bottleneck}
+                                              if carryon.head_cfg.kind == "new" else {})
     config = {
         "format": FORMAT,
         "version": VERSION,
-        "arch": carryon.arch.model_dump(),
-        "head": carryon.head_cfg.model_dump(),
+        "library": "carryon-ray",
+        "library_version": __version__,
+        "base_model_name_or_path": base_name,
+        "carryon": carryon.arch.used_fields(),
+        "head": head,
         "fusion": carryon.fusion_mode,
         "dims": carryon.dims,
         "vocab_size": carryon.vocab_size,
@@ -69,12 +81,47 @@ def save_adapter(
         "alphas": [float(a) for a in carryon.alphas],
         "bridge_bits": bridges[0][0].bits,
         "fingerprints": fingerprints,
-        "tokenizer": tokenizer_name,
+        "trainable_params": carryon.num_params(),
         "training": training or {},
         "weights_sha256": _sha256(out / WEIGHTS),
     }
-    (out / CONFIG).write_text(json.dumps(config, indent=2))
+    (out / CONFIG).write_text(json.dumps(config, indent=2, default=str))
+    (out / CARD).write_text(model_card(config))
     return out
+
+
+def model_card(config: dict) -> str:
+    """A Hugging Face-style README.md for an adapter config."""
+    t = config.get("training") or {}
+    arch = config["carryon"]
+    base = config["base_model_name_or_path"]
+    lines = ["---", "library_name: carryon-ray", f"base_model: {base}", "tags: [carryon, adapter, carry-on]", "---",
+             "", f"# Carry-on adapter for `{base}`", "",
+             "A carry-on (GPT Carry-On, arXiv 2504.07513): a small network trained on the frozen base's final "
+             "hidden states, applied as y = W (x + alpha * g * f). With alpha = 0 the output is the base's own.", "",
+             "| | |", "|---|---|",
+             f"| base | `{base}` ({len(config['fingerprints'])} base(s), checked by fingerprint at load) |",
+             f"| carry-on | {arch['kind']}, width {arch['width']}, {arch.get('stages', 1)} stage(s), "
+             f"{config.get('trainable_params', 0):,} parameters |",
+             f"| head | {config['head']['kind']} |",
+             f"| alpha (chosen on validation data) | {', '.join(f'{a:g}' for a in config['alphas'])} |",
+             f"| bridge | {config['bridge_bits'] or 'no'}-bit codes, shallow layers {config['shallow'] or 'none'} |"]
+    if t.get("val_loss_before") is not None and t.get("val_loss_after") is not None:
+        lines.append(f"| validation loss | {t['val_loss_before']:.4f} (base) -> {t['val_loss_after']:.4f} |")
+    held = t.get("heldout")
+    if held:
+        lines.append(f"| held-out accuracy ({held['rows']} prompts) | base {held['base_accuracy']:.0%}, "
+                     f"with this adapter {held['adapter_accuracy']:.0%} |")
+    for d in t.get("data", []):
+        lines.append(f"| data | {d} |")
+    lines += ["", "## Use it", "", "```python", "from carryon_ray.generation import CarryOnModel", "",
+              "model = CarryOnModel.from_pretrained(\"path/to/this/directory\")  # or \"models:/NAME@ALIAS\"",
+              "ids = model.tokenizer(\"...\", add_special_tokens=False)[\"input_ids\"]",
+              "print(model.tokenizer.decode(model.generate([ids], max_new_tokens=32)[0]))", "```", "",
+              "Serve it: list it under `adapters:` in a serve config (or register it in MLflow with the tag "
+              "`carryon.owner`) and run `carryon serve`. Files: adapter_config.json, adapter_model.safetensors "
+              "(data only: nothing is unpickled at load).", ""]
+    return "\n".join(lines)
 
 
 URI_RESOLVERS = "carryon_ray.adapter_uris"  # entry-point group: URI scheme -> fn(uri, dst) -> local dir
@@ -98,18 +145,30 @@ def resolve_adapter(ref: str | Path, dst: str | Path | None = None) -> Path:
 
 
 def read_adapter_config(path: str | Path) -> dict:
+    """The adapter's config, normalised to the current format (`arch` holds every field)."""
     path = Path(path)
     cfg_path = path / CONFIG
-    if not cfg_path.is_file() or not (path / WEIGHTS).is_file():
+    if not cfg_path.is_file():
         raise AdapterError(f"{path}: not an adapter directory (needs {CONFIG} and {WEIGHTS})")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{cfg_path}: unreadable adapter config ({exc})") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
-        raise AdapterError(f"{cfg_path}: not a {FORMAT} config")
-    if cfg.get("version") != VERSION:
-        raise AdapterError(f"{cfg_path}: adapter format version {cfg.get('version')} is not supported (need {VERSION})")
+        raise AdapterError(f"{cfg_path}: not a {FORMAT} config (a PEFT/LoRA adapter is not a carry-on adapter)")
+    version = cfg.get("version")
+    if version not in WEIGHTS_BY_VERSION:
+        raise AdapterError(f"{cfg_path}: adapter format version {version} is not supported (this carryon-ray reads "
+                           f"{sorted(WEIGHTS_BY_VERSION)}); upgrade carryon-ray, or re-save the adapter with it")
+    if not (path / WEIGHTS_BY_VERSION[version]).is_file():
+        raise AdapterError(f"{path}: not an adapter directory (needs {CONFIG} and {WEIGHTS_BY_VERSION[version]})")
+    if version == 1:  # carryon-ray 0.1: the whole arch under "arch", the base name under "tokenizer"
+        cfg = {**cfg, "carryon": cfg["arch"], "base_model_name_or_path": cfg.get("tokenizer")}
+    try:
+        cfg["arch"] = ArchConfig(**cfg["carryon"]).model_dump()
+    except Exception as exc:  # noqa: BLE001 - a hand-edited or corrupt config
+        raise AdapterError(f"{cfg_path}: the carry-on's architecture is invalid: {exc}") from None
+    cfg["weights_file"] = WEIGHTS_BY_VERSION[version]
     return cfg
 
 
@@ -134,10 +193,11 @@ def load_adapter(
             diffs = [f"{k}: adapter has {a.get(k)!r}, base has {v!r}" for k, v in b.items() if a.get(k) != v]
             if diffs:
                 raise AdapterError(f"{path}: base {i} is not the base this adapter was trained on ({'; '.join(diffs)})")
-    if _sha256(path / WEIGHTS) != cfg.get("weights_sha256"):
-        raise AdapterError(f"{path / WEIGHTS}: checksum mismatch (truncated or modified file)")
+    weights = path / cfg["weights_file"]
+    if _sha256(weights) != cfg.get("weights_sha256"):
+        raise AdapterError(f"{weights}: checksum mismatch (truncated or modified file)")
     try:
-        tensors = load_file(str(path / WEIGHTS))
+        tensors = load_file(str(weights))
         arch, head = ArchConfig(**cfg["arch"]), HeadConfig(**cfg["head"])
         carryon = CarryOn(
             arch, head, cfg["dims"], cfg["vocab_size"], cfg["fusion"], head_weight, head_bias, cfg["alphas"][-1]

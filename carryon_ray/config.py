@@ -143,6 +143,20 @@ class ArchConfig(Strict):
         "own alpha chosen on validation data (a run has stages x train.epochs epochs)."
     )
 
+    def used_fields(self) -> dict[str, Any]:
+        """The fields this kind of carry-on actually uses (what an adapter's config records); loading
+        fills the rest with defaults, so both round-trip to the same ArchConfig."""
+        keep = ["kind", "width", "gate", "stages", "stage_lora_rank"]
+        if self.kind == "transformer":
+            keep += ["layers", "heads", "rope_theta", "norm_eps", "attention", "experts", "recycle"]
+            keep += ["mlp_hidden"] if self.mlp_hidden else ["mlp_ratio"]
+            keep += ["kv_heads"] if self.attention == "gqa" else ["kv_rank", "q_rank", "rope_dim"]
+            if self.experts:
+                keep += ["top_k", "shared_experts", "expert_ratio", "router_dropout", "balance_weight"]
+            if self.recycle:
+                keep += ["recycle_rank"]
+        return {k: getattr(self, k) for k in keep}
+
     @model_validator(mode="after")
     def _heads_divide(self) -> "ArchConfig":
         if self.kind != "transformer":

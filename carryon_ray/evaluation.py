@@ -18,6 +18,7 @@ from .config import DataConfig
 from .data import collate, load_examples, read_rows, DataReport
 from .generation import CarryOnModel
 from .loss import IGNORE
+from .progress import Progress, quiet
 
 # A number: optional sign, digits with optional thousands separators, optional decimals, or a fraction.
 NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?"
@@ -42,11 +43,13 @@ def extract_answer(text: str) -> Fraction | None:
 
 
 @torch.no_grad()
-def validation_loss(model: CarryOnModel, examples, alpha: float | None = None, batch_size: int = 8) -> float:
+def validation_loss(model: CarryOnModel, examples, alpha: float | None = None, batch_size: int = 8,
+                    progress: Progress = quiet) -> float:
     """Mean next-token cross entropy over target tokens (what training optimises)."""
     total, count = 0.0, 0
     pad = model.tokenizer.pad_token_id
-    for i in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    for i in progress(starts, "validation loss", len(starts)):
         b = collate(examples[i : i + batch_size], pad)
         logits = model.logits(b["input_ids"], b["attention_mask"], alpha=alpha)[:, :-1]
         y = b["labels"][:, 1:].to(logits.device)
@@ -72,12 +75,13 @@ def score_answers(rows: list[dict], texts: list[str]) -> dict:
 
 
 def exact_match(model: CarryOnModel, rows: list[dict], template: str, max_new_tokens: int = 256,
-                alpha: float | None = None, batch_size: int = 8) -> dict:
+                alpha: float | None = None, batch_size: int = 8, progress: Progress = quiet) -> dict:
     """Greedy GSM8K-style accuracy over `rows` ({'question', 'answer'}). 'answered' is the share of
     generations that end with a '#### number' at all (a base that never learned the format scores 0)."""
     tok = model.tokenizer
     texts = []
-    for i in range(0, len(rows), batch_size):
+    starts = range(0, len(rows), batch_size)
+    for i in progress(starts, "exact match", len(starts)):
         chunk = rows[i : i + batch_size]
         prompts = [tok(template.format(question=r["question"]), add_special_tokens=False)["input_ids"] for r in chunk]
         outs = model.generate(prompts, max_new_tokens, temperature=0.0, alpha=alpha)
@@ -153,7 +157,7 @@ def side_by_side(result: dict, show: int) -> str:
 
 def evaluate_dataset(base, adapter: str | None, data: str, fmt: str = "auto", template: str | None = None,
                      limit: int | None = None, max_new_tokens: int = 256, alpha: float | None = None,
-                     gsm8k: bool = False, max_length: int = 512) -> dict:
+                     gsm8k: bool = False, max_length: int = 512, progress: Progress = quiet) -> dict:
     """Validation loss (and exact match for 'question'/'answer' rows when `gsm8k`) of the bare base
     and, when `adapter` is given, of base + adapter on the same rows."""
     cfg = DataConfig(train=data, format=fmt, max_length=max_length,
@@ -167,11 +171,12 @@ def evaluate_dataset(base, adapter: str | None, data: str, fmt: str = "auto", te
     rows = [r for r in rows if isinstance(r, dict) and "question" in r and "answer" in r]
     out: dict = {"data": data, "rows_scored": len(examples), "data_report": report.summary()}
     for name, (m, a) in models.items():
-        res = {"loss": validation_loss(m, examples, a if m.carryon is not None else None)}
+        res = {"loss": validation_loss(m, examples, a if m.carryon is not None else None, progress=progress)}
         if m.carryon is not None:
             res["alpha"] = float(m.carryon.alpha if a is None else a)
         if gsm8k:
-            em = exact_match(m, rows, cfg.prompt_template, max_new_tokens, a if m.carryon is not None else None)
+            em = exact_match(m, rows, cfg.prompt_template, max_new_tokens, a if m.carryon is not None else None,
+                             progress=progress)
             res.update({k: em[k] for k in ("accuracy", "correct", "n", "answered")})
             res["samples"] = em["records"][:5]
         out[name] = res

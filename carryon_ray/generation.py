@@ -618,6 +618,13 @@ def generate_mixed(bases: FrozenBase | list[FrozenBase], prompts: list[list[int]
     return [s.tokens for s in engine.run(reqs)]
 
 
+def _is_adapter(ref: str | Path) -> bool:
+    """A URI (models:/...) or a directory holding an adapter config, rather than a base."""
+    ref = str(ref)
+    scheme, sep, _ = ref.partition(":/")
+    return bool(sep and len(scheme) > 1 and "/" not in scheme) or (Path(ref) / "adapter_config.json").is_file()
+
+
 class CarryOnModel:
     """A frozen base (or several) plus an optional carry-on adapter."""
 
@@ -648,13 +655,30 @@ class CarryOnModel:
     @classmethod
     def from_pretrained(cls, base: FrozenBase | str | BaseModelConfig | list, adapter: str | Path | None = None):
         """Load the base(s) if needed and attach the adapter (checked against their fingerprints).
-        `adapter` is a directory or a URI such as models:/NAME@ALIAS."""
+
+        `CarryOnModel.from_pretrained(adapter)` alone, as with Hugging Face adapters, loads the base
+        the adapter names (`base_model_name_or_path`); `from_pretrained(base, adapter)` pairs it with
+        a base you already hold. An adapter is a directory or a URI such as models:/NAME@ALIAS."""
+        if adapter is None and isinstance(base, (str, Path)) and _is_adapter(base):
+            adapter = resolve_adapter(base)
+            base = read_adapter_config(adapter)["base_model_name_or_path"]
         bases = base if isinstance(base, list) else [base]
         bases = [b if isinstance(b, FrozenBase) else FrozenBase.load(b) for b in bases]
         model = cls(bases)
         if adapter is not None:
             model.adapter = Adapter.load(bases, adapter)
         return model
+
+    def save_pretrained(self, out_dir: str | Path, training: dict | None = None) -> Path:
+        """Write the adapter (adapter_config.json, adapter_model.safetensors, README.md model card)."""
+        from .adapter import save_adapter
+
+        if self.adapter is None:
+            raise AdapterError("this model has no carry-on adapter to save (the base itself is not saved)")
+        a = self.adapter
+        return save_adapter(out_dir, a.carryon, a.bridges, a.shallow,
+                            [b.fingerprint().to_dict() for b in self.bases[: a.num_bases]], self.base.name,
+                            training or a.config.get("training"))
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from .base import FrozenBase
 from .config import DataConfig
+from .progress import Progress, quiet
 from .data import collate, load_examples
 
 RIDGE = [0.01, 0.1, 1.0, 10.0]  # ridge strengths (x the mean feature variance) tried on the tuning tokens
@@ -68,7 +69,8 @@ def calibration_batch(base: FrozenBase, data: str, tokens: int, max_length: int 
 
 
 @torch.inference_mode()
-def macro_influence(base: FrozenBase, ids: torch.Tensor, mask: torch.Tensor, batch_size: int = 8) -> list[float]:
+def macro_influence(base: FrozenBase, ids: torch.Tensor, mask: torch.Tensor, batch_size: int = 8,
+                    progress: Progress = quiet) -> list[float]:
     """1 - mean cosine similarity of final hidden states with and without each block."""
     blocks = base.model.model.layers
     real = mask.bool()
@@ -81,7 +83,7 @@ def macro_influence(base: FrozenBase, ids: torch.Tensor, mask: torch.Tensor, bat
 
     ref = finals()
     influence = []
-    for k in range(len(blocks)):
+    for k in progress(range(len(blocks)), "macro influence (blocks)", len(blocks)):
         # The hook hands the block's input straight through: the model runs without block k.
         hook = blocks[k].register_forward_hook(
             lambda _m, args, kwargs, _out: args[0] if args else kwargs["hidden_states"], with_kwargs=True)
@@ -132,7 +134,7 @@ def _explained(feats: torch.Tensor, r: torch.Tensor, split: torch.Tensor) -> flo
 
 @torch.inference_mode()
 def shortcut_gain(base: FrozenBase, ids: torch.Tensor, mask: torch.Tensor, layers: list[int],
-                  batch_size: int = 8) -> tuple[float, float, dict[int, float]]:
+                  batch_size: int = 8, progress: Progress = quiet) -> tuple[float, float, dict[int, float]]:
     """(base loss, top-only share, {layer: gain}, noise-control gain) on held-out tokens; see the
     module docstring."""
     per_layer: dict[int, list[torch.Tensor]] = {j: [] for j in layers}
@@ -153,7 +155,8 @@ def shortcut_gain(base: FrozenBase, ids: torch.Tensor, mask: torch.Tensor, layer
     r = _loss_gradient(head_w, x, y)
     base_loss = _loss(head_w, x[split == 2], y[split == 2])
     top_only = _explained(x, r, split)
-    gain = {j: _explained(torch.cat([x, torch.cat(per_layer[j])], dim=-1), r, split) - top_only for j in layers}
+    gain = {j: _explained(torch.cat([x, torch.cat(per_layer[j])], dim=-1), r, split) - top_only
+            for j in progress(layers, "shortcut gain (layers)", len(layers))}
     # Control: as many extra features of pure noise. Whatever they "explain" is the bar a layer
     # has to clear to carry real information (ridge and the held-out split keep it near 0).
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
@@ -162,7 +165,7 @@ def shortcut_gain(base: FrozenBase, ids: torch.Tensor, mask: torch.Tensor, layer
 
 
 def probe(base: FrozenBase, data: str, tokens: int = 2048, layers: list[int] | None = None, max_length: int = 256,
-          fmt: str = "auto", recommend: int = 2) -> ProbeResult:
+          fmt: str = "auto", recommend: int = 2, progress: Progress = quiet) -> ProbeResult:
     """Both measurements; recommends the `recommend` shallow layers with the largest positive gain."""
     ids, mask = calibration_batch(base, data, tokens, max_length, fmt)
     L = base.num_layers
@@ -170,8 +173,8 @@ def probe(base: FrozenBase, data: str, tokens: int = 2048, layers: list[int] | N
     bad = [j for j in layers if not 0 <= j < L]
     if bad:
         raise ValueError(f"layers {bad} out of range: the base has blocks 0..{L - 1} (0 = token embeddings)")
-    influence = macro_influence(base, ids, mask)
-    base_loss, top_only, gain, control = shortcut_gain(base, ids, mask, layers)
+    influence = macro_influence(base, ids, mask, progress=progress)
+    base_loss, top_only, gain, control = shortcut_gain(base, ids, mask, layers, progress=progress)
     ranked = sorted((j for j in layers if gain[j] > max(control, 0.0)), key=lambda j: -gain[j])
     least = sorted(range(L), key=lambda k: influence[k])[: max(1, math.ceil(L / 10))]
     return ProbeResult(base.name, int(mask.sum()), L, influence, base_loss, top_only, gain, control,

@@ -34,6 +34,7 @@ import torch
 from .adapter import save_adapter
 from .config import CarryOnConfig
 from .embedding import Calibration, EncodedBatch, decode_sources, part_layout
+from .progress import Progress, quiet
 from .train import (AlphaSearch, build_carryon, evaluate, gate_mean, grow_stage, make_optimizer, router_dropout_at,
                     stage_digest, train_step)
 
@@ -47,12 +48,18 @@ class Reporter(Protocol):
 
     def params(self, values: dict[str, object]) -> None: ...
 
+    def dataset(self, name: str, source: str, profile: list[dict], context: str) -> None:
+        """A dataset the run used: its source and a per-row profile (no text)."""
+
 
 class NullReporter:
     def metrics(self, values: dict[str, float], step: int) -> None:
         pass
 
     def params(self, values: dict[str, object]) -> None:
+        pass
+
+    def dataset(self, name: str, source: str, profile: list[dict], context: str) -> None:
         pass
 
 
@@ -337,11 +344,23 @@ def report_heldout(result: dict | None, cfg: CarryOnConfig, reporter: Reporter) 
         "examples": result["records"][: max(cfg.eval.show, 20)]}
 
 
-def report_data(splits, reporter: Reporter) -> None:
-    """Rows read, kept and skipped per data source, in the log and as metrics."""
+def report_data(splits, cfg: CarryOnConfig, reporter: Reporter) -> None:
+    """Rows read, kept and skipped per data source, in the log and as metrics; each source as a
+    dataset input of the run (its path or built-in name and a per-row token profile)."""
+    from .loss import IGNORE
+
     for role, rep in splits.reports.items():
         log.info("data (%s) %s", role, rep.summary())
         reporter.metrics(rep.metrics(f"data_{role}"), 0)
+    sources = {"train": (cfg.data.train, splits.train, "training"),
+               "val": (cfg.data.val or f"{cfg.data.train} (validation split)", splits.val, "validation"),
+               "general": (cfg.data.general_val, splits.general, "evaluation"),
+               "replay": (cfg.data.replay, splits.replay, "training")}
+    for name, (source, examples, context) in sources.items():
+        if examples:
+            profile = [{"tokens": len(e.input_ids), "scored_tokens": sum(lab != IGNORE for lab in e.labels)}
+                       for e in examples]
+            reporter.dataset(name, str(source), profile, context)
     if splits.replay:
         log.info("replay: %d general-domain sequences mixed into %d customization sequences", len(splits.replay),
                  len(splits.train))
@@ -353,7 +372,7 @@ def report_data(splits, reporter: Reporter) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def fit_in_process(cfg: CarryOnConfig, reporter: Reporter | None = None) -> dict:
+def fit_in_process(cfg: CarryOnConfig, reporter: Reporter | None = None, progress: Progress = quiet) -> dict:
     """Customize a base in this process; writes the adapter and summary.json to cfg.output.dir and
     returns the summary. The same recipe and the same row path as the Ray job: token rows ->
     `embed_rows` in embed_batch_size groups -> `from_rows` in batch_size groups -> Trainer."""
@@ -371,35 +390,38 @@ def fit_in_process(cfg: CarryOnConfig, reporter: Reporter | None = None) -> dict
              bases[0].vocab_size)
     # -- data -----------------------------------------------------------------------------------
     splits = load_splits(tok, cfg.data, seed=cfg.train.seed)
-    report_data(splits, reporter)
+    report_data(splits, cfg, reporter)
     rows = training_rows(splits, cfg.train.seed)
     # -- calibrate, then embed once: the base forward runs once per sample ------------------------
     calib = calibrate(bases, cfg.bridge, cfg.layers.shallow, rows[: calibration_rows(cfg)])
     bridges, shallow, eb = calib.bridges(), cfg.layers.shallow, cfg.resources.embed_batch_size
     reporter.params({"bridge_bytes_per_token": f"{calib.bytes_per_token():.1f}"})
 
-    def embedded(token_rows_: list[dict]) -> dict:
+    def embedded(token_rows_: list[dict], what: str) -> dict:
+        starts = range(0, len(token_rows_), eb)
         return concat_rows([embed_rows(bases, bridges, {k: [r[k] for r in token_rows_[i : i + eb]]
                                                          for k in token_rows_[0]}, shallow)
-                            for i in range(0, len(token_rows_), eb)])
+                            for i in progress(starts, f"base forward ({what})", len(starts))])
 
     layout = part_layout(bridges, calib.dims, calib.base_dtype)
     bs = cfg.train.batch_size
     t0 = time.perf_counter()
-    train = [from_rows(g, layout) for g in row_batches(embedded(rows), bs)]
+    train = [from_rows(g, layout) for g in row_batches(embedded(rows, "training rows"), bs)]
     log.info("embedded %d training rows in %.1fs (bridge %d bits, %.0f bytes/token)", len(rows),
              time.perf_counter() - t0, cfg.bridge.bits, calib.bytes_per_token())
     head_w, head_b = (bases[0].head_weight, bases[0].head_bias) if cfg.head.kind == "inherited" else (None, None)
     trainer = Trainer(cfg, calib, RunPlan.of(cfg, len(rows)), head_w, head_b, reporter)
-    val = trainer.eval_set(from_rows(g, layout) for g in row_batches(embedded(token_rows(splits.val)), bs))
-    general = trainer.eval_set(from_rows(g, layout) for g in row_batches(embedded(token_rows(splits.general)), bs)) \
-        if splits.general else None
+    val = trainer.eval_set(from_rows(g, layout) for g in row_batches(embedded(token_rows(splits.val), "validation"), bs))
+    general = trainer.eval_set(from_rows(g, layout) for g in row_batches(
+        embedded(token_rows(splits.general), "general-domain set"), bs)) if splits.general else None
     # -- loop -----------------------------------------------------------------------------------
     trainer.baseline(val)
     while not trainer.done:
         trainer.begin_epoch()
         streamed = trainer.epoch == 0
-        stats = trainer.train_on((train[i] for i in epoch_order(len(train), cfg.train.seed, trainer.epoch)), streamed)
+        order = epoch_order(len(train), cfg.train.seed, trainer.epoch)
+        batches = progress((train[i] for i in order), f"epoch {trainer.epoch + 1}/{trainer.plan.epochs}", len(order))
+        stats = trainer.train_on(batches, streamed)
         trainer.end_epoch(stats, val, general)
     # -- save -----------------------------------------------------------------------------------
     out = Path(cfg.output.dir)

@@ -172,7 +172,7 @@ def run(cfg) -> dict:
             splits = load_splits(tok, cfg.data, seed=cfg.train.seed)
         except DataError as exc:
             raise JobError(str(exc)) from None
-        report_data(splits, tracker.reporter)
+        report_data(splits, cfg, tracker.reporter)
         tracker.text("\n".join(r.summary() for r in splits.reports.values()), "data_report.txt")
         connect_ray(cfg)
         train_rows = training_rows(splits, cfg.train.seed)

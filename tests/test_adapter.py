@@ -35,7 +35,7 @@ def test_round_trip_gives_identical_outputs(adapter, tiny_base):
     assert not torch.equal(loaded.adapter.bridges[0][0].projection, loaded.adapter.bridges[0][1].projection)
     assert torch.equal(loaded.logits(ids, mask), original.logits(ids, mask))
     files = sorted(p.name for p in path.iterdir())
-    assert files == ["adapter.safetensors", "adapter_config.json"]
+    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_other_base_is_refused(adapter, tmp_path, smol_dir):
@@ -47,7 +47,7 @@ def test_other_base_is_refused(adapter, tmp_path, smol_dir):
 
 def test_truncated_file_fails_cleanly(adapter, tiny_base):
     path, _ = adapter
-    w = path / "adapter.safetensors"
+    w = path / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
     with pytest.raises(AdapterError, match="checksum"):
         CarryOnModel.from_pretrained(tiny_base, path)
@@ -55,7 +55,7 @@ def test_truncated_file_fails_cleanly(adapter, tiny_base):
 
 def test_tampered_file_fails_cleanly(adapter, tiny_base):
     path, _ = adapter
-    w = path / "adapter.safetensors"
+    w = path / "adapter_model.safetensors"
     data = bytearray(w.read_bytes())
     data[-3] ^= 0xFF
     w.write_bytes(bytes(data))
@@ -79,4 +79,42 @@ def test_bad_config_json(adapter, tiny_base):
         CarryOnModel.from_pretrained(tiny_base, path)
     (path / "adapter_config.json").write_text('{"format": "pickle"}')
     with pytest.raises(AdapterError, match="not a carryon-adapter"):
+        CarryOnModel.from_pretrained(tiny_base, path)
+
+
+def test_hugging_face_style_directory_and_model_card(adapter, tiny_base, tiny_dir, tmp_path):
+    """save_pretrained -> from_pretrained(dir) gives identical logits, the base found from the config."""
+    path, original = adapter
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "tiny" and cfg["version"] == 2
+    assert set(cfg["carryon"]) >= {"kind", "width", "layers", "heads", "kv_heads"}
+    assert "experts" in cfg["carryon"] and "top_k" not in cfg["carryon"]  # only what this kind uses
+    mlp_cfg = random_carryon(tiny_base, "mlp").arch.used_fields()
+    assert "heads" not in mlp_cfg and "attention" not in mlp_cfg
+    saved = original.save_pretrained(tmp_path / "again", training={"val_loss_before": 2.5, "val_loss_after": 1.25})
+    card = (saved / "README.md").read_text()
+    assert f"base_model: {tiny_dir}" in card and "2.5000 (base) -> 1.2500" in card and "from_pretrained" in card
+    assert json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_dir
+    alone = CarryOnModel.from_pretrained(str(saved))  # the base comes from base_model_name_or_path
+    ids, mask = batch(tiny_base.tokenizer)
+    assert torch.equal(alone.logits(ids, mask), original.logits(ids, mask))
+    assert alone.base.name == tiny_dir
+
+
+def test_a_version_1_adapter_still_loads(adapter, tiny_base):
+    """carryon-ray 0.1 wrote adapter.safetensors and the whole arch under "arch": still readable."""
+    path, original = adapter
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    old = {k: v for k, v in cfg.items() if k not in ("carryon", "base_model_name_or_path", "library",
+                                                      "library_version", "trainable_params")}
+    old.update(version=1, arch=original.carryon.arch.model_dump(), tokenizer="tiny")
+    (path / "adapter_model.safetensors").rename(path / "adapter.safetensors")
+    (path / "README.md").unlink()
+    (path / "adapter_config.json").write_text(json.dumps(old))
+    loaded = CarryOnModel.from_pretrained(tiny_base, path)
+    ids, mask = batch(tiny_base.tokenizer)
+    assert torch.equal(loaded.logits(ids, mask), original.logits(ids, mask))
+    old["version"] = 3
+    (path / "adapter_config.json").write_text(json.dumps(old))
+    with pytest.raises(AdapterError, match="version 3 is not supported.*upgrade carryon-ray"):
         CarryOnModel.from_pretrained(tiny_base, path)

@@ -97,10 +97,23 @@ def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, submitted):
     os.environ["MLFLOW_TRACKING_URI"] = cluster["mlflow_url"]
     try:
         model = CarryOnModel.from_pretrained(FrozenBase.load(BaseModelConfig(name=tiny_dir)), "models:/user-alice-tiny@prod")
+        # The registered version is an MLflow model (pyfunc flavor): a notebook user loads it with MLflow.
+        import mlflow.pyfunc
+
+        pyfunc = mlflow.pyfunc.load_model("models:/user-alice-tiny@prod")
+        prompts = ["Question: 2 + 2?\nAnswer:", "Sentence: Light snow covered the harbor.\nTopic:"]
+        got = pyfunc.predict(prompts, params={"max_tokens": 5})
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
     assert model.carryon.alpha == pytest.approx(summary["alpha"])
     assert len(model.generate([[1, 2, 3]], 4, stop_at_eos=False)[0]) == 4
+    tok = model.tokenizer
+    want = [tok.decode(model.generate([tok(p, add_special_tokens=False)["input_ids"]], 5)[0], skip_special_tokens=True)
+            for p in prompts]
+    assert list(got) == want
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}  # the data it trained on, as MLflow inputs
+    assert inputs["train"].dataset.source_type == "code" and "builtin:arithmetic" in inputs["train"].dataset.source
+    assert {"train", "val", "general", "replay"} <= set(inputs)
 
 
 def test_in_process_runner_matches_the_ray_job(cluster, tiny_dir, submitted, tmp_path):

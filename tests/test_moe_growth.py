@@ -183,7 +183,7 @@ def test_in_process_growing_run_chooses_an_alpha_per_stage_and_saves_every_stage
     r = fit_in_process(cfg)
     assert [h["stage"] for h in r["history"]] == [0, 1]
     saved = json.loads((Path(r["adapter"]) / "adapter_config.json").read_text())
-    assert saved["arch"]["stages"] == 2 and len(saved["alphas"]) == 2
+    assert saved["carryon"]["stages"] == 2 and len(saved["alphas"]) == 2
     assert saved["alphas"] == pytest.approx([h["alpha"] for h in r["history"]])
     model = CarryOnModel.from_pretrained(tiny_dir, r["adapter"])
     assert len(model.carryon.stages) == 2
@@ -296,7 +296,7 @@ def test_recycled_deltas_train_and_fold_into_the_saved_adapter(tiny_dir, tiny_ba
         before = m(sources)
     out = save_adapter(tmp_path / "adapter", m, [[Bridge(0)]], [], [tiny_base.fingerprint().to_dict()], tiny_dir)
     loaded, _, saved = load_adapter(out, head_weight=tiny_base.head_weight)
-    assert saved["arch"]["width"] == 64 and saved["arch"]["mlp_hidden"] == 128 and saved["arch"]["layers"] == 2
+    assert saved["carryon"]["width"] == 64 and saved["carryon"]["mlp_hidden"] == 128 and saved["carryon"]["layers"] == 2
     assert not any(k.endswith((".A", ".B")) for k in loaded.state_dict())  # plain weights W + B A
     with torch.no_grad():
         after = loaded(sources)

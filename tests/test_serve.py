@@ -53,7 +53,7 @@ def served(tmp_path_factory, tiny_dir):
            "reg-src": strong_adapter(base, "mlp", 4, tmp / "reg-src")}
     broken = tmp / "alice-broken"
     shutil.copytree(ads["alice-a"], broken)
-    weights = broken / "adapter.safetensors"
+    weights = broken / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64] + b"\0" * 64)  # tampered tail: checksum mismatch
     keys_file = tmp / "keys.yaml"
     keys_file.write_text(yaml.safe_dump({KEYS["alice"]: "alice", KEYS["carol"]: "carol",

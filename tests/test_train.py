@@ -50,7 +50,7 @@ def test_in_process_trainer_lowers_validation_loss_on_smollm2(tmp_path, smol_dir
     print(f"SmolLM2 in-process: val loss {r['val_loss_before']:.4f} -> {r['val_loss_after']:.4f} "
           f"(drop {drop:.4f}) at alpha {r['alpha']}; producer {r['last_epoch'].get('producer_tokens_per_s')} tok/s")
     assert drop > 0.2  # measured ~0.5+ on this setup; a broken trainer leaves it at 0
-    assert (tmp_path / "adapter" / "adapter.safetensors").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert [h["epoch"] for h in r["history"]] == [0, 1]
 
 
@@ -190,6 +190,9 @@ class Recorder:
     def params(self, values):
         self.param_values.update(values)
 
+    def dataset(self, name, source, profile, context):
+        self.values.setdefault("datasets", []).append((name, source, len(profile), context))
+
 
 def test_in_process_runner_uses_replay_and_the_general_guard(tmp_path, tiny_dir):
     """`carryon train` once ignored data.replay and alpha.general_guard; the one recipe honours them."""
@@ -207,6 +210,9 @@ def test_in_process_runner_uses_replay_and_the_general_guard(tmp_path, tiny_dir)
         assert h["general"] is not None and 0.0 in h["general"]
         assert h["general"][h["alpha"]] <= h["general"][0.0] + 1e-9
     assert {"train_kl", "general_loss_change", "gate_mean_general", "sweep_general_0"} <= set(rec.values)
+    names = {d[0]: d for d in rec.values["datasets"]}
+    assert names["train"][1] == "builtin:arithmetic" and names["train"][2] > names["val"][2] > 0
+    assert set(names) == {"train", "val", "general", "replay"} and names["general"][3] == "evaluation"
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["history"][-1]["alpha"] == summary["alpha"]
 
