@@ -58,28 +58,31 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-# Benchmarks write JSON (docs/benchmarks.md explains every figure). `make bench` runs each issue-5
-# benchmark at its quick size into bench/results/quick/, ending with a timed `make demo` (under 30
-# minutes on the 2-core CI machine; no carryon cluster may be up, the demo's own is stopped after);
-# `make bench-full` runs the sizes behind the tables in the docs into bench/results/ (about two and a
-# half hours here, most of it LoRA's full backward passes), plus the issue-6 paper-feature runs.
-# Every script takes size options for GPU clusters.
+# Benchmarks write JSON (docs/benchmarks.md explains every figure). `make bench` runs each script at
+# a quick size into bench/results/quick/, ending with a timed `make demo` (sized for the 2-core CI
+# machine; no carryon cluster may be up, the demo's own is stopped after); `make bench-full` runs
+# the sizes behind the tables in the docs into bench/results/ (hours here, most of it LoRA's full
+# backward passes). Every script takes size options for GPU clusters.
 QUICK := bench/results/quick
 bench: $(STAMP)
 	mkdir -p $(QUICK)
 	$(BIN)/python bench/pipeline.py --rows 64 --reps 1 --out $(QUICK)/pipeline.json
 	$(BIN)/python bench/memory.py --sizes 135m,1.5b --steps 1 --out $(QUICK)/memory.json
 	$(BIN)/python bench/bridge.py --rows 96 --epochs 1 --out $(QUICK)/bridge.json
-	$(BIN)/python bench/serving.py --out $(QUICK)/serving.json
-	$(BIN)/python bench/replay_kl.py --n-train 96 --n-val 24 --replay-rows 48 --general-rows 16 --steps 12 \
-	  --em-n 16 --em-tokens 96 --out $(QUICK)/replay_kl.json
+	$(BIN)/python bench/serving.py --duration 8 --clients 1,16 --lru-adapters 100 --repeats 1 --out $(QUICK)/serving.json
+	$(BIN)/python bench/data.py --sizes 2000,20000 --gsm8k-rows 200 --out $(QUICK)/data.json
+	$(BIN)/python bench/quality.py --n-train 96 --n-val 24 --replay-rows 48 --guard-rows 16 --report-rows 16 --steps 12 \
+	  --configs mlp256,mlp256_shallow0 --em-n 8 --em-tokens 64 --out $(QUICK)/quality.json
+	$(BIN)/python bench/gpu_check.py --smoke --out $(QUICK)/gpu_check.json
 	$(BIN)/python bench/demo.py --out $(QUICK)/demo.json
 
 bench-full: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/memory.py
 	$(BIN)/python bench/bridge.py
-	$(BIN)/python bench/serving.py
+	$(BIN)/python bench/serving.py --http
+	$(BIN)/python bench/data.py
+	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/replay_kl.py
 	$(BIN)/python bench/paper_features.py
 	$(BIN)/python bench/demo.py

@@ -228,6 +228,14 @@ class FrozenBase(nn.Module):
             )
         return self._fingerprint
 
+    def prepare_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A 4D bool mask ([B, 1, T, S], True = may attend) in the form this model's attention takes
+        (sdpa: bool as is; eager and others: an additive float mask)."""
+        if getattr(self.model.config, "_attn_implementation", "sdpa") == "sdpa":
+            return mask
+        return torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(self.dtype).min)
+
     # -- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
     def hidden_states(

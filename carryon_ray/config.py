@@ -291,6 +291,11 @@ class DataConfig(Strict):
         "stream cut into full max_length windows, loss on every token (no padding, nothing dropped as too "
         "long). Needs format: text."
     )
+    pack_examples: bool = Field(
+        False, description="Pack several short training examples into each max_length sequence (any row format), "
+        "attention and positions kept inside each example, so an example's loss is unchanged while padding "
+        "shrinks. Validation sets stay unpacked."
+    )
     max_bad_fraction: float = Field(
         0.5, ge=0, le=1, description="Stop with an error when more than this fraction of rows is malformed."
     )
@@ -300,6 +305,9 @@ class DataConfig(Strict):
     def _pack_needs_text(self) -> "DataConfig":
         if self.pack and self.format != "text":
             raise ValueError(f"data.pack packs plain text; set data.format: text (got {self.format!r})")
+        if self.pack and self.pack_examples:
+            raise ValueError("data.pack (one stream of documents) and data.pack_examples (whole examples with their "
+                             "own attention) exclude each other; pick one")
         return self
 
 
@@ -316,6 +324,39 @@ class EvalConfig(Strict):
     show: int = Field(5, ge=0, description="Held-out examples printed side by side at the end of the run.")
 
 
+class TuneConfig(Strict):
+    """A search over carry-on settings with Ray Tune, all trials on the same cached base states (the
+    base forward runs once for the whole search). Off unless `trials` > 0."""
+
+    trials: int = Field(0, ge=0, description="Trials (samples of `space`); 0 = no search, one run of this config.")
+    space: dict[str, list | dict[str, Any]] = Field(
+        default_factory=dict, description="Dotted config fields to search: a list is a choice (e.g. carryon.width: "
+        "[64, 256]), {min, max, log} a range (e.g. train.lr: {min: 0.001, max: 0.03, log: true}). layers.shallow "
+        "choices must be subsets of this config's layers.shallow (those are embedded once for every trial)."
+    )
+    scheduler: Literal["asha", "fifo"] = Field(
+        "asha", description="'asha' stops trials whose validation loss trails after each rung; 'fifo' runs all to the end."
+    )
+    grace_epochs: int = Field(1, ge=1, description="ASHA: epochs every trial gets before it can be stopped.")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: the share of trials kept at each rung is 1 / this.")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Trials at once; default: as many as the cluster's training units allow."
+    )
+    time_budget_s: float | None = Field(None, gt=0, description="Stop starting trials after this many seconds.")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "TuneConfig":
+        for key, spec in self.space.items():
+            if isinstance(spec, dict) and not ({"min", "max"} <= set(spec) <= {"min", "max", "log"}
+                                               and spec["min"] < spec["max"]):
+                raise ValueError(f"tune.space.{key}: a range is {{min, max, log}} with min < max, got {spec}")
+            if isinstance(spec, list) and not spec:
+                raise ValueError(f"tune.space.{key}: an empty list of choices")
+        if self.space and not self.trials:
+            raise ValueError("tune.space is set but tune.trials is 0; set tune.trials to the number of trials")
+        return self
+
+
 class ResourcesConfig(Strict):
     """Where things run. Node classes are Ray custom resources advertised by nodes."""
 
@@ -324,6 +365,9 @@ class ResourcesConfig(Strict):
     embed_actors_min: int = Field(1, ge=1, description="Minimum size of the embedding actor pool.")
     embed_actors_max: int = Field(2, ge=1, description="Maximum size of the embedding actor pool.")
     embed_batch_size: int = Field(8, gt=0, description="Sequences per base forward in an embedding actor.")
+    tokenize_actors: int = Field(
+        2, ge=1, description="Most CPU actors tokenizing rows in the job's Ray Data pipeline (scaled from 1 up).")
+    tokenize_cpus: float = Field(0.5, gt=0, description="CPUs each tokenizing actor reserves.")
     embed_cpus: float = Field(1.0, gt=0, description="CPUs each embedding actor reserves.")
     embed_gpus: float = Field(0.0, ge=0, description="GPUs each embedding actor reserves.")
     pool_per_base: bool = Field(
@@ -421,9 +465,27 @@ class CarryOnConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation.")
     data: DataConfig = Field(..., description="Data (required: at least data.train).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out scoring of the adapter.")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="Search over carry-on settings (Ray Tune).")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description="Cluster resources.")
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="Tracking.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Output.")
+
+    @model_validator(mode="after")
+    def _tune_space_fits(self) -> "CarryOnConfig":
+        """Every choice of the search space must make a valid config, and shallow-layer choices must
+        be among the layers embedded for all trials."""
+        for key, spec in self.tune.space.items():
+            for value in spec if isinstance(spec, list) else [spec["min"], spec["max"]]:
+                data = apply_overrides(self.model_dump(mode="json", exclude={"tune"}), {key: value})
+                try:
+                    CarryOnConfig.model_validate(data)
+                except ValidationError as exc:
+                    raise ValueError(f"tune.space.{key} = {value!r} does not make a valid config: "
+                                     f"{describe_error(exc.errors()[0])}") from None
+                if key == "layers.shallow" and not set(value) <= set(self.layers.shallow):
+                    raise ValueError(f"tune.space.layers.shallow choice {value} is not a subset of layers.shallow "
+                                     f"{self.layers.shallow} (the layers embedded once for every trial)")
+        return self
 
     @model_validator(mode="after")
     def _cross_section(self) -> "CarryOnConfig":

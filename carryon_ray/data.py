@@ -12,6 +12,7 @@ the run with a clear error instead of training on scraps.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -32,6 +33,43 @@ class DataError(ValueError):
 class Example:
     input_ids: list[int]
     labels: list[int]
+    key: str = ""  # the row's content hash and the window index: decides split, replay pick, order, id
+    segments: list[int] | None = None  # packed examples: the lengths of the examples in this sequence
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules that decide where a row goes, from the row alone: every runner (one process, a Ray
+# Data pipeline on any cluster size) puts the same rows in the same split, in the same order.
+# ---------------------------------------------------------------------------------------------
+
+
+def row_key(row: dict | str) -> str:
+    """A stable content hash of a raw row (its JSON with sorted keys, or its text)."""
+    text = row if isinstance(row, str) else json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def unit(key: str, salt: str) -> float:
+    """A number in [0, 1) drawn from the key: uniform across rows, fixed for a row."""
+    return int(hashlib.sha1(f"{salt}|{key}".encode()).hexdigest()[:15], 16) / 16**15
+
+
+def sample_id(key: str) -> int:
+    """A 60-bit id of an example, the same in every runner (audits count ids, not positions)."""
+    return int(hashlib.sha1(f"id|{key}".encode()).hexdigest()[:15], 16)
+
+
+def in_val(key: str, fraction: float) -> bool:
+    return unit(key.split("#")[0], "val") < fraction  # whole rows (all their windows) on one side
+
+
+def order_key(key: str, seed: int) -> float:
+    """Training order: a seeded shuffle that does not depend on how the rows were read."""
+    return unit(key, f"order:{seed}")
+
+
+def replay_pick(key: str, seed: int, threshold: float) -> bool:
+    return unit(key, f"replay:{seed}") < threshold
 
 
 @dataclass
@@ -167,6 +205,23 @@ BUILTINS = {"builtin:arithmetic": lambda n, seed: arithmetic_problems(n, seed),
 # ---------------------------------------------------------------------------------------------
 
 
+def parse_line(raw: bytes, text_file: bool) -> tuple[dict | None, str | None]:
+    """One line of a .jsonl or .txt file: (row, None) or (None, why it is malformed)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "bad_encoding"
+    if text_file:
+        return {"text": line.rstrip("\r\n")}, None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None, "bad_json"
+    if not isinstance(row, dict):
+        return None, "not_an_object"
+    return row, None
+
+
 def read_rows(path: str, report: DataReport, limit: int | None = None) -> list[dict]:
     """Rows of a .jsonl (one object per line) or .txt (one text row per non-empty line) file,
     reading at most `limit` non-empty lines."""
@@ -181,23 +236,11 @@ def read_rows(path: str, report: DataReport, limit: int | None = None) -> list[d
             if limit is not None and report.rows >= limit:
                 break
             report.rows += 1
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                report.skipped["bad_encoding"] += 1
-                continue
-            if p.suffix == ".txt":
-                rows.append({"text": line.rstrip("\n")})
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                report.skipped["bad_json"] += 1
-                continue
-            if not isinstance(row, dict):
-                report.skipped["not_an_object"] += 1
-                continue
-            rows.append(row)
+            row, reason = parse_line(raw, p.suffix == ".txt")
+            if reason:
+                report.skipped[reason] += 1
+            else:
+                rows.append(row)
     return rows
 
 
@@ -231,38 +274,51 @@ class Tokenizer:
         return None
 
     def example(self, row: dict, report: DataReport) -> list[Example]:
+        """The row's examples; a rejected row is counted in `report` by reason."""
+        examples, reason = self.examples(row)
+        if reason:
+            report.skipped[reason] += 1
+        return examples
+
+    def examples(self, row: dict) -> tuple[list[Example], str | None]:
+        """(examples, None), or ([], the reason the row is rejected). Each example is keyed by the
+        row's content hash and its window index, and has at least one scored target."""
+        key = row_key(row)
         fmt = self.cfg.format if self.cfg.format != "auto" else detect_format(row)
         if fmt is None:
-            report.skipped["missing_fields"] += 1
-            return []
+            return [], "missing_fields"
         try:
             if fmt == "text":
                 text = row["text"]
                 if not isinstance(text, str):
                     raise TypeError
                 if not text.strip():
-                    report.skipped["empty"] += 1
-                    return []
-                return [Example(ids, list(ids)) for ids in self._windows(self._ids(text))]
-            if fmt == "chat":
-                prompt_ids, comp_ids = self._chat(row["messages"])
+                    return [], "empty"
+                found = [Example(ids, list(ids)) for ids in self._windows(self._ids(text))]
             else:
-                prompt, completion = self.prompt_completion(row, fmt)
-                if not isinstance(prompt, str) or not isinstance(completion, str):
-                    raise TypeError
-                if not completion.strip():
-                    report.skipped["empty"] += 1
-                    return []
-                prompt_ids, comp_ids = self._ids(prompt), self._ids(completion) + [self.eos]
-        except (KeyError, TypeError, IndexError, AttributeError, ValueError):
-            report.skipped["missing_fields"] += 1
-            return []
-        ids = prompt_ids + comp_ids
-        if len(ids) > self.cfg.max_length:
-            report.skipped["too_long"] += 1
-            return []
-        labels = list(ids) if self.cfg.loss_on_prompt else [IGNORE] * len(prompt_ids) + comp_ids
-        return [Example(ids, labels)]
+                if fmt == "chat":
+                    prompt_ids, comp_ids = self._chat(row["messages"])
+                else:
+                    prompt, completion = self.prompt_completion(row, fmt)
+                    if not isinstance(prompt, str) or not isinstance(completion, str):
+                        raise TypeError
+                    if not completion.strip():
+                        return [], "empty"
+                    prompt_ids, comp_ids = self._ids(prompt), self._ids(completion) + [self.eos]
+                ids = prompt_ids + comp_ids
+                if len(ids) > self.cfg.max_length:
+                    return [], "too_long"
+                labels = list(ids) if self.cfg.loss_on_prompt else [IGNORE] * len(prompt_ids) + comp_ids
+                found = [Example(ids, labels)]
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError, UnicodeError):
+            return [], "missing_fields"
+        out = []
+        for i, ex in enumerate(found):
+            ex.key = f"{key}#{i}"
+            mask_first([ex], self.cfg.mask_first_n)
+            if any(lab != IGNORE for lab in ex.labels[1:]):
+                out.append(ex)
+        return (out, None) if out else ([], "no_targets")
 
     def _chat(self, messages) -> tuple[list[int], list[int]]:
         if not messages or messages[-1]["role"] != "assistant" or not str(messages[-1]["content"]).strip():
@@ -284,34 +340,81 @@ def mask_first(examples: list[Example], n: int) -> None:
         ex.labels[:n] = [IGNORE] * min(n, len(ex.labels))
 
 
-def load_examples(source: str, tokenizer, cfg: DataConfig, limit: int | None = None, seed: int = 0):
-    """(examples, report) for one source: a path or a built-in dataset (BUILTINS)."""
-    report = DataReport(source)
+def source_rows(source: str, cfg: DataConfig, report: DataReport, limit: int | None = None,
+                seed: int = 0) -> list[dict]:
+    """Raw rows of one source in this process: a built-in (generated) or a .jsonl/.txt file."""
     if source in BUILTINS:
         rows = BUILTINS[source](min(cfg.builtin_size, limit or cfg.builtin_size), seed)
         report.rows = len(rows)
-    elif source.startswith("builtin:"):
+        return rows
+    if source.startswith("builtin:"):
         raise DataError(f"unknown built-in dataset {source!r}; available: {', '.join(sorted(BUILTINS))}")
-    else:
-        rows = read_rows(source, report, limit)
-    # Packing cuts the joined stream itself: each row stays whole until then (no EOS mid-document).
+    return read_rows(source, report, limit)
+
+
+def check_bad_fraction(report: DataReport, cfg: DataConfig, examples: int) -> None:
+    """Mostly malformed data stops the run with one clear error instead of training on scraps."""
+    if report.rows == 0 or report.bad > cfg.max_bad_fraction * report.rows or not examples:
+        raise DataError(
+            f"{report.summary()}: too many malformed rows (limit data.max_bad_fraction = "
+            f"{cfg.max_bad_fraction}); fix the file or its format"
+        )
+
+
+def pack_stream(examples: list[Example], eos: int, n: int) -> list[Example]:
+    """Continued pretraining: one stream of documents (each ended by EOS) cut into full windows,
+    loss on every token (attention crosses documents, as Hugging Face's group_texts does)."""
+    stream = [t for ex in examples for t in ex.input_ids + [eos]]
+    windows = (stream[i : i + n] for i in range(0, len(stream), n))
+    return [Example(w, list(w), key=row_key(" ".join(map(str, w)))) for w in windows if len(w) > 1]
+
+
+def pack_examples(examples: list[Example], max_length: int) -> list[Example]:
+    """Several short examples per sequence, in order, each sequence at most max_length tokens.
+    Attention stays inside each example (the `segments` tell the base and the carry-on where they
+    end), positions restart at each one, and the first token of every example is not a target, so
+    each example's loss is the same as unpacked."""
+    packed, group = [], []
+
+    def close():
+        if group:
+            ids = [t for e in group for t in e.input_ids]
+            labels = []
+            for e in group:
+                labels += [IGNORE] + e.labels[1:]
+            packed.append(Example(ids, labels, key=row_key("|".join(e.key for e in group)),
+                                  segments=[len(e.input_ids) for e in group]))
+
+    for ex in examples:
+        if group and sum(len(e.input_ids) for e in group) + len(ex.input_ids) > max_length:
+            close()
+            group = []
+        group.append(ex)
+    close()
+    return packed
+
+
+def padding_share(lengths: list[int], batch_size: int) -> float:
+    """The share of padding tokens when `lengths` are batched in order, padded to each batch's longest."""
+    padded = sum(max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size])
+                 for i in range(0, len(lengths), batch_size))
+    return 1 - sum(lengths) / max(padded, 1)
+
+
+def load_examples(source: str, tokenizer, cfg: DataConfig, limit: int | None = None, seed: int = 0):
+    """(examples, report) for one source: a path or a built-in dataset (BUILTINS)."""
+    report = DataReport(source)
+    rows = source_rows(source, cfg, report, limit, seed)
+    # Stream packing cuts the joined stream itself: each row stays whole until then.
     tok = Tokenizer(tokenizer, cfg.model_copy(update={"max_length": 1 << 30}) if cfg.pack else cfg)
     examples = []
     for row in rows:
         exs = tok.example(row, report)
         report.kept += bool(exs)
         examples += exs
-    if cfg.pack:  # continued pretraining: one stream of documents, cut into full windows
-        stream = [t for ex in examples for t in ex.input_ids + [tok.eos]]
-        n = cfg.max_length
-        examples = [Example(w, list(w)) for w in (stream[i : i + n] for i in range(0, len(stream), n)) if len(w) > 1]
-    mask_first(examples, cfg.mask_first_n)
-    examples = [ex for ex in examples if any(lab != IGNORE for lab in ex.labels[1:])]
-    if report.rows == 0 or report.bad > cfg.max_bad_fraction * report.rows or not examples:
-        raise DataError(
-            f"{report.summary()}: too many malformed rows (limit data.max_bad_fraction = "
-            f"{cfg.max_bad_fraction}); fix the file or its format"
-        )
+    if cfg.pack:
+        examples = pack_stream(examples, tok.eos, cfg.max_length)
+    check_bad_fraction(report, cfg, len(examples))
     return examples, report
 
 
@@ -325,17 +428,19 @@ class Splits:
 
 
 def load_splits(tokenizer, cfg: DataConfig, seed: int = 0) -> Splits:
-    """Train/validation (by fraction or file) and the optional general-domain validation set."""
+    """Train/validation (by a hash of each row, or a file), the optional general-domain set and
+    replay rows, in this process, by the same rules as the Ray job's pipeline (jobs/data.py): the
+    same rows land in the same split, replay pick and training order."""
     train, rep = load_examples(cfg.train, tokenizer, cfg, cfg.num_samples, seed)
     reports = {"train": rep}
     if cfg.val:
         val, reports["val"] = load_examples(cfg.val, tokenizer, cfg, seed=seed + 1)
     else:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_val = max(1, int(len(train) * cfg.val_fraction))
-        val = [train[i] for i in order[:n_val]]
-        train = [train[i] for i in order[n_val:]]
+        val = [e for e in train if in_val(e.key, cfg.val_fraction)]
+        if not val:  # a tiny set: the row the hash ranks first
+            val = [min(train, key=lambda e: unit(e.key.split("#")[0], "val"))]
+        picked = {e.key for e in val}
+        train = [e for e in train if e.key not in picked]
     general = None
     # General-domain sets score every token of whatever rows they hold (plain text, or a built-in /
     # jsonl of another task read whole).
@@ -346,9 +451,10 @@ def load_splits(tokenizer, cfg: DataConfig, seed: int = 0) -> Splits:
     if cfg.replay:
         rcfg = cfg.model_copy(update={"format": "auto", "loss_on_prompt": True})
         pool, reports["replay"] = load_examples(cfg.replay, tokenizer, rcfg, seed=seed + 2)
-        want = max(1, round(cfg.replay_ratio * len(train)))
-        replay = random.Random(seed + 3).sample(pool, min(want, len(pool)))
-    return Splits(train, val, general, reports, replay)
+        threshold = cfg.replay_ratio * len(train) / len(pool)
+        replay = [e for e in pool if replay_pick(e.key, seed, threshold)]
+    by_order = lambda exs: sorted(exs, key=lambda e: order_key(e.key, seed)) if exs else exs  # noqa: E731
+    return Splits(by_order(train), by_order(val), general, reports, by_order(replay))
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ call `embed_rows`, and both runners batch with `from_rows`, so the two paths see
 
 from __future__ import annotations
 
-import random
+import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ import torch
 from .base import FrozenBase
 from .bridge import Bridges, bridges_from_state, bridges_state, fit_bridges
 from .config import BridgeConfig
+from .data import Example, order_key, pack_examples, sample_id
 from .loss import IGNORE
 
 # -- the columns of the rows that cross the object store ---------------------------------------
@@ -37,6 +38,7 @@ ROW_LABELS = "labels"  # token rows: label ids; embedding rows: int32 bytes at t
 ROW_LENGTH = "length"  # int: tokens in the sample
 ROW_SECONDS = "embed_seconds"  # float: this row's share of its batch's producer time (by tokens)
 ROW_NODES = "producer_node"  # str: comma-separated node ids of the producers that ran the row
+ROW_SEGMENTS = "segments"  # packed rows: the lengths of the examples in the sequence (empty: one example)
 _CODE = re.compile(r"s\d+_\d+_")
 
 
@@ -72,6 +74,7 @@ class Calibration:
     vocab_size: int
     dtype: str  # the base's dtype name, e.g. "float32"
     shallow: list[int] = field(default_factory=list)
+    source_map: list[int] | None = None  # a subset: which embedded sources it keeps (see `subset`)
 
     @property
     def base_dtype(self) -> torch.dtype:
@@ -84,6 +87,33 @@ class Calibration:
     def bridges(self) -> Bridges:
         tensors = {k: torch.tensor(np.asarray(v)) for k, v in self.bridge_tensors.items()}
         return bridges_from_state(self.bits, self.dims, tensors)
+
+    def subset(self, shallow: list[int]) -> "Calibration":
+        """This calibration for fewer shallow layers (a tune trial choosing among the embedded ones);
+        `select` then maps batches embedded with all of them."""
+        missing = [k for k in shallow if k not in self.shallow]
+        if missing:
+            raise ValueError(f"shallow layers {missing} were not embedded (embedded: {self.shallow})")
+        keep = [0] + [1 + self.shallow.index(k) for k in shallow]  # source indices: deep, then shallow
+        tensors = {}
+        for name, t in self.bridge_tensors.items():
+            _, b, i, rest = name.split(".", 3)
+            if int(i) in keep:
+                tensors[f"bridge.{b}.{keep.index(int(i))}.{rest}"] = t
+        return Calibration(self.bits, tensors, self.fingerprints, self.hidden_sizes, self.vocab_size, self.dtype,
+                           list(shallow), keep)
+
+    def select(self, batch: "EncodedBatch") -> "EncodedBatch":
+        """A batch embedded with every layer of the full calibration, keeping this subset's sources."""
+        keep = self.source_map
+        if keep is None:
+            return batch
+        enc = {}
+        for key, t in batch.enc.items():
+            b, i, part = key[1:].split("_", 2)
+            if int(i) in keep:
+                enc[source_key(int(b), keep.index(int(i)), part)] = t
+        return dataclasses.replace(batch, enc=enc)
 
     def bytes_per_token(self) -> float:
         """Bridge bytes on the wire per token, all streams together."""
@@ -132,30 +162,43 @@ def calibration_rows(cfg) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def token_rows(examples, replay: bool = False, first_id: int = 0) -> list[dict]:
-    """One token row per example (see the ROW_* columns)."""
-    return [{ROW_ID: first_id + i, ROW_REPLAY: replay, ROW_INPUT_IDS: list(e.input_ids), ROW_LABELS: list(e.labels)}
-            for i, e in enumerate(examples)]
+def token_rows(examples, replay: bool = False) -> list[dict]:
+    """One token row per example (see the ROW_* columns); ids come from the examples' keys."""
+    return [{ROW_ID: sample_id(e.key), ROW_REPLAY: replay, ROW_INPUT_IDS: list(e.input_ids), ROW_LABELS: list(e.labels),
+             ROW_SEGMENTS: list(e.segments or [])} for e in examples]
 
 
-def training_rows(splits, seed: int) -> list[dict]:
-    """The run's training rows in training order: the customization rows, then (with replay) the
-    general-domain rows flagged `replay`, shuffled together so every batch may hold some.
-    Both runners train on exactly this list; the calibration batch is its head."""
-    rows = token_rows(splits.train)
-    if splits.replay:
-        rows += token_rows(splits.replay, replay=True, first_id=len(rows))
-        random.Random(seed).shuffle(rows)
-    return rows
+def training_examples(splits, cfg) -> list[tuple[Example, bool]]:
+    """The run's training examples in training order, each with its replay flag: customization and
+    replay rows merged by their order keys (a seeded shuffle fixed per row), packed when
+    data.pack_examples says so. Both runners train on exactly this sequence."""
+    tagged = [(e, False) for e in splits.train] + [(e, True) for e in splits.replay or []]
+    tagged.sort(key=lambda p: order_key(p[0].key, cfg.train.seed))
+    if not cfg.data.pack_examples:
+        return tagged
+    out = []
+    for replay in (False, True):  # a packed sequence is all customization or all replay
+        part = [e for e, r in tagged if r == replay]
+        out += [(e, replay) for e in pack_examples(part, cfg.data.max_length)]
+    out.sort(key=lambda p: order_key(p[0].key, cfg.train.seed))
+    return out
+
+
+def training_rows(splits, cfg) -> list[dict]:
+    """Token rows of `training_examples` (the calibration batch is their head)."""
+    return [row for e, replay in training_examples(splits, cfg) for row in token_rows([e], replay)]
 
 
 def collate_rows(rows, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad token rows (dicts, or a Ray Data batch of columns) into input_ids / attention_mask /
-    labels tensors."""
+    labels tensors; packed rows also get `position_ids` (restarting at each example) and a 4D
+    `attn_mask` (attention inside each example only)."""
     if isinstance(rows, dict):  # a columnar batch
         ids_col, lab_col = rows[ROW_INPUT_IDS], rows[ROW_LABELS]
+        seg_col = rows.get(ROW_SEGMENTS, [()] * len(ids_col))
     else:
         ids_col, lab_col = [r[ROW_INPUT_IDS] for r in rows], [r[ROW_LABELS] for r in rows]
+        seg_col = [r.get(ROW_SEGMENTS, ()) for r in rows]
     T = max(len(i) for i in ids_col)
     ids = torch.full((len(ids_col), T), pad_id, dtype=torch.long)
     labels = torch.full((len(ids_col), T), IGNORE, dtype=torch.long)
@@ -165,7 +208,28 @@ def collate_rows(rows, pad_id: int) -> dict[str, torch.Tensor]:
         ids[j, :n] = torch.as_tensor(np.asarray(i, dtype=np.int64))
         labels[j, :n] = torch.as_tensor(np.asarray(lab, dtype=np.int64))
         mask[j, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(len(s) > 1 for s in seg_col):
+        out.update(packed_layout([list(map(int, s)) or [len(i)] for s, i in zip(seg_col, ids_col)], T))
+    return out
+
+
+def packed_layout(segments: list[list[int]], T: int) -> dict[str, torch.Tensor]:
+    """position_ids [B, T] restarting at every example and a 4D bool attn_mask [B, 1, T, T] letting
+    each token see only earlier tokens of its own example (padding sees itself only)."""
+    seg_id = torch.full((len(segments), T), -1, dtype=torch.long)
+    pos = torch.zeros((len(segments), T), dtype=torch.long)
+    for j, segs in enumerate(segments):
+        at = 0
+        for k, n in enumerate(segs):
+            seg_id[j, at : at + n] = k
+            pos[j, at : at + n] = torch.arange(n)
+            at += n
+    same = seg_id[:, :, None] == seg_id[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    real = seg_id >= 0
+    attn = (same & causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool)  # padding attends to itself
+    return {"position_ids": pos, "attn_mask": attn[:, None]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,12 +238,15 @@ def collate_rows(rows, pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def embed_batch(
-    bases: list[FrozenBase], bridges: Bridges, input_ids: torch.Tensor, attention_mask: torch.Tensor, shallow: list[int]
+    bases: list[FrozenBase], bridges: Bridges, input_ids: torch.Tensor, attention_mask: torch.Tensor, shallow: list[int],
+    position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run every base on one padded token batch; return bridge-encoded sources (on CPU)."""
+    """Run every base on one padded token batch; return bridge-encoded sources (on CPU). Packed
+    batches pass their `position_ids` and 4D `attn_mask` (see `packed_layout`)."""
     out: dict[str, torch.Tensor] = {}
     for b, base in enumerate(bases):
-        states, _ = base.hidden_states(input_ids, attention_mask, shallow)
+        mask = attention_mask if attn_mask is None else base.prepare_mask(attn_mask.to(base.device))
+        states, _ = base.hidden_states(input_ids, mask, shallow, position_ids=position_ids)
         for i, s in enumerate(states):
             for part, t in bridges[b][i].encode(s).items():
                 out[source_key(b, i, part)] = t.cpu()
@@ -194,7 +261,8 @@ def embed_rows(bases: list[FrozenBase], bridges: Bridges, batch: dict, shallow: 
     t0 = time.perf_counter()
     base_ids = base_ids or list(range(len(bases)))
     padded = collate_rows(batch, bases[0].tokenizer.pad_token_id)
-    enc = embed_batch(bases, bridges, padded["input_ids"], padded["attention_mask"], shallow)
+    enc = embed_batch(bases, bridges, padded["input_ids"], padded["attention_mask"], shallow,
+                      padded.get("position_ids"), padded.get("attn_mask"))
     # embed_batch numbers its bases from 0; name the columns by the run's base index.
     enc = {f"s{base_ids[int(k[1:k.index('_')])]}{k[k.index('_'):]}": v for k, v in enc.items()}
     lengths = padded["attention_mask"].sum(-1).tolist()
@@ -203,6 +271,8 @@ def embed_rows(bases: list[FrozenBase], bridges: Bridges, batch: dict, shallow: 
         ROW_REPLAY: np.asarray(batch[ROW_REPLAY], dtype=bool),
         ROW_LENGTH: np.asarray(lengths, dtype=np.int64),
         ROW_LABELS: _object([_to_bytes(padded["labels"][j, :n].to(torch.int32)) for j, n in enumerate(lengths)]),
+        ROW_SEGMENTS: _object([_to_bytes(torch.tensor(list(map(int, s)), dtype=torch.int32))
+                               for s in batch.get(ROW_SEGMENTS, [()] * len(lengths))]),
     }
     for k, t in enc.items():
         out[k] = _object([_to_bytes(t[j, :n]) for j, n in enumerate(lengths)])
@@ -270,16 +340,34 @@ class EncodedBatch:
     produced_tokens: int = 0  # tokens embedded for this batch, and the producer seconds they took
     produced_seconds: float = 0.0
     producer_nodes: set[str] = field(default_factory=set)
+    segments: list[list[int]] | None = None  # packed batches: each row's example lengths
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything a later epoch needs, as named tensors (for the embedding cache)."""
-        return {**self.enc, "labels": self.labels, "attention_mask": self.attention_mask,
-                "sample_id": torch.tensor(self.sample_ids, dtype=torch.long), "replay": self.replay}
+        out = {**self.enc, "labels": self.labels, "attention_mask": self.attention_mask,
+               "sample_id": torch.tensor(self.sample_ids, dtype=torch.long), "replay": self.replay}
+        if self.segments is not None:  # flattened with row offsets (safetensors holds tensors only)
+            out["segments"] = torch.tensor([n for s in self.segments for n in s], dtype=torch.long)
+            out["segment_rows"] = torch.tensor([len(s) for s in self.segments], dtype=torch.long)
+        return out
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "EncodedBatch":
         enc = {k: v for k, v in t.items() if is_code(k)}
-        return cls(enc, t["labels"], t["attention_mask"], t["sample_id"].tolist(), t["replay"].bool())
+        segments = None
+        if "segments" in t:
+            flat, counts = t["segments"].tolist(), t["segment_rows"].tolist()
+            offsets = np.cumsum([0] + counts)
+            segments = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        return cls(enc, t["labels"], t["attention_mask"], t["sample_id"].tolist(), t["replay"].bool(),
+                   segments=segments)
+
+    def layout(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(position_ids, 4D attention mask) of a packed batch; (None, None) otherwise."""
+        if self.segments is None:
+            return None, None
+        lay = packed_layout(self.segments, self.labels.shape[1])
+        return lay["position_ids"], lay["attn_mask"]
 
 
 def from_rows(rows: dict, layout: dict[str, tuple[torch.dtype, int]]) -> EncodedBatch:
@@ -294,9 +382,11 @@ def from_rows(rows: dict, layout: dict[str, tuple[torch.dtype, int]]) -> Encoded
             enc[k][j, :n] = _from_bytes(rows[k][j], dt, last)
     mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()
     nodes = {n for chain in rows.get(ROW_NODES, []) for n in str(chain).split(",") if n}
+    segs = [_from_bytes(b, torch.int32, 1)[:, 0].tolist() for b in rows.get(ROW_SEGMENTS, [b""] * B)]
+    segments = [s or [n] for s, n in zip(segs, lengths)] if any(len(s) > 1 for s in segs) else None
     return EncodedBatch(enc, labels, mask, [int(s) for s in rows[ROW_ID]],
                         torch.as_tensor(np.asarray(rows[ROW_REPLAY], dtype=bool)),
-                        sum(lengths), float(np.sum(rows.get(ROW_SECONDS, 0.0))), nodes)
+                        sum(lengths), float(np.sum(rows.get(ROW_SECONDS, 0.0))), nodes, segments)
 
 
 def decode_sources(

@@ -180,14 +180,6 @@ def step_mask(starts: torch.Tensor, T: int, span: int, device) -> torch.Tensor:
     return (torch.arange(span, device=device)[None, None, :] <= q[:, :, None])[:, None]
 
 
-def _hf_mask(base: FrozenBase, mask: torch.Tensor) -> torch.Tensor:
-    """The 4D mask in the form the base's attention implementation takes (sdpa: bool; eager and
-    others: additive float)."""
-    if getattr(base.model.config, "_attn_implementation", "sdpa") == "sdpa":
-        return mask
-    return torch.zeros(mask.shape, dtype=base.dtype, device=mask.device).masked_fill(~mask, torch.finfo(base.dtype).min)
-
-
 # ---------------------------------------------------------------------------------------------
 # Requests and their rows.
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +434,7 @@ class Engine:
         states = []
         for b in range(n_bases):  # every base once for the whole batch
             self.pools[b].bind(slots, starts, T)
-            st, _ = self.bases[b].hidden_states(ids.to(device), _hf_mask(self.bases[b], mask), shallow,
+            st, _ = self.bases[b].hidden_states(ids.to(device), self.bases[b].prepare_mask(mask), shallow,
                                                 past_key_values=self.pools[b], position_ids=positions, use_cache=True)
             states.append(st)
         for s, f in zip(seqs, feeds):

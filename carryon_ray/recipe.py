@@ -33,6 +33,7 @@ import torch
 
 from .adapter import save_adapter
 from .config import CarryOnConfig
+from .data import order_key, padding_share
 from .embedding import Calibration, EncodedBatch, decode_sources, part_layout
 from .progress import Progress, quiet
 from .train import (AlphaSearch, build_carryon, evaluate, gate_mean, grow_stage, make_optimizer, router_dropout_at,
@@ -242,9 +243,10 @@ class Trainer:
                 stats.producer_nodes |= batch.producer_nodes
             router_dropout_at(self.model, self.step - self.stage_start, self.stage_steps)
             replay = batch.replay if cfg.data.replay else None
+            positions, attn_mask = batch.layout()
             out = train_step(self.ddp, self.opt, self.sched, self.decode(batch), batch.labels, self.chunk,
                              cfg.train.grad_clip, replay, cfg.train.kl_weight, cfg.train.kl_top_k,
-                             batch.attention_mask)
+                             batch.attention_mask, positions, attn_mask)
             self.step += 1
             i += 1
             stats.sample_ids += batch.sample_ids
@@ -254,11 +256,14 @@ class Trainer:
             stats.replay_rows += out["replay_rows"]
             self.train_losses.append((self.step, out["loss"]))
             self.reporter.metrics({"train_loss_step": out["loss"], "lr": self.sched.get_last_lr()[0]}, self.step)
-            if self.step % 5 == 0:
+            if self.step % 5 == 0:  # progress for long runs: the log line and the same as metrics
                 el = time.perf_counter() - t0
-                log.info("progress: epoch %d step %d/%d samples %d loss %.4f ETA %.0fs", self.epoch, self.step,
-                         self.plan.total_steps, len(stats.sample_ids), out["loss"],
-                         el / i * max(0, self.plan.total_steps - self.step))
+                eta = el / i * max(0, self.plan.total_steps - self.step)
+                log.info("progress: epoch %d step %d/%d samples %d loss %.4f ETA %.0fs%s", self.epoch, self.step,
+                         self.plan.total_steps, len(stats.sample_ids), out["loss"], eta,
+                         f" tokens embedded {stats.produced_tokens}" if streamed else "")
+                self.reporter.metrics({"eta_s": eta, **({"tokens_embedded": stats.produced_tokens} if streamed
+                                                        else {})}, self.step)
         stats.seconds = time.perf_counter() - t0
         return stats
 
@@ -344,27 +349,44 @@ def report_heldout(result: dict | None, cfg: CarryOnConfig, reporter: Reporter) 
         "examples": result["records"][: max(cfg.eval.show, 20)]}
 
 
-def report_data(splits, cfg: CarryOnConfig, reporter: Reporter) -> None:
-    """Rows read, kept and skipped per data source, in the log and as metrics; each source as a
-    dataset input of the run (its path or built-in name and a per-row token profile)."""
-    from .loss import IGNORE
+def report_padding(now: float, unpacked: float, sequences: int, reporter: Reporter) -> None:
+    """The padding share of the training batches as trained and as they would be unpacked."""
+    log.info("padding share of the training batches: %.1f %% (%.1f %% unpacked; %d sequences)", 100 * now,
+             100 * unpacked, sequences)
+    reporter.metrics({"padding_share": now, "padding_share_unpacked": unpacked, "train_sequences": sequences}, 0)
 
-    for role, rep in splits.reports.items():
+
+def report_data(reports: dict, profiles: dict[str, tuple[str, list[dict], str]], n_custom: int, n_replay: int,
+                reporter: Reporter) -> None:
+    """Rows read, kept and skipped per data source (in the log and as metrics); each source as a
+    dataset input of the run (its path or built-in name and a per-row token profile of its first
+    rows). The same names from both runners."""
+    for role, rep in reports.items():
         log.info("data (%s) %s", role, rep.summary())
         reporter.metrics(rep.metrics(f"data_{role}"), 0)
-    sources = {"train": (cfg.data.train, splits.train, "training"),
-               "val": (cfg.data.val or f"{cfg.data.train} (validation split)", splits.val, "validation"),
-               "general": (cfg.data.general_val, splits.general, "evaluation"),
-               "replay": (cfg.data.replay, splits.replay, "training")}
-    for name, (source, examples, context) in sources.items():
-        if examples:
-            profile = [{"tokens": len(e.input_ids), "scored_tokens": sum(lab != IGNORE for lab in e.labels)}
-                       for e in examples]
-            reporter.dataset(name, str(source), profile, context)
+    if n_replay:
+        log.info("replay: %d general-domain sequences mixed into %d customization sequences", n_replay, n_custom)
+        reporter.metrics({"replay_sequences": n_replay}, 0)
+    for name, (source, profile, context) in profiles.items():
+        reporter.dataset(name, source, profile, context)
+
+
+def split_profiles(splits, cfg: CarryOnConfig, rows: int = 1000) -> dict[str, tuple[str, list[dict], str]]:
+    """The dataset inputs of an in-process run (the Ray job builds the same from its datasets)."""
+    from .loss import IGNORE
+
+    def profile(examples):
+        return [{"tokens": len(e.input_ids), "scored_tokens": sum(lab != IGNORE for lab in e.labels)}
+                for e in examples[:rows]]
+
+    d = cfg.data
+    out = {"train": (str(d.train), profile(splits.train), "training"),
+           "val": (str(d.val or f"{d.train} (validation split)"), profile(splits.val), "validation")}
+    if splits.general:
+        out["general"] = (str(d.general_val), profile(splits.general), "evaluation")
     if splits.replay:
-        log.info("replay: %d general-domain sequences mixed into %d customization sequences", len(splits.replay),
-                 len(splits.train))
-        reporter.metrics({"replay_sequences": len(splits.replay)}, 0)
+        out["replay"] = (str(d.replay), profile(splits.replay), "training")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +412,12 @@ def fit_in_process(cfg: CarryOnConfig, reporter: Reporter | None = None, progres
              bases[0].vocab_size)
     # -- data -----------------------------------------------------------------------------------
     splits = load_splits(tok, cfg.data, seed=cfg.train.seed)
-    report_data(splits, cfg, reporter)
-    rows = training_rows(splits, cfg.train.seed)
+    report_data(splits.reports, split_profiles(splits, cfg), len(splits.train), len(splits.replay or []), reporter)
+    rows = training_rows(splits, cfg)
+    bs = cfg.train.batch_size
+    unpacked = sorted([*splits.train, *(splits.replay or [])], key=lambda e: order_key(e.key, cfg.train.seed))
+    report_padding(padding_share([len(r["input_ids"]) for r in rows], bs),
+                   padding_share([len(e.input_ids) for e in unpacked], bs), len(rows), reporter)
     # -- calibrate, then embed once: the base forward runs once per sample ------------------------
     calib = calibrate(bases, cfg.bridge, cfg.layers.shallow, rows[: calibration_rows(cfg)])
     bridges, shallow, eb = calib.bridges(), cfg.layers.shallow, cfg.resources.embed_batch_size
@@ -430,7 +456,8 @@ def fit_in_process(cfg: CarryOnConfig, reporter: Reporter | None = None, progres
     from .evaluation import score_heldout
 
     heldout = report_heldout(score_heldout(bases, adapter, cfg), cfg, reporter)
-    summary = {**trainer.summary(), "data": data, "adapter": str(adapter), "heldout": heldout,
+    summary = {**trainer.summary(), "data": data, "train_sequences": len(rows), "adapter": str(adapter),
+               "heldout": heldout,
                "wall_seconds": round(time.perf_counter() - t_start, 1)}
     write_summary(out, summary)
     log.info("validation loss %.4f -> %.4f at alpha %.4g; adapter saved to %s", summary["val_loss_before"],

@@ -121,8 +121,10 @@ def make_optimizer(model: CarryOn, cfg: CarryOnConfig, total_steps: int):
 
 def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, grad_clip: float = 1.0,
                replay: torch.Tensor | None = None, kl_weight: float = 1.0, kl_top_k: int | None = None,
-               key_mask: torch.Tensor | None = None) -> dict:
-    """One optimizer step on a decoded batch. `model` may be DDP-wrapped.
+               key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+               attn_mask: torch.Tensor | None = None) -> dict:
+    """One optimizer step on a decoded batch. `model` may be DDP-wrapped. Packed batches pass the
+    examples' `positions` and their 4D `attn_mask` (attention inside each example).
 
     `key_mask` ([B, T], 1 = real token) keeps right padding out of the MoE load-balance loss and
     the expert-usage counts. Batches are right-padded and attention is causal, so real tokens never
@@ -137,7 +139,10 @@ def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, 
     carryon: CarryOn = getattr(model, "module", model)
     carryon.train()
     routed = key_mask is not None and carryon.arch.experts > 0
-    x = model(sources, key_mask=key_mask.to(sources[0][0].device) if routed else None)
+    device = sources[0][0].device
+    x = model(sources, key_mask=key_mask.to(device) if routed else None,
+              positions=None if positions is None else positions.to(device),
+              attn_mask=None if attn_mask is None else attn_mask.to(device))
     balance = carryon.balance_loss()  # 0 unless the carry-on routes over experts
     if replay is None or not bool(replay.any()):
         h, y = select_targets(x, labels)

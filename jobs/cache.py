@@ -7,8 +7,10 @@ Trainers stream epoch 0 from the embedding actors and hand each consumed trainin
   it lives in the object store independently of the trainer that produced it and survives a
   trainer restart (Ray 2.56 removed `ray.put(..., _owner=...)`, so ownership has to be taken by
   the actor itself; the batch therefore passes through the actor once);
-- disk: the trainer writes the batch as a safetensors file under a storage path (shared storage on
-  a real cluster) and sends only the path, for datasets that do not fit in the object store.
+- disk: the trainer writes the batch as a safetensors file under a storage path and sends only its
+  location, for datasets that do not fit in the object store. The path is any filesystem pyarrow
+  understands: a local directory, or shared storage (s3://, gs://, abfs://, file://) so that
+  trainers on several nodes read one cache.
 
 The cache is "complete" once every trainer has finished epoch 0; an incomplete cache (a failure
 in the middle of epoch 0) is cleared and the epoch re-streamed.
@@ -16,14 +18,21 @@ in the middle of epoch 0) is cleared and the epoch re-streamed.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import ray
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from carryon_ray.embedding import EncodedBatch
+
+
+def storage(location: str):
+    """(pyarrow filesystem, path) of a local path or a URI."""
+    import pyarrow.fs as pafs
+
+    if "://" in location:
+        return pafs.FileSystem.from_uri(location)
+    return pafs.LocalFileSystem(), location
 
 
 def put_batch(cache, batch: EncodedBatch, mode: str, directory: str | None, rank: int, index: int) -> None:
@@ -32,14 +41,21 @@ def put_batch(cache, batch: EncodedBatch, mode: str, directory: str | None, rank
     if mode == "memory":
         ray.get(cache.put.remote(tensors))
     else:
-        path = Path(directory) / f"rank{rank:03d}-{index:06d}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path))
-        ray.get(cache.add.remote([str(path)]))
+        location = f"{directory.rstrip('/')}/rank{rank:03d}-{index:06d}.safetensors"
+        fs, path = storage(location)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(path) as out:
+            out.write(save_bytes(tensors))
+        ray.get(cache.add.remote([location]))
 
 
 def get_batch(item) -> EncodedBatch:
-    tensors: dict[str, torch.Tensor] = load_file(item) if isinstance(item, str) else ray.get(item)
+    if isinstance(item, str):
+        fs, path = storage(item)
+        with fs.open_input_file(path) as f:
+            tensors: dict[str, torch.Tensor] = load_bytes(f.read())
+    else:
+        tensors = ray.get(item)
     return EncodedBatch.from_tensors(tensors)
 
 
@@ -73,4 +89,8 @@ class EmbeddingCache:
     def clear(self) -> None:
         self.items, self.complete = [], False
         if self.mode == "disk" and self.directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            fs, path = storage(self.directory)
+            try:
+                fs.delete_dir(path)
+            except (FileNotFoundError, OSError):
+                pass  # nothing written yet

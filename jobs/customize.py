@@ -58,16 +58,18 @@ def connect_ray(cfg) -> None:
         ray.init(resources={r.inference_resource: 100, r.training_resource: 100}, runtime_env={"env_vars": env})
 
 
-def embed_pipeline(cfg, rows: list[dict], calib):
-    """A lazy Ray Dataset: token rows -> embedding rows from an elastic pool of embedding actors."""
-    import ray.data
+def embed_pipeline(cfg, ds, calib):
+    """A lazy Ray Dataset: token rows (a Dataset from jobs/data.py) -> embedding rows from an elastic
+    pool of embedding actors."""
     from ray.data import ActorPoolStrategy
 
     from actors.embedder import EmbeddingProducer
 
     r = cfg.resources
     bases = [b.model_dump() for b in [cfg.base, *cfg.extra_bases]]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // r.embed_batch_size, 64)))
+    # Blocks of a few batches each, so every actor of the pool gets work from the start (the
+    # ingested dataset may be a handful of large blocks); the order of rows is kept.
+    ds = ds.repartition(max(1, min(64, ds.count() // r.embed_batch_size)))
     # One pool running every base, or (model mixing) one pool per base chained: each base is
     # placed and scaled on its own and the bases run concurrently on different batches.
     pools = [None] if len(bases) == 1 or not r.pool_per_base else list(range(len(bases)))
@@ -116,6 +118,49 @@ def choose_cache(cfg, n_tokens: int, bytes_per_token: float) -> str:
     return "memory" if need < 0.25 * store else "disk"
 
 
+def tune_search(cfg, data, datasets, calib, cache_mode, cache_dir, beside_driver, tracker, out_dir, run_name):
+    """The search path of the job (jobs/tune.py): embed once into caches, run the trials, return the
+    best trial's (config, calibration, recipe state) and a summary of every trial."""
+    import ray
+
+    from carryon_ray.embedding import part_layout
+
+    from .cache import EmbeddingCache
+    from .tune import SearchContext, fill_cache, search
+
+    r = cfg.resources
+    layout = part_layout(calib.bridges(), calib.dims, calib.base_dtype)
+    caches, embedded, t0 = {}, {}, time.perf_counter()
+    for name in ("val", "general", "train"):  # one embedding pool at a time on a small cluster
+        if name not in datasets:
+            continue
+        caches[name] = EmbeddingCache.options(scheduling_strategy=beside_driver).remote(cache_mode, f"{cache_dir}/{name}")
+        counts = ray.get(fill_cache.options(num_cpus=0, scheduling_strategy=beside_driver).remote(
+            datasets[name], caches[name], layout, cfg.train.batch_size, cache_mode, f"{cache_dir}/{name}"))
+        embedded[name] = counts["rows"]
+        log.info("tune: embedded %s once: %d rows in %d batches, %d tokens", name, counts["rows"], counts["batches"],
+                 counts["tokens"])
+    tracker.metrics({"tune_embed_seconds": time.perf_counter() - t0})
+    exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id if tracker.run_id else None
+    ctx = SearchContext(cfg.model_dump(mode="json", exclude={"tune"}), calib, caches, data.n_train, tracker.uri,
+                        tracker.run_id, exp_id)
+    try:
+        found = search(cfg, ctx, cfg.output.storage_path or str(out_dir / "ray-tune"), run_name)
+    except RuntimeError as exc:
+        raise JobError(str(exc)) from None
+    early = sum(1 for t in found.trials if not t["error"] and t["epochs"] < found.cfg.carryon.stages * found.cfg.train.epochs)
+    failed = sum(1 for t in found.trials if t["error"])
+    tracker.metrics({"tune_trials": len(found.trials), "tune_stopped_early": early, "tune_failed": failed,
+                     "tune_best_val_loss": found.best["val_loss"]})
+    tracker.text(json.dumps(found.trials, indent=2, default=str), "tune_trials.json")
+    for key, value in found.best["overrides"].items():
+        tracker.param(f"tune.best.{key}", value)
+    best_cfg = found.cfg.model_copy(update={"tune": cfg.tune})
+    return best_cfg, calib.subset(best_cfg.layers.shallow), found.state, {
+        "trials": found.trials, "best": found.best, "stopped_early": early, "failed": failed,
+        "embedded_rows": embedded}
+
+
 def score_heldout_remote(cfg_json: dict, files: dict[str, bytes]) -> dict | None:
     """On an inference-class node: the held-out comparison of base and base + adapter (the adapter
     travels as its files' bytes, so the node needs no shared filesystem with the driver)."""
@@ -143,9 +188,11 @@ def run(cfg) -> dict:
     from actors.embedder import calibrate
     from carryon_mlflow.tracking import Tracker, finish_run
     from carryon_ray.base import resolve_base_path
-    from carryon_ray.data import DataError, load_splits
-    from carryon_ray.embedding import calibration_rows, token_rows, training_rows
-    from carryon_ray.recipe import RunPlan, Trainer, report_data, report_heldout, write_summary
+    from carryon_ray.data import DataError
+    from carryon_ray.embedding import calibration_rows
+    from carryon_ray.recipe import RunPlan, Trainer, report_data, report_heldout, report_padding, write_summary
+
+    from .data import calibration_rows as first_rows, ingest
 
     from .cache import EmbeddingCache
     from .train_loop import TrainLoopConfig, load_state, train_loop
@@ -167,37 +214,41 @@ def run(cfg) -> dict:
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         check_tokenizers(cfg, tok)
-        # -- data -----------------------------------------------------------------------------
+        # -- data: Ray Data reads, tokenizes, splits and orders; the driver holds no rows --------
+        connect_ray(cfg)
         try:
-            splits = load_splits(tok, cfg.data, seed=cfg.train.seed)
+            data = ingest(cfg)
         except DataError as exc:
             raise JobError(str(exc)) from None
-        report_data(splits, cfg, tracker.reporter)
-        tracker.text("\n".join(r.summary() for r in splits.reports.values()), "data_report.txt")
-        connect_ray(cfg)
-        train_rows = training_rows(splits, cfg.train.seed)
+        report_data(data.reports, data.profiles, data.n_custom, data.n_replay, tracker.reporter)
+        report_padding(*data.padding, data.n_train, tracker.reporter)
+        tracker.text("\n".join(r.summary() for r in data.reports.values()), "data_report.txt")
         # -- calibrate the bridge on an inference-class node -----------------------------------
         r = cfg.resources
         calib = ray.get(
             ray.remote(calibrate).options(num_cpus=r.embed_cpus, num_gpus=r.embed_gpus,
                                           resources={r.inference_resource: 1}, max_retries=2).remote(
                 [b.model_dump() for b in [cfg.base, *cfg.extra_bases]], cfg.bridge.model_dump(), cfg.layers.shallow,
-                train_rows[: calibration_rows(cfg)],
+                first_rows(data.train, calibration_rows(cfg)),
             )
         )
         # -- the embedding pipeline -----------------------------------------------------------
-        datasets = {"train": embed_pipeline(cfg, train_rows, calib),
-                    "val": embed_pipeline(cfg, token_rows(splits.val), calib)}
-        if splits.general:
-            datasets["general"] = embed_pipeline(cfg, token_rows(splits.general), calib)
+        datasets = {"train": embed_pipeline(cfg, data.train, calib), "val": embed_pipeline(cfg, data.val, calib)}
+        if data.general is not None:
+            datasets["general"] = embed_pipeline(cfg, data.general, calib)
         bpt = calib.bytes_per_token()
-        n_tokens = sum(len(x["input_ids"]) for x in train_rows)
+        n_tokens = data.train_tokens
         cache_mode = choose_cache(cfg, n_tokens, bpt)
-        cache_dir = str(out_dir / "embedding-cache")
+        run_name = f"carryon-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        # Shared storage (s3://, gs://, file://...) when configured: trainers on several nodes read one cache.
+        cache_dir = (f"{cfg.output.storage_path.rstrip('/')}/embedding-cache/{run_name}" if cfg.output.storage_path
+                     else str(out_dir / "embedding-cache"))
         log.info("embedding cache: %s (%.1f MB of bridge codes for %d tokens at %.0f bytes/token)",
                  "object store" if cache_mode == "memory" else f"disk at {cache_dir}", n_tokens * bpt / 1e6, n_tokens, bpt)
         tracker.param("cache_mode", cache_mode)
+        tracker.param("cache_location", "object store" if cache_mode == "memory" else cache_dir)
         tracker.param("bridge_bytes_per_token", f"{bpt:.1f}")
+        tracker.param("cache_mb", f"{n_tokens * bpt / 1e6:.1f}")
         # The cache lives on the driver's node: the job cannot outlive that node anyway, while any
         # worker node (an inference node, a spot training node) may vanish mid-run and take an
         # unpinned zero-CPU actor, and the object-store copies it owns, with it.
@@ -205,40 +256,48 @@ def run(cfg) -> dict:
         cache = EmbeddingCache.options(name=f"carryon-cache-{uuid.uuid4().hex[:8]}",
                                        scheduling_strategy=beside_driver).remote(cache_mode, cache_dir)
         # -- train ----------------------------------------------------------------------------
-        plan = RunPlan.of(cfg, len(train_rows), r.train_workers_min)
-        loop = TrainLoopConfig(cfg=cfg.model_dump(mode="json"), calibration=calib, plan=plan, cache=cache,
-                               cache_mode=cache_mode, cache_dir=cache_dir, out_dir=str(out_dir),
-                               eval_sets=[k for k in datasets if k != "train"], mlflow_uri=tracker.uri,
-                               run_id=tracker.run_id)
-        workers_max = r.train_workers_max
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={"loop": loop},
-            scaling_config=ScalingConfig(
-                num_workers=r.train_workers_min if r.train_workers_min == workers_max else (r.train_workers_min, workers_max),
-                use_gpu=r.train_gpus > 0,
-                resources_per_worker={"CPU": r.train_cpus, "GPU": r.train_gpus, r.training_resource: 1}
-                if r.train_gpus > 0 else {"CPU": r.train_cpus, r.training_resource: 1},
-                elastic_resize_monitor_interval_s=r.resize_check_s,
-            ),
-            run_config=RunConfig(
-                # A fresh name per job: reusing (name, storage_path) would silently resume an old run.
-                name=f"carryon-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-                storage_path=cfg.output.storage_path or str(out_dir / "ray-train"),
-                failure_config=FailureConfig(max_failures=r.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=2),
-            ),
-            datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=["train"]),
-        )
-        result = trainer.fit()
-        if result.error:
-            raise JobError(f"training failed: {result.error}")
+        plan = RunPlan.of(cfg, data.n_train, r.train_workers_min)
+        tune_summary = None
+        if cfg.tune.trials:  # a search: the base forward runs once, every trial reads the cache
+            cfg, calib, state, tune_summary = tune_search(cfg, data, datasets, calib, cache_mode, cache_dir,
+                                                         beside_driver, tracker, out_dir, run_name)
+            plan = RunPlan.of(cfg, data.n_train)
+        else:
+            loop = TrainLoopConfig(cfg=cfg.model_dump(mode="json"), calibration=calib, plan=plan, cache=cache,
+                                   cache_mode=cache_mode, cache_dir=cache_dir, out_dir=str(out_dir),
+                                   eval_sets=[k for k in datasets if k != "train"], mlflow_uri=tracker.uri,
+                                   run_id=tracker.run_id)
+            workers_max = r.train_workers_max
+            trainer = TorchTrainer(
+                train_loop,
+                train_loop_config={"loop": loop},
+                scaling_config=ScalingConfig(
+                    num_workers=r.train_workers_min if r.train_workers_min == workers_max
+                    else (r.train_workers_min, workers_max),
+                    use_gpu=r.train_gpus > 0,
+                    resources_per_worker={"CPU": r.train_cpus, "GPU": r.train_gpus, r.training_resource: 1}
+                    if r.train_gpus > 0 else {"CPU": r.train_cpus, r.training_resource: 1},
+                    elastic_resize_monitor_interval_s=r.resize_check_s,
+                ),
+                run_config=RunConfig(
+                    # A fresh name per job: reusing (name, storage_path) would silently resume an old run.
+                    name=run_name,
+                    storage_path=cfg.output.storage_path or str(out_dir / "ray-train"),
+                    failure_config=FailureConfig(max_failures=r.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=2),
+                ),
+                datasets=datasets,
+                dataset_config=DataConfig(datasets_to_split=["train"]),
+            )
+            result = trainer.fit()
+            if result.error:
+                raise JobError(f"training failed: {result.error}")
+            state = load_state(result.checkpoint)
         # -- save: the run's results travel in its last checkpoint ------------------------------
         recipe = Trainer(cfg, calib, plan)
-        recipe.load_state_dict(load_state(result.checkpoint))
-        data = [rep.summary() for rep in splits.reports.values()]
-        adapter_dir = recipe.save(out_dir, cfg.base.name, {"data": data})
+        recipe.load_state_dict(state)
+        data_summary = [rep.summary() for rep in data.reports.values()]
+        adapter_dir = recipe.save(out_dir, cfg.base.name, {"data": data_summary})
         heldout = None
         if cfg.eval.heldout:  # base and base + adapter on held-out prompts, on an inference-class node
             files = {p.name: p.read_bytes() for p in Path(adapter_dir).iterdir() if p.is_file()}
@@ -246,8 +305,10 @@ def run(cfg) -> dict:
                 num_cpus=r.embed_cpus, num_gpus=r.embed_gpus, resources={r.inference_resource: 1}, max_retries=2,
             ).remote(cfg.model_dump(mode="json"), files))
             heldout = report_heldout(result, cfg, tracker.reporter)
-        summary = {**recipe.summary(), "data": data, "cache": cache_mode, "adapter": str(adapter_dir),
-                   "heldout": heldout, "run_id": tracker.run_id,
+        summary = {**recipe.summary(), "data": data_summary, "train_sequences": data.n_train,
+                   "cache": cache_mode, "cache_location": "object store" if cache_mode == "memory" else cache_dir,
+                   "adapter": str(adapter_dir),
+                   "heldout": heldout, "tune": tune_summary, "run_id": tracker.run_id,
                    "wall_seconds": round(time.perf_counter() - t_start, 1)}
         summary["model_version"] = finish_run(tracker, cfg, summary, str(adapter_dir))
         write_summary(out_dir, summary)

@@ -92,7 +92,8 @@ def test_splits_and_collate(tok, tmp_path):
     cfg = DataConfig(train="builtin:arithmetic", builtin_size=40, val_fraction=0.25, general_val=str(tmp_path / "g.txt"))
     (tmp_path / "g.txt").write_text("The quick brown fox jumps over the lazy dog.\n")
     s = load_splits(tok, cfg)
-    assert len(s.train) == 30 and len(s.val) == 10 and len(s.general) == 1
+    assert len(s.train) + len(s.val) == 40 and 4 <= len(s.val) <= 16 and len(s.general) == 1  # ~25 % by hash
+    assert {e.key for e in s.train}.isdisjoint({e.key for e in s.val})
     b = collate(s.train[:3], tok.pad_token_id)
     assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
     assert ((b["attention_mask"] == 0) <= (b["labels"] == IGNORE)).all()  # padding carries no loss
@@ -118,3 +119,51 @@ def test_heldout_answers_are_scored_by_their_kind():
     assert is_correct("so 3 + 4 = 7\n#### 7", "7 apples\n#### 7.0") and not is_correct("#### 7", "#### 8")
     assert answer_of({"question": "q?", "answer": "#### 2"}, "Q: {question}") == ("Q: q?", "#### 2")
     assert answer_of({"text": "x"}, "{question}") is None
+
+
+def test_splits_follow_the_rows_not_the_reading_order(tok, tmp_path):
+    """The validation split, the replay pick and the training order come from each row's content
+    hash: the same rows whatever order the file (or a cluster of readers) delivers them in."""
+    import random as rnd
+
+    rows = [json.dumps(r) for r in arithmetic_problems(60, seed=4)]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("\n".join(rows) + "\n")
+    rnd.Random(1).shuffle(rows)
+    b.write_text("\n".join(rows) + "\n")
+    split = {p: load_splits(tok, DataConfig(train=str(p), val_fraction=0.2, max_length=512)) for p in (a, b)}
+    assert [e.key for e in split[a].val] == [e.key for e in split[b].val]
+    assert [e.key for e in split[a].train] == [e.key for e in split[b].train]  # the training order too
+
+
+def test_packed_examples_keep_their_own_attention_and_loss(tiny_base):
+    """Several examples in one sequence: the base's states of each equal its states alone (1e-5),
+    and the loss per example is unchanged."""
+    import torch
+
+    from carryon_ray.data import Example, pack_examples, padding_share
+    from carryon_ray.embedding import collate_rows, token_rows
+
+    tok = tiny_base.tokenizer
+    texts = ["one two three four", "a much longer sentence with many more words in it", "short", "x y"]
+    exs = []
+    for i, t in enumerate(texts):
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        exs.append(Example(ids, [-100] + ids[1:], key=f"k{i}"))
+    packed = pack_examples(exs, max_length=24)
+    assert sum(len(p.segments) for p in packed) == 4 and all(len(p.input_ids) <= 24 for p in packed)
+    batch = collate_rows(token_rows(packed), tok.pad_token_id)
+    mask = tiny_base.prepare_mask(batch["attn_mask"])
+    states, _ = tiny_base.hidden_states(batch["input_ids"], mask, [], position_ids=batch["position_ids"])
+    alone = iter(exs)
+    for row, p in enumerate(packed):
+        at = 0
+        for n in p.segments:
+            e = next(alone)
+            ref, _ = tiny_base.hidden_states(torch.tensor([e.input_ids]), torch.ones(1, n, dtype=torch.long), [])
+            assert torch.allclose(states[0][row, at : at + n], ref[0][0], atol=1e-5)
+            # the loss of this example: the same scored positions and targets as unpacked
+            assert p.labels[at + 1 : at + n] == e.labels[1:] and p.labels[at] == -100
+            at += n
+    lengths = [len(e.input_ids) for e in exs]
+    assert padding_share([len(p.input_ids) for p in packed], 4) < padding_share(lengths, 4)

@@ -294,3 +294,105 @@ def test_mixed_bases_with_different_tokenizers_fail_fast(cluster, tiny_dir, tmp_
     assert res.returncode == 1 and "does not share the tokenizer of base" in res.stderr, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert took < 60
+
+
+def test_data_from_files_directories_parquet_and_a_saved_hf_dataset(cluster, tiny_dir, tmp_path):
+    """Ray Data reads, tokenizes and splits on workers: a directory of .jsonl files behind a
+    file:// URI (standing in for s3://), a parquet validation file, a Hugging Face save_to_disk
+    directory as the general set; a malformed line is counted, examples are packed, and the disk
+    cache lives on the same URI-addressed storage."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from mlflow.tracking import MlflowClient
+
+    from carryon_ray.data import arithmetic_problems, topic_rows
+
+    train_dir = tmp_path / "train"
+    train_dir.mkdir()
+    rows = [r for pair in zip(topic_rows(45, seed=5), arithmetic_problems(45, seed=8)) for r in pair]  # mixed lengths
+    for i in range(3):
+        lines = [json.dumps(r) for r in rows[30 * i : 30 * (i + 1)]]
+        if i == 1:
+            lines.insert(4, "{not json")
+        (train_dir / f"part-{i}.jsonl").write_text("\n".join(lines) + "\n")
+    pq.write_table(pa.Table.from_pylist(topic_rows(16, seed=6, split="heldout")), tmp_path / "val.parquet")
+    docs = [f"{r['question']} {r['answer']}".replace("\n", " ") for r in arithmetic_problems(12, seed=3)]
+    datasets.Dataset.from_list([{"text": d} for d in docs]).save_to_disk(str(tmp_path / "general-hf"))
+    out = tmp_path / "run"
+    res, _ = _job(cluster, tiny_dir, "--set", f"data.train=file://{train_dir}", "--set", f"data.val={tmp_path / 'val.parquet'}",
+                  "--set", f"data.general_val={tmp_path / 'general-hf'}", "--set", "data.pack_examples=true",
+                  "--set", "data.max_length=256", "--set", "resources.cache=disk",
+                  "--set", f"output.storage_path=file://{tmp_path / 'storage'}", "--set", f"output.dir={out}",
+                  "--set", "mlflow.experiment=data-at-scale", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    train_report, val_report, general_report = summary["data"]
+    assert train_report.startswith(f"file://{train_dir}: 91 rows, 90 kept, 1 skipped (bad_json=1)")
+    assert val_report.endswith("16 rows, 16 kept, 0 skipped (none)") and "12 rows, 12 kept" in general_report
+    assert summary["train_sequences"] < 90  # several examples per packed sequence
+    assert summary["cache_location"].startswith(f"file://{tmp_path / 'storage'}/embedding-cache/")
+    assert list((tmp_path / "storage" / "embedding-cache").rglob("*.safetensors"))
+    assert "epoch 1: reading cached embeddings (disk" in res.stdout + res.stderr
+    run = MlflowClient(cluster["mlflow_url"]).get_run(summary["run_id"])
+    m = run.data.metrics
+    assert m["padding_share"] < m["padding_share_unpacked"] and m["data_train_skipped_bad_json"] == 1
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+
+
+def test_the_driver_holds_datasets_not_rows(tmp_path, tiny_dir):
+    """jobs.data.ingest returns Ray Datasets, counts and reports: what the driver keeps is the same
+    few kilobytes for 200 rows and for 5,000 (the rows stay in the object store)."""
+    import pickle
+
+    import ray
+
+    from carryon_ray.config import validate_config
+    from jobs.data import Ingested, ingest
+
+    sizes = {}
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"CARRYON_CACHE": os.environ["CARRYON_CACHE"], "HF_HUB_OFFLINE": "1"}})
+    try:
+        for n in (200, 5_000):
+            path = tmp_path / f"rows-{n}.jsonl"
+            path.write_text("".join(json.dumps({"text": f"row {i} of the synthetic set"}) + "\n" for i in range(n)))
+            cfg = validate_config({"base": {"name": tiny_dir}, "data": {"train": str(path), "max_length": 32}})
+            got = ingest(cfg)
+            assert isinstance(got, Ingested) and got.n_train + got.n_val == n
+            got.profiles = {}  # a bounded sample (1,000 rows of two numbers) kept for MLflow, not the data
+            sizes[n] = len(pickle.dumps(got))  # the datasets pickle as plans and object references
+    finally:
+        ray.shutdown()
+    print("driver-side bytes per dataset size:", sizes)
+    assert sizes[5_000] < sizes[200] + 4096, sizes
+
+
+def test_a_tune_search_embeds_once_stops_weak_trials_and_registers_the_best(cluster, tiny_dir, tmp_path):
+    """tune.trials > 0: the base forward runs once (every row embedded once, whatever the trial
+    count), ASHA stops trials that trail, every trial is an MLflow child run, and the registered
+    adapter is the best trial's."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    space = {"carryon.width": [8, 32], "train.lr": [1e-5, 3e-3, 1e-2]}
+    res, _ = _job(cluster, tiny_dir, "--set", f"output.dir={out}", "--set", "mlflow.experiment=tune-test",
+                  "--set", "tune.trials=6", "--set", f"tune.space={json.dumps(space)}", "--set", "tune.max_concurrent=2",
+                  "--set", "train.epochs=2", "--set", "mlflow.register_as=tuned-tiny", timeout=900)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    tune = summary["tune"]
+    assert len(tune["trials"]) == 6 and tune["failed"] == 0
+    assert tune["embedded_rows"]["train"] == summary["train_sequences"]  # once, not once per trial
+    assert tune["stopped_early"] >= 1  # ASHA cut at least one trailing trial after its first epoch
+    best = min((t for t in tune["trials"] if t["val_loss"] is not None), key=lambda t: t["val_loss"])
+    assert tune["best"]["overrides"] == best["overrides"]
+    client = MlflowClient(cluster["mlflow_url"])
+    children = client.search_runs([client.get_run(summary["run_id"]).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}'")
+    assert len(children) == 6 and {c.data.params["trial"] for c in children} == {c.info.run_name for c in children}
+    mv = client.get_model_version_by_alias("tuned-tiny", "current")
+    assert mv.run_id == summary["run_id"]
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["carryon"]["width"] == best["overrides"]["carryon.width"]
+    assert saved["alphas"][-1] == pytest.approx(best["alpha"])

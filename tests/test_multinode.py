@@ -52,7 +52,8 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
                     "--set", "resources.embed_batch_size=2", "--set", "train.epochs=3",
                     "--set", "resources.embed_actors_min=2", "--set", "resources.embed_actors_max=2",
                     "--set", "resources.train_workers_min=1", "--set", "resources.train_workers_max=2",
-                    "--set", "resources.resize_check_s=2")
+                    "--set", "resources.resize_check_s=2", "--set", "resources.cache=disk",
+                    "--set", f"output.storage_path=file://{tmp_path / 'shared-storage'}")
         lines: list[str] = []
         streaming, cached = threading.Event(), threading.Event()
         watcher = _watch(proc, lines, "progress: epoch 0 step 5/", streaming.set)
@@ -66,12 +67,12 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
         watcher.join(10)
         audits = _audits(out)
         epoch0 = audits["samples-epoch0-rank0.json"]
-        n_train = 192 - int(192 * 0.25)
+        n_train = json.loads((out / "summary.json").read_text())["train_sequences"]
         names = {inf1.node_id: "inf1", inf2.node_id: "inf2", trn.node_id: "train", c.head_node.node_id: "head"}
         print(f"inference node removed {t_remove - epoch0['started']:.1f}s into epoch 0; producers "
               f"{[names.get(n, n) for n in epoch0['producer_nodes']]}; trainer {names.get(epoch0['node'])}")
         assert epoch0["started"] < t_remove < epoch0["finished"]
-        assert sorted(epoch0["ids"]) == list(range(n_train))  # nothing lost, nothing twice
+        assert len(epoch0["ids"]) == len(set(epoch0["ids"])) == n_train  # nothing lost, nothing twice
         # Embedders ran on both inference nodes (so the removed one held work) and nowhere else.
         assert set(epoch0["producer_nodes"]) == {inf1.node_id, inf2.node_id}
         assert all(a["node"] in (trn.node_id, trn2.node_id) for a in audits.values())  # trainers on training nodes
@@ -81,6 +82,13 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
         print(f"training workers per epoch audit: {worlds}")
         assert worlds["samples-epoch0-rank0.json"] == 1 and 2 in worlds.values()  # grew from 1 to 2 workers
         assert "samples-epoch2-rank1.json" in audits
+        # The disk cache on shared storage (file:// standing in for s3://): both training nodes read
+        # the files rank 0 wrote in epoch 0, and between them every sample once.
+        both = audits["samples-epoch2-rank0.json"], audits["samples-epoch2-rank1.json"]
+        assert all(a["from_cache"] for a in both) and both[0]["node"] != both[1]["node"]
+        assert set(both[0]["ids"]) | set(both[1]["ids"]) <= set(epoch0["ids"])
+        assert not set(both[0]["ids"]) & set(both[1]["ids"])
+        assert list((tmp_path / "shared-storage" / "embedding-cache").rglob("*.safetensors"))
 
         # 2. No training node left: configs/colocated.yaml trains on inference nodes instead.
         c.remove_node(trn)
