@@ -1,0 +1,248 @@
+"""A carry-on against LoRA at equal budgets (issue 19), on SmolLM2-135M-Instruct and GSM8K.
+
+Two budgets, one run, one machine:
+  (a) equal optimizer steps: 120 steps at batch 8 for LoRA and for each carry-on configuration;
+  (b) equal wall time: LoRA's wall time for its 120 steps is the budget. The carry-on pipeline must
+      fit everything into it: the base forward over training, validation and general-domain data
+      (once: the states are cached), then a search over carry-on configurations on the cached states
+      (trials run one after another here, as jobs/tune.py runs them in parallel on a cluster), the
+      alpha selection, and the winner's training.
+
+Forgetting is measured on WikiText-2 text the alpha guard never saw: the general-domain windows are
+split into a guard set (the guarded alpha search reads it) and a report set (only reported).
+LoRA: r = 8 on q_proj/v_proj, lr 1e-3, the same batches (bench/replay_kl.py's run_lora). Exact match on
+held-out questions (the paper's protocol) for the base, the equal-wall carry-on and LoRA.
+
+The levers, each measured at equal steps: the shallow-layer shortcut (layers.shallow [0]: the token
+embeddings averaged into the carry-on input), width and learning rate, replay/KL with the guard.
+Writes bench/results/quality.json. Quick sizes: --steps 12 --n-train 96 ... (make bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from replay_kl import ROOT, held_out_accuracy, run_lora  # bench helpers (LoRA, exact match); sets sys.path
+
+from carryon_ray.base import FrozenBase, resolve_base_path  # noqa: E402
+from carryon_ray.config import BaseModelConfig, DataConfig, validate_config  # noqa: E402
+from carryon_ray.data import DataReport, collate, load_examples, read_rows  # noqa: E402
+from carryon_ray.generation import CarryOnModel  # noqa: E402
+from carryon_ray.loss import IGNORE  # noqa: E402
+from carryon_ray.train import AlphaSearch, build_carryon, evaluate, make_optimizer, train_step  # noqa: E402
+
+ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
+
+# What each carry-on configuration changes (the levers); all gated, inherited head.
+CONFIGS = {
+    "mlp256": {"carryon": {"kind": "mlp", "width": 256}, "lr": 3e-3, "shallow": False},
+    "mlp256_shallow0": {"carryon": {"kind": "mlp", "width": 256}, "lr": 3e-3, "shallow": True},
+    "mlp1024_lr1e-2": {"carryon": {"kind": "mlp", "width": 1024}, "lr": 1e-2, "shallow": False},
+    "mlp1024_shallow0_lr1e-2": {"carryon": {"kind": "mlp", "width": 1024}, "lr": 1e-2, "shallow": True},
+    "transformer2x128_shallow0": {"carryon": {"kind": "transformer", "width": 128, "layers": 2, "heads": 4,
+                                              "kv_heads": 2}, "lr": 3e-3, "shallow": True},
+}
+
+
+def embed(base: FrozenBase, examples, shallow: bool, batch: int = 16):
+    """Per example: [deep] or [deep, layer 0] states at its length."""
+    out = []
+    pad = base.tokenizer.pad_token_id
+    for i in range(0, len(examples), batch):
+        b = collate(examples[i : i + batch], pad)
+        with torch.inference_mode():
+            states, _ = base.hidden_states(b["input_ids"], b["attention_mask"], [0] if shallow else [])
+        for j, e in enumerate(examples[i : i + batch]):
+            out.append([s[j, : len(e.input_ids)].clone() for s in states])
+    return out
+
+
+def batch_of(states, examples, idx, sources: int):
+    T = max(len(examples[i].input_ids) for i in idx)
+    D = states[idx[0]][0].shape[-1]
+    xs = [torch.zeros(len(idx), T, D) for _ in range(sources)]
+    y = torch.full((len(idx), T), IGNORE, dtype=torch.long)
+    for r, i in enumerate(idx):
+        n = len(examples[i].input_ids)
+        for k in range(sources):
+            xs[k][r, :n] = states[i][k]
+        y[r, :n] = torch.tensor(examples[i].labels)
+    return xs, y
+
+
+def eval_batches(states, examples, sources: int, bs: int = 16):
+    return [([xs], y) for xs, y in (batch_of(states, examples, list(range(i, min(i + bs, len(examples)))), sources)
+                                    for i in range(0, len(examples), bs))]
+
+
+def train_carryon(args, base, data, name: str, spec: dict, steps: int, replay: bool, seed: int = 0):
+    """One carry-on configuration on the cached states; alpha chosen on validation data (guarded on
+    the guard set when `replay`); the report set only measured."""
+    shallow = spec["shallow"]
+    sources = 2 if shallow else 1
+    cfg = validate_config({
+        "data": {"train": "bench", **({"replay": "wiki", "general_val": "wiki"} if replay else {})},
+        "layers": {"shallow": [0] if shallow else []},
+        "carryon": {**spec["carryon"], "gate": True},
+        "alpha": {"init": 1.0, "rule": "list", "candidates": ALPHAS[1:], "max": 2.0,
+                  "general_guard": 0.0 if replay else None},
+        "train": {"lr": spec["lr"], "batch_size": args.batch, "warmup_steps": 10, "seed": seed},
+    })
+    key = "shallow" if shallow else "deep"
+    train_s, train_x = data[key]["train"]
+    model = build_carryon(cfg, [base.hidden_size], base.vocab_size, base.head_weight, base.head_bias)
+    opt, sched = make_optimizer(model, cfg, steps)
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = rng.sample(range(len(train_x)), args.batch)
+        xs, y = batch_of(train_s, train_x, idx, sources)
+        mask = None
+        if replay:  # replay windows (deep state only; a shallow source sees the same state averaged in)
+            r_s, r_x = data[key]["replay"]
+            ridx = rng.sample(range(len(r_x)), args.replay_per_batch)
+            rxs, ry = batch_of(r_s, r_x, ridx, sources)
+            T = max(y.shape[1], ry.shape[1])
+            pad = lambda t, v=0: torch.nn.functional.pad(t, (0, 0, 0, T - t.shape[1])) if t.dim() == 3 else \
+                torch.nn.functional.pad(t, (0, T - t.shape[1]), value=v)  # noqa: E731
+            xs = [torch.cat([pad(a), pad(b)]) for a, b in zip(xs, rxs)]
+            y = torch.cat([pad(y, IGNORE), pad(ry, IGNORE)])
+            mask = torch.tensor([False] * args.batch + [True] * args.replay_per_batch)
+        train_step(model, opt, sched, [xs], y, 1024, 1.0, mask, args.kl_weight)
+    train_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    val = evaluate(model, data[key]["val_b"], ALPHAS)
+    guard = evaluate(model, data[key]["guard_b"], ALPHAS)
+    report = evaluate(model, data[key]["report_b"], ALPHAS)
+    search = AlphaSearch.from_config(cfg)
+    alpha = search.choose(val, guard, guard[0.0]) if replay else min(val, key=val.get)
+    select_seconds = time.perf_counter() - t0
+    model.set_alpha(alpha)
+    return model, {"name": name, "replay": replay, "steps": steps, "alpha": alpha, "val_loss": val[alpha],
+                   "gain": val[0.0] - val[alpha], "guard_change": guard[alpha] - guard[0.0],
+                   "report_change": report[alpha] - report[0.0],
+                   "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
+                   "train_seconds": round(train_seconds, 1), "alpha_selection_seconds": round(select_seconds, 1)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gsm8k", default=str(ROOT.parent / "shared/data/gsm8k/train.jsonl"))
+    p.add_argument("--wikitext", default=str(ROOT.parent / "shared/data/wikitext2/valid.txt"))
+    p.add_argument("--base", default="smollm2-135m-instruct")
+    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--replay-rows", type=int, default=500)
+    p.add_argument("--guard-rows", type=int, default=50)
+    p.add_argument("--report-rows", type=int, default=100)
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--replay-per-batch", type=int, default=4)
+    p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--configs", default=",".join(CONFIGS), help="carry-on configurations at equal steps")
+    p.add_argument("--em-n", type=int, default=48)
+    p.add_argument("--em-tokens", type=int, default=192)
+    p.add_argument("--em-batch", type=int, default=16)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-lr", type=float, default=1e-3)
+    p.add_argument("--out", default=str(ROOT / "bench/results/quality.json"))
+    args = p.parse_args()
+    t_all = time.perf_counter()
+    base = FrozenBase.load(BaseModelConfig(name=args.base, dtype="float32", device="cpu"))
+    tok = base.tokenizer
+    qa = DataConfig(train=args.gsm8k, format="qa", max_length=256)
+    read = 2 * (args.n_train + args.n_val)
+    gsm, _ = load_examples(args.gsm8k, tok, qa, limit=read)
+    args.template = qa.prompt_template
+    em_rows = read_rows(args.gsm8k, DataReport(args.gsm8k), limit=read + args.em_n)[read:] if args.em_n else []
+    train, val = gsm[: args.n_train], gsm[args.n_train : args.n_train + args.n_val]
+    wiki, _ = load_examples(args.wikitext, tok, DataConfig(train=args.wikitext, format="text", loss_on_prompt=True,
+                                                          max_length=128))
+    wiki = [e for e in wiki if len(e.input_ids) >= 32]
+    replay = wiki[: args.replay_rows]
+    report_set = wiki[-args.report_rows:]  # never read by the guard
+    guard = wiki[-(args.report_rows + args.guard_rows): -args.report_rows]
+    sets = {"train": train, "val": val, "replay": replay, "guard": guard, "report": report_set}
+    # The base forward, once per example, with and without the layer-0 shortcut (timed).
+    data, t0 = {"deep": {}, "shallow": {}}, time.perf_counter()
+    for name, exs in sets.items():
+        states = embed(base, exs, shallow=True)
+        data["shallow"][name] = (states, exs)
+        data["deep"][name] = ([s[:1] for s in states], exs)
+    embed_seconds = time.perf_counter() - t0
+    for key, n in (("deep", 1), ("shallow", 2)):
+        for name in ("val", "guard", "report"):
+            data[key][f"{name}_b"] = eval_batches(*data[key][name], n)
+    res: dict = {"protocol": {k: v for k, v in vars(args).items() if k not in ("out", "template")},
+                 "embed_seconds": round(embed_seconds, 1)}
+    print(f"embedded {sum(len(v) for v in sets.values())} examples in {embed_seconds:.0f}s", flush=True)
+    # LoRA: the baseline and the time budget.
+    lora_data = {"train": (None, train), "val": (None, val), "general": (None, report_set)}
+    lo = run_lora(args, resolve_base_path(BaseModelConfig(name=args.base))[0], lora_data, tok, em_rows)
+    lo["report_change"] = lo.pop("general_change")
+    res["lora"] = lo
+    budget = lo["train_seconds"]
+    print("lora", json.dumps(lo), flush=True)
+    # (a) equal steps: each lever.
+    res["equal_steps"] = {}
+    for name in args.configs.split(","):
+        _, r = train_carryon(args, base, data, name, CONFIGS[name], args.steps, replay=False)
+        r["gain_over_lora"] = round(r["gain"] / lo["gain"], 3)
+        res["equal_steps"][name] = r
+        print("equal steps", json.dumps(r), flush=True)
+    best_name = max(res["equal_steps"], key=lambda n: res["equal_steps"][n]["gain"])
+    _, r = train_carryon(args, base, data, best_name + "+replay_kl", CONFIGS[best_name], args.steps, replay=True)
+    r["gain_over_lora"] = round(r["gain"] / lo["gain"], 3)
+    res["equal_steps"][best_name + "+replay_kl"] = r
+    print("equal steps", json.dumps(r), flush=True)
+    # (b) equal wall time: embedding + a search (short trials of every configuration, on the cache)
+    # + the winner trained with replay/KL for as many steps as the rest of the budget allows.
+    t_search = time.perf_counter()
+    spent = embed_seconds
+    trials = {}
+    probe_steps = max(1, args.steps // 4)
+    for name in args.configs.split(","):
+        _, r = train_carryon(args, base, data, name, CONFIGS[name], probe_steps, replay=False, seed=1)
+        trials[name] = r
+        spent = embed_seconds + (time.perf_counter() - t_search)
+    winner = max(trials, key=lambda n: trials[n]["gain"])
+    per_step = (trials[winner]["train_seconds"] / probe_steps) * 1.5  # replay rows make a step ~1.5x dearer
+    steps = max(1, int((budget - spent) / per_step))
+    model, final = train_carryon(args, base, data, winner + "+replay_kl", CONFIGS[winner], steps, replay=True)
+    wall = embed_seconds + (time.perf_counter() - t_search)
+    final["gain_over_lora"] = round(final["gain"] / lo["gain"], 3)
+    final.update({"budget_seconds": round(budget, 1), "wall_seconds": round(wall, 1),
+                  "split_seconds": {"base_forward": round(embed_seconds, 1),
+                                    "search": round(sum(t["train_seconds"] + t["alpha_selection_seconds"]
+                                                        for t in trials.values()), 1),
+                                    "training": final["train_seconds"],
+                                    "alpha_selection": final["alpha_selection_seconds"]},
+                  "search_trials": {n: {k: t[k] for k in ("gain", "steps")} for n, t in trials.items()}})
+    if em_rows:
+        final["exact_match"] = held_out_accuracy(args, CarryOnModel([base], model, shallow=[0] if
+                                                                    CONFIGS[winner]["shallow"] else []),
+                                                 {"chosen": final["alpha"]}, em_rows)["chosen"]
+        res["base_exact_match"] = held_out_accuracy(args, CarryOnModel([base]), {"base": None}, em_rows)["base"]
+    res["equal_wall"] = final
+    print("equal wall", json.dumps(final), flush=True)
+    res["targets"] = {
+        "equal_wall_gain_over_lora_at_least_1": final["gain_over_lora"] >= 1.0,
+        "equal_wall_report_change_at_most_0": final["report_change"] <= 0,
+        "equal_steps_best_gain_over_lora_at_least_0.9": max(r["gain_over_lora"] for r in res["equal_steps"].values()) >= 0.9,
+    }
+    res["wall_seconds"] = round(time.perf_counter() - t_all, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
