@@ -343,9 +343,8 @@ def test_data_from_files_directories_parquet_and_a_saved_hf_dataset(cluster, tin
 def test_the_driver_holds_datasets_not_rows(tmp_path, tiny_dir):
     """jobs.data.ingest returns Ray Datasets, counts and reports: what the driver keeps is the same
     few kilobytes for 200 rows and for 5,000 (the rows stay in the object store)."""
-    import pickle
-
     import ray
+    from ray import cloudpickle  # how Ray itself ships objects: the measure of what the driver holds
 
     from carryon_ray.config import validate_config
     from jobs.data import Ingested, ingest
@@ -361,7 +360,7 @@ def test_the_driver_holds_datasets_not_rows(tmp_path, tiny_dir):
             got = ingest(cfg)
             assert isinstance(got, Ingested) and got.n_train + got.n_val == n
             got.profiles = {}  # a bounded sample (1,000 rows of two numbers) kept for MLflow, not the data
-            sizes[n] = len(pickle.dumps(got))  # the datasets pickle as plans and object references
+            sizes[n] = len(cloudpickle.dumps(got))  # the datasets pickle as plans and object references
     finally:
         ray.shutdown()
     print("driver-side bytes per dataset size:", sizes)
