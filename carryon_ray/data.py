@@ -178,19 +178,21 @@ def topic_rows(n: int, seed: int = 0, split: str = "train") -> list[dict]:
     rng = random.Random(f"{seed}:{split}")
     rows, seen = [], set()
     labels = sorted(TOPICS)
-    for _ in range(200 * n):
-        if len(rows) >= n:
-            break
+    misses = 0  # draws in a row that found no new sentence: the label's sentences are used up
+    while len(rows) < n:
         label = labels[len(rows) % len(labels)]
         subjects, verbs, objects = TOPICS[label]
         sentence = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}."
         in_heldout = hashlib.sha256(sentence.encode()).digest()[0] < 64  # about a quarter of all sentences
         if sentence in seen or in_heldout != (split == "heldout"):
+            misses += 1
+            if misses > 20_000:
+                raise DataError(f"builtin:topics has fewer than {n} distinct {split} sentences; "
+                                "lower data.builtin_size")
             continue
+        misses = 0
         seen.add(sentence)
         rows.append({"prompt": TOPIC_PROMPT.format(sentence=sentence), "completion": " " + label})
-    else:
-        raise DataError(f"builtin:topics has fewer than {n} distinct {split} sentences; lower data.builtin_size")
     rng.shuffle(rows)
     return rows
 

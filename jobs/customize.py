@@ -67,9 +67,8 @@ def embed_pipeline(cfg, ds, calib):
 
     r = cfg.resources
     bases = [b.model_dump() for b in [cfg.base, *cfg.extra_bases]]
-    # Blocks of a few batches each, so every actor of the pool gets work from the start (the
-    # ingested dataset may be a handful of large blocks); the order of rows is kept.
-    ds = ds.repartition(max(1, min(64, ds.count() // r.embed_batch_size)))
+    # `ds` is already in blocks of a few batches (jobs/data.py: _blocks), so nothing but the
+    # embedding actors runs here: no CPU task can queue behind actors holding every CPU.
     # One pool running every base, or (model mixing) one pool per base chained: each base is
     # placed and scaled on its own and the bases run concurrently on different batches.
     pools = [None] if len(bases) == 1 or not r.pool_per_base else list(range(len(bases)))
@@ -83,7 +82,7 @@ def embed_pipeline(cfg, ds, calib):
             num_gpus=r.embed_gpus,
             resources={r.inference_resource: 1},
             # Ray Data restarts a dead pool actor and re-runs its unfinished batches (measured in
-            # tests/test_faults.py: no sample lost or duplicated).
+            # tests/test_job.py, the fault tests: no sample lost or duplicated).
         )
     return ds
 

@@ -352,12 +352,12 @@ def ingest(cfg: CarryOnConfig) -> Ingested:
                                       batch_format="numpy")
     columns = [ROW_ID, ROW_REPLAY, ROW_INPUT_IDS, ROW_LABELS, "key", "length"] + ([ROW_SEGMENTS] if d.pack_examples
                                                                                    else [])
-    ordered = ordered.select_columns(columns).materialize()
-    val = _ordered(val, seed, False).sort("order").select_columns(
-        [ROW_ID, ROW_REPLAY, ROW_INPUT_IDS, ROW_LABELS, "key", "length"]).materialize()
+    per_block = cfg.resources.embed_batch_size
+    ordered = _blocks(ordered.select_columns(columns), per_block)
+    row_columns = [ROW_ID, ROW_REPLAY, ROW_INPUT_IDS, ROW_LABELS, "key", "length"]
+    val = _blocks(_ordered(val, seed, False).sort("order").select_columns(row_columns), per_block)
     if general is not None:
-        general = _ordered(general, seed, False).select_columns(
-            [ROW_ID, ROW_REPLAY, ROW_INPUT_IDS, ROW_LABELS, "key", "length"]).materialize()
+        general = _blocks(_ordered(general, seed, False).select_columns(row_columns), per_block)
     profiles["train"] = (str(d.train), _profile(train), "training")
     profiles["val"] = (str(d.val or f"{d.train} (validation split)"), _profile(val), "validation")
     if general is not None:
@@ -366,6 +366,18 @@ def ingest(cfg: CarryOnConfig) -> Ingested:
     tokens = _sums(ordered, lambda b: {"tokens": [int(np.sum(b["length"]))]}).get("tokens", 0)
     return Ingested(ordered, val, general, ordered.count(), n_custom, n_replay, val.count(), tokens, reports,
                     profiles, (now, unpacked))
+
+
+def _blocks(ds, batch_rows: int):
+    """Materialize `ds` in blocks of a few embedding batches each, order kept, so every actor of the
+    embedding pool gets work from the start (a read may yield a handful of large blocks).
+
+    This happens here, before any embedding actor exists, and not as a stage of the embedding
+    pipeline: on a small cluster the pool's actors and the trainer can hold every CPU, and a
+    repartition task queued behind them never runs (a deadlock measured on 2 CPUs: trainer 1 +
+    embedding actor 1, the split task pending forever)."""
+    ds = ds.materialize()
+    return ds.repartition(max(1, min(64, ds.count() // batch_rows))).materialize()
 
 
 def calibration_rows(ds, n: int) -> list[dict]:

@@ -142,6 +142,10 @@ def _stop_group(pid: int | None, timeout: float = 20.0) -> None:
         return
     deadline = time.time() + timeout
     while time.time() < deadline:
+        try:  # reap the leader when this process started it, or it lingers as a zombie (still "alive")
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
         try:
             os.killpg(pid, 0)
         except OSError:
@@ -175,7 +179,10 @@ def down(state_dir: str = DEFAULT_STATE) -> bool:
         return False
     state = json.loads(path.read_text())
     _stop_group(state.get("mlflow_pid"))
-    _stop_group(state.get("ray_pid"))
+    # `ray start --block` answers SIGTERM by stopping its raylet and dashboard within a second or
+    # two and then waiting on the GCS, which does not exit (measured: still up 20 s later), so
+    # the group gets 5 s before SIGKILL; stragglers naming our temp dir are killed below.
+    _stop_group(state.get("ray_pid"), timeout=5.0)
     temp_dir = state.get("ray_temp_dir")
     if temp_dir and temp_dir.startswith(tempfile.gettempdir()):
         # Some Ray helpers start their own sessions; they still name our temp dir on their

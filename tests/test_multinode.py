@@ -19,7 +19,7 @@ import yaml
 
 from conftest import ROOT
 from jobs import local_cluster
-from test_faults import _watch
+from test_job import _watch
 from test_job import TINY_CONFIG
 
 pytestmark = pytest.mark.slow
