@@ -196,25 +196,6 @@ def test_mostly_bad_data_stops_with_a_clear_error(cluster, tiny_dir, tmp_path):
     assert res.returncode == 1 and "bad_json=8" in res.stderr and "too many malformed rows" in res.stderr
 
 
-def test_disk_cache_serves_later_epochs_with_tracking_off(cluster, tiny_dir, tmp_path):
-    """The disk cache, and a job with no MLflow at all: results travel with the run, not the tracker."""
-    out = tmp_path / "run"
-    res, _ = _job(cluster, tiny_dir, "--set", "resources.cache=disk", "--set", f"output.dir={out}", timeout=600,
-                  tracking=False)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    text = res.stdout + res.stderr
-    assert "MLflow tracking off" in text
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["run_id"] is None and summary["val_loss_after"] < summary["val_loss_before"]
-    assert f"validation loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}" in text
-    assert f"embedding cache: disk at {out / 'embedding-cache'}" in text
-    assert "epoch 1: reading cached embeddings (disk" in text
-    files = sorted((out / "embedding-cache").glob("*.safetensors"))
-    epoch0 = json.loads((out / "samples-epoch0-rank0.json").read_text())["ids"]
-    epoch1 = json.loads((out / "samples-epoch1-rank0.json").read_text())["ids"]
-    assert files and sorted(epoch1) == sorted(epoch0)  # the same samples, read back from disk
-
-
 def test_growing_moe_carryon_over_two_bases_on_packed_text(cluster, tiny_dir, tmp_path, smol_dir):
     """Issue 6 through `jobs.customize`: continued pretraining on packed plain text, a transformer
     carry-on with routed experts and latent attention, grown in two stages, over two different
@@ -337,6 +318,9 @@ def test_data_from_files_directories_parquet_and_a_saved_hf_dataset(cluster, tin
     assert summary["cache_location"].startswith(f"file://{tmp_path / 'storage'}/embedding-cache/")
     assert list((tmp_path / "storage" / "embedding-cache").rglob("*.safetensors"))
     assert "epoch 1: reading cached embeddings (disk" in res.stdout + res.stderr
+    epoch0 = json.loads((out / "samples-epoch0-rank0.json").read_text())["ids"]
+    epoch1 = json.loads((out / "samples-epoch1-rank0.json").read_text())["ids"]
+    assert sorted(epoch1) == sorted(epoch0)  # the same samples, read back from the disk cache
     run = MlflowClient(cluster["mlflow_url"]).get_run(summary["run_id"])
     m = run.data.metrics
     assert m["padding_share"] < m["padding_share_unpacked"] and m["data_train_skipped_bad_json"] == 1
@@ -461,6 +445,7 @@ def _start_job(cluster, tiny_dir, out: Path, *sets) -> subprocess.Popen:
     cmd = [sys.executable, "-u", "-m", "jobs.customize", "--config", TINY_CONFIG, "--set", f"base.name={tiny_dir}",
            "--set", f"output.dir={out}", *sets]
     env = {**client_env(cluster), "RAY_ADDRESS": cluster["ray_address"], "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # these jobs run without MLflow
     _started.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                      cwd=ROOT))
     return _started[-1]
@@ -510,6 +495,12 @@ def test_killed_embedding_actor_loses_and_duplicates_nothing(cluster, tiny_dir, 
     print(f"killed embedding actor pid {killed[0][0]}; trainer consumed {len(ids)} samples")
     assert audit["started"] < killed[0][1] < audit["finished"]  # the kill landed mid-epoch
     assert len(ids) == len(set(ids)) == n_train  # every sample exactly once
+    # This job ran without MLflow (no tracking URI): results travel with the run, not the tracker.
+    text = "".join(lines)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "MLflow tracking off" in text and summary["run_id"] is None
+    assert summary["val_loss_after"] < summary["val_loss_before"]
+    assert f"validation loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}" in text
 
 
 def test_killed_training_worker_restores_from_checkpoint(cluster, tiny_dir, tmp_path):
