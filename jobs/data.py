@@ -299,12 +299,15 @@ def _sums(ds, fn, batch_size: int | None = 4096) -> dict[str, int]:
 
 
 def _padding(ds, batch_size: int) -> float:
-    """Padding share of `ds`'s rows batched in order (no rows reach the driver)."""
+    """Padding share of `ds`'s rows batched in order. Each worker sums over 512 training batches at
+    a time, so one record per 512 batches reaches the driver (one per batch grew the driver by
+    ~80 MB at 200k rows)."""
     def stats(batch: dict) -> dict:
         lengths = [int(n) for n in batch["length"]]
-        return {"real": [sum(lengths)], "padded": [max(lengths) * len(lengths)]}
+        chunks = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
+        return {"real": [sum(lengths)], "padded": [sum(max(c) * len(c) for c in chunks)]}
 
-    s = _sums(ds, stats, batch_size)
+    s = _sums(ds, stats, batch_size * 512)
     return 1 - s.get("real", 0) / max(s.get("padded", 0), 1)
 
 
