@@ -137,10 +137,14 @@ class KVPool:
 
     def move(self, src: int, dst: int, upto: int) -> None:
         """Copy slot src's first `upto` positions into slot dst (compaction)."""
+        self._reserve(max(src, dst) + 1, self.length)
         for t in (*self.k.values(), *self.v.values()):
             t[dst, :, :upto] = t[src, :, :upto]
 
     def swap(self, a: int, b: int, upto: int) -> None:
+        # A row can be admitted to a slot past the capacity before its first forward binds it (its
+        # prefill waits for the step's token budget); a swap with it grows the pool first.
+        self._reserve(max(a, b) + 1, self.length)
         for t in (*self.k.values(), *self.v.values()):
             tmp = t[a, :, :upto].clone()
             t[a, :, :upto] = t[b, :, :upto]

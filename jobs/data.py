@@ -355,12 +355,12 @@ def ingest(cfg: CarryOnConfig) -> Ingested:
                                       batch_format="numpy")
     columns = [ROW_ID, ROW_REPLAY, ROW_INPUT_IDS, ROW_LABELS, "key", "length"] + ([ROW_SEGMENTS] if d.pack_examples
                                                                                    else [])
-    per_block = cfg.resources.embed_batch_size
-    ordered = _blocks(ordered.select_columns(columns), per_block)
+    per_block, actors = cfg.resources.embed_batch_size, cfg.resources.embed_actors_max
+    ordered = _blocks(ordered.select_columns(columns), per_block, actors)
     row_columns = [ROW_ID, ROW_REPLAY, ROW_INPUT_IDS, ROW_LABELS, "key", "length"]
-    val = _blocks(_ordered(val, seed, False).sort("order").select_columns(row_columns), per_block)
+    val = _blocks(_ordered(val, seed, False).sort("order").select_columns(row_columns), per_block, actors)
     if general is not None:
-        general = _blocks(_ordered(general, seed, False).select_columns(row_columns), per_block)
+        general = _blocks(_ordered(general, seed, False).select_columns(row_columns), per_block, actors)
     profiles["train"] = (str(d.train), _profile(train), "training")
     profiles["val"] = (str(d.val or f"{d.train} (validation split)"), _profile(val), "validation")
     if general is not None:
@@ -373,21 +373,24 @@ def ingest(cfg: CarryOnConfig) -> Ingested:
 
 # Ray keeps a task's return value in its owner's heap (here: the driver's) when it is smaller than
 # 100 KiB (`max_direct_call_object_size`); larger ones go to the object store. Blocks are kept above
-# that, or the driver would hold the rows of every small block (measured: 2.1 MB of driver state
-# for 5,000 rows split into 64 blocks, against a few kilobytes with large blocks).
+# that where the data allows, or the driver would hold the rows of every small block (measured:
+# 2.1 MB of driver state for 5,000 rows split into 64 blocks). A dataset too small for that still
+# gets one block per embedding actor (so every actor has work); what the driver may then hold is
+# bounded by actors x 100 KiB, whatever the dataset's size.
 MIN_BLOCK_BYTES = 256 * 1024
 
 
-def _blocks(ds, batch_rows: int):
+def _blocks(ds, batch_rows: int, actors: int):
     """Materialize `ds` in blocks of several embedding batches each (at most 64 blocks, each at
-    least MIN_BLOCK_BYTES), order kept, so the embedding pool's actors share the work from the start.
+    least MIN_BLOCK_BYTES, at least `actors` blocks), order kept, so the embedding pool's actors
+    share the work from the start.
 
     This happens here, before any embedding actor exists, and not as a stage of the embedding
     pipeline: on a small cluster the pool's actors and the trainer can hold every CPU, and a
     repartition task queued behind them never runs (a deadlock measured on 2 CPUs: trainer 1 +
     embedding actor 1, the split task pending forever)."""
     ds = ds.materialize()
-    n = min(64, ds.count() // batch_rows, (ds.size_bytes() or 0) // MIN_BLOCK_BYTES)
+    n = min(64, ds.count() // batch_rows, max(actors, (ds.size_bytes() or 0) // MIN_BLOCK_BYTES))
     return ds.repartition(n).materialize() if n > 1 else ds
 
 

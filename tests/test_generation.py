@@ -162,3 +162,28 @@ def test_degenerate_sampling_parameters_are_safe(tiny_base):
     greedy = model.generate(ids, 8, stop_at_eos=False)[0]
     assert model.generate(ids, 8, temperature=5e-324, stop_at_eos=False)[0] == greedy
     assert model.generate(ids, 8, temperature=1.0, top_p=1e-300, seed=2, stop_at_eos=False)[0] == greedy
+
+
+def test_a_row_admitted_past_the_pools_capacity_can_be_released(tiny_base):
+    """Regression (seen under 20 HTTP clients): a row admitted into a slot the KV pool has not grown
+    to yet (its prefill still waiting for the step's token budget) is swapped when another row
+    leaves; the pool must grow for the swap instead of failing the whole step."""
+    from carryon_ray.generation import CarryOnModel, Engine, Request
+
+    tok = tiny_base.tokenizer
+    short, long = tok("hi there")["input_ids"], tok(" ".join(["word"] * 40))["input_ids"]
+    engine = Engine(tiny_base, max_rows=16, prefill_tokens=8)
+    first = [engine.submit(Request(short, None, 40, stop_at_eos=False)) for _ in range(7)]
+    while engine.decoding < 7:  # seven rows decoding in a pool of 8 slots (it grows 4, 8, 16, ...)
+        engine.step()
+    late = [engine.submit(Request(long, None, 4, stop_at_eos=False)) for _ in range(2)]
+    engine.step()  # both admitted; the budget prefills part of the first (slot 7), slot 8 waits unfed
+    assert len(engine.rows) == 9 and engine.pools[0].slots == 8
+    first[0].cancel()
+    for _ in range(200):
+        if all(s.done for s in first + late):
+            break
+        engine.step()
+    assert all(s.finish_reason == "length" for s in first[1:] + late), [s.error for s in first + late]
+    alone = CarryOnModel([tiny_base]).generate([long], 4, stop_at_eos=False)[0]
+    assert all(s.tokens == alone for s in late)

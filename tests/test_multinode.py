@@ -37,6 +37,7 @@ def _audits(out: Path) -> dict[str, dict]:
     return {p.name: json.loads(p.read_text()) for p in sorted(out.glob("samples-epoch*-rank*.json"))}
 
 
+@pytest.mark.timeout(1200)  # three jobs and a Serve app: ~4 min alone, twice that on a busy machine
 def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_path):
     from ray.cluster_utils import Cluster
 
