@@ -70,7 +70,11 @@ def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node
     resources = {inference_resource: node_class_units, training_resource: node_class_units}
     cmd = [_bin("ray"), "start", "--head", "--block", f"--port={ray_port}", f"--dashboard-port={dashboard_port}",
            "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={temp_dir}",
-           f"--resources={json.dumps(resources)}", "--disable-usage-stats"]
+           f"--resources={json.dumps(resources)}", "--disable-usage-stats",
+           # Ray's fixed defaults for the agents' ports (52365 for the job agent's HTTP server, ...)
+           # collide with any other Ray instance on the machine: the job agent then never comes up.
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
     ray_log = state_path / "ray-head.log"

@@ -147,6 +147,7 @@ def search(cfg: CarryOnConfig, ctx: SearchContext, storage_path: str, name: str)
     """Run the trials; the best one's config and state (raises if every trial failed)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     t = cfg.tune
     r = cfg.resources
@@ -161,6 +162,8 @@ def search(cfg: CarryOnConfig, ctx: SearchContext, storage_path: str, name: str)
         trainable,
         param_space=search_space(cfg),
         tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=t.trials, scheduler=scheduler,
+                                    # the same samples of the space on every run (train.seed)
+                                    search_alg=BasicVariantGenerator(random_state=cfg.train.seed),
                                     max_concurrent_trials=t.max_concurrent, time_budget_s=t.time_budget_s),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),

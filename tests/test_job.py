@@ -358,13 +358,14 @@ def test_the_driver_holds_datasets_not_rows(tmp_path, tiny_dir):
 def test_a_tune_search_embeds_once_stops_weak_trials_and_registers_the_best(cluster, tiny_dir, tmp_path):
     """tune.trials > 0: the base forward runs once (every row embedded once, whatever the trial
     count), ASHA stops trials that trail, every trial is an MLflow child run, and the registered
-    adapter is the best trial's."""
+    adapter is the best trial's. One trial at a time and the space sampled from train.seed, so
+    which trials reach ASHA's rung in which order (and so which stop) is the same on every run."""
     from mlflow.tracking import MlflowClient
 
     out = tmp_path / "run"
     space = {"carryon.width": [8, 32], "train.lr": [1e-5, 3e-3, 1e-2]}
     res, _ = _job(cluster, tiny_dir, "--set", f"output.dir={out}", "--set", "mlflow.experiment=tune-test",
-                  "--set", "tune.trials=6", "--set", f"tune.space={json.dumps(space)}", "--set", "tune.max_concurrent=2",
+                  "--set", "tune.trials=6", "--set", f"tune.space={json.dumps(space)}", "--set", "tune.max_concurrent=1",
                   "--set", "train.epochs=2", "--set", "mlflow.register_as=tuned-tiny", timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
