@@ -375,14 +375,14 @@ def ingest(cfg: CarryOnConfig) -> Ingested:
 # 100 KiB (`max_direct_call_object_size`); larger ones go to the object store. Blocks are kept above
 # that where the data allows, or the driver would hold the rows of every small block (measured:
 # 2.1 MB of driver state for 5,000 rows split into 64 blocks). A dataset too small for that still
-# gets one block per embedding actor (so every actor has work); what the driver may then hold is
-# bounded by actors x 100 KiB, whatever the dataset's size.
+# gets 8 blocks per embedding actor (so every actor has work); what the driver may then hold is
+# bounded by 8 x actors x 100 KiB, whatever the dataset's size.
 MIN_BLOCK_BYTES = 256 * 1024
 
 
 def _blocks(ds, batch_rows: int, actors: int):
     """Materialize `ds` in blocks of several embedding batches each (at most 64 blocks, each at
-    least MIN_BLOCK_BYTES, at least `actors` blocks), order kept, so the embedding pool's actors
+    least MIN_BLOCK_BYTES, at least 8 per actor), order kept, so the embedding pool's actors
     share the work from the start.
 
     This happens here, before any embedding actor exists, and not as a stage of the embedding
@@ -390,7 +390,9 @@ def _blocks(ds, batch_rows: int, actors: int):
     repartition task queued behind them never runs (a deadlock measured on 2 CPUs: trainer 1 +
     embedding actor 1, the split task pending forever)."""
     ds = ds.materialize()
-    n = min(64, ds.count() // batch_rows, max(actors, (ds.size_bytes() or 0) // MIN_BLOCK_BYTES))
+    # 8 blocks per actor at least: a pool hands an actor several blocks at once, and with one
+    # block per actor the first actor up took both (the second node produced nothing).
+    n = min(64, ds.count() // batch_rows, max(8 * actors, (ds.size_bytes() or 0) // MIN_BLOCK_BYTES))
     return ds.repartition(n).materialize() if n > 1 else ds
 
 
