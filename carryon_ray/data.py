@@ -396,11 +396,15 @@ def pack_examples(examples: list[Example], max_length: int) -> list[Example]:
     return packed
 
 
+def padded_tokens(lengths: list[int], batch_size: int) -> int:
+    """Tokens fed when `lengths` are batched in order, each batch padded to its longest."""
+    return sum(max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size])
+               for i in range(0, len(lengths), batch_size))
+
+
 def padding_share(lengths: list[int], batch_size: int) -> float:
     """The share of padding tokens when `lengths` are batched in order, padded to each batch's longest."""
-    padded = sum(max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size])
-                 for i in range(0, len(lengths), batch_size))
-    return 1 - sum(lengths) / max(padded, 1)
+    return 1 - sum(lengths) / max(padded_tokens(lengths, batch_size), 1)
 
 
 def load_examples(source: str, tokenizer, cfg: DataConfig, limit: int | None = None, seed: int = 0):

@@ -28,7 +28,7 @@ import numpy as np
 
 from carryon_ray.config import CarryOnConfig, DataConfig
 from carryon_ray.data import (BUILTINS, DataError, DataReport, Tokenizer, in_val, order_key, pack_examples,
-                              padding_share, parse_line, replay_pick, sample_id, unit)
+                              padded_tokens, parse_line, replay_pick, sample_id, unit)
 from carryon_ray.embedding import ROW_ID, ROW_INPUT_IDS, ROW_LABELS, ROW_REPLAY, ROW_SEGMENTS
 
 log = logging.getLogger("carryon.job")
@@ -304,8 +304,7 @@ def _padding(ds, batch_size: int) -> float:
     ~80 MB at 200k rows)."""
     def stats(batch: dict) -> dict:
         lengths = [int(n) for n in batch["length"]]
-        chunks = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
-        return {"real": [sum(lengths)], "padded": [sum(max(c) * len(c) for c in chunks)]}
+        return {"real": [sum(lengths)], "padded": [padded_tokens(lengths, batch_size)]}
 
     s = _sums(ds, stats, batch_size * 512)
     return 1 - s.get("real", 0) / max(s.get("padded", 0), 1)
