@@ -130,6 +130,32 @@ def offline(served, model, prompt, n, **kw):
     return text, len(out), len(ids)
 
 
+def assert_greedy_matches_alone(served, model, prompt, n, body, min_tokens=100, tie=1e-3):
+    """A greedy row decoded in a changing batch equals the same row decoded alone, token for token,
+    except where float sums in another batch shape flip a near-tie: the first difference must come
+    late (a slot or cache bookkeeping error shows as soon as rows join or leave) and at a position
+    where the two best logits of the single-row decode are within `tie` (random weights have a few
+    of those in 600 tokens: the smallest top-2 gaps here are ~1e-4, the median ~0.15)."""
+    base = served["base"]
+    m = CarryOnModel.from_pretrained(base, served["adapters"][model])
+    ids = base.tokenizer(prompt)["input_ids"]
+    out = m.generate([ids], n)[0]
+    got = body["choices"][0]["text"]
+
+    def text(k):
+        return base.tokenizer.decode([t for t in out[:k] if t != base.tokenizer.eos_token_id],
+                                     skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    if got == text(len(out)):
+        assert body["usage"]["completion_tokens"] == len(out)
+        return
+    k = next(k for k in range(len(out)) if not got.startswith(text(k + 1)))  # the first token that differs
+    logits = m.logits(torch.tensor([ids + out]))[0, len(ids) - 1:-1]  # row j predicts out[j]
+    top2 = logits.topk(2, dim=-1).values
+    gaps = (top2[:, 0] - top2[:, 1])[max(0, k - 2): k + 2]  # a token's text may extend its neighbour's
+    assert k >= min_tokens and gaps.min().item() < tie, (k, gaps.tolist())
+
+
 def complete(served, model, prompt, key="alice", **kw):
     r = post(served, "/v1/completions", {"model": model, "prompt": prompt, "temperature": 0, **kw}, key=key)
     assert r.status_code == 200, r.text
@@ -360,9 +386,7 @@ def test_a_short_request_does_not_wait_for_long_ones(served):
     assert done[0] == "short", done
     assert results["short"]["choices"][0]["text"] == offline(served, "shared-s", PROMPT_A, 4)[0]
     for m in ("alice-a", "bob-b"):  # greedy output per row survives rows joining and leaving mid-generation
-        text, n_out, _ = offline(served, m, PROMPT_A, 600)
-        assert results[f"long-{m}"]["choices"][0]["text"] == text
-        assert results[f"long-{m}"]["usage"]["completion_tokens"] == n_out
+        assert_greedy_matches_alone(served, m, PROMPT_A, 600, results[f"long-{m}"])
 
 
 def test_a_disconnected_stream_frees_its_row(served):
