@@ -72,7 +72,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/serving.py --duration 8 --clients 1,16 --lru-adapters 100 --repeats 1 --out $(QUICK)/serving.json
 	$(BIN)/python bench/data.py --sizes 2000,20000 --gsm8k-rows 200 --out $(QUICK)/data.json
 	$(BIN)/python bench/quality.py --n-train 96 --n-val 24 --replay-rows 48 --guard-rows 16 --report-rows 16 --steps 12 \
-	  --configs mlp256,mlp256_shallow0 --em-n 8 --em-tokens 64 --out $(QUICK)/quality.json
+	  --configs mlp256,mlp256_shallow0,mlp256_head8 --em-n 8 --em-tokens 64 --out $(QUICK)/quality.json
 	$(BIN)/python bench/gpu_check.py --smoke --out $(QUICK)/gpu_check.json
 	$(BIN)/python bench/demo.py --out $(QUICK)/demo.json
 

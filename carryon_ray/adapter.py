@@ -65,7 +65,8 @@ def save_adapter(
     tensors.update({k: v.detach().cpu().contiguous() for k, v in bridges_state(bridges).items()})
     save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
     head = {"kind": carryon.head_cfg.kind} | ({"bottleneck": carryon.head_cfg.bottleneck}
-                                              if carryon.head_cfg.kind == "new" else {})
+                                              if carryon.head_cfg.kind == "new" else {}) \
+        | ({"rank": carryon.head_cfg.rank} if carryon.head_cfg.rank else {})
     config = {
         "format": FORMAT,
         "version": VERSION,
@@ -103,7 +104,9 @@ def model_card(config: dict) -> str:
              f"| base | `{base}` ({len(config['fingerprints'])} base(s), checked by fingerprint at load) |",
              f"| carry-on | {arch['kind']}, width {arch['width']}, {arch.get('stages', 1)} stage(s), "
              f"{config.get('trainable_params', 0):,} parameters |",
-             f"| head | {config['head']['kind']} |",
+             f"| head | {config['head']['kind']}"
+             + (f", rank-{config['head']['rank']} correction scaled by alpha" if config['head'].get('rank') else "")
+             + " |",
              f"| alpha (chosen on validation data) | {', '.join(f'{a:g}' for a in config['alphas'])} |",
              f"| bridge | {config['bridge_bits'] or 'no'}-bit codes, shallow layers {config['shallow'] or 'none'} |"]
     if t.get("val_loss_before") is not None and t.get("val_loss_after") is not None:

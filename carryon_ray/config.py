@@ -188,6 +188,19 @@ class HeadConfig(Strict):
         "reproduces the base exactly); 'new' = a trainable bottleneck head."
     )
     bottleneck: int = Field(128, gt=0, description="Bottleneck width of a new head.")
+    rank: int = Field(
+        0, ge=0, description="Rank r of a trainable correction of the inherited head, scaled by alpha: "
+        "logits = W x + alpha * U (V x) with V: hidden -> r, U: r -> vocabulary (U starts at zero). The frozen "
+        "head only reaches logits in the span of W (rank <= hidden size); this adds r new directions for "
+        "r * (hidden + vocabulary) parameters. 0 = none; alpha = 0 still reproduces the base exactly."
+    )
+
+    @model_validator(mode="after")
+    def _rank_needs_inherited(self) -> "HeadConfig":
+        if self.rank and self.kind != "inherited":
+            raise ValueError("head.rank corrects the inherited head; with head.kind: new the whole head already "
+                             "trains: set head.rank: 0 or head.kind: inherited")
+        return self
 
 
 class AlphaConfig(Strict):

@@ -454,6 +454,7 @@ class Engine:
             if a is not None:
                 groups.setdefault(id(a), []).append(i)
         own_head = torch.ones(B, dtype=torch.bool)
+        head_groups = []  # (adapter, its rows, their alphas) projected by the adapter's own logits
         for rows in groups.values():
             a = adapters[rows[0]]
             r = torch.tensor(rows, device=device)
@@ -470,8 +471,10 @@ class Engine:
                             attn_mask=mask[r][..., :group_span], alpha=alpha)
             res = res[torch.arange(len(rows), device=device), last[r]]
             out[r] = res.to(out.dtype)
-            if not (isinstance(a.carryon.head, InheritedHead) and a.carryon.head.weight is base.head_weight):
-                own_head[rows] = False  # projected by the adapter's own head below
+            if not (isinstance(a.carryon.head, InheritedHead) and a.carryon.head.weight is base.head_weight
+                    and a.carryon.correction is None):
+                own_head[rows] = False  # projected by the adapter's own head (and correction) below
+                head_groups.append((a, rows, alpha))
         if not want:
             return
         w = torch.tensor(want, device=device)
@@ -480,9 +483,12 @@ class Engine:
         if shared:
             logits[shared] = F.linear(out[w[shared]].to(base.head_weight.dtype), base.head_weight,
                                       base.head_bias).float().cpu()
-        for j, i in enumerate(want):
-            if not own_head[i]:
-                logits[j] = adapters[i].carryon.logits(out[i : i + 1]).float().cpu()[0]
+        at = {i: j for j, i in enumerate(want)}
+        for a, rows, alpha in head_groups:
+            keep = [k for k, i in enumerate(rows) if i in at]
+            if keep:
+                r = torch.tensor([rows[k] for k in keep], device=device)
+                logits[[at[rows[k]] for k in keep]] = a.carryon.logits(out[r], alpha[keep]).float().cpu()
         self._sample([seqs[i] for i in want], logits, finished)
 
     # -- sampling -------------------------------------------------------------------------------
@@ -692,7 +698,7 @@ class CarryOnModel:
             return F.linear(x, base.head_weight, base.head_bias)
         sources = [[br.roundtrip(s) for br, s in zip(brs, st)] for brs, st in zip(a.bridges, states)]
         out = a.carryon(sources, residual=x, positions=positions, key_mask=mask.to(base.device), alpha=alpha)
-        return a.carryon.logits(out)
+        return a.carryon.logits(out, alpha)
 
     def generate(self, prompts: list[list[int]] | torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, alpha: float | None = None,

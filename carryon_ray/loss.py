@@ -43,9 +43,10 @@ def chunked_cross_entropy(
     return total
 
 
-def _chunk_kl(head: Callable, h_base: torch.Tensor, h: torch.Tensor, top_k: int | None) -> torch.Tensor:
+def _chunk_kl(head: Callable, h_base: torch.Tensor, h: torch.Tensor, top_k: int | None,
+              base_head: Callable) -> torch.Tensor:
     with torch.no_grad():
-        base_logp = torch.log_softmax(head(h_base).float(), -1)
+        base_logp = torch.log_softmax(base_head(h_base).float(), -1)
     logq = torch.log_softmax(head(h).float(), -1)
     if top_k is None:
         p = base_logp.exp()
@@ -59,14 +60,17 @@ def _chunk_kl(head: Callable, h_base: torch.Tensor, h: torch.Tensor, top_k: int 
 
 
 def chunked_kl_to_base(head: Callable[[torch.Tensor], torch.Tensor], h_base: torch.Tensor, h: torch.Tensor,
-                       chunk: int = 1024, top_k: int | None = None) -> torch.Tensor:
-    """Sum over positions of KL(softmax(head(h_base)) || softmax(head(h))): how far the carry-on
-    moved the base's next-token distribution. Zero exactly when h == h_base (alpha = 0)."""
+                       chunk: int = 1024, top_k: int | None = None,
+                       base_head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Sum over positions of KL(softmax(base_head(h_base)) || softmax(head(h))): how far the carry-on
+    moved the base's next-token distribution. `base_head` (default `head`) is the base's own head when
+    `head` carries a correction. Zero exactly when h == h_base and the heads agree (alpha = 0)."""
+    base_head = head if base_head is None else base_head
     total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
         hb, hc = h_base[i : i + chunk], h[i : i + chunk]
         if torch.is_grad_enabled() and hc.requires_grad:
-            total = total + checkpoint(_chunk_kl, head, hb, hc, top_k, use_reentrant=False)
+            total = total + checkpoint(_chunk_kl, head, hb, hc, top_k, base_head, use_reentrant=False)
         else:
-            total = total + _chunk_kl(head, hb, hc, top_k)
+            total = total + _chunk_kl(head, hb, hc, top_k, base_head)
     return total

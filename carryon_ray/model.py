@@ -6,6 +6,7 @@ correction to the residual stream and reuses a head to predict the next token:
 
     dx      = g(s) * f(s)              f and sigmoid-gate g share one trunk; s = fused sources
     y(a)    = W_pred (x + a * dx)      a (alpha) >= 0 is chosen on validation data, never trained
+            [+ a * U V (x + a * dx)    an optional low-rank head correction, `head.rank`]
 
 Stages stack (boosting / growing in depth): x_t = x_{t-1} + a_t * dx_t(x_{t-1}); only the newest
 stage trains. With the inherited head and a = 0, y is the base's logits bit for bit.
@@ -420,6 +421,23 @@ class NewHead(nn.Module):
         return self.out(self.down(x.to(self.down.weight.dtype)))
 
 
+class HeadCorrection(nn.Module):
+    """A low-rank correction of the inherited head, U (V x), added to W x scaled by alpha.
+
+    W x only reaches logits in W's column space (rank <= hidden size, far below the vocabulary);
+    whatever the carry-on adds to the residual stream stays there. U V adds r directions of its
+    own. U starts at zero, so training begins from the carry-on alone (as LoRA's B does)."""
+
+    def __init__(self, d_res: int, rank: int, vocab: int):
+        super().__init__()
+        self.down = nn.Linear(d_res, rank, bias=False)
+        self.up = nn.Linear(rank, vocab, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return self.up(self.down(x.to(self.down.weight.dtype)))
+
+
 # ---------------------------------------------------------------------------------------------
 # The carry-on.
 # ---------------------------------------------------------------------------------------------
@@ -454,6 +472,7 @@ class CarryOn(nn.Module):
             self.head = InheritedHead(head_weight, head_bias)
         else:
             self.head = NewHead(self.d_res, head.bottleneck, vocab_size)
+        self.correction = HeadCorrection(self.d_res, head.rank, vocab_size) if head.rank else None
         self.freeze_earlier_stages()
         self._number_attention_layers()
 
@@ -480,6 +499,8 @@ class CarryOn(nn.Module):
                     p.requires_grad_(True)
         if isinstance(self.head, NewHead):
             self.head.requires_grad_(True)
+        if self.correction is not None:  # the head's correction serves every stage: it keeps training
+            self.correction.requires_grad_(True)
 
     def grow(self, alpha: float = 0.1) -> None:
         """Append a new stage (boosting): train it with everything before it frozen."""
@@ -531,8 +552,23 @@ class CarryOn(nn.Module):
             a = a.to(dx)[:, None, None]
         return x + a * dx
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)
+    def logits(self, x: torch.Tensor, alpha=None) -> torch.Tensor:
+        """Vocabulary logits of the residual stream x [..., D]: W x, plus alpha * U (V x) with a head
+        correction. `alpha` (default: the last stage's) must be the one x was formed with; a number
+        or a per-row tensor [B]. At alpha = 0 the result is W x exactly (the correction is skipped
+        for a number, multiplied by an exact zero for a row)."""
+        y = self.head(x)
+        if self.correction is None:
+            return y
+        a = self.alphas[-1] if alpha is None else alpha
+        if not isinstance(a, torch.Tensor):
+            if a == 0:
+                return y
+            a = torch.tensor(float(a))
+        a = a.to(device=y.device, dtype=torch.float32)
+        if a.dim() == 1:  # one alpha per row of x [B, ..., D]
+            a = a.view(-1, *([1] * (y.dim() - 1)))
+        return y + (a * self.correction(x).float()).to(y.dtype)
 
     # -- mixture of experts ------------------------------------------------------------------
     def moe_layers(self, stage: int = -1) -> list[MoE]:

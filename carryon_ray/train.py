@@ -159,7 +159,8 @@ def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, 
         h_r, y_r = select_targets(x, replay_labels)
         hb_r, _ = select_targets(sources[0][0].to(x.dtype), replay_labels)
         n_kl = y_r.numel()
-        kl = chunked_kl_to_base(carryon.logits, hb_r, h_r, chunk, kl_top_k) / max(n_kl, 1)
+        kl = chunked_kl_to_base(carryon.logits, hb_r, h_r, chunk, kl_top_k,
+                                base_head=lambda h: carryon.logits(h, 0.0)) / max(n_kl, 1)
         loss = ce + kl_weight * kl
     if carryon.arch.experts:
         loss = loss + carryon.arch.balance_weight * balance
@@ -221,7 +222,7 @@ def evaluate(carryon: CarryOn, batches_: Iterable[tuple[list, torch.Tensor]], al
         hd, _ = select_targets(dx, labels)
         count += y.numel()
         for a in alphas:
-            sums[a] += float(chunked_cross_entropy(carryon.logits, hx + a * hd, y, chunk))
+            sums[a] += float(chunked_cross_entropy(lambda h: carryon.logits(h, a), hx + a * hd, y, chunk))
     return {a: s / max(count, 1) for a, s in sums.items()}
 
 

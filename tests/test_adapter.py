@@ -9,7 +9,8 @@ from carryon_ray.adapter import AdapterError, load_adapter, save_adapter
 from carryon_ray.base import FrozenBase
 from carryon_ray.config import BaseModelConfig, BridgeConfig
 from carryon_ray.embedding import calibrate_bridges
-from carryon_ray.generation import CarryOnModel
+from carryon_ray.bridge import Bridge
+from carryon_ray.generation import CarryOnModel, generate_mixed
 from conftest import make_tiny_base
 from test_invariants import batch, random_carryon
 
@@ -118,3 +119,32 @@ def test_a_version_1_adapter_still_loads(adapter, tiny_base):
     (path / "adapter_config.json").write_text(json.dumps(old))
     with pytest.raises(AdapterError, match="version 3 is not supported.*upgrade carryon-ray"):
         CarryOnModel.from_pretrained(tiny_base, path)
+
+
+def test_a_head_correction_round_trips_and_serves_per_row_alpha(tmp_path, tiny_base):
+    """head.rank travels in the adapter config and weights; the decode engine (rows of one adapter at
+    different alphas in one batch) gives what full recomputation gives, and alpha 0 the base's tokens."""
+    m = random_carryon(tiny_base, "mlp", head_rank=4)
+    torch.nn.init.normal_(m.correction.up.weight, std=1.0)  # strong enough to change greedy tokens
+    m.set_alpha(0.5)
+    path = save_adapter(tmp_path / "ad", m, [[Bridge(8), Bridge(8)]], [0], [tiny_base.fingerprint().to_dict()], "tiny")
+    assert json.loads((path / "adapter_config.json").read_text())["head"] == {"kind": "inherited", "rank": 4}
+    assert "rank-4 correction" in (path / "README.md").read_text()
+    loaded = CarryOnModel.from_pretrained(tiny_base, path)
+    ids, mask = batch(tiny_base.tokenizer)
+    assert torch.equal(loaded.logits(ids, mask), CarryOnModel([tiny_base], m, [[Bridge(8), Bridge(8)]], [0]).logits(ids, mask))
+    assert torch.equal(loaded.logits(ids, mask, alpha=0.0), tiny_base.logits(ids, mask))
+    prompt = tiny_base.tokenizer("Once upon a time")["input_ids"]
+
+    def recompute(alpha, n=6):
+        seq = list(prompt)
+        for _ in range(n):
+            seq.append(int(loaded.logits(torch.tensor([seq]), alpha=alpha)[0, -1].argmax()))
+        return seq[len(prompt):]
+
+    # one batch, one adapter, two alphas: the engine projects the group with per-row alphas
+    got = generate_mixed([tiny_base], [prompt, prompt], [loaded.adapter] * 2, 6, alphas=[0.0, 0.5], stop_at_eos=False)
+    assert got[1] == recompute(0.5) and got[0] == recompute(0.0)
+    assert got[0] == CarryOnModel([tiny_base]).generate([prompt], 6, stop_at_eos=False)[0]
+    assert got[0] != got[1]
+

@@ -69,3 +69,9 @@ def test_example_configs_validate():
     assert configs
     for p in configs:
         load_config(p)
+
+
+def test_head_rank_needs_the_inherited_head():
+    assert validate_config({"data": {"train": "x.jsonl"}, "head": {"rank": 8}}).head.rank == 8
+    with pytest.raises(ConfigError, match="head.rank"):
+        validate_config({"data": {"train": "x.jsonl"}, "head": {"kind": "new", "rank": 8}})

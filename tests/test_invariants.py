@@ -12,9 +12,9 @@ from conftest import make_config
 PROMPTS = ["Question: Tom has 3 apples and buys 4 more. How many apples?\nAnswer:", "The capital of France is"]
 
 
-def random_carryon(base, kind: str, shallow=(0,), gate=True, fusion="average") -> CarryOn:
+def random_carryon(base, kind: str, shallow=(0,), gate=True, fusion="average", head_rank=0) -> CarryOn:
     cfg = make_config(carryon={"kind": kind, "width": 32, "heads": 4, "kv_heads": 2, "gate": gate},
-                      layers={"shallow": list(shallow), "fusion": fusion})
+                      layers={"shallow": list(shallow), "fusion": fusion}, head={"rank": head_rank})
     torch.manual_seed(1)
     m = CarryOn(cfg.carryon, cfg.head, [[base.hidden_size] * (1 + len(shallow))], base.vocab_size,
                 cfg.layers.fusion, base.head_weight, base.head_bias)
@@ -41,6 +41,26 @@ def test_alpha_zero_reproduces_base_logits(request, which, kind, bits):
     assert torch.equal(out, ref)
     # ... and the carry-on really acts when alpha > 0.
     assert not torch.equal(model.logits(ids, mask, alpha=1.0), ref)
+
+
+@pytest.mark.parametrize("which", ["tiny_base", "smol_bf16"])
+def test_a_head_correction_keeps_alpha_zero_exact(request, which):
+    """head.rank adds alpha * U V x to the base's logits: at alpha = 0 (a number, or a zero in a per-row
+    alpha tensor) the logits are still the base's bit for bit; at alpha > 0 the correction acts."""
+    base = request.getfixturevalue(which)
+    ids, mask = batch(base.tokenizer)
+    m = random_carryon(base, "mlp", head_rank=4)
+    model = CarryOnModel([base], m, Bridge(8), shallow=[0])
+    ref = base.logits(ids, mask)
+    assert torch.equal(model.logits(ids, mask, alpha=0.0), ref)
+    states, _ = base.hidden_states(ids, mask)
+    x = states[0]
+    with torch.no_grad():
+        per_row = m.logits(x, torch.tensor([0.0, 1.0]))
+    assert torch.equal(per_row[0], ref[0]) and not torch.equal(per_row[1], ref[1])
+    corrected = model.logits(ids, mask, alpha=1.0)
+    m.correction = None  # the same carry-on without its head correction
+    assert not torch.equal(model.logits(ids, mask, alpha=1.0), corrected)
 
 
 @pytest.mark.parametrize("fusion", ["average", "projection"])

@@ -110,6 +110,34 @@ def test_kl_to_base_is_exactly_zero_at_alpha_zero():
     assert 0 < float(chunked_kl_to_base(m.logits, hb, h, chunk=5, top_k=8)) < 10 * float(kl)
 
 
+def test_a_head_correction_trains_and_its_kl_is_to_the_base_head():
+    """With head.rank the replay KL compares to the base's own head W x (not W x + U V x), so it is
+    exactly zero at alpha = 0 even once the correction has learned something; a step trains U and V."""
+    from carryon_ray.loss import chunked_kl_to_base, select_targets
+    from carryon_ray.model import CarryOn
+    from carryon_ray.train import evaluate, make_optimizer, train_step
+
+    torch.manual_seed(0)
+    D, V = 32, 50
+    cfg = make_config(carryon={"kind": "mlp", "width": 16, "gate": True}, head={"rank": 4})
+    m = CarryOn(cfg.carryon, cfg.head, [[D]], V, "average", torch.randn(V, D), None, 1.0)
+    sources, labels = [[torch.randn(4, 9, D)]], torch.randint(0, V, (4, 9))
+    before = m.correction.up.weight.detach().clone()
+    assert not before.any()  # U starts at zero: the first forward is the carry-on alone
+    opt, sched = make_optimizer(m, cfg, 4)
+    for _ in range(2):
+        out = train_step(m, opt, sched, sources, labels, replay=torch.tensor([False, False, True, True]))
+    assert out["kl"] > 0 and m.correction.up.weight.abs().sum() > 0
+    m.set_alpha(0.0)
+    h, _ = select_targets(m(sources), labels)
+    hb, y = select_targets(sources[0][0], labels)
+    assert float(chunked_kl_to_base(m.logits, hb, h, base_head=lambda t: m.logits(t, 0.0))) == 0.0
+    # evaluate scores each alpha with the correction at that alpha: alpha 0 is the base's loss
+    base_ce = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hb, m.head.weight), y)
+    scores = evaluate(m, [(sources, labels)], [0.0, 1.0])
+    assert scores[0.0] == pytest.approx(float(base_ce), rel=1e-6) and scores[1.0] != scores[0.0]
+
+
 def test_replay_rows_train_against_the_base_and_are_counted():
     from carryon_ray.train import gate_mean, train_step
 
