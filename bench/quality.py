@@ -40,24 +40,30 @@ from carryon_ray.loss import IGNORE  # noqa: E402
 from carryon_ray.train import AlphaSearch, build_carryon, evaluate, make_optimizer, train_step  # noqa: E402
 
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
+TRIAL_ALPHAS = [0.0, 0.5, 1.0, 2.0]  # a search trial is ranked on the paper's {a/2, a, 2a} (a = 1) and the base
 
 # What each carry-on configuration changes (the levers); all gated, inherited head.
 CONFIGS = {
-    "mlp256": {"carryon": {"kind": "mlp", "width": 256}, "lr": 3e-3, "shallow": False},
-    "mlp256_shallow0": {"carryon": {"kind": "mlp", "width": 256}, "lr": 3e-3, "shallow": True},
-    "mlp1024_lr1e-2": {"carryon": {"kind": "mlp", "width": 1024}, "lr": 1e-2, "shallow": False},
-    "mlp1024_shallow0_lr1e-2": {"carryon": {"kind": "mlp", "width": 1024}, "lr": 1e-2, "shallow": True},
+    "mlp256": {"carryon": {"kind": "mlp", "width": 256}, "lr": 3e-3, "shallow": []},
+    "mlp256_shallow0": {"carryon": {"kind": "mlp", "width": 256}, "lr": 3e-3, "shallow": [0]},
+    "mlp1024_lr1e-2": {"carryon": {"kind": "mlp", "width": 1024}, "lr": 1e-2, "shallow": []},
+    "mlp1024_shallow0_lr1e-2": {"carryon": {"kind": "mlp", "width": 1024}, "lr": 1e-2, "shallow": [0]},
     "transformer2x128_shallow0": {"carryon": {"kind": "transformer", "width": 128, "layers": 2, "heads": 4,
-                                              "kv_heads": 2}, "lr": 3e-3, "shallow": True},
+                                              "kv_heads": 2}, "lr": 3e-3, "shallow": [0]},
+    # The layer `carryon probe` ranks highest on GSM8K (16; docs/benchmarks.md "Layer probe"), fused by
+    # a learned projection (its scale differs from the final state's), alone and with the transformer.
+    "mlp256_tap16": {"carryon": {"kind": "mlp", "width": 256}, "lr": 3e-3, "shallow": [16], "fusion": "projection"},
+    "transformer2x128_tap16": {"carryon": {"kind": "transformer", "width": 128, "layers": 2, "heads": 4,
+                                           "kv_heads": 2}, "lr": 3e-3, "shallow": [16], "fusion": "projection"},
     # A low-rank correction of the inherited head, scaled by alpha (head.rank): logits the frozen
     # head cannot reach (W has rank <= 576 over a 49,152-token vocabulary).
-    "mlp256_head8": {"carryon": {"kind": "mlp", "width": 256}, "head": {"rank": 8}, "lr": 3e-3, "shallow": False},
-    "mlp256_head32": {"carryon": {"kind": "mlp", "width": 256}, "head": {"rank": 32}, "lr": 3e-3, "shallow": False},
+    "mlp256_head8": {"carryon": {"kind": "mlp", "width": 256}, "head": {"rank": 8}, "lr": 3e-3, "shallow": []},
+    "mlp256_head32": {"carryon": {"kind": "mlp", "width": 256}, "head": {"rank": 32}, "lr": 3e-3, "shallow": []},
 }
 
 
-def embed(base: FrozenBase, examples, shallow: bool, batch: int = 16):
-    """Per example: [deep] or [deep, layer 0] states at its length. Batches hold examples of similar
+def embed(base: FrozenBase, examples, taps: list[int], batch: int = 16):
+    """Per example: [deep, *taps] states at its length (one forward gives every tap). Batches hold examples of similar
     length (sorted), so the forward pass spends little on padding, as the job's ingest does."""
     out: list = [None] * len(examples)
     pad = base.tokenizer.pad_token_id
@@ -66,7 +72,7 @@ def embed(base: FrozenBase, examples, shallow: bool, batch: int = 16):
         idx = order[k : k + batch]
         b = collate([examples[i] for i in idx], pad)
         with torch.inference_mode():
-            states, _ = base.hidden_states(b["input_ids"], b["attention_mask"], [0] if shallow else [])
+            states, _ = base.hidden_states(b["input_ids"], b["attention_mask"], taps)
         for j, i in enumerate(idx):
             out[i] = [s[j, : len(examples[i].input_ids)].clone() for s in states]
     return out
@@ -91,22 +97,22 @@ def eval_batches(states, examples, sources: int, bs: int = 16):
 
 
 def train_carryon(args, base, data, name: str, spec: dict, steps: int, replay: bool, seed: int = 0,
-                  general: bool = True):
+                  general: bool = True, alphas: list[float] = ALPHAS):
     """One carry-on configuration on the cached states; alpha chosen on validation data (guarded on
     the guard set when `replay`); the report set only measured. `general=False` (a search trial
     without replay) skips the general-domain sets: only validation ranks trials."""
     shallow = spec["shallow"]
-    sources = 2 if shallow else 1
+    sources = 1 + len(shallow)
     cfg = validate_config({
         "data": {"train": "bench", **({"replay": "wiki", "general_val": "wiki"} if replay else {})},
-        "layers": {"shallow": [0] if shallow else []},
+        "layers": {"shallow": shallow, "fusion": spec.get("fusion", "average")},
         "carryon": {**spec["carryon"], "gate": True},
         "head": spec.get("head", {}),
         "alpha": {"init": 1.0, "rule": "list", "candidates": ALPHAS[1:], "max": 2.0,
                   "general_guard": 0.0 if replay else None},
         "train": {"lr": spec["lr"], "batch_size": args.batch, "warmup_steps": 10, "seed": seed},
     })
-    key = "shallow" if shallow else "deep"
+    key = tuple(shallow)
     train_s, train_x = data[key]["train"]
     model = build_carryon(cfg, [base.hidden_size], base.vocab_size, base.head_weight, base.head_bias)
     opt, sched = make_optimizer(model, cfg, steps)
@@ -129,9 +135,9 @@ def train_carryon(args, base, data, name: str, spec: dict, steps: int, replay: b
         train_step(model, opt, sched, [xs], y, 1024, 1.0, mask, args.kl_weight)
     train_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    val = evaluate(model, data[key]["val_b"], ALPHAS)
+    val = evaluate(model, data[key]["val_b"], alphas)
     general = general or replay
-    guard = evaluate(model, data[key]["guard_b"], ALPHAS) if general else None
+    guard = evaluate(model, data[key]["guard_b"], alphas) if general else None
     search = AlphaSearch.from_config(cfg)
     alpha = search.choose(val, guard, guard[0.0]) if replay else min(val, key=val.get)
     select_seconds = time.perf_counter() - t0
@@ -185,17 +191,21 @@ def main() -> int:
     # The base forward, once per example, with and without the layer-0 shortcut (timed).
     # The report set is measurement only (LoRA's evaluation is outside its budget too): its forward
     # is timed apart and not charged to the carry-on's budget.
-    data, seconds = {"deep": {}, "shallow": {}}, {}
+    configs = args.configs.split(",")
+    taps = sorted({k for n in configs for k in CONFIGS[n]["shallow"]})
+    keys = {()} | {tuple(CONFIGS[n]["shallow"]) for n in configs}
+    data, seconds = {k: {} for k in keys}, {}
     for name, exs in sets.items():
         t0 = time.perf_counter()
-        states = embed(base, exs, shallow=True)
+        states = embed(base, exs, taps)
         seconds[name] = time.perf_counter() - t0
-        data["shallow"][name] = (states, exs)
-        data["deep"][name] = ([s[:1] for s in states], exs)
+        for k in keys:  # views: [deep, the config's taps]
+            pick = [0] + [1 + taps.index(layer) for layer in k]
+            data[k][name] = ([[s[j] for j in pick] for s in states], exs)
     embed_seconds = sum(v for k, v in seconds.items() if k != "report")
-    for key, n in (("deep", 1), ("shallow", 2)):
+    for key in keys:
         for name in ("val", "guard", "report"):
-            data[key][f"{name}_b"] = eval_batches(*data[key][name], n)
+            data[key][f"{name}_b"] = eval_batches(*data[key][name], 1 + len(key))
     res: dict = {"protocol": {k: v for k, v in vars(args).items() if k not in ("out", "template")},
                  "embed_seconds": round(embed_seconds, 1),
                  "embed_seconds_per_set": {k: round(v, 1) for k, v in seconds.items()}}
@@ -210,7 +220,7 @@ def main() -> int:
     print("lora", json.dumps(lo), flush=True)
     # (a) equal steps: each lever.
     res["equal_steps"] = {}
-    for name in args.configs.split(","):
+    for name in configs:
         _, r = train_carryon(args, base, data, name, CONFIGS[name], args.steps, replay=False)
         r["gain_over_lora"] = round(r["gain"] / lo["gain"], 3)
         res["equal_steps"][name] = r
@@ -226,8 +236,9 @@ def main() -> int:
     spent = embed_seconds
     trials = {}
     probe_steps = max(1, args.steps // 4)
-    for name in args.configs.split(","):
-        _, r = train_carryon(args, base, data, name, CONFIGS[name], probe_steps, replay=False, seed=1, general=False)
+    for name in configs:
+        _, r = train_carryon(args, base, data, name, CONFIGS[name], probe_steps, replay=False, seed=1, general=False,
+                             alphas=TRIAL_ALPHAS)
         trials[name] = r
         spent = embed_seconds + (time.perf_counter() - t_search)
     winner = max(trials, key=lambda n: trials[n]["gain"])
@@ -244,8 +255,7 @@ def main() -> int:
                                     "alpha_selection": final["alpha_selection_seconds"]},
                   "search_trials": {n: {k: t[k] for k in ("gain", "steps")} for n, t in trials.items()}})
     if em_rows:
-        final["exact_match"] = held_out_accuracy(args, CarryOnModel([base], model, shallow=[0] if
-                                                                    CONFIGS[winner]["shallow"] else []),
+        final["exact_match"] = held_out_accuracy(args, CarryOnModel([base], model, shallow=CONFIGS[winner]["shallow"]),
                                                  {"chosen": final["alpha"]}, em_rows)["chosen"]
         res["base_exact_match"] = held_out_accuracy(args, CarryOnModel([base]), {"base": None}, em_rows)["base"]
     res["equal_wall"] = final
