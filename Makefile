@@ -82,7 +82,8 @@ bench-full: $(STAMP)
 	$(BIN)/python bench/bridge.py
 	$(BIN)/python bench/serving.py --http
 	$(BIN)/python bench/data.py
-	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/quality.py --configs mlp256,mlp256_tap16,transformer2x128_tap16 --em-n 32 \
+	  --out bench/results/quality-full.json
 	$(BIN)/python bench/replay_kl.py
 	$(BIN)/python bench/paper_features.py
 	$(BIN)/python bench/demo.py
