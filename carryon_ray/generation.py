@@ -453,7 +453,6 @@ class Engine:
         for i, a in enumerate(adapters):
             if a is not None:
                 groups.setdefault(id(a), []).append(i)
-        own_head = torch.ones(B, dtype=torch.bool)
         head_groups = []  # (adapter, its rows, their alphas) projected by the adapter's own logits
         for rows in groups.values():
             a = adapters[rows[0]]
@@ -473,13 +472,13 @@ class Engine:
             out[r] = res.to(out.dtype)
             if not (isinstance(a.carryon.head, InheritedHead) and a.carryon.head.weight is base.head_weight
                     and a.carryon.correction is None):
-                own_head[rows] = False  # projected by the adapter's own head (and correction) below
-                head_groups.append((a, rows, alpha))
+                head_groups.append((a, rows, alpha))  # its own head (and correction), below
         if not want:
             return
         w = torch.tensor(want, device=device)
         logits = torch.empty(len(want), base.vocab_size, dtype=torch.float32)
-        shared = [j for j, i in enumerate(want) if own_head[i]]
+        own = {i for _, rows, _ in head_groups for i in rows}
+        shared = [j for j, i in enumerate(want) if i not in own]
         if shared:
             logits[shared] = F.linear(out[w[shared]].to(base.head_weight.dtype), base.head_weight,
                                       base.head_bias).float().cpu()
