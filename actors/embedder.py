@@ -24,9 +24,11 @@ def _load_bases(base_cfgs: list[dict]) -> list[FrozenBase]:
     return [FrozenBase.load(BaseModelConfig(**c)) for c in base_cfgs]
 
 
-def calibrate(base_cfgs: list[dict], bridge_cfg: dict, shallow: list[int], rows: list[dict]) -> Calibration:
-    """Fit the bridges on token `rows`; the Calibration every other process is built from."""
-    return fit(_load_bases(base_cfgs), BridgeConfig(**bridge_cfg), shallow, rows)
+def calibrate(base_cfgs: list[dict], bridge_cfg: dict, shallow: list[int], rows: list[dict],
+              tap_spec: tuple[int, int | None] = (0, None)) -> Calibration:
+    """Fit the bridges on token `rows`; the Calibration every other process is built from (which
+    state is the deep source: `tap_spec`, see carryon_ray.embedding.calibrate)."""
+    return fit(_load_bases(base_cfgs), BridgeConfig(**bridge_cfg), shallow, rows, tuple(tap_spec))
 
 
 class EmbeddingProducer:
@@ -42,13 +44,13 @@ class EmbeddingProducer:
         self.bases = _load_bases([base_cfgs[i] for i in self.indices])
         bridges = calibration.bridges()
         self.bridges = [bridges[i] for i in self.indices]
-        self.shallow, self.last = calibration.shallow, last
+        self.shallow, self.tap, self.last = calibration.shallow, calibration.tap, last
         import ray
 
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def __call__(self, batch: dict) -> dict:
-        mine = embed_rows(self.bases, self.bridges, batch, self.shallow, self.indices, self.node)
+        mine = embed_rows(self.bases, self.bridges, batch, self.shallow, self.indices, self.node, self.tap)
         seconds = mine[ROW_SECONDS] + np.asarray(batch.get(ROW_SECONDS, 0.0))  # time of earlier pools too
         if ROW_NODES in batch:
             mine[ROW_NODES] = np.array([f"{prev},{self.node}" for prev in batch[ROW_NODES]], dtype=object)

@@ -1,5 +1,5 @@
-"""Convergence of the paper's variants on SmolLM2 (issue 6): recycled blocks vs random init, and
-two bases vs one (paper figure 3).
+"""Convergence of the paper's variants on SmolLM2 (issue 6): the recycled-top carry-on vs a random
+transformer, and two bases vs one (paper figure 3).
 
 Every run is the in-process trainer (`fit_in_process`: base forward once, then the carry-on
 epochs on cached states) on the same GSM8K rows (the paper's Question/Answer template, loss on
@@ -8,8 +8,8 @@ chosen alpha is recorded after every epoch.
 
 - transformer_random: a 2-block transformer carry-on shaped like SmolLM2's blocks (width 576,
                       9 heads, 3 KV heads, SwiGLU 1536), random initialisation, all weights train.
-- transformer_recycled: the same shape, blocks copied from SmolLM2's top 2 (frozen), trained through
-                      rank-8 deltas W + B A (folded at save).
+- recycled_top2:      carryon.kind: recycled, SmolLM2's own top 2 blocks (frozen) with rank-8 deltas,
+                      reading the cached state entering block 28 (bench/quality.py compares depths).
 - mlp_one_base:       the paper's tiny MLP carry-on (width 64) on SmolLM2 alone.
 - mlp_two_bases:      the same carry-on fed SmolLM2 plus a second base with the same tokenizer,
                       fused by learned projection (default: SmolLM2 in bf16; --second random gives
@@ -99,8 +99,7 @@ def main() -> None:
             "name": random_sibling(Path(tmp) / "sibling"), "dtype": "float32"}
         runs = {
             "transformer_random": lambda: run("transformer_random", args, shape),
-            "transformer_recycled": lambda: run("transformer_recycled", args,
-                                                {"kind": "transformer", "recycle": 2, "recycle_rank": 8}),
+            "recycled_top2": lambda: run("recycled_top2", args, {"kind": "recycled", "depth": 2, "rank": 8}),
             "mlp_one_base": lambda: run("mlp_one_base", args, {"kind": "mlp", "width": 64}, (), "projection"),
             "mlp_two_bases": lambda: run("mlp_two_bases", args, {"kind": "mlp", "width": 64}, [second], "projection"),
         }

@@ -194,7 +194,7 @@ def run_lora(args, base_dir: str, data, tok, em_rows) -> dict:
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     base_val, base_gen = hf_loss(model, data["val"][1]), hf_loss(model, data["general"][1])
     model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-                                             target_modules=["q_proj", "v_proj"]))
+                                             target_modules=getattr(args, "lora_targets", ["q_proj", "v_proj"])))
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lora_lr)
     rng = random.Random(0)

@@ -57,10 +57,11 @@ def save_adapter(
     base_name: str,
     training: dict | None = None,
 ) -> Path:
-    """Write the adapter directory (config, weights, model card); returns its path."""
+    """Write the adapter directory (config, weights, model card); returns its path. A recycled-top
+    carry-on writes its deltas (A, B) and alpha only; the blocks they adapt are the base's."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fold_deltas(carryon)  # recycled blocks ship as plain weights W + B A: serving needs no base blocks
+    fold_deltas(carryon)  # growing's deltas on earlier stages ship folded into plain weights
     tensors = {k: v.detach().cpu().contiguous() for k, v in carryon.state_dict().items()}
     tensors.update({k: v.detach().cpu().contiguous() for k, v in bridges_state(bridges).items()})
     save_file(tensors, str(out / WEIGHTS), metadata={"format": FORMAT})
@@ -86,6 +87,9 @@ def save_adapter(
         "training": training or {},
         "weights_sha256": _sha256(out / WEIGHTS),
     }
+    if carryon.arch.kind == "recycled":  # which of the base's blocks the deltas belong to
+        config["num_layers"] = carryon.num_layers
+        config["tap"] = carryon.first
     (out / CONFIG).write_text(json.dumps(config, indent=2, default=str))
     (out / CARD).write_text(model_card(config))
     return out
@@ -96,14 +100,21 @@ def model_card(config: dict) -> str:
     t = config.get("training") or {}
     arch = config["carryon"]
     base = config["base_model_name_or_path"]
+    if arch["kind"] == "recycled":
+        what = ("A recycled-top carry-on (carryon-ray): the base's own top blocks with low-rank deltas "
+                "W + alpha * B A, trained on the cached state entering the first of them. With alpha = 0 the "
+                "output is the base's own.")
+        shape = (f"recycled: top {arch['depth']} blocks ({config['tap']}..{config['num_layers'] - 1}, reading the "
+                 f"state entering block {config['tap']}), rank-{arch['rank']} deltas on {', '.join(arch['targets'])}")
+    else:
+        what = ("A carry-on (GPT Carry-On, arXiv 2504.07513): a small network trained on the frozen base's final "
+                "hidden states, applied as y = W (x + alpha * g * f). With alpha = 0 the output is the base's own.")
+        shape = f"{arch['kind']}, width {arch['width']}, {arch.get('stages', 1)} stage(s)"
     lines = ["---", "library_name: carryon-ray", f"base_model: {base}", "tags: [carryon, adapter, carry-on]", "---",
-             "", f"# Carry-on adapter for `{base}`", "",
-             "A carry-on (GPT Carry-On, arXiv 2504.07513): a small network trained on the frozen base's final "
-             "hidden states, applied as y = W (x + alpha * g * f). With alpha = 0 the output is the base's own.", "",
+             "", f"# Carry-on adapter for `{base}`", "", what, "",
              "| | |", "|---|---|",
              f"| base | `{base}` ({len(config['fingerprints'])} base(s), checked by fingerprint at load) |",
-             f"| carry-on | {arch['kind']}, width {arch['width']}, {arch.get('stages', 1)} stage(s), "
-             f"{config.get('trainable_params', 0):,} parameters |",
+             f"| carry-on | {shape}, {config.get('trainable_params', 0):,} parameters |",
              f"| head | {config['head']['kind']}"
              + (f", rank-{config['head']['rank']} correction scaled by alpha" if config['head'].get('rank') else "")
              + " |",
@@ -175,6 +186,14 @@ def read_adapter_config(path: str | Path) -> dict:
     return cfg
 
 
+def verified_weights(path: Path, cfg: dict) -> Path:
+    """The adapter's weights file, after checking it against the SHA-256 its config records."""
+    weights = Path(path) / cfg["weights_file"]
+    if _sha256(weights) != cfg.get("weights_sha256"):
+        raise AdapterError(f"{weights}: checksum mismatch (truncated or modified file)")
+    return weights
+
+
 def load_adapter(
     path: str | Path,
     fingerprints: list[dict] | None = None,
@@ -196,15 +215,18 @@ def load_adapter(
             diffs = [f"{k}: adapter has {a.get(k)!r}, base has {v!r}" for k, v in b.items() if a.get(k) != v]
             if diffs:
                 raise AdapterError(f"{path}: base {i} is not the base this adapter was trained on ({'; '.join(diffs)})")
-    weights = path / cfg["weights_file"]
-    if _sha256(weights) != cfg.get("weights_sha256"):
-        raise AdapterError(f"{weights}: checksum mismatch (truncated or modified file)")
+    weights = verified_weights(path, cfg)
     try:
         tensors = load_file(str(weights))
         arch, head = ArchConfig(**cfg["arch"]), HeadConfig(**cfg["head"])
-        carryon = CarryOn(
-            arch, head, cfg["dims"], cfg["vocab_size"], cfg["fusion"], head_weight, head_bias, cfg["alphas"][-1]
-        )
+        if arch.kind == "recycled":
+            from .recycled import recycled_from_state
+
+            carryon = recycled_from_state(arch, head, cfg, tensors, head_weight, head_bias)
+        else:
+            carryon = CarryOn(
+                arch, head, cfg["dims"], cfg["vocab_size"], cfg["fusion"], head_weight, head_bias, cfg["alphas"][-1]
+            )
         bridges = bridges_from_state(cfg["bridge_bits"], cfg["dims"], tensors)
         state = {k: v for k, v in tensors.items() if not k.startswith("bridge.")}
         carryon.load_state_dict(state, strict=True)

@@ -165,6 +165,9 @@ class FrozenBase(nn.Module):
         self.num_layers = cfg.num_hidden_layers
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._fingerprint: Fingerprint | None = None
+        # Serving recycled-top adapters: the wrapped linear layers of the top blocks that each forward
+        # binds per-row deltas to ('<block>.<target>' -> recycled.DeltaLinear), installed on first use.
+        self.delta_sites: dict = {}
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
@@ -231,10 +234,7 @@ class FrozenBase(nn.Module):
     def prepare_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """A 4D bool mask ([B, 1, T, S], True = may attend) in the form this model's attention takes
         (sdpa: bool as is; eager and others: an additive float mask)."""
-        if getattr(self.model.config, "_attn_implementation", "sdpa") == "sdpa":
-            return mask
-        return torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(self.dtype).min)
+        return hf_mask(self.model.config, mask, self.dtype)
 
     # -- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -246,18 +246,23 @@ class FrozenBase(nn.Module):
         past_key_values=None,
         position_ids: torch.Tensor | None = None,
         use_cache: bool = False,
+        tap: int | None = None,
     ) -> tuple[list[torch.Tensor], object]:
         """Run the decoder stack (no vocabulary projection).
 
         Returns ([deep, shallow_1, ...], past_key_values): deep is the final hidden state after
         the final norm, shallow_k the output of block k (0 = token embeddings; k = num_layers is
         the deep state again, as Hugging Face reports the last block after the norm).
+        With `tap` = j the forward stops where block j begins and returns [the state entering block
+        j] (what a recycled-top carry-on reads): blocks j..L-1 never run.
         """
         for k in shallow:
             if k > self.num_layers:
                 raise ValueError(f"shallow layer {k} out of range: the base has {self.num_layers} blocks")
         if position_ids is None and attention_mask is not None and past_key_values is None:
             position_ids = positions_from_mask(attention_mask)
+        if tap is not None:
+            return [self._state_entering(tap, input_ids, attention_mask, position_ids)], None
         out = self.model.model(
             input_ids=input_ids.to(self.device),
             attention_mask=None if attention_mask is None else attention_mask.to(self.device),
@@ -270,6 +275,29 @@ class FrozenBase(nn.Module):
         states += [out.hidden_states[k] for k in shallow]
         return states, (out.past_key_values if use_cache else None)
 
+    def _state_entering(self, block: int, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        """The hidden state entering decoder block `block`, from the model's own forward stopped there
+        (a pre-hook on that block takes its input and ends the forward)."""
+        if not 0 <= block < self.num_layers:
+            raise ValueError(f"tap {block} out of range: the base has blocks 0..{self.num_layers - 1}")
+        seen: list[torch.Tensor] = []
+
+        def stop(_module, args, kwargs):
+            seen.append(args[0] if args else kwargs["hidden_states"])
+            raise _StopForward
+
+        handle = self.model.model.layers[block].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.model.model(input_ids=input_ids.to(self.device),
+                             attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                             position_ids=None if position_ids is None else position_ids.to(self.device),
+                             use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return seen[0]
+
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The base's own logits through its full HF forward (the reference the invariant uses).
@@ -280,6 +308,18 @@ class FrozenBase(nn.Module):
         pos = None if attention_mask is None else positions_from_mask(attention_mask).to(self.device)
         mask = None if attention_mask is None else attention_mask.to(self.device)
         return self.model(input_ids=input_ids.to(self.device), attention_mask=mask, position_ids=pos).logits
+
+
+def hf_mask(config, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D bool mask ([B, 1, T, S], True = may attend) as the attention of a model with this
+    Hugging Face `config` takes it (sdpa: bool as is; eager and others: additive float)."""
+    if getattr(config, "_attn_implementation", "sdpa") == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+class _StopForward(Exception):
+    """Raised by a forward pre-hook to end a base forward once the wanted state is seen."""
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -319,10 +359,11 @@ def load_head(cfg: BaseModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
-def load_top_blocks(cfg: BaseModelConfig, n: int) -> tuple[dict, list[dict[str, torch.Tensor]]]:
-    """(HF config dict, weights of the top `n` decoder blocks) read from the base's safetensors
-    files, keyed as inside a block (e.g. 'self_attn.q_proj.weight'): recycled carry-on blocks
-    start from them without loading the rest of the base."""
+def load_top_blocks(cfg: BaseModelConfig, n: int) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(checkpoint directory, HF config dict, weights) of the top `n` decoder blocks and the final
+    norm, read from the base's safetensors files and keyed as in a model of `n` blocks
+    ('layers.0.self_attn.q_proj.weight' is block L - n; 'norm.weight'): a recycled-top carry-on
+    starts from them without loading the rest of the base."""
     from safetensors import safe_open
 
     path, _ = resolve_base_path(cfg)
@@ -330,15 +371,16 @@ def load_top_blocks(cfg: BaseModelConfig, n: int) -> tuple[dict, list[dict[str, 
     if not (root / "config.json").is_file() or not sorted(root.glob("*.safetensors")):
         raise BaseLoadError(f"{path}: recycling blocks needs a safetensors checkpoint with config.json")
     conf = json.loads((root / "config.json").read_text())
-    total = int(conf["num_hidden_layers"])
-    if n > total:
-        raise BaseLoadError(f"carryon.recycle = {n} but the base has {total} blocks")
-    first = total - n
-    blocks: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    from .config import resolve_tap
+
+    first = resolve_tap(n, None, int(conf["num_hidden_layers"]))
+    weights: dict[str, torch.Tensor] = {}
     for f in sorted(root.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():
                 parts = key.split(".")
                 if key.startswith("model.layers.") and int(parts[2]) >= first:
-                    blocks[int(parts[2]) - first][".".join(parts[3:])] = fh.get_tensor(key).float()
-    return conf, blocks
+                    weights[".".join(["layers", str(int(parts[2]) - first), *parts[3:]])] = fh.get_tensor(key)
+                elif key == "model.norm.weight":
+                    weights["norm.weight"] = fh.get_tensor(key)
+    return str(root), conf, weights

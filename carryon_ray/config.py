@@ -61,6 +61,11 @@ class LayersConfig(Strict):
         "states (the paper); 'projection' = a learned linear map of each source into the "
         "carry-on input, averaged.",
     )
+    tap: int | None = Field(
+        None, ge=0, description="The layer whose state the carry-on reads as its main input. None = automatic: the "
+        "final state (after the final norm) for carry-ons on the final state, the state entering block "
+        "L - carryon.depth for carryon.kind: recycled (the only tap that kind can read; set it only to state it)."
+    )
 
     @model_validator(mode="after")
     def _no_duplicates(self) -> "LayersConfig":
@@ -88,9 +93,21 @@ class BridgeConfig(Strict):
 class ArchConfig(Strict):
     """The carry-on network: a trunk shared by the main function f and the gate g."""
 
-    kind: Literal["mlp", "transformer"] = Field(
+    kind: Literal["mlp", "transformer", "recycled"] = Field(
         "mlp", description="'mlp' = the paper's tiny D -> r -> D carry-on; 'transformer' = causal "
-        "transformer blocks (RoPE, grouped-query attention, SwiGLU, RMSNorm)."
+        "transformer blocks (RoPE, grouped-query attention, SwiGLU, RMSNorm), both on the final state; "
+        "'recycled' = the base's own top `depth` blocks (frozen) with trainable low-rank deltas W + alpha B A, "
+        "reading the cached state that enters block L - depth, then the base's final norm and head."
+    )
+    depth: int = Field(
+        4, gt=0, description="Recycled kind: how many of the base's top blocks the carry-on copies and adapts "
+        "(k; at most the base's block count). Larger k learns more at a higher step cost."
+    )
+    rank: int = Field(8, gt=0, description="Recycled kind: rank r of each low-rank delta B A (B starts at zero).")
+    targets: list[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Recycled kind: the linear layers of each copied block that get a delta (Hugging Face names, "
+        "as PEFT's target_modules)."
     )
     width: int = Field(64, gt=0, description="Hidden width r of the MLP, or d_model of the transformer.")
     layers: int = Field(2, gt=0, description="Transformer blocks (transformer kind only).")
@@ -129,13 +146,6 @@ class ArchConfig(Strict):
         "low-rank deltas (this rank) that train along with the new stage (limited global readjustment; the "
         "earlier weights themselves stay frozen, the deltas are folded in at save). 0 = earlier stages fully frozen."
     )
-    recycle: int = Field(
-        0, ge=0, description="Recycled blocks (FuseGPT): build the transformer carry-on from frozen copies of "
-        "the base's top N blocks, each linear layer W trained only through a low-rank delta W + B A, folded "
-        "into plain weights when the adapter is saved. Width, heads, kv_heads, mlp_hidden, rope_theta and "
-        "norm_eps are taken from the base; 0 = random initialisation."
-    )
-    recycle_rank: int = Field(8, gt=0, description="Rank of the recycled blocks' low-rank deltas.")
     gate: bool = Field(True, description="Use the sigmoid gate g (shares the trunk with f).")
     stages: int = Field(
         1, ge=1, description="Stacked carry-on stages (boosting / growing in depth). Training grows them one "
@@ -146,22 +156,29 @@ class ArchConfig(Strict):
     def used_fields(self) -> dict[str, Any]:
         """The fields this kind of carry-on actually uses (what an adapter's config records); loading
         fills the rest with defaults, so both round-trip to the same ArchConfig."""
+        if self.kind == "recycled":
+            return {"kind": self.kind, "depth": self.depth, "rank": self.rank, "targets": list(self.targets)}
         keep = ["kind", "width", "gate", "stages", "stage_lora_rank"]
         if self.kind == "transformer":
-            keep += ["layers", "heads", "rope_theta", "norm_eps", "attention", "experts", "recycle"]
+            keep += ["layers", "heads", "rope_theta", "norm_eps", "attention", "experts"]
             keep += ["mlp_hidden"] if self.mlp_hidden else ["mlp_ratio"]
             keep += ["kv_heads"] if self.attention == "gqa" else ["kv_rank", "q_rank", "rope_dim"]
             if self.experts:
                 keep += ["top_k", "shared_experts", "expert_ratio", "router_dropout", "balance_weight"]
-            if self.recycle:
-                keep += ["recycle_rank"]
         return {k: getattr(self, k) for k in keep}
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ArchConfig":
+        if self.kind == "recycled":
+            if self.experts or self.attention != "gqa" or self.stages > 1 or self.stage_lora_rank:
+                raise ValueError("carryon.kind: recycled adapts the base's own blocks: it takes no carryon.experts, "
+                                 "carryon.attention, carryon.stages or carryon.stage_lora_rank (leave them unset)")
+            if not self.targets or len(set(self.targets)) != len(self.targets):
+                raise ValueError(f"carryon.targets must name distinct linear layers, got {self.targets}")
+            return self
         if self.kind != "transformer":
-            if self.experts or self.attention != "gqa" or self.recycle:
-                raise ValueError("carryon.experts, carryon.attention and carryon.recycle need carryon.kind: transformer "
+            if self.experts or self.attention != "gqa":
+                raise ValueError("carryon.experts and carryon.attention need carryon.kind: transformer "
                                  "(the MoE feed-forward and latent attention live in transformer blocks)")
             return self
         if self.width % self.heads or (self.width // self.heads) % 2:
@@ -172,9 +189,6 @@ class ArchConfig(Strict):
             raise ValueError(f"carryon.rope_dim ({self.rope_dim}) must be even")
         if self.experts and self.top_k > self.experts:
             raise ValueError(f"carryon.top_k ({self.top_k}) exceeds carryon.experts ({self.experts})")
-        if self.recycle and (self.attention != "gqa" or self.experts or self.stages > 1):
-            raise ValueError("carryon.recycle copies the base's own blocks: it needs attention: gqa, experts: 0 "
-                             "and stages: 1")
         if not all(0 <= p < 1 for p in self.router_dropout):
             raise ValueError(f"carryon.router_dropout {self.router_dropout}: both values must be in [0, 1)")
         return self
@@ -501,6 +515,35 @@ class CarryOnConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _recycled(self) -> "CarryOnConfig":
+        """The recycled kind reads the state entering block L - depth and ends in the base's own norm and
+        head. Its defaults differ where the head-side ones would hurt it: the bridge ships that state exactly
+        (serving runs the blocks on the exact state, so training must see the same), and alpha starts at 1
+        (alpha scales the deltas, which start at zero: a small alpha only slows their learning)."""
+        if self.carryon.kind != "recycled":
+            if self.layers.tap is not None:
+                raise ValueError("layers.tap is the input of carryon.kind: recycled; carry-ons on the final state read "
+                                 "the final state (add shortcuts with layers.shallow); remove layers.tap")
+            return self
+        if self.head.kind != "inherited" or self.head.rank:
+            raise ValueError("carryon.kind: recycled ends in the base's own final norm and head: set head.kind: "
+                             "inherited and head.rank: 0")
+        if self.layers.shallow or len(self.extra_bases):
+            raise ValueError("carryon.kind: recycled reads one state of one base: remove layers.shallow and extra_bases")
+        if self.bridge.projection_dim is not None:
+            raise ValueError("carryon.kind: recycled feeds the base's blocks, which need the full state: remove "
+                             "bridge.projection_dim")
+        if "bits" not in self.bridge.model_fields_set:
+            self.bridge.bits = 0
+        if "init" not in self.alpha.model_fields_set:
+            self.alpha.init = 1.0
+        return self
+
+    def tap_spec(self) -> tuple[int, int | None]:
+        """(depth, requested tap) for the embedding side: depth 0 = the final state (head-side carry-ons)."""
+        return (self.carryon.depth, self.layers.tap) if self.carryon.kind == "recycled" else (0, None)
+
+    @model_validator(mode="after")
     def _cross_section(self) -> "CarryOnConfig":
         if self.alpha.general_guard is not None and not self.data.general_val:
             raise ValueError("alpha.general_guard needs data.general_val (the general-domain validation set it guards)")
@@ -512,6 +555,20 @@ class CarryOnConfig(Strict):
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the YAML."""
+
+
+def resolve_tap(depth: int, tap: int | None, num_layers: int) -> int | None:
+    """The layer whose state the carry-on reads, checked against the base: None = the final state
+    (depth 0), else L - depth, the state entering the first copied block."""
+    if not depth:
+        return None
+    if depth > num_layers:
+        raise ConfigError(f"carryon.depth: bad value {depth}; the base has {num_layers} blocks (use 1..{num_layers})")
+    if tap is not None and tap != num_layers - depth:
+        raise ConfigError(f"layers.tap: bad value {tap}; carryon.kind: recycled with carryon.depth {depth} on a base "
+                          f"of {num_layers} blocks reads the state entering block {num_layers - depth} "
+                          f"(set layers.tap: {num_layers - depth}, or leave it unset)")
+    return num_layers - depth
 
 
 def describe_error(err: dict[str, Any]) -> str:

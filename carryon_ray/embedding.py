@@ -26,7 +26,7 @@ import torch
 
 from .base import FrozenBase
 from .bridge import Bridges, bridges_from_state, bridges_state, fit_bridges
-from .config import BridgeConfig
+from .config import BridgeConfig, resolve_tap
 from .data import Example, order_key, pack_examples, sample_id
 from .loss import IGNORE
 
@@ -75,6 +75,7 @@ class Calibration:
     dtype: str  # the base's dtype name, e.g. "float32"
     shallow: list[int] = field(default_factory=list)
     source_map: list[int] | None = None  # a subset: which embedded sources it keeps (see `subset`)
+    tap: int | None = None  # the deep source: None = the final state; j = the state entering block j
 
     @property
     def base_dtype(self) -> torch.dtype:
@@ -101,7 +102,7 @@ class Calibration:
             if int(i) in keep:
                 tensors[f"bridge.{b}.{keep.index(int(i))}.{rest}"] = t
         return Calibration(self.bits, tensors, self.fingerprints, self.hidden_sizes, self.vocab_size, self.dtype,
-                           list(shallow), keep)
+                           list(shallow), keep, self.tap)
 
     def select(self, batch: "EncodedBatch") -> "EncodedBatch":
         """A batch embedded with every layer of the full calibration, keeping this subset's sources."""
@@ -121,13 +122,17 @@ class Calibration:
                    for brs, ds in zip(self.bridges(), self.dims) for br, d in zip(brs, ds))
 
 
-def calibrate(bases: list[FrozenBase], cfg: BridgeConfig, shallow: list[int], rows: list[dict]) -> Calibration:
-    """Fit the bridges (channel scales, optional PCA) on the real tokens of `rows` (token rows)."""
+def calibrate(bases: list[FrozenBase], cfg: BridgeConfig, shallow: list[int], rows: list[dict],
+              tap_spec: tuple[int, int | None] = (0, None)) -> Calibration:
+    """Fit the bridges (channel scales, optional PCA) on the real tokens of `rows` (token rows).
+    `tap_spec` is the config's (depth, tap) (CarryOnConfig.tap_spec): which state is the deep source,
+    checked here against the base's block count."""
     for b in bases[1:]:
         if b.fingerprint().tokenizer_sha != bases[0].fingerprint().tokenizer_sha:
             raise ValueError(f"base {b.name!r} does not share the tokenizer of {bases[0].name!r}; mixed bases must")
+    tap = resolve_tap(*tap_spec, bases[0].num_layers)
     batch = collate_rows(rows, bases[0].tokenizer.pad_token_id)
-    bridges = calibrate_bridges(bases, cfg, batch["input_ids"], batch["attention_mask"], shallow)
+    bridges = calibrate_bridges(bases, cfg, batch["input_ids"], batch["attention_mask"], shallow, tap)
     return Calibration(
         bits=cfg.bits,
         bridge_tensors={k: v.numpy() for k, v in bridges_state(bridges).items()},
@@ -136,18 +141,20 @@ def calibrate(bases: list[FrozenBase], cfg: BridgeConfig, shallow: list[int], ro
         vocab_size=bases[0].vocab_size,
         dtype=str(bases[0].dtype).replace("torch.", ""),
         shallow=list(shallow),
+        tap=tap,
     )
 
 
 def calibrate_bridges(
     bases: list[FrozenBase], cfg: BridgeConfig, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     shallow: list[int],
+    tap: int | None = None,
 ) -> Bridges:
     """Fit the bridges on the real tokens of one padded batch."""
     keep = attention_mask.bool()
     calib = []
     for base in bases:
-        states, _ = base.hidden_states(input_ids, attention_mask, shallow)
+        states, _ = base.hidden_states(input_ids, attention_mask, shallow, tap=tap)
         calib.append([s[keep.to(s.device)][: cfg.calibration_tokens].float().cpu() for s in states])
     return fit_bridges(cfg, calib)
 
@@ -239,14 +246,15 @@ def packed_layout(segments: list[list[int]], T: int) -> dict[str, torch.Tensor]:
 
 def embed_batch(
     bases: list[FrozenBase], bridges: Bridges, input_ids: torch.Tensor, attention_mask: torch.Tensor, shallow: list[int],
-    position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None, tap: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run every base on one padded token batch; return bridge-encoded sources (on CPU). Packed
-    batches pass their `position_ids` and 4D `attn_mask` (see `packed_layout`)."""
+    batches pass their `position_ids` and 4D `attn_mask` (see `packed_layout`); `tap` makes the
+    deep source the state entering that block (Calibration.tap)."""
     out: dict[str, torch.Tensor] = {}
     for b, base in enumerate(bases):
         mask = attention_mask if attn_mask is None else base.prepare_mask(attn_mask.to(base.device))
-        states, _ = base.hidden_states(input_ids, mask, shallow, position_ids=position_ids)
+        states, _ = base.hidden_states(input_ids, mask, shallow, position_ids=position_ids, tap=tap)
         for i, s in enumerate(states):
             for part, t in bridges[b][i].encode(s).items():
                 out[source_key(b, i, part)] = t.cpu()
@@ -254,7 +262,7 @@ def embed_batch(
 
 
 def embed_rows(bases: list[FrozenBase], bridges: Bridges, batch: dict, shallow: list[int],
-               base_ids: list[int] | None = None, node: str = "") -> dict[str, np.ndarray]:
+               base_ids: list[int] | None = None, node: str = "", tap: int | None = None) -> dict[str, np.ndarray]:
     """What an embedding producer does to a batch of token rows: collate, run the base(s), encode,
     split per sample. Returns embedding-row columns (codes named by the run's base index
     `base_ids[b]`, labels as bytes, id, replay flag, length, timing, node)."""
@@ -262,7 +270,7 @@ def embed_rows(bases: list[FrozenBase], bridges: Bridges, batch: dict, shallow: 
     base_ids = base_ids or list(range(len(bases)))
     padded = collate_rows(batch, bases[0].tokenizer.pad_token_id)
     enc = embed_batch(bases, bridges, padded["input_ids"], padded["attention_mask"], shallow,
-                      padded.get("position_ids"), padded.get("attn_mask"))
+                      padded.get("position_ids"), padded.get("attn_mask"), tap)
     # embed_batch numbers its bases from 0; name the columns by the run's base index.
     enc = {f"s{base_ids[int(k[1:k.index('_')])]}{k[k.index('_'):]}": v for k, v in enc.items()}
     lengths = padded["attention_mask"].sum(-1).tolist()

@@ -41,6 +41,7 @@ from .base import FrozenBase, positions_from_mask
 from .bridge import Bridge, Bridges
 from .config import BaseModelConfig
 from .model import CarryOn, InheritedHead
+from .recycled import RecycledTop, bind_rows, delta_sites, unbind
 
 # Below this temperature a row decodes greedily: logits / T overflows float32 long before T
 # reaches 0 (vLLM uses the same cut-off).
@@ -74,7 +75,23 @@ class Adapter:
         base = bases[0]
         carryon, bridges, cfg = load_adapter(path, [b.fingerprint().to_dict() for b in bases[:n]],
                                              base.head_weight, base.head_bias)
-        return cls(carryon.to(base.device), bridges, list(cfg["shallow"]), cfg)
+        return cls(carryon, bridges, list(cfg["shallow"]), cfg).attach(base)
+
+    def attach(self, base: FrozenBase) -> "Adapter":
+        """Place the carry-on on the base's device. A recycled-top adapter runs inside the base's forward,
+        in its dtype: the base's top blocks get the linear wrappers its deltas bind to (once per base;
+        nothing changes for rows of other adapters)."""
+        self.carryon = self.carryon.to(base.device)
+        if self.recycled:
+            c = self.carryon
+            for p in c.deltas.parameters():  # the deltas add to the base's activations in its dtype
+                p.data = p.data.to(base.dtype)
+            base.delta_sites.update(delta_sites(base.model.model.layers, c.first, list(c.arch.targets)))
+        return self
+
+    @property
+    def recycled(self) -> bool:
+        return isinstance(self.carryon, RecycledTop)
 
     @property
     def num_bases(self) -> int:
@@ -435,11 +452,26 @@ class Engine:
         adapters = [s.request.adapter for s in seqs]
         shallow = sorted({k for a in adapters if a is not None for k in a.shallow})
         n_bases = max([1] + [a.num_bases for a in adapters if a is not None])
+        # Rows of recycled-top adapters are adapted inside base 0's forward: their deltas bind to its top
+        # blocks for this forward (one gathered matmul per layer for all of them; other rows untouched).
+        groups: dict[int, list[int]] = {}
+        for i, a in enumerate(adapters):
+            if a is not None:
+                groups.setdefault(id(a), []).append(i)
+        inside = [(adapters[rows[0]].carryon, rows, [self._alpha(seqs[i]) for i in rows]) for rows in groups.values()
+                  if adapters[rows[0]].recycled]
         states = []
         for b in range(n_bases):  # every base once for the whole batch
             self.pools[b].bind(slots, starts, T)
-            st, _ = self.bases[b].hidden_states(ids.to(device), self.bases[b].prepare_mask(mask), shallow,
-                                                past_key_values=self.pools[b], position_ids=positions, use_cache=True)
+            if b == 0 and inside:
+                bind_rows(base.delta_sites, inside, device)
+            try:
+                st, _ = self.bases[b].hidden_states(ids.to(device), self.bases[b].prepare_mask(mask), shallow,
+                                                    past_key_values=self.pools[b], position_ids=positions,
+                                                    use_cache=True)
+            finally:
+                if b == 0 and inside:
+                    unbind(base.delta_sites)
             states.append(st)
         for s, f in zip(seqs, feeds):
             s.fed += len(f)
@@ -449,13 +481,11 @@ class Engine:
         out = x[torch.arange(B, device=device), last]  # each row's final state at its last fed token
         # Each adapter's rows through its carry-on (all of them: a transformer carry-on must see
         # every prompt token for its cache); rows whose head is the base's own share one projection.
-        groups: dict[int, list[int]] = {}
-        for i, a in enumerate(adapters):
-            if a is not None:
-                groups.setdefault(id(a), []).append(i)
         head_groups = []  # (adapter, its rows, their alphas) projected by the adapter's own logits
         for rows in groups.values():
             a = adapters[rows[0]]
+            if a.recycled:  # already adapted in the base's forward; the base's own head projects it
+                continue
             r = torch.tensor(rows, device=device)
             pick = [0] + [1 + shallow.index(k) for k in a.shallow]
             srcs = [[br.roundtrip(st[j][r]) for br, j in zip(brs, pick)] for brs, st in zip(a.bridges, states)]
@@ -464,7 +494,7 @@ class Engine:
                 pool = self.adapter_slots[id(a)].pool
                 pool.bind([seqs[i].adapter_slot for i in rows], starts[rows], T)
                 cache = pool
-            alpha = torch.tensor([a.alpha if seqs[i].request.alpha is None else seqs[i].request.alpha for i in rows])
+            alpha = torch.tensor([self._alpha(seqs[i]) for i in rows])
             group_span = int(starts[rows].max()) + T  # the group's own cache is only this long
             res = a.carryon(srcs, residual=x[r], positions=positions[r], cache=cache,
                             attn_mask=mask[r][..., :group_span], alpha=alpha)
@@ -489,6 +519,12 @@ class Engine:
                 r = torch.tensor([rows[k] for k in keep], device=device)
                 logits[[at[rows[k]] for k in keep]] = a.carryon.logits(out[r], alpha[keep]).float().cpu()
         self._sample([seqs[i] for i in want], logits, finished)
+
+    @staticmethod
+    def _alpha(seq: Sequence) -> float:
+        """The row's alpha: its request's, else its adapter's own."""
+        r = seq.request
+        return r.adapter.alpha if r.alpha is None else r.alpha
 
     # -- sampling -------------------------------------------------------------------------------
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, finished: list[Sequence]) -> None:
@@ -639,7 +675,7 @@ class CarryOnModel:
             if bridges is None or isinstance(bridges, Bridge):  # one bridge for every stream
                 one = bridges or Bridge(0)
                 bridges = [[one] * (1 + len(shallow)) for _ in range(len(carryon.dims))]
-            self.adapter = Adapter(carryon.to(bases[0].device), bridges, shallow, config or {})
+            self.adapter = Adapter(carryon, bridges, shallow, config or {}).attach(bases[0])
 
     @property
     def carryon(self) -> CarryOn | None:
@@ -690,6 +726,14 @@ class CarryOnModel:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         positions = positions_from_mask(mask).to(base.device)
         a = self.adapter
+        if a is not None and a.recycled:  # the deltas act inside the base's own forward
+            bind_rows(base.delta_sites, [(a.carryon, list(range(input_ids.shape[0])),
+                                          [a.alpha if alpha is None else alpha] * input_ids.shape[0])], base.device)
+            try:
+                x = base.hidden_states(input_ids, mask, [], position_ids=positions)[0][0]
+            finally:
+                unbind(base.delta_sites)
+            return F.linear(x, base.head_weight, base.head_bias)
         shallow = a.shallow if a else []
         states = [b.hidden_states(input_ids, mask, shallow, position_ids=positions)[0] for b in self.bases[: a.num_bases if a else 1]]
         x = states[0][0]

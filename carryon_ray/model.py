@@ -222,7 +222,8 @@ class Block(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Recycled blocks (FuseGPT): a frozen copy of a base block, trained through low-rank deltas.
+# Low-rank deltas on frozen weights (growing's optional LoRA phase on earlier stages).
+# (The recycled-top carry-on, the base's own top blocks with deltas, lives in recycled.py.)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -261,27 +262,6 @@ def add_deltas(module: nn.Module, rank: int) -> None:
             setattr(module, name, LowRankDelta(child.weight, rank, child.bias).to(child.weight.device))
         else:
             add_deltas(child, rank)
-
-
-def recycle_blocks(trunk: "TransformerTrunk", states: list[dict[str, torch.Tensor]], rank: int) -> None:
-    """Load Hugging Face Llama-style block weights (q/k/v/o, gate/up/down, the two norms) into the
-    trunk's blocks and wrap every linear layer in a LowRankDelta. The trunk's input map starts as
-    the identity when the widths agree, so the copied blocks first see the fused state itself."""
-    for block, st in zip(trunk.blocks, states):
-        dtype = block.attn.q.weight.dtype
-        weights = {
-            ("attn", "q"): st["self_attn.q_proj.weight"],
-            ("attn", "kv"): torch.cat([st["self_attn.k_proj.weight"], st["self_attn.v_proj.weight"]]),
-            ("attn", "o"): st["self_attn.o_proj.weight"],
-            ("mlp", "up"): torch.cat([st["mlp.gate_proj.weight"], st["mlp.up_proj.weight"]]),
-            ("mlp", "down"): st["mlp.down_proj.weight"],
-        }
-        for (parent, name), w in weights.items():
-            setattr(getattr(block, parent), name, LowRankDelta(w.to(dtype), rank))
-        block.norm1.weight.data = st["input_layernorm.weight"].to(dtype).clone()
-        block.norm2.weight.data = st["post_attention_layernorm.weight"].to(dtype).clone()
-    if trunk.inp.weight.shape[0] == trunk.inp.weight.shape[1]:
-        nn.init.eye_(trunk.inp.weight)
 
 
 def fold_deltas(module: nn.Module) -> None:
@@ -495,7 +475,7 @@ class CarryOn(nn.Module):
             for name, p in stage.named_parameters():
                 if getattr(p, "frozen_copy", False):  # copied weights train only through their deltas
                     p.requires_grad_(False)
-                elif name.endswith((".A", ".B")):  # low-rank deltas (recycling, growing's LoRA phase)
+                elif name.endswith((".A", ".B")):  # low-rank deltas (growing's LoRA phase)
                     p.requires_grad_(True)
         if isinstance(self.head, NewHead):
             self.head.requires_grad_(True)
@@ -551,6 +531,17 @@ class CarryOn(nn.Module):
         if isinstance(a, torch.Tensor) and a.dim() == 1:
             a = a.to(dx)[:, None, None]
         return x + a * dx
+
+    def states_at(self, sources, alphas: list[float], **kw):
+        """(alpha, x_{T-1} + alpha dx_T) for each candidate alpha, from one carry-on forward: alpha only
+        scales the last stage's dx, so validation scores every candidate without re-running it."""
+        x, dx = self.update(sources, **kw)
+        for a in alphas:
+            yield a, x + a * dx
+
+    def base_state(self, sources, positions=None, attn_mask=None) -> torch.Tensor:
+        """The base's own final state (the replay KL's reference): the deep source itself."""
+        return sources[0][0]
 
     def logits(self, x: torch.Tensor, alpha=None) -> torch.Tensor:
         """Vocabulary logits of the residual stream x [..., D]: W x, plus alpha * U (V x) with a head

@@ -419,14 +419,14 @@ def fit_in_process(cfg: CarryOnConfig, reporter: Reporter | None = None, progres
     report_padding(padding_share([len(r["input_ids"]) for r in rows], bs),
                    padding_share([len(e.input_ids) for e in unpacked], bs), len(rows), reporter)
     # -- calibrate, then embed once: the base forward runs once per sample ------------------------
-    calib = calibrate(bases, cfg.bridge, cfg.layers.shallow, rows[: calibration_rows(cfg)])
+    calib = calibrate(bases, cfg.bridge, cfg.layers.shallow, rows[: calibration_rows(cfg)], cfg.tap_spec())
     bridges, shallow, eb = calib.bridges(), cfg.layers.shallow, cfg.resources.embed_batch_size
     reporter.params({"bridge_bytes_per_token": f"{calib.bytes_per_token():.1f}"})
 
     def embedded(token_rows_: list[dict], what: str) -> dict:
         starts = range(0, len(token_rows_), eb)
         return concat_rows([embed_rows(bases, bridges, {k: [r[k] for r in token_rows_[i : i + eb]]
-                                                         for k in token_rows_[0]}, shallow)
+                                                         for k in token_rows_[0]}, shallow, tap=calib.tap)
                             for i in progress(starts, f"base forward ({what})", len(starts))])
 
     layout = part_layout(bridges, calib.dims, calib.base_dtype)

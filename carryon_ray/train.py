@@ -11,11 +11,10 @@ from typing import Iterable
 
 import torch
 
-from .base import load_top_blocks
 from .config import CarryOnConfig
 from .embedding import source_dims
 from .loss import IGNORE, chunked_cross_entropy, chunked_kl_to_base, select_targets
-from .model import CarryOn, add_deltas, recycle_blocks
+from .model import CarryOn, add_deltas
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -31,11 +30,11 @@ def build_carryon(
 ) -> CarryOn:
     """The carry-on of `cfg` with `stages` stages (default: all of cfg.carryon.stages)."""
     torch.manual_seed(cfg.train.seed)
+    if cfg.carryon.kind == "recycled":  # the base's own top blocks (read from its checkpoint) with deltas
+        from .recycled import build_recycled
+
+        return build_recycled(cfg, head_weight, head_bias, DTYPES[cfg.train.dtype])
     arch = cfg.carryon if stages is None else cfg.carryon.model_copy(update={"stages": stages})
-    blocks = None
-    if arch.recycle:  # the carry-on's blocks take the base's shape and start as its top blocks
-        conf, blocks = load_top_blocks(cfg.base, arch.recycle)
-        arch = recycled_arch(arch, conf)
     model = CarryOn(
         arch,
         cfg.head,
@@ -46,27 +45,11 @@ def build_carryon(
         head_bias,
         alpha=cfg.alpha.init,
     )
-    if blocks is not None:
-        recycle_blocks(model.stages[0].trunk, blocks, arch.recycle_rank)
     if arch.stage_lora_rank and arch.stages > 1:  # a resumed growing run: rebuild the deltas it had
         for stage in model.stages[:-1]:
             add_deltas(stage, arch.stage_lora_rank)
         model.freeze_earlier_stages()
     return model.to(DTYPES[cfg.train.dtype]) if cfg.head.kind == "new" else _cast_trainable(model, cfg)
-
-
-def recycled_arch(arch, conf: dict):
-    """The carry-on architecture that can hold copies of the base's blocks (Llama-style config)."""
-    heads = int(conf["num_attention_heads"])
-    if int(conf.get("head_dim") or conf["hidden_size"] // heads) * heads != int(conf["hidden_size"]):
-        raise ValueError("carryon.recycle: the base's head_dim x heads differs from its hidden size; "
-                         "its blocks do not fit a carry-on block")
-    return arch.model_copy(update={
-        "width": int(conf["hidden_size"]), "heads": heads, "kv_heads": int(conf.get("num_key_value_heads", heads)),
-        "mlp_hidden": int(conf["intermediate_size"]), "layers": arch.recycle,
-        "rope_theta": float(conf.get("rope_theta", (conf.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-        "norm_eps": float(conf.get("rms_norm_eps", 1e-6)),
-    })
 
 
 def grow_stage(model: CarryOn, cfg: CarryOnConfig) -> None:
@@ -157,7 +140,9 @@ def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, 
         n = y.numel()
         ce = chunked_cross_entropy(carryon.logits, h, y, chunk) / max(n, 1)
         h_r, y_r = select_targets(x, replay_labels)
-        hb_r, _ = select_targets(sources[0][0].to(x.dtype), replay_labels)
+        base_x = carryon.base_state(sources, positions=None if positions is None else positions.to(device),
+                                    attn_mask=None if attn_mask is None else attn_mask.to(device))
+        hb_r, _ = select_targets(base_x.to(x.dtype), replay_labels)
         n_kl = y_r.numel()
         kl = chunked_kl_to_base(carryon.logits, hb_r, h_r, chunk, kl_top_k,
                                 base_head=lambda h: carryon.logits(h, 0.0)) / max(n_kl, 1)
@@ -187,7 +172,7 @@ def gate_mean(carryon: CarryOn, batches_: Iterable[tuple[list, torch.Tensor]]) -
     """Mean of the last stage's gate sigmoid(g(s)) over scored tokens (None without a gate): how
     strongly the carry-on acts on a dataset. Compared between customization and general text."""
     stage = carryon.stages[-1]
-    if stage.g is None:
+    if getattr(stage, "g", None) is None:  # no gate (or a recycled carry-on: it has none)
         return None
     seen: list[torch.Tensor] = []
     hook = stage.g.register_forward_hook(lambda _m, _i, out: seen.append(torch.sigmoid(out.float())))
@@ -208,21 +193,16 @@ def gate_mean(carryon: CarryOn, batches_: Iterable[tuple[list, torch.Tensor]]) -
 
 @torch.no_grad()
 def evaluate(carryon: CarryOn, batches_: Iterable[tuple[list, torch.Tensor]], alphas: list[float], chunk: int = 1024) -> dict[float, float]:
-    """Mean token cross entropy at each alpha, from one carry-on forward per batch.
-
-    alpha only scales the last stage's dx, so x_prev + a * dx is scored for every candidate
-    without re-running the carry-on.
-    """
+    """Mean token cross entropy at each alpha (see `states_at`: one carry-on forward per batch for a
+    carry-on on the final state, where alpha only scales the last stage's dx)."""
     carryon.eval()
     sums = {a: 0.0 for a in alphas}
     count = 0
     for sources, labels in batches_:
-        x, dx = carryon.update(sources)
-        hx, y = select_targets(x, labels)
-        hd, _ = select_targets(dx, labels)
-        count += y.numel()
-        for a in alphas:
-            sums[a] += float(chunked_cross_entropy(lambda h: carryon.logits(h, a), hx + a * hd, y, chunk))
+        count += int((labels[:, 1:] != IGNORE).sum())
+        for a, x in carryon.states_at(sources, alphas):
+            h, y = select_targets(x, labels)
+            sums[a] += float(chunked_cross_entropy(lambda h_, a=a: carryon.logits(h_, a), h, y, chunk))
     return {a: s / max(count, 1) for a, s in sums.items()}
 
 

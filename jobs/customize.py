@@ -228,7 +228,7 @@ def run(cfg) -> dict:
             ray.remote(calibrate).options(num_cpus=r.embed_cpus, num_gpus=r.embed_gpus,
                                           resources={r.inference_resource: 1}, max_retries=2).remote(
                 [b.model_dump() for b in [cfg.base, *cfg.extra_bases]], cfg.bridge.model_dump(), cfg.layers.shallow,
-                first_rows(data.train, calibration_rows(cfg)),
+                first_rows(data.train, calibration_rows(cfg)), cfg.tap_spec(),
             )
         )
         # -- the embedding pipeline -----------------------------------------------------------

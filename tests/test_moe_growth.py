@@ -255,54 +255,6 @@ def test_mixed_base_adapter_serves_next_to_single_base_ones(tmp_path, tiny_dir, 
     assert generate_mixed(bases, prompts[:1], [a_mixed], max_new_tokens=6, alphas=[0.0], stop_at_eos=False)[0] == bare
 
 
-# -- recycled blocks (FuseGPT) ----------------------------------------------------------------
-
-
-def test_recycled_block_equals_the_base_block_in_hugging_face(tiny_dir, tiny_base):
-    cfg = make_config(base={"name": tiny_dir}, carryon={"kind": "transformer", "recycle": 1, "recycle_rank": 4})
-    m = build_carryon(cfg, [64], tiny_base.vocab_size, tiny_base.head_weight)
-    block = m.stages[0].trunk.blocks[0]
-    hf = tiny_base.model.model
-    torch.manual_seed(0)
-    h = torch.randn(2, 7, 64)
-    pos = torch.arange(7).expand(2, 7)
-    with torch.no_grad():
-        ours = block(h, pos)
-        want = hf.layers[-1](h, attention_mask=None, position_ids=pos, position_embeddings=hf.rotary_emb(h, pos))
-    want = want[0] if isinstance(want, tuple) else want
-    assert torch.allclose(ours, want, atol=1e-5)  # the copy starts as the base's top block exactly
-    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
-    assert not any(n.endswith(".weight") and (".attn." in n or ".mlp." in n) for n in trainable)  # W frozen
-    assert any(n.endswith(".A") for n in trainable) and any(n.endswith(".B") for n in trainable)
-
-
-def test_recycled_deltas_train_and_fold_into_the_saved_adapter(tiny_dir, tiny_base, tmp_path):
-    from carryon_ray.adapter import load_adapter, save_adapter
-    from carryon_ray.bridge import Bridge
-
-    cfg = make_config(base={"name": tiny_dir}, carryon={"kind": "transformer", "recycle": 2, "recycle_rank": 4},
-                      alpha={"init": 1.0})
-    m = build_carryon(cfg, [64], tiny_base.vocab_size, tiny_base.head_weight)
-    frozen = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
-    opt, sched = make_optimizer(m, cfg, 5)
-    sources = [[torch.randn(2, 6, 64)]]
-    labels = torch.randint(0, tiny_base.vocab_size, (2, 6))
-    for _ in range(5):
-        train_step(m, opt, sched, sources, labels, 64, 1.0)
-    assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if n in frozen)  # copies untouched
-    assert any(float(p.detach().abs().sum()) > 0 for n, p in m.named_parameters() if n.endswith(".B"))  # deltas learned
-    m.eval()
-    with torch.no_grad():
-        before = m(sources)
-    out = save_adapter(tmp_path / "adapter", m, [[Bridge(0)]], [], [tiny_base.fingerprint().to_dict()], tiny_dir)
-    loaded, _, saved = load_adapter(out, head_weight=tiny_base.head_weight)
-    assert saved["carryon"]["width"] == 64 and saved["carryon"]["mlp_hidden"] == 128 and saved["carryon"]["layers"] == 2
-    assert not any(k.endswith((".A", ".B")) for k in loaded.state_dict())  # plain weights W + B A
-    with torch.no_grad():
-        after = loaded(sources)
-    assert torch.allclose(before, after, atol=1e-5)
-
-
 def test_growing_lora_phase_readjusts_earlier_stages_through_deltas_only(tmp_path):
     from carryon_ray.adapter import load_adapter, save_adapter
     from carryon_ray.bridge import Bridge

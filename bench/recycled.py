@@ -1,0 +1,212 @@
+"""The recycled-top carry-on against LoRA (issue 22), on SmolLM2-135M-Instruct and GSM8K, through the product.
+
+Every carry-on run here is the product's own path: token rows -> `embed_rows` (the embedding actors'
+function; bridge at 0 bits, the kind's default) -> `from_rows` -> `Trainer.train_on` / `end_epoch`
+(alpha chosen on validation data by the config's rule). One base forward caches the states entering
+every block a depth needs (`layers.shallow` taps of one forward: the state entering block j is
+Hugging Face's hidden_states[j], the same tensor `hidden_states(tap=j)` stops at); each depth then
+trains on its own column.
+
+Baselines, on the same examples and the same sampled batches (bench/replay_kl.py's `run_lora`):
+LoRA r = 8 on q, v (the project's baseline so far) and LoRA r = 8 on all seven linear layers of
+every block (the stronger baseline), lr --lora-lr.
+
+Equal steps: every configuration gets --steps optimizer steps at --batch. Equal wall: a configuration's
+wall is its share of the cache fill (train + validation forwards, stopped at its tap) plus its
+training and alpha selection; it is compared with LoRA's training time for the same steps.
+
+The bridge on an intermediate state: the base's own validation loss (alpha = 0) computed from the
+8-bit and 4-bit round-tripped state entering block L - k, against the exact state.
+
+Writes bench/results/recycled.json. Quick sizes: --n-train 48 --n-val 16 --steps 4 --depths 2 (make bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from replay_kl import ROOT, run_lora  # bench helpers (LoRA); sets sys.path
+
+from carryon_ray.base import FrozenBase, resolve_base_path  # noqa: E402
+from carryon_ray.bridge import Bridge  # noqa: E402
+from carryon_ray.config import BaseModelConfig, BridgeConfig, DataConfig, validate_config  # noqa: E402
+from carryon_ray.data import load_examples  # noqa: E402
+from carryon_ray.embedding import (ROW_ID, Calibration, concat_rows, embed_rows, from_rows, part_layout,  # noqa: E402
+                                   token_rows)
+from carryon_ray.recipe import RunPlan, Trainer  # noqa: E402
+from carryon_ray.train import evaluate  # noqa: E402
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def embed_taps(base: FrozenBase, examples, taps: list[int], batch: int = 8) -> tuple[dict, float]:
+    """Embedding rows of `examples` with the state entering each block in `taps` (one forward for all,
+    length-sorted batches as the job's ingest orders them); returns (rows by tap, seconds)."""
+    bridges = [[Bridge(0) for _ in range(1 + len(taps))]]
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    rows = token_rows([examples[i] for i in order])
+    t0 = time.perf_counter()
+    parts = [embed_rows([base], bridges, {k: [r[k] for r in rows[i : i + batch]] for k in rows[0]}, taps)
+             for i in range(0, len(rows), batch)]
+    seconds = time.perf_counter() - t0
+    out = concat_rows(parts)
+    back = np.argsort(np.asarray(order))  # rows back in example order
+    by_tap = {}
+    for j, tap in enumerate(taps):
+        cols = {k: v[back] for k, v in out.items() if not k.startswith("s0_")}
+        cols["s0_0_values"] = out[f"s0_{1 + j}_values"][back]
+        by_tap[tap] = cols
+    return by_tap, seconds
+
+
+def pick(rows: dict, idx: list[int]) -> dict:
+    return {k: v[idx] for k, v in rows.items()}
+
+
+def run_recycled(args, base, calib_for, cache, val_rows, depth: int, rank: int, lr: float) -> dict:
+    L = base.num_layers
+    tap = L - depth
+    cfg = validate_config({"base": {"name": args.base_dir, "dtype": "float32"}, "data": {"train": "bench"},
+                           "carryon": {"kind": "recycled", "depth": depth, "rank": rank},
+                           "train": {"lr": lr, "batch_size": args.batch, "warmup_steps": 10, "epochs": 1}})
+    calib = calib_for(tap)
+    layout = part_layout(calib.bridges(), calib.dims, calib.base_dtype)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, calib, RunPlan(args.steps, 1), base.head_weight, base.head_bias)
+    build_s = time.perf_counter() - t0
+    val = trainer.eval_set(from_rows(pick(val_rows[tap], list(range(i, min(i + 16, args.n_val)))), layout)
+                           for i in range(0, args.n_val, 16))
+    base_loss = trainer.baseline(val)
+    rng = random.Random(0)  # the same batches as LoRA's
+    train = cache[tap]
+    batches = (from_rows(pick(train, rng.sample(range(args.n_train), args.batch)), layout) for _ in range(args.steps))
+    trainer.begin_epoch()
+    stats = trainer.train_on(batches)
+    t0 = time.perf_counter()
+    m = trainer.end_epoch(stats, val)
+    select_s = time.perf_counter() - t0
+    trainable = sum(p.numel() for p in trainer.model.trainable_parameters())
+    frozen = sum(p.numel() for p in trainer.model._blocks[0].parameters())
+    return {"depth": depth, "rank": rank, "lr": lr, "tap": tap, "trainable_params": trainable,
+            "frozen_block_params": frozen, "val_loss_base": base_loss, "val_loss": m["val_loss"], "alpha": m["alpha"],
+            "gain": base_loss - m["val_loss"], "train_seconds": round(stats.seconds, 1),
+            "seconds_per_step": round(stats.seconds / args.steps, 3), "alpha_selection_seconds": round(select_s, 1),
+            "build_seconds": round(build_s, 1),
+            "candidates": {f"{a:g}": v for a, v in trainer.history[-1]["candidates"].items()}}
+
+
+def bridge_cost(base, val_ex, taps, args) -> dict:
+    """The base's validation loss (alpha = 0) from the state entering block L - k sent through the
+    bridge at 0 (exact), 8 and 4 bits (per-token scale, fitted on the first batch's real tokens)."""
+    from carryon_ray.embedding import collate_rows, decode_sources
+    from carryon_ray.train import build_carryon
+
+    out = {}
+    for tap in taps:
+        depth = base.num_layers - tap
+        cfg = validate_config({"base": {"name": args.base_dir, "dtype": "float32"}, "data": {"train": "bench"},
+                               "carryon": {"kind": "recycled", "depth": depth, "rank": 8}})
+        model = build_carryon(cfg, [base.hidden_size], base.vocab_size, base.head_weight)
+        states = []
+        for i in range(0, len(val_ex), 16):
+            padded = collate_rows(token_rows(val_ex[i : i + 16]), base.tokenizer.pad_token_id)
+            (h,), _ = base.hidden_states(padded["input_ids"], padded["attention_mask"], tap=tap)
+            states.append((h, padded["attention_mask"], padded["labels"]))
+        calib = states[0][0][states[0][1].bool()]
+        res = {}
+        for bits in (0, 8, 4):
+            br = Bridge.from_config(BridgeConfig(bits=bits), calib)
+            batches = [(decode_sources([[br]], {f"s0_0_{k}": v for k, v in br.encode(h).items()}, [[base.hidden_size]]),
+                        y) for h, _, y in states]
+            res[f"bits_{bits}"] = evaluate(model, batches, [0.0])[0.0]
+        out[str(depth)] = {**res, "loss_change_8bit": res["bits_8"] - res["bits_0"],
+                           "loss_change_4bit": res["bits_4"] - res["bits_0"]}
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gsm8k", default=str(ROOT.parent / "shared/data/gsm8k/train.jsonl"))
+    p.add_argument("--base", default="smollm2-135m-instruct")
+    p.add_argument("--n-train", type=int, default=1000)
+    p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--depths", default="2,4,8,15")
+    p.add_argument("--ranks", default="8", help="ranks tried at every depth")
+    p.add_argument("--lrs", default="3e-3", help="learning rates tried at every depth")
+    p.add_argument("--extra", default="8:32:3e-3", help="more depth:rank:lr runs (comma-separated)")
+    p.add_argument("--lora", default="qv,all", help="LoRA baselines: qv (q_proj, v_proj), all (all linear layers)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-lr", type=float, default=1e-3)
+    p.add_argument("--bridge-depths", default="8", help="depths whose intermediate state is bridged at 8/4 bits")
+    p.add_argument("--out", default=str(ROOT / "bench/results/recycled.json"))
+    args = p.parse_args()
+    t_all = time.perf_counter()
+    args.base_dir = resolve_base_path(BaseModelConfig(name=args.base))[0]
+    base = FrozenBase.load(BaseModelConfig(name=args.base_dir, dtype="float32", device="cpu"))
+    tok = base.tokenizer
+    qa = DataConfig(train=args.gsm8k, format="qa", max_length=256)
+    gsm, _ = load_examples(args.gsm8k, tok, qa, limit=2 * (args.n_train + args.n_val))
+    train, val = gsm[: args.n_train], gsm[args.n_train : args.n_train + args.n_val]
+    L = base.num_layers
+    depths = [int(d) for d in args.depths.split(",") if d]
+    runs = [(d, int(r), float(lr)) for d in depths for r in args.ranks.split(",") for lr in args.lrs.split(",")]
+    runs += [(int(d), int(r), float(lr)) for d, r, lr in (x.split(":") for x in args.extra.split(",") if x)]
+    bridge_depths = [int(d) for d in args.bridge_depths.split(",") if d]
+    taps = sorted({L - d for d, _, _ in runs} | {L - d for d in bridge_depths})
+    cache, train_s = embed_taps(base, train, taps)
+    val_cache, val_s = embed_taps(base, val, taps)
+    fill = train_s + val_s
+    res: dict = {"protocol": {k: v for k, v in vars(args).items() if k != "out"},
+                 "cache_fill_seconds": round(fill, 1), "cache_fill_note": "one forward to the lowest tap for all depths"}
+    print(f"cache filled in {fill:.0f}s (taps {taps})", flush=True)
+    fp = base.fingerprint().to_dict()
+
+    def calib_for(tap: int) -> Calibration:
+        return Calibration(0, {}, [fp], [base.hidden_size], base.vocab_size, "float32", [], None, tap)
+
+    # LoRA baselines on the same examples and batches.
+    res["lora"] = {}
+    lora_data = {"train": (None, train), "val": (None, val), "general": (None, val[:8])}
+    for name in [x for x in args.lora.split(",") if x]:
+        args.lora_targets = ["q_proj", "v_proj"] if name == "qv" else ALL_LINEAR
+        lo = run_lora(args, args.base_dir, lora_data, tok, [])
+        lo.pop("general_change", None)
+        res["lora"][name] = lo
+        print("lora", name, json.dumps(lo), flush=True)
+    better = max(res["lora"].values(), key=lambda r: r["gain"]) if res["lora"] else None
+    qv = res["lora"].get("qv")
+    res["recycled"] = []
+    for depth, rank, lr in runs:
+        r = run_recycled(args, base, calib_for, cache, val_cache, depth, rank, lr)
+        # this depth's share of the cache fill: the forward ran up to its tap
+        r["cache_fill_seconds"] = round(fill * (L - depth) / L, 1)
+        r["wall_seconds"] = round(r["cache_fill_seconds"] + r["train_seconds"] + r["alpha_selection_seconds"], 1)
+        if qv:
+            r["gain_over_lora_qv"] = round(r["gain"] / qv["gain"], 3)
+            r["step_over_lora_qv"] = round(r["seconds_per_step"] / qv["seconds_per_step"], 3)
+        if better:
+            r["gain_over_better_lora"] = round(r["gain"] / better["gain"], 3)
+            r["wall_over_lora_train"] = round(r["wall_seconds"] / better["train_seconds"], 3)
+        res["recycled"].append(r)
+        print("recycled", json.dumps(r), flush=True)
+    res["bridge"] = bridge_cost(base, val[:48], [L - d for d in bridge_depths], args)
+    print("bridge", json.dumps(res["bridge"]), flush=True)
+    res["wall_seconds"] = round(time.perf_counter() - t_all, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""The recycled-top carry-on: the base's own top k blocks, adapted through low-rank deltas.
+
+A carry-on on the final state can only re-read what the base kept there; what a task needs the
+base's attention to recompute is gone by then (every head-side shape we measured stopped at
+~0.73x of LoRA's gain). This kind goes one step down instead. One base forward caches h, the
+state entering block L - k; the carry-on is a frozen copy of blocks L-k .. L-1, the final norm and
+the head, with a low-rank delta on each target linear layer:
+
+    W x   ->   W x + alpha * B (A x)         A: r x in, B: out x r, B = 0 at the start
+    y     =    head(norm(blocks_{L-k..L-1}(h)))
+
+alpha scales every delta and is chosen on validation data like any carry-on's alpha. At alpha = 0
+the delta is skipped (not multiplied by zero), so the output is the base's bit for bit.
+
+Training runs the copied blocks as Hugging Face's own modules (a model of k blocks built from the
+base's config, fed the cached state as `inputs_embeds`), so the partial forward is the base's
+forward. Serving never copies anything: `delta_sites` wraps the base's own top linear layers,
+and each forward binds every row's deltas (its adapter's A and B, its alpha) to them, applied as
+one gathered batched matmul per layer (S-LoRA / Punica style) while base rows pass untouched.
+One function, `add_delta`, is the delta in both.
+
+An adapter holds only A, B and alpha (safetensors); `export_peft` writes the same numbers as a
+standard PEFT LoRA (lora_alpha folding alpha), so peft, vLLM multi-LoRA and Ray Serve LLM load it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ArchConfig, HeadConfig
+from .model import InheritedHead
+
+# Where each target sits inside a Llama-style decoder block (the names PEFT's target_modules use).
+TARGET_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+                "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+                "down_proj": "mlp.down_proj"}
+
+
+def add_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+    """y + alpha * B (A x): the one low-rank delta, for training and serving alike.
+
+    One adapter: A [r, in], B [out, r], alpha a number, every row of x [N, T, in].
+    Many (serving): A [n, r, in], B [n, out, r], alpha [n], and `rows` [n] the rows of x they
+    belong to; each row's delta is one gathered batched matmul, other rows are left as they are."""
+    if rows is None:
+        return y + alpha * F.linear(F.linear(x, A), B)
+    xs = x.index_select(0, rows)  # [n, T, in]
+    d = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))  # [n, T, out]
+    return y.index_add(0, rows, d * alpha.to(d.dtype)[:, None, None])
+
+
+class DeltaLinear(nn.Module):
+    """A frozen Linear whose output gets the deltas bound to it for the next forward (none bound:
+    exactly the Linear). `bound` is (A, B, alpha) or (A, B, alpha, rows), see `add_delta`."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self.bound: tuple | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:  # the Linear's own attributes stay reachable (HF code reads them)
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+    def forward(self, x):
+        y = self.linear(x)
+        return y if self.bound is None else add_delta(y, x, *self.bound)
+
+
+def delta_sites(layers: nn.ModuleList, first: int, targets: list[str]) -> dict[str, DeltaLinear]:
+    """Wrap (once) the target linear layers of blocks `first`.. of a decoder stack; returns them by
+    site name '<block>.<target>' (the base's own block index). Idempotent."""
+    sites = {}
+    for j in range(first, len(layers)):
+        for t in targets:
+            parent_path, _, leaf = TARGET_PATHS[t].rpartition(".")
+            parent = layers[j].get_submodule(parent_path)
+            lin = getattr(parent, leaf)
+            if not isinstance(lin, DeltaLinear):
+                lin = DeltaLinear(lin)
+                setattr(parent, leaf, lin)
+            sites[f"{j}.{t}"] = lin
+    return sites
+
+
+class LowRank(nn.Module):
+    """One trainable delta B A for a linear layer of shape [out, in]; B = 0, so it starts as no change."""
+
+    def __init__(self, out_f: int, in_f: int, rank: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(rank, in_f) / math.sqrt(in_f))
+        self.B = nn.Parameter(torch.zeros(out_f, rank))
+
+
+class RecycledTop(nn.Module):
+    """The recycled-top carry-on: deltas for the top `depth` blocks of a base, alpha, and the base's head.
+
+    `blocks` (training only) is a Hugging Face model of `depth` decoder blocks and the final norm, with
+    the base's weights, frozen; adapters loaded for serving have none (the base's own blocks run).
+    It speaks the carry-on interface the trainer and the engine use (forward, logits, alphas, stages)."""
+
+    uses_cache = False  # served inside the base's forward, on the base's own KV cache
+    correction = None
+
+    def __init__(self, arch: ArchConfig, head: HeadConfig, dims: list[list[int]], vocab_size: int, num_layers: int,
+                 shapes: dict[str, tuple[int, int]], head_weight=None, head_bias=None, alpha: float = 1.0,
+                 blocks: nn.Module | None = None):
+        super().__init__()
+        self.arch, self.head_cfg, self.dims, self.vocab_size = arch, head, dims, vocab_size
+        self.fusion_mode = "average"
+        self.num_layers, self.first = num_layers, num_layers - arch.depth
+        self.shapes = dict(shapes)  # target -> (out, in)
+        # deltas[j][target]: block first + j. ModuleDicts keep the file's keys readable.
+        self.deltas = nn.ModuleList(
+            nn.ModuleDict({t: LowRank(*self.shapes[t], arch.rank) for t in arch.targets}) for _ in range(arch.depth))
+        self.register_buffer("alphas", torch.tensor([float(alpha)]))
+        self.head = InheritedHead(head_weight, head_bias)
+        self._blocks = [blocks] if blocks is not None else []  # not a submodule: never in the adapter file
+        self._sites = delta_sites(blocks.layers, 0, arch.targets) if blocks is not None else {}
+
+    # -- the carry-on interface -------------------------------------------------------------------
+    @property
+    def stages(self) -> list[nn.Module]:
+        return [self.deltas]
+
+    @property
+    def alpha(self) -> float:
+        return float(self.alphas[-1])
+
+    def set_alpha(self, alpha: float, stage: int = -1) -> None:
+        self.alphas[-1] = float(alpha)
+
+    def freeze_earlier_stages(self) -> None:
+        self.deltas.requires_grad_(True)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def balance_loss(self) -> torch.Tensor:
+        return torch.zeros(())
+
+    def set_router_dropout(self, p: float) -> None:
+        pass
+
+    def expert_usage(self, reset: bool = True) -> list[list[float]]:
+        return []
+
+    def pairs(self):
+        """(site name '<base block>.<target>', LowRank) for every delta."""
+        for j, per in enumerate(self.deltas):
+            for t, lr in per.items():
+                yield f"{self.first + j}.{t}", lr
+
+    def _apply(self, fn, recurse=True):  # .to() / .float() move the frozen blocks too
+        super()._apply(fn, recurse)
+        for b in self._blocks:
+            b._apply(fn, recurse)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for b in self._blocks:
+            b.train(mode)
+        return self
+
+    # -- the forward --------------------------------------------------------------------------------
+    def forward(self, sources, residual=None, positions=None, key_mask=None, cache=None, attn_mask=None, alpha=None):
+        """The final state (after the base's norm) of the copied blocks run on the cached state
+        sources[0][0] (the state entering block L - depth), every delta scaled by `alpha` (default:
+        the chosen one). Padding is on the right and attention causal, so `key_mask` is not needed;
+        packed batches pass their `positions` and 4D `attn_mask`."""
+        if not self._blocks:
+            raise RuntimeError("this recycled carry-on was loaded for serving: it runs inside the base's forward "
+                               "(generation.Engine), not on cached states")
+        blocks = self._blocks[0]
+        a = self.alphas[-1] if alpha is None else alpha
+        a = float(a) if not isinstance(a, torch.Tensor) or a.dim() == 0 else a
+        if isinstance(a, torch.Tensor):
+            raise ValueError("the recycled carry-on trains and scores at one alpha per forward")
+        h = sources[0][0].to(blocks.norm.weight.dtype)
+        for j, per in enumerate(self.deltas):
+            for t, lr in per.items():
+                self._sites[f"{j}.{t}"].bound = None if a == 0 else (lr.A, lr.B, a)
+        try:
+            if attn_mask is not None:
+                from .base import hf_mask
+
+                attn_mask = hf_mask(blocks.config, attn_mask, h.dtype)
+            out = blocks(inputs_embeds=h, position_ids=positions, attention_mask=attn_mask, use_cache=False)
+        finally:
+            for site in self._sites.values():
+                site.bound = None
+        return out.last_hidden_state
+
+    def states_at(self, sources, alphas: list[float], **kw):
+        """(alpha, final state) for each candidate alpha: one forward each (alpha is inside the blocks)."""
+        for a in alphas:
+            yield a, self.forward(sources, alpha=a, **kw)
+
+    def base_state(self, sources, positions=None, attn_mask=None) -> torch.Tensor:
+        """The base's own final state for these cached states (the replay KL's reference)."""
+        with torch.no_grad():
+            return self.forward(sources, positions=positions, attn_mask=attn_mask, alpha=0.0)
+
+    def logits(self, x: torch.Tensor, alpha=None) -> torch.Tensor:
+        return self.head(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving: deltas bound to the base's own blocks for one forward.
+# ---------------------------------------------------------------------------------------------
+
+
+def bind_rows(sites: dict[str, DeltaLinear], groups: list[tuple[RecycledTop, list[int], list[float]]],
+              device=None) -> None:
+    """Bind every group's deltas (adapter, its rows in the batch, their alphas) to the base's sites:
+    per site, the A and B of all its rows stacked in row order, applied as one gathered matmul.
+    Rows at alpha 0 are left out (the base, bit for bit). `unbind` after the forward."""
+    per_site: dict[str, list] = {}
+    for adapter, rows, alphas in groups:
+        live = [(r, a) for r, a in zip(rows, alphas) if a != 0]
+        if not live:
+            continue
+        for name, lr in adapter.pairs():
+            per_site.setdefault(name, []).append((lr, live))
+    for name, entries in per_site.items():
+        As, Bs, alphas, rows = [], [], [], []
+        for lr, live in entries:
+            As += [lr.A] * len(live)
+            Bs += [lr.B] * len(live)
+            rows += [r for r, _ in live]
+            alphas += [a for _, a in live]
+        sites[name].bound = (torch.stack(As), torch.stack(Bs), torch.tensor(alphas, device=device),
+                             torch.tensor(rows, device=device))
+
+
+def unbind(sites: dict[str, DeltaLinear]) -> None:
+    for site in sites.values():
+        site.bound = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Building: from the base's checkpoint (training) or from an adapter file (serving).
+# ---------------------------------------------------------------------------------------------
+
+
+def top_blocks_model(path: str, conf: dict, weights: dict[str, torch.Tensor], depth: int, dtype: torch.dtype):
+    """A Hugging Face decoder of `depth` blocks and the final norm with the base's weights, frozen (its
+    vocabulary shrunk to one row: it is fed states, never token ids)."""
+    from transformers import AutoConfig, AutoModel
+
+    hf = AutoConfig.from_pretrained(path)
+    hf.num_hidden_layers = depth
+    if getattr(hf, "layer_types", None):
+        hf.layer_types = list(hf.layer_types)[-depth:]
+    hf.vocab_size, hf.pad_token_id = 1, None
+    model = AutoModel.from_config(hf, dtype=dtype)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, strict=False)
+    missing = [k for k in missing if not k.startswith("embed_tokens.")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: the top blocks do not fit a {type(model).__name__} of {depth} blocks "
+                         f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    model.embed_tokens = None
+    return model.eval().requires_grad_(False)
+
+
+def target_shapes(weights: dict[str, torch.Tensor], targets: list[str]) -> dict[str, tuple[int, int]]:
+    """(out, in) of each target linear layer, from block 0 of the copied weights."""
+    return {t: tuple(weights[f"layers.0.{TARGET_PATHS[t]}.weight"].shape) for t in targets}
+
+
+def build_recycled(cfg, head_weight=None, head_bias=None, dtype: torch.dtype = torch.float32) -> RecycledTop:
+    """The recycled-top carry-on of `cfg` for training: the base's top carryon.depth blocks (read from its
+    safetensors files, nothing else of the base) with fresh deltas."""
+    from .base import load_top_blocks
+
+    arch = cfg.carryon
+    path, conf, weights = load_top_blocks(cfg.base, arch.depth)
+    blocks = top_blocks_model(path, conf, weights, arch.depth, dtype)
+    hidden = int(conf["hidden_size"])
+    model = RecycledTop(arch, cfg.head, [[hidden]], int(conf["vocab_size"]), int(conf["num_hidden_layers"]),
+                        target_shapes(weights, arch.targets), head_weight, head_bias, cfg.alpha.init, blocks)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+def recycled_from_state(arch: ArchConfig, head: HeadConfig, cfg: dict, tensors: dict[str, torch.Tensor],
+                        head_weight=None, head_bias=None) -> RecycledTop:
+    """A served recycled carry-on from an adapter's config and tensors (deltas only)."""
+    shapes = {t: (int(tensors[f"deltas.0.{t}.B"].shape[0]), int(tensors[f"deltas.0.{t}.A"].shape[1]))
+              for t in arch.targets}
+    model = RecycledTop(arch, head, cfg["dims"], cfg["vocab_size"], int(cfg["num_layers"]), shapes, head_weight,
+                        head_bias, cfg["alphas"][-1])
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Export as a standard PEFT LoRA adapter.
+# ---------------------------------------------------------------------------------------------
+
+
+def export_peft(adapter_dir: str | Path, out_dir: str | Path, base_path: str | None = None) -> Path:
+    """Write a recycled-top adapter as a PEFT LoRA directory (adapter_config.json with target_modules,
+    layers_to_transform, r, lora_alpha = alpha * r so PEFT's scaling lora_alpha / r is our alpha;
+    adapter_model.safetensors with lora_A / lora_B per layer). Reads the adapter as data only."""
+    from safetensors.torch import load_file, save_file
+
+    from .adapter import AdapterError, read_adapter_config, verified_weights
+
+    src = Path(adapter_dir)
+    cfg = read_adapter_config(src)
+    arch = cfg["arch"]
+    if arch["kind"] != "recycled":
+        raise AdapterError(f"{src}: a {arch['kind']} carry-on reads the final state and has no LoRA form; only "
+                           "carryon.kind: recycled adapters export to PEFT")
+    tensors = load_file(str(verified_weights(src, cfg)))
+    first, r, alpha = int(cfg["num_layers"]) - int(arch["depth"]), int(arch["rank"]), float(cfg["alphas"][-1])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lora = {}
+    for j in range(int(arch["depth"])):
+        for t in arch["targets"]:
+            prefix = f"base_model.model.model.layers.{first + j}.{TARGET_PATHS[t]}"
+            lora[f"{prefix}.lora_A.weight"] = tensors[f"deltas.{j}.{t}.A"].contiguous()
+            lora[f"{prefix}.lora_B.weight"] = tensors[f"deltas.{j}.{t}.B"].contiguous()
+    save_file(lora, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path or cfg["base_model_name_or_path"],
+        "r": r, "lora_alpha": alpha * r, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": list(arch["targets"]), "layers_to_transform": list(range(first, first + int(arch["depth"]))),
+        "layers_pattern": "layers", "use_rslora": False, "use_dora": False, "inference_mode": True,
+        "init_lora_weights": True, "modules_to_save": None,
+        "revision": None,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    (out / "README.md").write_text(
+        f"---\nlibrary_name: peft\nbase_model: {config['base_model_name_or_path']}\ntags: [lora, carryon]\n---\n\n"
+        f"# LoRA exported from a carryon-ray recycled-top adapter\n\nRank-{r} deltas on {', '.join(arch['targets'])} "
+        f"of blocks {first}..{first + int(arch['depth']) - 1}; lora_alpha = {alpha:g} x r folds the alpha chosen on "
+        "validation data. Load with `PeftModel.from_pretrained(base, this_dir)`, or serve with vLLM multi-LoRA.\n")
+    return out
