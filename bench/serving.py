@@ -66,6 +66,21 @@ def carryon(base, kind: str, seed: int, width: int) -> Adapter:
     return Adapter(m.eval(), [[Bridge(8)]], [], {})
 
 
+def recycled(base, seed: int, depth: int = 8, rank: int = 8) -> Adapter:
+    """A recycled-top adapter with random deltas on the base's top `depth` blocks (all seven linears)."""
+    from carryon_ray.recycled import TARGET_PATHS, RecycledTop
+
+    cfg = validate_config({"data": {"train": "x"}, "carryon": {"kind": "recycled", "depth": depth, "rank": rank}})
+    top = base.model.model.layers[-1]
+    shapes = {t: tuple(top.get_submodule(TARGET_PATHS[t]).weight.shape) for t in cfg.carryon.targets}
+    torch.manual_seed(seed)
+    m = RecycledTop(cfg.carryon, cfg.head, [[base.hidden_size]], base.vocab_size, base.num_layers, shapes,
+                    base.head_weight, base.head_bias, 1.0)
+    for p in m.deltas.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return Adapter(m.eval(), [[Bridge(0)]], [], {}).attach(base)
+
+
 def decode_rate(base, adapters, prompts, new_tokens: int, repeats: int, temperature: float = 0.0) -> dict:
     """Median seconds and generated tokens/s of decoding `new_tokens` for every row, over `repeats`."""
     times = []
@@ -386,8 +401,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--http", action="store_true", help="also load the real Serve app over HTTP (and the registry)")
     p.add_argument("--http-clients", default="16,32")
+    p.add_argument("--sections", default="batch,mixed64,recycled64,load,registry",
+                   help="which sections to run (comma-separated; --http adds the HTTP one)")
     p.add_argument("--out", default=str(ROOT / "bench/results/serving.json"))
     args = p.parse_args()
+    sections = set(args.sections.split(","))
     torch.manual_seed(0)
     base = FrozenBase.load(BaseModelConfig(name=args.base, dtype="float32"))
     ids = base.tokenizer(PROMPT)["input_ids"]
@@ -395,7 +413,7 @@ def main() -> int:
 
     # 1. overhead per token, batch 1 and batch 16 on one adapter
     mlp, tfm = carryon(base, "mlp", 0, 64), carryon(base, "transformer", 1, 128)
-    for batch in (1, 16):
+    for batch in (1, 16) if "batch" in sections else ():
         prompts = [ids] * batch
         b = decode_rate(base, [None] * batch, prompts, 24, args.repeats)
         m = decode_rate(base, [mlp] * batch, prompts, 24, args.repeats)
@@ -407,35 +425,51 @@ def main() -> int:
 
     # 2. 64 rows over 64 distinct adapters vs 64 rows on one adapter
     distinct = [carryon(base, "mlp", 100 + i, 64) for i in range(64)]
-    one = decode_rate(base, [mlp] * 64, [ids] * 64, 16, args.repeats)
-    many = decode_rate(base, distinct, [ids] * 64, 16, args.repeats)
-    res["mixed64"] = {"one_adapter": one, "sixty_four_adapters": many,
-                      "throughput_ratio": round(many["tokens_per_s"] / one["tokens_per_s"], 4), "target": 0.95}
-    print(json.dumps({"mixed64": res["mixed64"]}), flush=True)
+    if "mixed64" in sections:
+        one = decode_rate(base, [mlp] * 64, [ids] * 64, 16, args.repeats)
+        many = decode_rate(base, distinct, [ids] * 64, 16, args.repeats)
+        res["mixed64"] = {"one_adapter": one, "sixty_four_adapters": many,
+                          "throughput_ratio": round(many["tokens_per_s"] / one["tokens_per_s"], 4), "target": 0.95}
+        print(json.dumps({"mixed64": res["mixed64"]}), flush=True)
+
+    # 2b. 64 rows over 64 distinct recycled-top adapters (top 8 blocks, rank 8, all seven linears) vs the
+    # base alone: the deltas bound per row inside the base's forward, one gathered matmul per layer
+    if "recycled64" in sections:
+        rec = [recycled(base, 300 + i) for i in range(64)]
+        bare = decode_rate(base, [None] * 64, [ids] * 64, 16, args.repeats)
+        one_rec = decode_rate(base, [rec[0]] * 64, [ids] * 64, 16, args.repeats)
+        many_rec = decode_rate(base, rec, [ids] * 64, 16, args.repeats)
+        res["recycled64"] = {"base": bare, "one_recycled_adapter": one_rec, "sixty_four_recycled_adapters": many_rec,
+                             "throughput_ratio_vs_base": round(many_rec["tokens_per_s"] / bare["tokens_per_s"], 4),
+                             "one_adapter_ratio_vs_base": round(one_rec["tokens_per_s"] / bare["tokens_per_s"], 4),
+                             "depth": 8, "rank": 8, "target": 0.8}
+        print(json.dumps({"recycled64": res["recycled64"]}), flush=True)
 
     # 3. closed-loop load: static batching vs the engine
     adapters = [None] + [carryon(base, "mlp" if i % 2 else "transformer", 200 + i, 64) for i in range(8)]
-    res["load"] = load_section(base, ids, adapters, args.duration, [int(c) for c in args.clients.split(",")])
+    if "load" in sections:
+        res["load"] = load_section(base, ids, adapters, args.duration, [int(c) for c in args.clients.split(",")])
 
     with tempfile.TemporaryDirectory() as d:
-        # 5a. cold load from a directory
-        loads = []
-        fp = [base.fingerprint().to_dict()]
-        for i, a in enumerate(distinct[:16]):
-            save_adapter(Path(d) / f"a{i}", a.carryon, a.bridges, [], fp, "smollm2")
-        Adapter.load(base, Path(d) / "a0")  # warm the code path once
-        for i in range(16):
-            t0 = time.perf_counter()
-            Adapter.load(base, Path(d) / f"a{i}")
-            loads.append((time.perf_counter() - t0) * 1000)
-        size = sum(f.stat().st_size for f in (Path(d) / "a0").iterdir())
-        res["cold_load_ms"] = {"p50": round(statistics.median(loads), 2), "max": round(max(loads), 2),
-                               "adapter_bytes": size}
-        print(json.dumps({"cold_load_ms": res["cold_load_ms"]}), flush=True)
-        # 4. many adapters through a 32-slot LRU
-        lru_dir = Path(d) / "lru"
-        lru_dir.mkdir()
-        res["lru"] = lru_section(base, ids, lru_dir, args.duration, args.lru_adapters)
+        if "registry" in sections:
+            # 5a. cold load from a directory
+            loads = []
+            fp = [base.fingerprint().to_dict()]
+            for i, a in enumerate(distinct[:16]):
+                save_adapter(Path(d) / f"a{i}", a.carryon, a.bridges, [], fp, "smollm2")
+            Adapter.load(base, Path(d) / "a0")  # warm the code path once
+            for i in range(16):
+                t0 = time.perf_counter()
+                Adapter.load(base, Path(d) / f"a{i}")
+                loads.append((time.perf_counter() - t0) * 1000)
+            size = sum(f.stat().st_size for f in (Path(d) / "a0").iterdir())
+            res["cold_load_ms"] = {"p50": round(statistics.median(loads), 2), "max": round(max(loads), 2),
+                                   "adapter_bytes": size}
+            print(json.dumps({"cold_load_ms": res["cold_load_ms"]}), flush=True)
+            # 4. many adapters through a 32-slot LRU
+            lru_dir = Path(d) / "lru"
+            lru_dir.mkdir()
+            res["lru"] = lru_section(base, ids, lru_dir, args.duration, args.lru_adapters)
         # 6. HTTP and the registry
         if args.http:
             http_dir = Path(d) / "http"

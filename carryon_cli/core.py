@@ -5,6 +5,7 @@
   carryon eval     --data FILE [--adapter DIR] [--gsm8k]   validation loss / exact match, base vs adapter
   carryon probe    [--base NAME] [--data FILE]            per-layer Macro Influence and shortcut gain
   carryon config   [--config FILE]                       print the validated config (defaults filled)
+  carryon export   --format peft ADAPTER DIR             a recycled-top adapter as a standard PEFT LoRA
 """
 
 from __future__ import annotations
@@ -137,6 +138,23 @@ def cmd_probe(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """A recycled-top adapter (directory or models:/ URI) as a PEFT LoRA directory: peft, vLLM multi-LoRA
+    and Ray Serve LLM load it as any LoRA."""
+    from carryon_ray.adapter import AdapterError, resolve_adapter
+    from carryon_ray.recycled import export_peft
+
+    try:
+        out = export_peft(resolve_adapter(args.adapter), args.out, args.base_path)
+    except AdapterError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    conf = json.loads((out / "adapter_config.json").read_text())
+    print(json.dumps({"out": str(out), **{k: conf[k] for k in ("r", "lora_alpha", "target_modules",
+                                                                "layers_to_transform", "base_model_name_or_path")}},
+                     indent=2))
+    return 0
+
+
 def cmd_config(args) -> int:
     print(yaml.safe_dump(_load(args).model_dump(mode="json"), sort_keys=False))
     return 0
@@ -194,6 +212,13 @@ def add_commands(sub) -> None:
     pr.add_argument("--experiment", default="carryon-probe", help="MLflow experiment (when MLFLOW_TRACKING_URI is set)")
     pr.add_argument("--no-mlflow", action="store_true")
     pr.set_defaults(func=cmd_probe)
+
+    x = sub.add_parser("export", help="write a recycled-top adapter as a standard PEFT LoRA (peft, vLLM, Ray Serve LLM)")
+    x.add_argument("--format", choices=["peft"], default="peft", help="the output format")
+    x.add_argument("adapter", help="adapter directory or models:/NAME@ALIAS (carryon.kind: recycled)")
+    x.add_argument("out", help="directory to write the PEFT adapter into")
+    x.add_argument("--base-path", default=None, help="base_model_name_or_path to record (default: the adapter's)")
+    x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("config", help="print a validated config with every default filled in")
     with_config(c)

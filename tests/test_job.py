@@ -148,6 +148,37 @@ def test_in_process_runner_matches_the_ray_job(cluster, tiny_dir, submitted, tmp
     assert {"replay_rows", "train_kl", "general_loss_change", "val_general_alpha_0"} <= names["local"]
 
 
+def test_recycled_kind_runs_the_same_in_the_job_and_in_process(cluster, tiny_dir, tmp_path):
+    """carryon.kind: recycled through the Ray job (embedding actors stop the base at the tap) and through
+    `carryon train`: the same alphas and losses per epoch (replay rows use the base's own final state
+    as the KL reference), the same adapter shape; the adapter then serves and exports."""
+    sets = ["carryon.kind=recycled", "carryon.depth=1", "carryon.rank=4", "mlflow.experiment=recycled",
+            "data.replay=tests/data/general.txt", "data.replay_ratio=0.2"]
+    res, _ = _job(cluster, tiny_dir, *[a for s in sets + [f"output.dir={tmp_path / 'job'}"] for a in ("--set", s)],
+                  timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    job = json.loads((tmp_path / "job" / "summary.json").read_text())
+    env = {**client_env(cluster), "MLFLOW_TRACKING_URI": cluster["mlflow_url"]}
+    local = subprocess.run([sys.executable, "-m", "carryon_cli", "train", "--config", TINY_CONFIG,
+                            *[a for s in sets + [f"base.name={tiny_dir}", f"output.dir={tmp_path / 'local'}"]
+                              for a in ("--set", s)]], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert local.returncode == 0, local.stderr[-4000:]
+    mine = json.loads((tmp_path / "local" / "summary.json").read_text())
+    assert job["val_loss_after"] < job["val_loss_before"]
+    assert [h["alpha"] for h in mine["history"]] == [h["alpha"] for h in job["history"]]
+    for a, b in zip(mine["history"], job["history"], strict=True):
+        for c in a["candidates"]:
+            assert a["candidates"][c] == pytest.approx(b["candidates"][c], abs=1e-5)
+    conf = json.loads((Path(job["adapter"]) / "adapter_config.json").read_text())
+    assert conf["carryon"]["kind"] == "recycled" and conf["tap"] == 1
+    assert conf["bridge_bits"] == 8  # tiny-test.yaml sets bridge.bits: 8; an explicit choice beats the kind's default
+    exported = subprocess.run([sys.executable, "-m", "carryon_cli", "export", "--format", "peft", job["adapter"],
+                               str(tmp_path / "peft")], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    peft_conf = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert peft_conf["layers_to_transform"] == [1] and peft_conf["r"] == 4
+
+
 def _job(cluster, tiny_dir, *sets, timeout=300, tracking=True):
     cmd = [sys.executable, "-m", "jobs.customize", "--config", TINY_CONFIG, "--set", f"base.name={tiny_dir}", *sets]
     env = {**client_env(cluster), "RAY_ADDRESS": cluster["ray_address"]}
