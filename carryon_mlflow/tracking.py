@@ -33,15 +33,51 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+# MLflow's chart view groups metrics by the part of their name before a '/': the recipe's names
+# (the core knows no MLflow) get their section here, once, for every runner. First match wins.
+SECTIONS = [
+    ("train/", ("train_loss_step", "train_loss", "train_kl", "lr", "epoch", "stage", "step", "samples",
+                "from_cache", "replay_rows")),
+    ("val/", ("val_loss_base", "val_loss_alpha_", "val_loss", "val_general_alpha_", "general_loss_change",
+              "gate_mean_")),
+    ("alpha/", ("alpha_stage_", "alpha", "sweep_val_", "sweep_general_")),
+    ("heldout/", ("heldout_",)),
+    ("data/", ("data_", "padding_share", "train_sequences", "replay_sequences")),
+    ("moe/", ("expert_",)),
+    ("system/", ("peak_rss_mb", "epoch_seconds", "first_batch_wait_s", "input_wait_fraction", "producer_tokens_per_s",
+                 "train_tokens_per_s", "tokens_embedded", "eta_s", "wall_seconds")),
+]
+_STRIP = ("heldout_", "data_", "val_", "train_")  # the section already says it (sweep_* keeps its name)
+
+
+def metric_name(name: str) -> str:
+    """The MLflow name of one of the recipe's metrics: 'val_loss' -> 'val/loss', 'alpha' -> 'alpha/chosen',
+    'data_train_kept' -> 'data/train_kept', 'peak_rss_mb' -> 'system/peak_rss_mb'; names outside the
+    recipe's (a probe's) stay as they are."""
+    for section, prefixes in SECTIONS:
+        for prefix in prefixes:
+            if name == prefix or (prefix.endswith("_") and name.startswith(prefix)):
+                if name == "alpha":
+                    return "alpha/chosen"
+                short = name
+                if section in ("val/", "train/", "heldout/", "data/") and short.startswith(_STRIP):
+                    short = short.split("_", 1)[1]
+                elif section == "alpha/" and short.startswith("alpha_"):
+                    short = short.removeprefix("alpha_")
+                return section + short
+    return name
+
+
 def log_metrics(uri: str | None, run_id: str | None, metrics: dict[str, float], step: int) -> None:
-    """Log a batch of metrics to an existing run (from any process)."""
+    """Log a batch of metrics to an existing run (from any process), under their MLflow section names."""
     if not uri or not run_id:
         return
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and v == v]  # drop NaN
+    items = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()
+             if v is not None and v == v]  # drop NaN
     for i in range(0, len(items), 900):  # MLflow takes up to 1000 metrics per batch
         MlflowClient(uri).log_batch(run_id, metrics=items[i : i + 900])
 
@@ -81,12 +117,38 @@ class MlflowReporter:
         MlflowClient(self.uri).log_inputs(self.run_id, datasets=[dataset_input(name, source, profile, context)])
 
 
+# MLflow 3's UI opens an experiment by its kind: untagged it guesses GenAI (traces, "No data");
+# this kind opens on the training runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created if missing, tagged as a model-training experiment."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+    if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def run_name(cfg) -> str:
+    """A run name that says what ran: the registered name (or experiment) and the carry-on's kind and
+    size, e.g. 'demo-topics mlp64', 'gsm8k-recycled recycled-k8-r8'."""
+    a = cfg.carryon
+    shape = f"recycled-k{a.depth}-r{a.rank}" if a.kind == "recycled" else f"{a.kind}{a.width}"
+    if a.kind == "transformer":
+        shape += f"x{a.layers}"
+    return f"{cfg.mlflow.register_as or cfg.mlflow.experiment} {shape}"
+
+
 class Tracker:
     """One MLflow run; every method is a no-op when no tracking URI is set."""
 
     def __init__(self, uri: str | None, experiment: str, run_name: str | None = None):
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.client = None
         if uri:
             from mlflow.tracking import MlflowClient
@@ -95,17 +157,21 @@ class Tracker:
 
     @classmethod
     def for_config(cls, cfg) -> "Tracker":
-        return cls(tracking_uri(cfg.mlflow.tracking_uri), cfg.mlflow.experiment, cfg.mlflow.run_name)
+        return cls(tracking_uri(cfg.mlflow.tracking_uri), cfg.mlflow.experiment, cfg.mlflow.run_name or run_name(cfg))
 
     def start(self, params: dict[str, Any], tags: dict[str, str] | None = None) -> str | None:
+        """Open the run (creating the experiment as a training-runs experiment), log the config as
+        params and as config.yaml."""
         if not self.client:
             log.info("MLflow tracking off (set mlflow.tracking_uri or MLFLOW_TRACKING_URI)")
             return None
-        exp = self.client.get_experiment_by_name(self.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
-        run = self.client.create_run(exp_id, run_name=self.run_name, tags=tags or {})
+        self.experiment_id = experiment_id(self.client, self.experiment)
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags or {})
         self.run_id = run.info.run_id
         log_params(self.uri, self.run_id, flatten(params))
+        import yaml
+
+        self.text(yaml.safe_dump(params, sort_keys=False), "config.yaml")
         log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
         return self.run_id
 
@@ -131,8 +197,19 @@ class Tracker:
         if self.client and self.run_id:
             self.client.log_artifacts(self.run_id, local_dir, artifact_path)
 
-    def register(self, name: str, alias: str, artifact_path: str, tags: dict[str, str] | None = None) -> int | None:
-        """Register the run's artifact directory as a new model version and point `alias` at it.
+    def log_model(self, local_dir: str, name: str, params: dict[str, str] | None = None) -> str | None:
+        """Log an MLflow model directory as a logged model of this run (MLflow 3 lists it under the
+        run's "Logged models"); returns its model id."""
+        if not (self.client and self.run_id):
+            return None
+        model = self.client.create_logged_model(self.experiment_id, name=name, source_run_id=self.run_id,
+                                                params=params, model_type="carryon-adapter")
+        self.client.log_model_artifacts(model.model_id, local_dir)
+        self.client.finalize_logged_model(model.model_id, "READY")
+        return model.model_id
+
+    def register(self, name: str, alias: str, model_id: str, tags: dict[str, str] | None = None) -> int | None:
+        """Register a logged model as a new version (linked to it and to the run) and point `alias` at it.
 
         `tags` go on the registered model (serving reads carryon.owner / carryon.shared)."""
         if not (self.client and self.run_id):
@@ -143,8 +220,7 @@ class Tracker:
             self.client.create_registered_model(name)
         except MlflowException:
             pass  # already registered
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
-        mv = self.client.create_model_version(name, source=source, run_id=self.run_id)
+        mv = self.client.create_model_version(name, source=f"models:/{model_id}", run_id=self.run_id, model_id=model_id)
         self.client.set_registered_model_alias(name, alias, mv.version)
         for key, value in (tags or {}).items():
             self.client.set_registered_model_tag(name, key, value)
@@ -199,6 +275,15 @@ def plot_figures(tracker: Tracker, cfg, summary: dict) -> None:
         plt.close(fig)
 
 
+def heldout_table(tracker: Tracker, heldout: dict | None) -> None:
+    """The held-out comparison (prompt, expected, base, adapter) as an MLflow table beside the figures."""
+    rows = (heldout or {}).get("examples") or []
+    if not (rows and tracker.client and tracker.run_id):
+        return
+    cols = ("prompt", "expected", "base", "adapter", "base_correct", "adapter_correct")
+    tracker.client.log_table(tracker.run_id, {c: [r.get(c) for r in rows] for c in cols}, "heldout.json")
+
+
 def finish_run(tracker: Tracker, cfg, summary: dict, adapter_dir: str) -> int | None:
     """Figures, held-out accuracies, the adapter as an MLflow model (pyfunc flavor, the adapter its
     artifact), registration of that model (with the serving tags), wall time. Returns the
@@ -210,14 +295,16 @@ def finish_run(tracker: Tracker, cfg, summary: dict, adapter_dir: str) -> int | 
     from .flavor import save_pyfunc
 
     plot_figures(tracker, cfg, summary)
+    heldout_table(tracker, summary.get("heldout"))
     with tempfile.TemporaryDirectory() as d:
-        tracker.artifacts(str(save_pyfunc(adapter_dir, f"{d}/model")), "model")
+        shape = {k: str(v) for k, v in cfg.carryon.used_fields().items()}
+        model_id = tracker.log_model(str(save_pyfunc(adapter_dir, f"{d}/model")), "adapter", shape)
     version = None
     if cfg.mlflow.register_as:
         tags = {"carryon.shared": str(cfg.mlflow.shared).lower(), "carryon.base": cfg.base.name}
         if cfg.mlflow.owner:
             tags["carryon.owner"] = cfg.mlflow.owner
-        version = tracker.register(cfg.mlflow.register_as, cfg.mlflow.alias, "model", tags)
+        version = tracker.register(cfg.mlflow.register_as, cfg.mlflow.alias, model_id, tags)
     if summary.get("wall_seconds") is not None:
         tracker.metrics({"wall_seconds": summary["wall_seconds"]})
     return version

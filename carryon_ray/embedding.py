@@ -212,8 +212,10 @@ def collate_rows(rows, pad_id: int) -> dict[str, torch.Tensor]:
     mask = torch.zeros((len(ids_col), T), dtype=torch.long)
     for j, (i, lab) in enumerate(zip(ids_col, lab_col)):
         n = len(i)
-        ids[j, :n] = torch.as_tensor(np.asarray(i, dtype=np.int64))
-        labels[j, :n] = torch.as_tensor(np.asarray(lab, dtype=np.int64))
+        # Ray Data hands out read-only arrays: copy into the batch (torch.as_tensor would share the
+        # read-only buffer and warn once per actor)
+        ids[j, :n] = torch.from_numpy(np.array(i, dtype=np.int64))
+        labels[j, :n] = torch.from_numpy(np.array(lab, dtype=np.int64))
         mask[j, :n] = 1
     out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if any(len(s) > 1 for s in seg_col):
@@ -393,7 +395,7 @@ def from_rows(rows: dict, layout: dict[str, tuple[torch.dtype, int]]) -> Encoded
     segs = [_from_bytes(b, torch.int32, 1)[:, 0].tolist() for b in rows.get(ROW_SEGMENTS, [b""] * B)]
     segments = [s or [n] for s, n in zip(segs, lengths)] if any(len(s) > 1 for s in segs) else None
     return EncodedBatch(enc, labels, mask, [int(s) for s in rows[ROW_ID]],
-                        torch.as_tensor(np.asarray(rows[ROW_REPLAY], dtype=bool)),
+                        torch.from_numpy(np.array(rows[ROW_REPLAY], dtype=bool)),
                         sum(lengths), float(np.sum(rows.get(ROW_SECONDS, 0.0))), nodes, segments)
 
 

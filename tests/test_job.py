@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from carryon_mlflow.tracking import metric_name as M  # the recipe's metric names as MLflow shows them
 from conftest import ROOT
 from jobs import local_cluster
 
@@ -73,22 +74,33 @@ def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, submitted):
     assert run.info.status == "FINISHED"
     assert run.data.params["carryon.kind"] == "mlp" and run.data.params["train.epochs"] == "2"
     assert run.data.params["cache_mode"] == "memory"
-    for key in ("val_loss", "alpha", "train_loss_step", "val_loss_base", "producer_tokens_per_s",
-                "train_tokens_per_s", "peak_rss_mb", "data_train_kept", "sweep_general_0", "heldout_accuracy_base",
-                "heldout_accuracy_adapter"):
-        assert key in run.data.metrics, key
-    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2  # one alpha choice per epoch
+    for key in ("val/loss", "alpha/chosen", "train/loss_step", "val/loss_base", "system/producer_tokens_per_s",
+                "system/train_tokens_per_s", "system/peak_rss_mb", "data/train_kept", "alpha/sweep_general_0",
+                "heldout/accuracy_base", "heldout/accuracy_adapter"):
+        assert key in run.data.metrics, key  # grouped into the chart view's sections
+    assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 2  # one alpha choice per epoch
     # Replay with KL to the base: counted and logged; the guarded alpha choice keeps the general
     # loss within 0.05 of the base's (alpha = 0 always complies), with both losses per candidate.
-    m = run.data.metrics
+    m = {k: run.data.metrics[M(k)] for k in ("replay_sequences", "replay_rows", "train_kl", "general_loss_change",
+                                            f"val_general_alpha_{summary['alpha']:g}", "val_general_alpha_0",
+                                            "gate_mean_val", "gate_mean_general")}
     assert m["replay_sequences"] >= 1 and m["replay_rows"] == m["replay_sequences"] and m["train_kl"] >= 0
     assert m["general_loss_change"] <= 0.05 + 1e-9
     assert m[f"val_general_alpha_{summary['alpha']:g}"] <= m["val_general_alpha_0"] + 0.05 + 1e-9
     assert 0 < m["gate_mean_val"] < 1 and 0 < m["gate_mean_general"] < 1
+    # The UI opens the experiment on its training runs; the run says what ran; the held-out answers
+    # are a table; the adapter is a logged model of the run, linked to the registered version.
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run.info.run_name == "user-alice-tiny mlp16"
+    assert {"config.yaml", "heldout.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert {"figures/loss_curves.png", "figures/alpha_tradeoff.png"} <= artifacts
     mv = client.get_model_version_by_alias("user-alice-tiny", "prod")
     assert mv.run_id == run.info.run_id
+    logged = client.search_logged_models([run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [lm.model_id for lm in logged] == [mv.model_id]
     tags = client.get_registered_model("user-alice-tiny").tags  # what serving's access rules read
     assert tags["carryon.owner"] == "alice" and tags["carryon.shared"] == "false"
 
@@ -145,7 +157,7 @@ def test_in_process_runner_matches_the_ray_job(cluster, tiny_dir, submitted, tmp
     client = MlflowClient(cluster["mlflow_url"])
     names = {r: set(client.get_run(s["run_id"]).data.metrics) for r, s in (("ray", ray_summary), ("local", local))}
     assert names["ray"] == names["local"], names["ray"] ^ names["local"]
-    assert {"replay_rows", "train_kl", "general_loss_change", "val_general_alpha_0"} <= names["local"]
+    assert {M(k) for k in ("replay_rows", "train_kl", "general_loss_change", "val_general_alpha_0")} <= names["local"]
 
 
 def test_recycled_kind_runs_the_same_in_the_job_and_in_process(cluster, tiny_dir, tmp_path):
@@ -260,10 +272,10 @@ def test_growing_moe_carryon_over_two_bases_on_packed_text(cluster, tiny_dir, tm
 
     client = MlflowClient(cluster["mlflow_url"])
     run = client.get_run(summary["run_id"])
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "stage")] == [0, 1]
-    assert {"alpha_stage_0", "alpha_stage_1"} <= set(run.data.metrics)
-    shares = [run.data.metrics[f"expert_share_l0_e{e}"] for e in range(4)]
-    assert sum(shares) == pytest.approx(1.0) and run.data.metrics["expert_max_share_l0"] == max(shares)
+    assert [m.value for m in client.get_metric_history(run.info.run_id, M("stage"))] == [0, 1]
+    assert {M("alpha_stage_0"), M("alpha_stage_1")} <= set(run.data.metrics)
+    shares = [run.data.metrics[M(f"expert_share_l0_e{e}")] for e in range(4)]
+    assert sum(shares) == pytest.approx(1.0) and run.data.metrics[M("expert_max_share_l0")] == max(shares)
     # Stage 0 was frozen when stage 1 grew: the digest logged then equals the saved adapter's.
     model = CarryOnModel.from_pretrained([tiny_dir, other_dir], out / "adapter")
     assert [len(d) for d in model.carryon.dims] == [1, 1] and model.carryon.dims[1] == [48]
@@ -354,7 +366,7 @@ def test_data_from_files_directories_parquet_and_a_saved_hf_dataset(cluster, tin
     assert sorted(epoch1) == sorted(epoch0)  # the same samples, read back from the disk cache
     run = MlflowClient(cluster["mlflow_url"]).get_run(summary["run_id"])
     m = run.data.metrics
-    assert m["padding_share"] < m["padding_share_unpacked"] and m["data_train_skipped_bad_json"] == 1
+    assert m[M("padding_share")] < m[M("padding_share_unpacked")] and m[M("data_train_skipped_bad_json")] == 1
     assert summary["val_loss_after"] < summary["val_loss_before"]
 
 
