@@ -8,7 +8,7 @@ export CARRYON_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo serve test test-fast bench bench-full gpu-check gpu-wheels clean
+.PHONY: install demo serve test test-fast bench bench-full gpu-check gpu-wheels screenshots clean
 
 install: $(STAMP)
 
@@ -100,6 +100,12 @@ gpu-wheels:
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 	  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+
+# PNGs of the MLflow UI (chart view, run page, registered model) and the Serve app's /docs after
+# `make demo` (and `make serve`), by headless Chromium from Debian's packages; they land in docs/img/.
+screenshots: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(BIN)/python docs/screenshots.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -414,6 +414,12 @@ class ResourcesConfig(Strict):
         True, description="Ray Data hands rows to the trainers in order (reproducible runs, the same batches as "
         "`carryon train`); False lets whichever embedding actor finishes first go first."
     )
+    wait_timeout_s: float | None = Field(
+        600.0, gt=0, description="Fail the job when some of its work has waited this long for resources the cluster "
+        "does not have (e.g. Serve replicas hold the CPUs of a one-machine cluster); the error names what waits "
+        "and what holds the cluster. null = wait forever (an autoscaling cluster adds nodes for pending work)."
+    )
+    wait_log_s: float = Field(30.0, gt=0, description="While work waits for resources, log what it waits for this often.")
     cache: Literal["auto", "memory", "disk"] = Field(
         "auto", description="Where epoch-1 embeddings are kept for later epochs: the object store, "
         "a storage path, or 'auto' (memory when they fit in a quarter of the object store)."

@@ -196,8 +196,11 @@ def run(cfg) -> dict:
     from .cache import EmbeddingCache
     from .train_loop import TrainLoopConfig, load_state, train_loop
 
+    from .waiting import ResourceWatch
+
     out_dir = Path(cfg.output.dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    watch = ResourceWatch(cfg.resources.wait_log_s, cfg.resources.wait_timeout_s)
     tracker = Tracker.for_config(cfg)
     tracker.start(cfg.model_dump(mode="json"), tags={"carryon.base": cfg.base.name})
     t_start = time.perf_counter()
@@ -215,6 +218,8 @@ def run(cfg) -> dict:
         check_tokenizers(cfg, tok)
         # -- data: Ray Data reads, tokenizes, splits and orders; the driver holds no rows --------
         connect_ray(cfg)
+        watch.job_id = ray.get_runtime_context().get_job_id()
+        watch.start()  # from here on, anything the cluster cannot place is reported (and times out)
         try:
             data = ingest(cfg)
         except DataError as exc:
@@ -313,9 +318,16 @@ def run(cfg) -> dict:
         write_summary(out_dir, summary)
         tracker.end("FINISHED")
         return summary
+    except KeyboardInterrupt:
+        tracker.end("FAILED")
+        if watch.message:  # the watch ended the wait: say why instead of a traceback
+            raise JobError(watch.message) from None
+        raise
     except BaseException:
         tracker.end("FAILED")
         raise
+    finally:
+        watch.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -191,6 +191,39 @@ def test_recycled_kind_runs_the_same_in_the_job_and_in_process(cluster, tiny_dir
     assert peft_conf["layers_to_transform"] == [1] and peft_conf["r"] == 4
 
 
+def test_a_job_the_cluster_cannot_place_says_what_it_waits_for(cluster, tiny_dir, tmp_path):
+    """Another client holds both CPUs of the cluster (as Serve replicas do on a laptop): the job logs what
+    waits for what and who holds the CPUs, and fails after resources.wait_timeout_s naming the resource,
+    instead of hanging without a word."""
+    holder = tmp_path / "hold.py"
+    holder.write_text(
+        "import ray, sys, time\n"
+        "ray.init(address=sys.argv[1])\n"
+        "@ray.remote(num_cpus=2)\n"
+        "class CpuHolder:\n"
+        "    def ready(self):\n"
+        "        return True\n"
+        "h = CpuHolder.remote()\n"
+        "ray.get(h.ready.remote())\n"
+        "print('holding', flush=True)\n"
+        "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, str(holder), cluster["ray_address"]], stdout=subprocess.PIPE, text=True,
+                            env=client_env(cluster))
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        res, took = _job(cluster, tiny_dir, "--set", "resources.wait_timeout_s=20", "--set", "resources.wait_log_s=5",
+                         "--set", "mlflow.experiment=unschedulable", timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out[-3000:]
+    assert "could not be scheduled" in res.stderr and "resources.wait_timeout_s = 20" in res.stderr
+    assert "waiting for 1 CPU" in res.stderr and "CpuHolder hold 2 CPU" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert took < 240
+
+
 def _job(cluster, tiny_dir, *sets, timeout=300, tracking=True):
     cmd = [sys.executable, "-m", "jobs.customize", "--config", TINY_CONFIG, "--set", f"base.name={tiny_dir}", *sets]
     env = {**client_env(cluster), "RAY_ADDRESS": cluster["ray_address"]}

@@ -1,0 +1,127 @@
+"""A job that cannot be scheduled says so.
+
+Ray leaves a demand it cannot place pending for an autoscaler; on one machine without one (a laptop
+whose CPUs `carryon serve` holds) the job just hangs without a word. `ResourceWatch` is a driver
+thread that looks at the cluster every `interval_s`: whatever of this job is pending (actors, tasks,
+placement groups: Ray's state API), what it asks for, what is free, and who holds the rest. It logs
+that while it lasts, and after `resources.wait_timeout_s` of continuous waiting it ends the job with
+the same message (None: wait forever, for autoscaling clusters).
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import threading
+import time
+
+log = logging.getLogger("carryon.job")
+
+# What pending work is, in the config's words: the class or task name -> (what it is, the field to lower).
+KNOWN = {
+    "TokenizeRows": ("the tokenize actors", "resources.tokenize_cpus"),
+    "EmbeddingProducer": ("the embedding actors", "resources.embed_cpus / embed_gpus"),
+    "calibrate": ("the calibration task", "resources.embed_cpus / embed_gpus"),
+    "RayTrainWorker": ("the training workers", "resources.train_cpus / train_gpus"),
+    "score_heldout": ("the held-out scoring task", "resources.embed_cpus / embed_gpus"),
+}
+
+
+def _fmt(res: dict) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(res.items()) if v and not k.startswith(("node:", "bundle_group")))
+
+
+def pending_demands(job_id: str | None = None) -> list[tuple[str, dict]]:
+    """(name, resources) of every actor, task and placement group still waiting for resources."""
+    from ray.util.state import list_actors, list_placement_groups, list_tasks
+
+    out = []
+    for a in list_actors(filters=[("state", "=", "PENDING_CREATION")], detail=True, raise_on_missing_output=False):
+        if job_id is None or a.job_id == job_id:
+            out.append((a.class_name, dict(a.required_resources or {})))
+    for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], detail=True,
+                        raise_on_missing_output=False):
+        if (job_id is None or t.job_id == job_id) and t.type == "NORMAL_TASK":
+            out.append((t.func_or_class_name or t.name, dict(t.required_resources or {})))
+    for pg in list_placement_groups(filters=[("state", "=", "PENDING")], detail=True, raise_on_missing_output=False):
+        if job_id is not None and pg.creator_job_id != job_id:
+            continue
+        total: dict = {}
+        for b in pg.bundles or []:
+            for k, v in (b.get("unit_resources") or {}).items():
+                total[k] = total.get(k, 0) + v
+        out.append(("RayTrainWorker" if "train" in (pg.name or "").lower() or not pg.name else pg.name, total))
+    return out
+
+
+def holders() -> list[tuple[str, dict]]:
+    """(what, resources) held by live actors, Serve replicas summed as one entry."""
+    from ray.util.state import list_actors
+
+    serve: dict = {}
+    out = []
+    for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
+        res = {k: v for k, v in (a.required_resources or {}).items() if v}
+        if not res:
+            continue
+        if a.class_name.startswith(("ServeReplica", "ServeController", "ProxyActor")):
+            for k, v in res.items():
+                serve[k] = serve.get(k, 0) + v
+        else:
+            out.append((a.class_name, res))
+    if serve:
+        out.insert(0, ("Serve replicas", serve))
+    return out
+
+
+def describe(pending: list[tuple[str, dict]]) -> str:
+    """One message: what waits for what, what is free, who holds the rest, what to change."""
+    import ray
+
+    free, total = ray.available_resources(), ray.cluster_resources()
+    lines = []
+    for name, res in pending:
+        what, field = next(((w, f) for k, (w, f) in KNOWN.items() if k in name), (name, "resources.*"))
+        short = {k: v for k, v in res.items() if v and not k.startswith(("node:", "bundle_group"))}
+        have = ", ".join(f"{free.get(k, 0):g} of {total.get(k, 0):g} {k} free" for k in sorted(short))
+        lines.append(f"waiting for {_fmt(short)} for {what} ({have}); lower {field}, or free the cluster")
+    held = "; ".join(f"{w} hold {_fmt(r)}" for w, r in holders()[:6])
+    return "\n".join(lines) + (f"\n  held: {held}" if held else "") + (
+        "\n  (stop serving with `carryon serve --stop`, or add nodes; an autoscaling cluster adds them itself)")
+
+
+class ResourceWatch(threading.Thread):
+    """Logs every `interval_s` what this job waits for; after `timeout_s` of continuous waiting it
+    interrupts the driver's main thread, which raises `WaitTimeout` (see `check`)."""
+
+    def __init__(self, interval_s: float = 30.0, timeout_s: float | None = 600.0, job_id: str | None = None):
+        super().__init__(name="carryon-resource-watch", daemon=True)
+        self.interval_s, self.timeout_s, self.job_id = interval_s, timeout_s, job_id
+        self.message: str | None = None  # set when the timeout fired
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        since = None
+        while not self._done.wait(self.interval_s):
+            try:
+                pending = pending_demands(self.job_id)
+            except Exception as exc:  # noqa: BLE001 - the state API needs the dashboard; never break the job
+                log.debug("resource watch: state API unavailable (%s)", exc)
+                continue
+            if not pending:
+                since = None
+                continue
+            if since is None:  # seen once: actors and workers are pending for a moment while they start
+                since = time.monotonic()
+                continue
+            msg = describe(pending)
+            waited = time.monotonic() - since
+            log.warning("%s (waiting %.0fs)", msg, waited)
+            if self.timeout_s is not None and waited >= self.timeout_s:
+                self.message = (f"the job could not be scheduled for {waited:.0f}s (resources.wait_timeout_s = "
+                                f"{self.timeout_s:g}):\n  {msg}")
+                _thread.interrupt_main()
+                return
+
+    def stop(self) -> None:
+        self._done.set()
