@@ -12,6 +12,11 @@ peak resident memory (ru_maxrss) and seconds per step:
   token batch.
 - idle:    python + torch imported, nothing else: the floor under both.
 
+With --recycled-depths (SmolLM2-135M only: the recycled kind reads the base's own top blocks from its
+checkpoint), also the recycled-top carry-on's trainer (the top k blocks frozen, rank-8 deltas on all
+seven linears, the final norm and the inherited head; cached states [batch, tokens, D] in) against
+LoRA r = 8 on q, v and on all linear layers, at the same batch.
+
 Target (issue): carry-on training memory flat in base size and at most 0.1x LoRA's. Writes
 bench/results/memory.json. Run: python bench/memory.py [--sizes 135m,360m,1.5b --batch 2 --tokens 128].
 """
@@ -58,7 +63,7 @@ if kind == "carryon":
     for _ in range(steps):
         t0 = time.perf_counter(); train_step(model, opt, sched, [[x]], y, 1024, 1.0); times.append(time.perf_counter() - t0)
     out["trainable"] = model.num_params(trainable_only=True)
-elif kind == "lora":
+elif kind in ("lora", "lora_all"):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
     if size == "135m":
@@ -69,7 +74,8 @@ elif kind == "lora":
         model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
                                              num_key_value_heads=KV, intermediate_size=I, tie_word_embeddings=True))
     model.requires_grad_(False)
-    model = get_peft_model(model, LoraConfig(r={rank}, lora_alpha=2 * {rank}, target_modules=["q_proj", "v_proj"]))
+    targets = ["q_proj", "v_proj"] if kind == "lora" else ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r={rank}, lora_alpha=2 * {rank}, target_modules=targets))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, V, (batch, tokens))
@@ -81,6 +87,21 @@ elif kind == "lora":
         times.append(time.perf_counter() - t0)
     out["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out["base_params"] = sum(p.numel() for p in model.parameters())
+elif kind.startswith("recycled"):
+    from carryon_ray.config import validate_config
+    from carryon_ray.train import build_carryon, make_optimizer, train_step
+    depth = int(kind[len("recycled"):])
+    cfg = validate_config({{"base": {{"name": "smollm2-135m-instruct", "dtype": "float32"}}, "data": {{"train": "x"}},
+                           "carryon": {{"kind": "recycled", "depth": depth, "rank": 8}}}})
+    head = torch.randn(V, D) * 0.02
+    model = build_carryon(cfg, [D], V, head)
+    opt, sched = make_optimizer(model, cfg, steps)
+    x = torch.randn(batch, tokens, D)
+    y = torch.randint(0, V, (batch, tokens))
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter(); train_step(model, opt, sched, [[x]], y, 1024, 1.0); times.append(time.perf_counter() - t0)
+    out["trainable"] = model.num_params(trainable_only=True)
 else:
     times = [0.0]
 out["peak_rss_mb"] = rss_mb()
@@ -114,9 +135,30 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--recycled-depths", default="", help="e.g. 8,15: the recycled-top trainer vs LoRA (q,v and all) at 135m")
+    p.add_argument("--recycled-batch", type=int, default=8)
+    p.add_argument("--recycled-tokens", type=int, default=192)
     p.add_argument("--out", default=str(ROOT / "bench/results/memory.json"))
     args = p.parse_args()
     idle = measure("idle", "135m", args)
+    recycled = []
+    if args.recycled_depths:
+        sub = argparse.Namespace(**{**vars(args), "batch": args.recycled_batch, "tokens": args.recycled_tokens})
+        lora = {k: measure(k, "135m", sub, 8) for k in ("lora", "lora_all")}
+        for depth in args.recycled_depths.split(","):
+            r = measure(f"recycled{int(depth)}", "135m", sub)
+            recycled.append({"depth": int(depth), "recycled": r, **{f"{k}_rss_mb": v["peak_rss_mb"] for k, v in lora.items()},
+                             "over_lora_qv_rss": r["peak_rss_mb"] / lora["lora"]["peak_rss_mb"],
+                             "over_lora_all_rss": r["peak_rss_mb"] / lora["lora_all"]["peak_rss_mb"],
+                             "over_lora_all_above_idle": (r["peak_rss_mb"] - idle["peak_rss_mb"])
+                             / (lora["lora_all"]["peak_rss_mb"] - idle["peak_rss_mb"]),
+                             "step_over_lora_all": r["step_s"] / lora["lora_all"]["step_s"]})
+        if args.sizes == "none":
+            report = {"config": vars(args), "idle_rss_mb": idle["peak_rss_mb"], "recycled": recycled,
+                      "lora": lora, "target_recycled_over_lora": 0.5}
+            Path(args.out).write_text(json.dumps(report, indent=2))
+            print(f"wrote {args.out}")
+            return
     rows = []
     for size in args.sizes.split(","):
         c = measure("carryon", size, args)
@@ -128,7 +170,8 @@ def main() -> None:
                      "carryon_over_lora_above_idle": (c["peak_rss_mb"] - idle["peak_rss_mb"])
                      / (lo["peak_rss_mb"] - idle["peak_rss_mb"]),
                      "lora_over_carryon_step_time": lo["step_s"] / c["step_s"]})
-    report = {"config": vars(args), "idle_rss_mb": idle["peak_rss_mb"], "rows": rows, "target": 0.1}
+    report = {"config": vars(args), "idle_rss_mb": idle["peak_rss_mb"], "rows": rows, "target": 0.1,
+              **({"recycled": recycled} if recycled else {})}
     Path(args.out).write_text(json.dumps(report, indent=2))
     for r in rows:
         print(f"{r['size']:>5}: carry-on {r['carryon']['peak_rss_mb']:.0f} MB, LoRA r={r['lora_rank']} "

@@ -363,12 +363,29 @@ def check_bad_fraction(report: DataReport, cfg: DataConfig, examples: int) -> No
         )
 
 
-def pack_stream(examples: list[Example], eos: int, n: int) -> list[Example]:
+def pack_stream(examples, eos: int, n: int) -> list[Example]:
     """Continued pretraining: one stream of documents (each ended by EOS) cut into full windows,
     loss on every token (attention crosses documents, as Hugging Face's group_texts does)."""
-    stream = [t for ex in examples for t in ex.input_ids + [eos]]
-    windows = (stream[i : i + n] for i in range(0, len(stream), n))
-    return [Example(w, list(w), key=row_key(" ".join(map(str, w)))) for w in windows if len(w) > 1]
+    return list(stream_windows(examples, eos, n))
+
+
+def stream_windows(examples, eos: int, n: int):
+    """`pack_stream` as a generator over any iterable of examples, holding one window at a time (the
+    Ray job streams a dataset's rows through it on a worker)."""
+    buf: list[int] = []
+    for ex in examples:
+        buf += list(ex.input_ids) + [eos]
+        while len(buf) >= n:
+            w, buf = buf[:n], buf[n:]
+            yield Example(w, list(w), key=row_key(" ".join(map(str, w))))
+    if len(buf) > 1:
+        yield Example(buf, list(buf), key=row_key(" ".join(map(str, buf))))
+
+
+def tokenizing_config(cfg: DataConfig) -> DataConfig:
+    """The data config rows are tokenized with: stream packing cuts the joined stream itself, so each
+    row stays whole until then (no max_length windows)."""
+    return cfg.model_copy(update={"max_length": 1 << 30}) if cfg.pack else cfg
 
 
 def pack_examples(examples: list[Example], max_length: int) -> list[Example]:
@@ -411,8 +428,7 @@ def load_examples(source: str, tokenizer, cfg: DataConfig, limit: int | None = N
     """(examples, report) for one source: a path or a built-in dataset (BUILTINS)."""
     report = DataReport(source)
     rows = source_rows(source, cfg, report, limit, seed)
-    # Stream packing cuts the joined stream itself: each row stays whole until then.
-    tok = Tokenizer(tokenizer, cfg.model_copy(update={"max_length": 1 << 30}) if cfg.pack else cfg)
+    tok = Tokenizer(tokenizer, tokenizing_config(cfg))
     examples = []
     for row in rows:
         exs = tok.example(row, report)

@@ -12,7 +12,7 @@ bridge codes, whichever process drives it.
 Two runners drive it and add only what their process needs: `fit_in_process` below (one process,
 `carryon train`) and the Ray Train worker loop in jobs/train_loop.py (streaming shards, the
 embedding cache, DDP, checkpoints). Metric names, replay, the guard, stages, MoE, the summary and
-the adapter are therefore the same in both by construction (tests/test_parity.py runs both).
+the adapter are therefore the same in both by construction (tests/test_job.py's parity tests run both).
 
 A `Reporter` receives metrics and params: MLflow at the edges (carryon_mlflow), nothing here.
 """
@@ -430,7 +430,6 @@ def fit_in_process(cfg: CarryOnConfig, reporter: Reporter | None = None, progres
                             for i in progress(starts, f"base forward ({what})", len(starts))])
 
     layout = part_layout(bridges, calib.dims, calib.base_dtype)
-    bs = cfg.train.batch_size
     t0 = time.perf_counter()
     train = [from_rows(g, layout) for g in row_batches(embedded(rows, "training rows"), bs)]
     log.info("embedded %d training rows in %.1fs (bridge %d bits, %.0f bytes/token)", len(rows),

@@ -28,6 +28,7 @@ import numpy as np
 
 from carryon_ray.config import CarryOnConfig, DataConfig
 from carryon_ray.data import (BUILTINS, DataError, DataReport, Tokenizer, in_val, order_key, pack_examples,
+                              tokenizing_config,
                               padded_tokens, parse_line, replay_pick, sample_id, unit)
 from carryon_ray.embedding import ROW_ID, ROW_INPUT_IDS, ROW_LABELS, ROW_REPLAY, ROW_SEGMENTS
 
@@ -171,7 +172,7 @@ class TokenizeRows:
         tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        self.tok = Tokenizer(tok, DataConfig(**data))
+        self.tok = Tokenizer(tok, tokenizing_config(DataConfig(**data)))
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {k: [] for k in ("key", ROW_ID, ROW_INPUT_IDS, ROW_LABELS, "reason", "rows", "length")}
@@ -241,12 +242,54 @@ def _tokenized(source: str, cfg: CarryOnConfig, data: DataConfig, role: str, see
         if reason and n:
             report.skipped[reason] += n
     good = ds.filter(lambda row: row["reason"] == "")
+    if data.pack:  # continued pretraining: the documents, in order, as one stream cut into windows
+        good = _packed_stream(good, cfg, data)
     n = good.count()
     from carryon_ray.data import check_bad_fraction
 
     check_bad_fraction(report, data, n)
     log.info("data (%s) %s: %d examples", role, report.summary(), n)
     return good.materialize(), report
+
+
+def _pack_windows(ds, base: dict, max_length: int):
+    """A Ray generator task: the rows of `ds` in order through the core's `stream_windows` (the rule
+    `carryon train` packs with), yielded as blocks of windows; one window in memory at a time."""
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from carryon_ray.base import resolve_base_path
+    from carryon_ray.config import BaseModelConfig
+    from carryon_ray.data import Example, stream_windows
+
+    path, gguf = resolve_base_path(BaseModelConfig(**base))
+    eos = AutoTokenizer.from_pretrained(path, gguf_file=gguf).eos_token_id
+
+    def docs():
+        for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+            for ids, key in zip(batch[ROW_INPUT_IDS], batch["key"]):
+                yield Example(list(map(int, ids)), [], key)
+
+    out: dict[str, list] = {k: [] for k in ("key", ROW_ID, ROW_INPUT_IDS, ROW_LABELS, "reason", "rows", "length")}
+    for w in stream_windows(docs(), eos, max_length):
+        for k, v in (("key", w.key), (ROW_ID, sample_id(w.key)), (ROW_INPUT_IDS, w.input_ids), (ROW_LABELS, w.labels),
+                     ("reason", ""), ("rows", 0), ("length", len(w.input_ids))):
+            out[k].append(v)
+        if len(out["key"]) == 1024:
+            yield pa.table(out)
+            out = {k: [] for k in out}
+    if out["key"]:
+        yield pa.table(out)
+
+
+def _packed_stream(good, cfg: CarryOnConfig, data: DataConfig):
+    """data.pack in the job: the packing task runs on a worker; the driver holds only block refs."""
+    import ray
+    import ray.data
+
+    task = ray.remote(num_returns="streaming", num_cpus=cfg.resources.tokenize_cpus)(_pack_windows)
+    refs = list(task.remote(good, cfg.base.model_dump(), data.max_length))
+    return ray.data.from_arrow_refs(refs).materialize() if refs else good.limit(0)
 
 
 def ray_pool(lo: int, hi: int):

@@ -100,7 +100,7 @@ def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, submitted):
     assert mv.run_id == run.info.run_id
     logged = client.search_logged_models([run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run.info.run_id}'")
-    assert [lm.model_id for lm in logged] == [mv.model_id]
+    assert len(logged) == 1 and mv.source == f"models:/{logged[0].model_id}"
     tags = client.get_registered_model("user-alice-tiny").tags  # what serving's access rules read
     assert tags["carryon.owner"] == "alice" and tags["carryon.shared"] == "false"
 
@@ -302,6 +302,18 @@ def test_growing_moe_carryon_over_two_bases_on_packed_text(cluster, tiny_dir, tm
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"] == 2 and len(summary["alphas"]) == 2
     assert summary["val_loss_after"] < summary["val_loss_before"]
+    # data.pack happened in the job by the core's rule: as many 64-token windows of the one document
+    # stream as `carryon train` makes (the job once windowed each document on its own instead)
+    from transformers import AutoTokenizer
+
+    from carryon_ray.config import load_config
+    from carryon_ray.data import load_splits
+
+    dcfg = load_config(ROOT / TINY_CONFIG, {"data.train": str(docs), "data.format": "text", "data.pack": True,
+                                            "data.max_length": 64}).data
+    splits = load_splits(AutoTokenizer.from_pretrained(tiny_dir), dcfg, seed=0)
+    assert summary["train_sequences"] == len(splits.train) and all(len(e.input_ids) <= 64 for e in splits.train)
+    assert sum(len(e.input_ids) == 64 for e in splits.train) >= len(splits.train) - 1  # full windows
 
     client = MlflowClient(cluster["mlflow_url"])
     run = client.get_run(summary["run_id"])
