@@ -30,7 +30,8 @@ demo: $(STAMP)
 	$(BIN)/carryon up --reuse
 	$(BIN)/carryon customize configs/demo.yaml
 	@echo "From the registry (models:/demo-topics@current):"
-	@MLFLOW_TRACKING_URI=$$($(BIN)/carryon status --field mlflow_url) $(BIN)/carryon generate \
+	@MLFLOW_TRACKING_URI=$$($(BIN)/carryon status --field mlflow_url) HF_HUB_DISABLE_PROGRESS_BARS=1 \
+	  MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false $(BIN)/carryon generate \
 	  --adapter models:/demo-topics@current --max-tokens 4 \
 	  --prompt "Sentence: The goalkeeper celebrated a win after the derby.$$(printf '\nTopic:')"
 	@echo ""

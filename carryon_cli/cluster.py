@@ -69,6 +69,8 @@ def cmd_customize(args) -> int:
             return 2
         job_args += ["--set", f"output.dir={out if out.is_absolute() else Path.cwd() / out}"]
     env = {k: os.environ[k] for k in ("CARRYON_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
+    # no per-file progress bars in the job's log (the driver quiets Ray Data itself: jobs/customize.py)
+    env.update({"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
     if mlflow:
         env["MLFLOW_TRACKING_URI"] = mlflow
     if args.local:  # the driver runs here; Ray work goes to RAY_ADDRESS, the recorded cluster, or a local Ray
@@ -83,6 +85,13 @@ def cmd_customize(args) -> int:
         print("error: no Ray cluster: run `carryon up`, set RAY_ADDRESS, or pass --local", file=sys.stderr)
         return 2
     from ray.job_submission import JobStatus, JobSubmissionClient
+
+    import logging
+
+    # The job SDK's packaging notes (INFO) and its note that .git/.venv are skipped (WARNING) are Ray's
+    # bookkeeping, not the run's: Ray's client loggers show errors only here.
+    for name in ["ray", *[n for n in logging.root.manager.loggerDict if n.startswith("ray.")]]:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     client = JobSubmissionClient(address if address.startswith("http") else f"http://{address}")
     entrypoint = "python -m jobs.customize " + " ".join(shlex.quote(a) for a in job_args)

@@ -14,10 +14,16 @@ def save_pyfunc(adapter_dir: str | Path, path: str | Path) -> Path:
     import mlflow.pyfunc
     from mlflow.models import infer_signature
 
+    import warnings
+
     signature = infer_signature(["Question: 3 + 4?\nAnswer:"], ["7"],
                                 params={"max_tokens": 64, "temperature": 0.0, "seed": 0})
-    mlflow.pyfunc.save_model(path=str(path), python_model=str(MODEL_CODE), artifacts={"adapter": str(adapter_dir)},
-                             signature=signature, pip_requirements=[f"carryon-ray=={__version__}"])
+    with warnings.catch_warnings():
+        # The signature is given explicitly; an input example would make MLflow load the base to
+        # validate the model at save time.
+        warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
+        mlflow.pyfunc.save_model(path=str(path), python_model=str(MODEL_CODE), artifacts={"adapter": str(adapter_dir)},
+                                 signature=signature, pip_requirements=[f"carryon-ray=={__version__}"])
     return Path(path)
 
 
@@ -29,7 +35,7 @@ def dataset_input(name: str, source: str, profile: list[dict], context: str):
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.entities import DatasetInput, InputTag
 
-    frame = pd.DataFrame(profile)
+    frame = pd.DataFrame(profile).astype("float64")  # counts as floats: MLflow warns on int columns (no NaN)
     try:
         dataset = mlflow.data.from_pandas(frame, source=source, name=name)
     except Exception:  # noqa: BLE001 - a built-in or an unknown scheme: record it as a generated source

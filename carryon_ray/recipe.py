@@ -256,12 +256,13 @@ class Trainer:
             stats.replay_rows += out["replay_rows"]
             self.train_losses.append((self.step, out["loss"]))
             self.reporter.metrics({"train_loss_step": out["loss"], "lr": self.sched.get_last_lr()[0]}, self.step)
-            if self.step % 5 == 0:  # progress for long runs: the log line and the same as metrics
+            if self.step % 5 == 0:  # progress for long runs: metrics every 5 steps, a log line about twice an epoch
                 el = time.perf_counter() - t0
                 eta = el / i * max(0, self.plan.total_steps - self.step)
-                log.info("progress: epoch %d step %d/%d samples %d loss %.4f ETA %.0fs%s", self.epoch, self.step,
-                         self.plan.total_steps, len(stats.sample_ids), out["loss"], eta,
-                         f" tokens embedded {stats.produced_tokens}" if streamed else "")
+                if self.step % max(5, self.plan.steps_per_epoch // 2) < 5:
+                    log.info("progress: epoch %d step %d/%d samples %d loss %.4f ETA %.0fs%s", self.epoch, self.step,
+                             self.plan.total_steps, len(stats.sample_ids), out["loss"], eta,
+                             f" tokens embedded {stats.produced_tokens}" if streamed else "")
                 self.reporter.metrics({"eta_s": eta, **({"tokens_embedded": stats.produced_tokens} if streamed
                                                         else {})}, self.step)
         stats.seconds = time.perf_counter() - t0

@@ -37,6 +37,25 @@ class JobError(RuntimeError):
     """A run that cannot proceed, with a message meant for the user."""
 
 
+# What the job's processes (driver, actors, Train workers) run with so that the job's log shows the
+# run's own lines: Ray Data logs errors only to the console (everything else to its session file),
+# no per-file progress bars from transformers or MLflow downloads.
+RAY_DATA_LOGGING = Path(__file__).with_name("ray-data-logging.yaml")
+QUIET_ENV = {
+    "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING),
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def worker_env() -> dict[str, str]:
+    """Environment the job's own workers (Train workers) get: the cache and offline settings, and
+    QUIET_ENV. The logging config is named by this file's absolute path: a submitted job's
+    working_dir unpacks to the same path on every node (and Ray Train moves its workers' cwd)."""
+    env = {k: os.environ[k] for k in ("CARRYON_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
+    return {**env, **QUIET_ENV}
+
+
 def connect_ray(cfg) -> None:
     import ray
     import ray.data
@@ -51,11 +70,12 @@ def connect_ray(cfg) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:  # a submitted job (its runtime env is set by the submission) or an explicit cluster
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:  # a laptop: one local node advertising both node classes
         r = cfg.resources
         env = {k: os.environ[k] for k in ("CARRYON_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
-        ray.init(resources={r.inference_resource: 100, r.training_resource: 100}, runtime_env={"env_vars": env})
+        ray.init(resources={r.inference_resource: 100, r.training_resource: 100},
+                 runtime_env={"env_vars": {**env, **QUIET_ENV}}, logging_level=logging.WARNING)
 
 
 def embed_pipeline(cfg, ds, calib):
@@ -180,7 +200,7 @@ def score_heldout_remote(cfg_json: dict, files: dict[str, bytes]) -> dict | None
 def run(cfg) -> dict:
     """Run one customization; returns its summary. Raises JobError / ConfigError on bad input."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -289,6 +309,9 @@ def run(cfg) -> dict:
                     storage_path=cfg.output.storage_path or str(out_dir / "ray-train"),
                     failure_config=FailureConfig(max_failures=r.max_failures),
                     checkpoint_config=CheckpointConfig(num_to_keep=2),
+                    # Ray Train's own INFO lines (resource requests, each checkpoint) go to its log files
+                    logging_config=LoggingConfig(log_level="WARNING"),
+                    worker_runtime_env={"env_vars": worker_env()},
                 ),
                 datasets=datasets,
                 dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -337,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = p.parse_args(argv)
+    for k, v in QUIET_ENV.items():  # before Ray Data is imported: it reads its logging config then
+        os.environ.setdefault(k, v)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, parse_overrides(args.set))

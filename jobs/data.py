@@ -241,7 +241,7 @@ def _tokenized(source: str, cfg: CarryOnConfig, data: DataConfig, role: str, see
     for reason, n in counts.items():
         if reason and n:
             report.skipped[reason] += n
-    good = ds.filter(lambda row: row["reason"] == "")
+    good = ds.filter(expr="reason == ''")
     if data.pack:  # continued pretraining: the documents, in order, as one stream cut into windows
         good = _packed_stream(good, cfg, data)
     n = good.count()
@@ -250,6 +250,15 @@ def _tokenized(source: str, cfg: CarryOnConfig, data: DataConfig, role: str, see
     check_bad_fraction(report, data, n)
     log.info("data (%s) %s: %d examples", role, report.summary(), n)
     return good.materialize(), report
+
+
+def _where(ds, keep):
+    """The rows whose example key passes `keep` (a Python rule on the key, applied a batch at a time)."""
+    def select(batch: dict) -> dict:
+        mask = np.array([bool(keep(str(k))) for k in batch["key"]], dtype=bool)
+        return {name: col[mask] for name, col in batch.items()}
+
+    return ds.map_batches(select, batch_format="numpy")
 
 
 def _pack_windows(ds, base: dict, max_length: int):
@@ -369,12 +378,12 @@ def ingest(cfg: CarryOnConfig) -> Ingested:
         val, reports["val"] = _tokenized(d.val, cfg, d, "val", seed + 1)
     else:
         frac = d.val_fraction
-        val = train.filter(lambda r: in_val(r["key"], frac)).materialize()
+        val = _where(train, lambda k: in_val(k, frac)).materialize()
         if val.count() == 0:  # a tiny set: the row the hash ranks first (as load_splits does)
             first = min((r["key"] for r in train.select_columns(["key"]).take_all()),
                         key=lambda k: unit(k.split("#")[0], "val"))
-            val = train.filter(lambda r: r["key"] == first).materialize()
-        train = train.filter(lambda r: not in_val(r["key"], frac)).materialize()
+            val = _where(train, lambda k: k == first).materialize()
+        train = _where(train, lambda k: not in_val(k, frac)).materialize()
     n_custom = train.count()
     general = None
     if d.general_val:
@@ -386,7 +395,7 @@ def ingest(cfg: CarryOnConfig) -> Ingested:
         rcfg = d.model_copy(update={"format": "auto", "loss_on_prompt": True})
         pool, reports["replay"] = _tokenized(d.replay, cfg, rcfg, "replay", seed + 2)
         threshold = d.replay_ratio * n_custom / max(pool.count(), 1)
-        replay = pool.filter(lambda r: replay_pick(r["key"], seed, threshold)).materialize()
+        replay = _where(pool, lambda k: replay_pick(k, seed, threshold)).materialize()
         n_replay = replay.count()
         profiles["replay"] = (str(d.replay), _profile(replay), "training")
         parts.append(_ordered(replay, seed, True))

@@ -27,8 +27,13 @@ KNOWN = {
 }
 
 
+def _real(res: dict) -> dict:
+    """The resources a user asks for: no placement-group shadows (CPU_group_...), no node: labels."""
+    return {k: v for k, v in res.items() if v and "_group" not in k and not k.startswith(("node:", "bundle_group"))}
+
+
 def _fmt(res: dict) -> str:
-    return ", ".join(f"{v:g} {k}" for k, v in sorted(res.items()) if v and not k.startswith(("node:", "bundle_group")))
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(_real(res).items()))
 
 
 def pending_demands(job_id: str | None = None) -> list[tuple[str, dict]]:
@@ -37,20 +42,21 @@ def pending_demands(job_id: str | None = None) -> list[tuple[str, dict]]:
 
     out = []
     for a in list_actors(filters=[("state", "=", "PENDING_CREATION")], detail=True, raise_on_missing_output=False):
-        if job_id is None or a.job_id == job_id:
-            out.append((a.class_name, dict(a.required_resources or {})))
+        if (job_id is None or a.job_id == job_id) and _real(a.required_resources or {}):
+            out.append((a.class_name, _real(a.required_resources)))
     for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], detail=True,
                         raise_on_missing_output=False):
-        if (job_id is None or t.job_id == job_id) and t.type == "NORMAL_TASK":
-            out.append((t.func_or_class_name or t.name, dict(t.required_resources or {})))
+        if (job_id is None or t.job_id == job_id) and t.type == "NORMAL_TASK" and _real(t.required_resources or {}):
+            out.append((t.func_or_class_name or t.name, _real(t.required_resources)))
     for pg in list_placement_groups(filters=[("state", "=", "PENDING")], detail=True, raise_on_missing_output=False):
         if job_id is not None and pg.creator_job_id != job_id:
             continue
         total: dict = {}
         for b in pg.bundles or []:
-            for k, v in (b.get("unit_resources") or {}).items():
+            for k, v in _real(b.get("unit_resources") or {}).items():
                 total[k] = total.get(k, 0) + v
-        out.append(("RayTrainWorker" if "train" in (pg.name or "").lower() or not pg.name else pg.name, total))
+        if total:  # Ray Train places its worker group as a placement group
+            out.append(("RayTrainWorker", total))
     return out
 
 
@@ -61,7 +67,7 @@ def holders() -> list[tuple[str, dict]]:
     serve: dict = {}
     out = []
     for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
-        res = {k: v for k, v in (a.required_resources or {}).items() if v}
+        res = _real(a.required_resources or {})
         if not res:
             continue
         if a.class_name.startswith(("ServeReplica", "ServeController", "ProxyActor")):
@@ -82,7 +88,7 @@ def describe(pending: list[tuple[str, dict]]) -> str:
     lines = []
     for name, res in pending:
         what, field = next(((w, f) for k, (w, f) in KNOWN.items() if k in name), (name, "resources.*"))
-        short = {k: v for k, v in res.items() if v and not k.startswith(("node:", "bundle_group"))}
+        short = _real(res)
         have = ", ".join(f"{free.get(k, 0):g} of {total.get(k, 0):g} {k} free" for k in sorted(short))
         lines.append(f"waiting for {_fmt(short)} for {what} ({have}); lower {field}, or free the cluster")
     held = "; ".join(f"{w} hold {_fmt(r)}" for w, r in holders()[:6])
