@@ -69,8 +69,11 @@ def cmd_customize(args) -> int:
             return 2
         job_args += ["--set", f"output.dir={out if out.is_absolute() else Path.cwd() / out}"]
     env = {k: os.environ[k] for k in ("CARRYON_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
-    # no per-file progress bars in the job's log (the driver quiets Ray Data itself: jobs/customize.py)
+    # no per-file progress bars in the job's log (the driver quiets Ray Data itself: jobs/customize.py);
+    # on the local cluster, which shares this filesystem, Ray Data's own actors read the same logging config
     env.update({"HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+    if address == state.get("dashboard_url"):
+        env["RAY_DATA_LOGGING_CONFIG"] = str(Path(__file__).resolve().parent.parent / "jobs" / "ray-data-logging.yaml")
     if mlflow:
         env["MLFLOW_TRACKING_URI"] = mlflow
     if args.local:  # the driver runs here; Ray work goes to RAY_ADDRESS, the recorded cluster, or a local Ray

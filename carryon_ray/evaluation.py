@@ -143,13 +143,20 @@ def score_heldout(bases, adapter_dir, cfg) -> dict | None:
 
 
 def side_by_side(result: dict, show: int) -> str:
-    """The first `show` held-out answers of base and adapter, and both accuracies, as text."""
-    lines = []
-    for r in result["records"][:show]:
-        prompt = r["prompt"].replace("\n", " | ")
-        lines += [f"  prompt   {prompt}", f"  expected {r['expected']!r}",
-                  f"  base     {r['base'][:60]!r}  {'right' if r['base_correct'] else 'wrong'}",
-                  f"  adapter  {r['adapter'][:60]!r}  {'right' if r['adapter_correct'] else 'wrong'}", ""]
+    """The first `show` held-out answers of base and adapter, one row each, and both accuracies, as text."""
+    def cell(text: str, width: int) -> str:
+        text = text.replace("\n", " | ")
+        return (text if len(text) <= width else text[: width - 1] + "~").ljust(width)
+
+    def mark(ok: bool) -> str:
+        return "+" if ok else "-"
+
+    rows = result["records"][:show]
+    pw = min(56, max([len("prompt")] + [len(r["prompt"]) for r in rows]))
+    lines = [f"  {'prompt'.ljust(pw)}  {'expected'.ljust(10)}  {'base'.ljust(24)}  adapter"] if rows else []
+    for r in rows:
+        lines.append(f"  {cell(r['prompt'], pw)}  {cell(r['expected'], 10)}  "
+                     f"{mark(r['base_correct'])}{cell(repr(r['base']), 23)}  {mark(r['adapter_correct'])}{r['adapter'][:40]!r}")
     lines.append(f"held-out accuracy on {result['rows']} prompts: base {result['base_accuracy']:.0%}, "
                  f"base + adapter {result['adapter_accuracy']:.0%}")
     return "\n".join(lines)

@@ -248,7 +248,7 @@ def _tokenized(source: str, cfg: CarryOnConfig, data: DataConfig, role: str, see
     from carryon_ray.data import check_bad_fraction
 
     check_bad_fraction(report, data, n)
-    log.info("data (%s) %s: %d examples", role, report.summary(), n)
+    log.debug("data (%s) %s: %d examples", role, report.summary(), n)  # the run reports it (report_data)
     return good.materialize(), report
 
 

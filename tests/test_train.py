@@ -257,7 +257,7 @@ def test_the_demo_path_end_to_end_on_the_tiny_base(tmp_path, tiny_dir):
                          capture_output=True, text=True, env={k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"},
                          timeout=600, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "held-out accuracy on 8 prompts: base" in res.stdout and "  adapter  " in res.stdout
+    assert "held-out accuracy on 8 prompts: base" in res.stdout and "  adapter" in res.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["heldout"]["rows"] == 8 and 0 <= summary["heldout"]["adapter_accuracy"] <= 1
     assert summary["history"][0]["general"] is not None  # the demo's general-domain set was scored
