@@ -39,7 +39,7 @@ demo: $(STAMP)
 	@echo "  make serve                                   # the OpenAI-compatible API with this adapter at :8000"
 	@printf '%s\n' "  curl -s http://127.0.0.1:8000/v1/completions -H \"Authorization: Bearer \$$(cut -d: -f1 .carryon/api-keys.yaml)\" \\" \
 	  "    -H 'Content-Type: application/json' -d '{\"model\": \"demo-topics\", \"prompt\": \"Sentence: Heavy rain flooded the harbor.\\nTopic:\", \"max_tokens\": 4, \"temperature\": 0}'"
-	@echo "  open $$($(BIN)/carryon status --field mlflow_url)         # MLflow: loss curve, alpha trade-off, held-out accuracy"
+	@echo "  open '$$($(BIN)/carryon status --field mlflow_url)/#/experiments/$$($(BIN)/python -c "import mlflow; print(mlflow.MlflowClient('$$($(BIN)/carryon status --field mlflow_url)').get_experiment_by_name('carryon-demo').experiment_id)")/runs?workflowType=machine_learning&compareRunsMode=CHART'   # MLflow: the runs' charts"
 	@echo "Stop the local cluster with: .venv/bin/carryon down"
 
 # The OpenAI-compatible API over SmolLM2 and every adapter registered in the local MLflow (run

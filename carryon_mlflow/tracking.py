@@ -206,6 +206,9 @@ class Tracker:
                                                 params=params, model_type="carryon-adapter")
         self.client.log_model_artifacts(model.model_id, local_dir)
         self.client.finalize_logged_model(model.model_id, "READY")
+        from mlflow.entities import LoggedModelOutput
+
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, 0)])  # the run page lists it
         return model.model_id
 
     def register(self, name: str, alias: str, model_id: str, tags: dict[str, str] | None = None) -> int | None:

@@ -68,11 +68,12 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     browser = chromium()
-    shoot(browser, f"{url}/#/experiments/{exp.experiment_id}?compareRunsMode=CHART", out / "mlflow-charts.png",
+    ml = "workflowType=machine_learning"  # MLflow 3.17's UI opens in its GenAI workflow unless told
+    shoot(browser, f"{url}/#/experiments/{exp.experiment_id}/runs?{ml}&compareRunsMode=CHART",
+          out / "mlflow-charts.png", [run.info.run_name])
+    shoot(browser, f"{url}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}?{ml}", out / "mlflow-run.png",
           [run.info.run_name])
-    shoot(browser, f"{url}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}", out / "mlflow-run.png",
-          [run.info.run_name])
-    shoot(browser, f"{url}/#/models/{args.model}", out / "mlflow-model.png", [args.model])
+    shoot(browser, f"{url}/#/models/{args.model}?{ml}", out / "mlflow-model.png", [args.model])
     try:
         urllib.request.urlopen(f"{args.serve_url}/docs", timeout=5).read()
     except OSError:
