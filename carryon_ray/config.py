@@ -508,6 +508,10 @@ class CarryOnConfig(Strict):
         """Every choice of the search space must make a valid config, and shallow-layer choices must
         be among the layers embedded for all trials."""
         for key, spec in self.tune.space.items():
+            if key in ("carryon.depth", "layers.tap", "bridge.bits") or (key == "carryon.kind" and (
+                    self.carryon.kind == "recycled" or "recycled" in (spec if isinstance(spec, list) else []))):
+                raise ValueError(f"tune.space.{key}: every trial trains on the states embedded once, at one tap and "
+                                 "bridge; run one search per carryon.depth (search carryon.rank, train.lr, ... within it)")
             for value in spec if isinstance(spec, list) else [spec["min"], spec["max"]]:
                 data = apply_overrides(self.model_dump(mode="json", exclude={"tune"}), {key: value})
                 try:

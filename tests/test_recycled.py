@@ -61,6 +61,11 @@ def test_config_defaults_and_rules():
             make_config(**{"carryon": {"kind": "recycled"}, **bad})
     with pytest.raises(ConfigError, match="layers.tap"):
         make_config(layers={"tap": 3})  # the tap belongs to the recycled kind
+    # a search trains every trial on the states embedded once: one tap per search
+    with pytest.raises(ConfigError, match="tune.space.carryon.depth"):
+        make_config(carryon={"kind": "recycled"}, tune={"trials": 2, "space": {"carryon.depth": [4, 8]}})
+    ok = make_config(carryon={"kind": "recycled"}, tune={"trials": 2, "space": {"carryon.rank": [4, 16]}})
+    assert ok.tune.space == {"carryon.rank": [4, 16]}
 
 
 def test_a_depth_past_the_base_fails_naming_the_field(deep_dir, deep_base):
