@@ -259,7 +259,7 @@ class Trainer:
             if self.step % 5 == 0:  # progress for long runs: metrics every 5 steps, a log line about twice an epoch
                 el = time.perf_counter() - t0
                 eta = el / i * max(0, self.plan.total_steps - self.step)
-                if self.step % max(5, self.plan.steps_per_epoch // 2) < 5:
+                if self.step % (5 * max(1, self.plan.steps_per_epoch // 10)) == 0:  # ~twice an epoch
                     log.info("progress: epoch %d step %d/%d samples %d loss %.4f ETA %.0fs%s", self.epoch, self.step,
                              self.plan.total_steps, len(stats.sample_ids), out["loss"], eta,
                              f" tokens embedded {stats.produced_tokens}" if streamed else "")
