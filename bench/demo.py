@@ -105,6 +105,7 @@ def main() -> int:
         "processes_at_rss_peak": sampler.peak_procs,
         "samples": sampler.samples,
         "machine": {"cpus": os.cpu_count(), "memory_mb": round(psutil.virtual_memory().total / 2**20)},
+        "output_lines": len(log.splitlines()),  # what `make demo` prints (issue 25's target: <= 60)
         "log_tail": log[-3000:],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
