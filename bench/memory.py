@@ -50,11 +50,15 @@ V = {vocab}
 def rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 out = {{"kind": kind, "size": size}}
-if kind == "carryon":
+if kind == "carryon" or kind.startswith("recycled"):
+    # What a Train worker holds: the inherited head (the only base tensor it loads) and the carry-on
+    # (the gated MLP of width 64, or the recycled kind's top `depth` blocks of SmolLM2 with deltas).
     from carryon_ray.config import validate_config
     from carryon_ray.train import build_carryon, make_optimizer, train_step
-    cfg = validate_config({{"data": {{"train": "x"}}, "carryon": {{"kind": "mlp", "width": 64}}}})
-    head = torch.randn(V, D) * 0.02   # the inherited head: the only base tensor a Train worker loads
+    arch = {{"kind": "mlp", "width": 64}} if kind == "carryon" else {{"kind": "recycled", "depth": int(kind[8:]), "rank": 8}}
+    cfg = validate_config({{"base": {{"name": "smollm2-135m-instruct", "dtype": "float32"}}, "data": {{"train": "x"}},
+                           "carryon": arch}})
+    head = torch.randn(V, D) * 0.02
     model = build_carryon(cfg, [D], V, head)
     opt, sched = make_optimizer(model, cfg, steps)
     x = torch.randn(batch, tokens, D)
@@ -87,21 +91,6 @@ elif kind in ("lora", "lora_all"):
         times.append(time.perf_counter() - t0)
     out["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out["base_params"] = sum(p.numel() for p in model.parameters())
-elif kind.startswith("recycled"):
-    from carryon_ray.config import validate_config
-    from carryon_ray.train import build_carryon, make_optimizer, train_step
-    depth = int(kind[len("recycled"):])
-    cfg = validate_config({{"base": {{"name": "smollm2-135m-instruct", "dtype": "float32"}}, "data": {{"train": "x"}},
-                           "carryon": {{"kind": "recycled", "depth": depth, "rank": 8}}}})
-    head = torch.randn(V, D) * 0.02
-    model = build_carryon(cfg, [D], V, head)
-    opt, sched = make_optimizer(model, cfg, steps)
-    x = torch.randn(batch, tokens, D)
-    y = torch.randint(0, V, (batch, tokens))
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter(); train_step(model, opt, sched, [[x]], y, 1024, 1.0); times.append(time.perf_counter() - t0)
-    out["trainable"] = model.num_params(trainable_only=True)
 else:
     times = [0.0]
 out["peak_rss_mb"] = rss_mb()
