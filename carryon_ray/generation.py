@@ -23,15 +23,11 @@ corrects is the base's exact final state, so alpha = 0 gives the base's own toke
 
 from __future__ import annotations
 
-import itertools
-import queue
 import secrets
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +38,8 @@ from .bridge import Bridge, Bridges
 from .config import BaseModelConfig
 from .model import CarryOn, InheritedHead
 from .recycled import RecycledTop, bind_rows, delta_sites, unbind
+from .runner import FlatBatch, LayerLoop, unsupported
+from .scheduler import Request, Scheduler, Sequence, StepPlan
 
 # Below this temperature a row decodes greedily: logits / T overflows float32 long before T
 # reaches 0 (vLLM uses the same cut-off).
@@ -152,6 +150,17 @@ class KVPool:
         rows = self._rows if isinstance(self._rows, slice) else self._rows.to(K.device)
         return K[rows, :, : self._span], V[rows, :, : self._span]
 
+    def layer(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole pool of one layer ([slots, heads, positions, dim] keys and values), created on first
+        use in the dtype and shape of `k` and `v` (the flat layer loop writes and reads it directly)."""
+        if layer_id not in self.k:
+            self.k[layer_id] = k.new_zeros(self.slots, k.shape[-2], self.length, k.shape[-1])
+            self.v[layer_id] = v.new_zeros(self.slots, v.shape[-2], self.length, v.shape[-1])
+        return self.k[layer_id], self.v[layer_id]
+
+    def reserve(self, slots: int, length: int) -> None:
+        self._reserve(slots, length)
+
     def move(self, src: int, dst: int, upto: int) -> None:
         """Copy slot src's first `upto` positions into slot dst (compaction)."""
         self._reserve(max(src, dst) + 1, self.length)
@@ -202,63 +211,8 @@ def step_mask(starts: torch.Tensor, T: int, span: int, device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Requests and their rows.
+# The engine: schedule (carryon_ray/scheduler.py) -> execute (the runner, the carry-ons) -> sample -> update.
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Request:
-    """What one generation asks for. `on_token(seq, token)` runs on the engine's thread after every
-    token; returning True ends the row (a completed stop string)."""
-
-    prompt: list[int]
-    adapter: Adapter | None = None
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None  # None: fresh entropy for every request
-    alpha: float | None = None  # None: the adapter's own alpha
-    stop_at_eos: bool = True
-    logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the top k
-    deadline: float | None = None  # time.monotonic() after which the row is retired ("timeout")
-    on_token: Callable[["Sequence", int], bool] | None = None
-    label: str = ""  # the adapter's public name, for per-adapter counts
-
-
-_ids = itertools.count()
-
-
-@dataclass
-class Sequence:
-    """A request as it moves through the engine, and its result."""
-
-    request: Request
-    id: int = field(default_factory=lambda: next(_ids))
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[dict] = field(default_factory=list)  # per token: {"logprob", "top": [(id, logprob)]}
-    finish_reason: str | None = None  # stop, length, cancelled, timeout, error
-    error: str | None = None
-    submitted: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    # engine state
-    cancelled: bool = False
-    slot: int = -1  # index into the engine's running rows (and the base KV pools)
-    adapter_slot: int = -1  # slot in the adapter's own KV pool
-    fed: int = 0  # positions in the KV cache
-    pending: int | None = None  # the last sampled token, not yet fed
-    generator: torch.Generator | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def decoding(self) -> bool:
-        return self.pending is not None
-
-    def cancel(self) -> None:
-        """Ask the engine to retire this row at its next step (thread-safe)."""
-        self.cancelled = True
 
 
 @dataclass
@@ -266,8 +220,18 @@ class EngineStats:
     steps: int = 0
     tokens: int = 0  # generated
     prompt_tokens: int = 0  # prefilled
+    forwards: int = 0  # base forwards (one per step with the flat layer loop; up to two without)
     finished: dict = field(default_factory=dict)  # finish_reason -> count
     adapter_rows: dict = field(default_factory=dict)  # adapter name -> rows admitted
+
+
+@dataclass
+class StepOutput:
+    """What one step produced: every sampled token (row, token id) in order, and the rows that ended.
+    The caller turns tokens into text after the step, outside the engine's lock."""
+
+    tokens: list[tuple[Sequence, int]] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)
 
 
 class _AdapterSlots:
@@ -288,44 +252,57 @@ class _AdapterSlots:
         self.free.append(slot)
 
 
-# ---------------------------------------------------------------------------------------------
-# The engine.
-# ---------------------------------------------------------------------------------------------
-
-
 class Engine:
-    """Iteration-level scheduler over one base (or several, for mixed-base adapters).
+    """Iteration-level scheduling over one base (or several, for mixed-base adapters).
 
-    Not thread-safe by itself except `submit` and `Sequence.cancel`: one thread calls `step()`
+    Each `step()`: the scheduler plans (retire, admit, decode tokens, prompt chunks); the model
+    runner feeds all of the plan's tokens through the base in ONE forward (`forward="flat"`, the
+    base's own layer loop, carryon_ray/runner.py), or, for bases that loop does not cover and with
+    `forward="padded"`, as a padded decode forward and a padded prefill forward; each adapter's
+    carry-on runs on its rows; the sampler picks a token per row; the scheduler is told what ended.
+    Not thread-safe by itself except `submit` and `Sequence.cancel/stop`: one thread calls `step()`
     (serve/engine.py runs that loop for a Serve replica; `run` does it for offline generation).
     """
 
     def __init__(self, bases: FrozenBase | list[FrozenBase], max_rows: int = 32, prefill_tokens: int = 512,
-                 max_len: int | None = None):
+                 max_len: int | None = None, forward: str = "flat"):
         self.bases = bases if isinstance(bases, list) else [bases]
         base = self.base = self.bases[0]
-        self.max_rows, self.prefill_tokens = max_rows, max(1, prefill_tokens)
         context = int(getattr(base.model.config, "max_position_embeddings", 0) or 1 << 20)
         self.max_len = min(max_len or context, context)
         self.pad, self.eos = base.tokenizer.pad_token_id, base.tokenizer.eos_token_id
         self.pools = [KVPool(self.max_len) for _ in self.bases]
         self.adapter_slots: dict[int, _AdapterSlots] = {}
-        self.inbox: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
-        self.waiting: deque[Sequence] = deque()
-        self.rows: list[Sequence] = []  # running, in slot order: decoding rows first, then prefilling
-        self.decoding = 0  # rows[:decoding] decode; rows[decoding:] are still prefilling
+        self.scheduler = Scheduler(max_rows, prefill_tokens, self.max_len, on_swap=self._swap_kv)
+        if forward not in ("flat", "padded"):
+            raise ValueError(f"forward must be 'flat' or 'padded', not {forward!r}")
+        why = [unsupported(b) for b in self.bases] if forward == "flat" else ["forward='padded' was asked for"]
+        self.padded_because = next((w for w in why if w), None)  # None: the flat layer loop runs
+        self.loops = [LayerLoop(b) for b in self.bases] if self.padded_because is None else []
+        self.sampler = Sampler()
         self.stats = EngineStats()
         self.lock = threading.Lock()  # held for the length of a step (stats readers take it too)
+
+    # -- the scheduler's state, read by the replica's stats --------------------------------------
+    max_rows = property(lambda self: self.scheduler.max_rows)
+    prefill_tokens = property(lambda self: self.scheduler.prefill_tokens)
+    rows = property(lambda self: self.scheduler.rows)
+    decoding = property(lambda self: self.scheduler.decoding)
+
+    @property
+    def flat(self) -> bool:
+        return self.padded_because is None
+
+    def queued(self) -> int:
+        return self.scheduler.queued()
 
     # -- requests -----------------------------------------------------------------------------
     def submit(self, request: Request) -> Sequence:
         """Queue a request (thread-safe); it is admitted at a coming step."""
-        seq = Sequence(request)
-        self.inbox.put(seq)
-        return seq
+        return self.scheduler.submit(request)
 
     def has_work(self) -> bool:
-        return bool(self.rows or self.waiting or not self.inbox.empty())
+        return self.scheduler.has_work()
 
     def run(self, requests: list[Request]) -> list[Sequence]:
         """Offline: submit everything, step until all are done, return the sequences in order."""
@@ -336,143 +313,126 @@ class Engine:
 
     # -- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self) -> list[Sequence]:
-        """Retire, admit, decode one token per running row, prefill within the budget.
-        Returns the sequences that finished during this step."""
+    def step(self) -> StepOutput:
+        """Schedule, run the step's tokens, sample, update. Returns the step's tokens and ended rows."""
         with self.lock:
-            finished: list[Sequence] = []
-            self._take_inbox()
-            self._retire_cancelled(finished)
-            self._admit(finished)
-            if self.decoding:
-                rows = self.rows[: self.decoding]
-                self._forward(rows, [[s.pending] for s in rows], finished)
-            chunks = self._prefill_chunks()
-            if chunks:
-                self.stats.prompt_tokens += sum(len(c) for _, c in chunks)
-                self._forward([s for s, _ in chunks], [c for _, c in chunks], finished)
-            for seq in finished:
+            plan = self.scheduler.schedule()
+            out = StepOutput(finished=list(plan.finished))
+            for seq in plan.admitted:
+                self._admitted(seq)
+            if not plan.empty:
+                self.stats.prompt_tokens += sum(len(c.tokens) for c in plan.prefill)
+                groups = [(plan.decode, [[s.pending] for s in plan.decode]),
+                          ([c.seq for c in plan.prefill], [c.tokens for c in plan.prefill])]
+                states = self._flat_states(plan) if self.flat else [None, None]
+                for (seqs, feeds), st in zip(groups, states):
+                    if seqs:
+                        self._forward(seqs, feeds, out, st)
+            for seq in out.finished:
                 if seq.slot >= 0:
                     self._release(seq)
             self.stats.steps += 1
-            for seq in finished:
+            for seq in out.finished:
                 self.stats.finished[seq.finish_reason] = self.stats.finished.get(seq.finish_reason, 0) + 1
             if not self.rows:  # idle: give the KV memory back
                 for pool in self.pools:
                     pool.clear()
                 self.adapter_slots.clear()
-            return finished
+            return out
 
     def abort_all(self, reason: str) -> list[Sequence]:
         """End every waiting and running row with an error and reset the KV memory (after a step
         failed midway, the rows' caches cannot be trusted). Returns the rows ended."""
         with self.lock:
-            self._take_inbox()
-            ended = [s for s in [*self.rows, *self.waiting] if not s.done]
+            ended = self.scheduler.abort_all()
             for s in ended:
                 s.finish_reason, s.error = "error", reason
-                s.slot = -1
-            self.rows, self.waiting, self.decoding = [], deque(), 0
             for pool in self.pools:
                 pool.clear()
             self.adapter_slots.clear()
             return ended
 
-    def _take_inbox(self) -> None:
-        while True:
-            try:
-                self.waiting.append(self.inbox.get_nowait())
-            except queue.Empty:
-                return
-
-    def _retire_cancelled(self, finished: list[Sequence]) -> None:
-        """Cancelled rows and rows past their deadline leave before this step's forwards."""
-        now = time.monotonic()
-        for seq in [*self.rows, *self.waiting]:
-            if seq.cancelled:
-                seq.finish_reason = "cancelled"
-            elif seq.request.deadline is not None and now > seq.request.deadline:
-                seq.finish_reason = "timeout"
-            else:
-                continue
-            finished.append(seq)
-            if seq.slot >= 0:
-                self._release(seq)
-        self.waiting = deque(s for s in self.waiting if not s.done)
-
-    def _admit(self, finished: list[Sequence]) -> None:
-        while self.waiting and len(self.rows) < self.max_rows:
-            seq = self.waiting.popleft()
-            r = seq.request
-            if not r.prompt or len(r.prompt) + max(r.max_tokens, 1) > self.max_len:
-                seq.finish_reason, seq.error = "error", (
-                    f"prompt ({len(r.prompt)} tokens) plus max_tokens ({r.max_tokens}) exceeds the context of "
-                    f"{self.max_len}" if r.prompt else "the prompt is empty")
-                finished.append(seq)
-                continue
+    def _admitted(self, seq: Sequence) -> None:
+        r = seq.request
+        if r.seed is not None:  # a seeded row owns its generator (same seed, same tokens, whatever else runs)
             seq.generator = torch.Generator(device="cpu")
-            seq.generator.manual_seed(r.seed if r.seed is not None else secrets.randbits(63))
-            seq.slot = len(self.rows)
-            self.rows.append(seq)
-            name = r.label or ("adapter" if r.adapter is not None else "base")
-            self.stats.adapter_rows[name] = self.stats.adapter_rows.get(name, 0) + 1
-            if r.adapter is not None:
-                if r.adapter.carryon.uses_cache:
-                    slots = self.adapter_slots.setdefault(id(r.adapter), _AdapterSlots(self.max_len))
-                    seq.adapter_slot = slots.take()
-
-    def _prefill_chunks(self) -> list[tuple[Sequence, list[int]]]:
-        """Prompt chunks for this step: prefilling rows in admission order until the token budget
-        is spent (the first row always makes progress)."""
-        budget, chunks = self.prefill_tokens, []
-        for seq in self.rows[self.decoding:]:
-            if budget <= 0:
-                break
-            if seq.done:
-                continue
-            take = min(len(seq.request.prompt) - seq.fed, budget)
-            chunks.append((seq, seq.request.prompt[seq.fed : seq.fed + take]))
-            budget -= take
-        return chunks
+            seq.generator.manual_seed(r.seed)
+        name = r.label or ("adapter" if r.adapter is not None else "base")
+        self.stats.adapter_rows[name] = self.stats.adapter_rows.get(name, 0) + 1
+        if r.adapter is not None and r.adapter.carryon.uses_cache:
+            slots = self.adapter_slots.setdefault(id(r.adapter), _AdapterSlots(self.max_len))
+            seq.adapter_slot = slots.take()
 
     # -- the forward ----------------------------------------------------------------------------
-    def _forward(self, seqs: list[Sequence], feeds: list[list[int]], finished: list[Sequence]) -> None:
-        """One forward over `seqs` (a contiguous range of slots), feeding each its tokens; rows
-        whose feed ends their prompt, and decoding rows, get a next token."""
+    def _flat_states(self, plan: StepPlan) -> list:
+        """Every token of the plan through each base in one flat forward; the states come back in the
+        padded per-group layout the carry-ons read: [decode rows, 1, D] and [prefill rows, T, D]."""
+        base, device = self.base, self.base.device
+        batch = FlatBatch.build([(s.slot, s.fed, s.pending) for s in plan.decode],
+                                [(c.seq.slot, c.start, c.tokens) for c in plan.prefill])
+        seqs = [*plan.decode, *(c.seq for c in plan.prefill)]
+        adapters = [s.request.adapter for s in seqs]
+        shallow = sorted({k for a in adapters if a is not None for k in a.shallow})
+        n_bases = max([1] + [a.num_bases for a in adapters if a is not None])
+        # Recycled-top rows are adapted inside base 0's forward: their deltas bind to its top blocks per
+        # token (a prompt chunk's tokens share one matmul; lone decode tokens one gathered matmul).
+        tokens: dict[int, tuple] = {}
+        for sp, s in zip(batch.spans, seqs):
+            a = s.request.adapter
+            if a is not None and a.recycled:
+                _, idx, al = tokens.setdefault(id(a), (a.carryon, [], []))
+                idx += range(sp.offset, sp.offset + sp.n)
+                al += [self._alpha(s)] * sp.n
+        inside = list(tokens.values())
+        states = []
+        for b in range(n_bases):
+            if b == 0 and inside:
+                bind_rows(base.delta_sites, inside, device)
+            try:
+                states.append(self.loops[b].forward(batch, self.pools[b], shallow))
+            finally:
+                if b == 0 and inside:
+                    unbind(base.delta_sites)
+        self.stats.forwards += 1
+        d = batch.decode
+        decode = [[st[:d, None] for st in per] for per in states]
+        spans = batch.spans[d:]
+        prefill = None
+        if spans:
+            T = max(sp.n for sp in spans)
+            row = torch.cat([torch.full((sp.n,), i) for i, sp in enumerate(spans)]).to(device)
+            col = torch.cat([torch.arange(sp.n) for sp in spans]).to(device)
+            prefill = []
+            for per in states:
+                padded = []
+                for st in per:
+                    p = st.new_zeros(len(spans), T, st.shape[-1])
+                    p[row, col] = st[d:]
+                    padded.append(p)
+                prefill.append(padded)
+        return [(decode, shallow), (prefill, shallow) if prefill is not None else None]
+
+    def _forward(self, seqs: list[Sequence], feeds: list[list[int]], result: StepOutput, given=None) -> None:
+        """The carry-ons and heads of `seqs` (a contiguous range of slots), each fed its tokens; rows
+        whose feed ends their prompt, and decoding rows, get a next token. `given`: (the base states of
+        these rows from the flat forward, the shallow layers in them); None runs the padded Hugging Face
+        forward for them here."""
         base, device = self.base, self.base.device
         B, T = len(seqs), max(len(f) for f in feeds)
-        ids = torch.full((B, T), self.pad, dtype=torch.long)
-        for i, f in enumerate(feeds):
-            ids[i, : len(f)] = torch.tensor(f)
         starts = torch.tensor([s.fed for s in seqs])
         positions = (starts[:, None] + torch.arange(T)[None, :]).to(device)
         span = int(starts.max()) + T
         mask = step_mask(starts, T, span, device)
-        slots = [s.slot for s in seqs]
         adapters = [s.request.adapter for s in seqs]
         shallow = sorted({k for a in adapters if a is not None for k in a.shallow})
-        n_bases = max([1] + [a.num_bases for a in adapters if a is not None])
-        # Rows of recycled-top adapters are adapted inside base 0's forward: their deltas bind to its top
-        # blocks for this forward (one gathered matmul per layer for all of them; other rows untouched).
         groups: dict[int, list[int]] = {}
         for i, a in enumerate(adapters):
             if a is not None:
                 groups.setdefault(id(a), []).append(i)
-        inside = [(adapters[rows[0]].carryon, rows, [self._alpha(seqs[i]) for i in rows]) for rows in groups.values()
-                  if adapters[rows[0]].recycled]
-        states = []
-        for b in range(n_bases):  # every base once for the whole batch
-            self.pools[b].bind(slots, starts, T)
-            if b == 0 and inside:
-                bind_rows(base.delta_sites, inside, device)
-            try:
-                st, _ = self.bases[b].hidden_states(ids.to(device), self.bases[b].prepare_mask(mask), shallow,
-                                                    past_key_values=self.pools[b], position_ids=positions,
-                                                    use_cache=True)
-            finally:
-                if b == 0 and inside:
-                    unbind(base.delta_sites)
-            states.append(st)
+        if given is None:
+            states = self._padded_states(seqs, feeds, T, starts, positions, mask, shallow, groups)
+        else:
+            states, shallow = given
         for s, f in zip(seqs, feeds):
             s.fed += len(f)
         last = torch.tensor([len(f) - 1 for f in feeds], device=device)
@@ -518,7 +478,36 @@ class Engine:
             if keep:
                 r = torch.tensor([rows[k] for k in keep], device=device)
                 logits[[at[rows[k]] for k in keep]] = a.carryon.logits(out[r], alpha[keep]).float().cpu()
-        self._sample([seqs[i] for i in want], logits, finished)
+        self._sample([seqs[i] for i in want], logits, result)
+
+    def _padded_states(self, seqs, feeds, T, starts, positions, mask, shallow, groups) -> list:
+        """The padded Hugging Face forward of `seqs` (every base once), for bases the flat loop does not cover."""
+        base, device = self.base, self.base.device
+        ids = torch.full((len(seqs), T), self.pad, dtype=torch.long)
+        for i, f in enumerate(feeds):
+            ids[i, : len(f)] = torch.tensor(f)
+        slots = [s.slot for s in seqs]
+        adapters = [s.request.adapter for s in seqs]
+        n_bases = max([1] + [a.num_bases for a in adapters if a is not None])
+        # Rows of recycled-top adapters are adapted inside base 0's forward: their deltas bind to its top
+        # blocks for this forward (other rows untouched).
+        inside = [(adapters[rows[0]].carryon, rows, [self._alpha(seqs[i]) for i in rows]) for rows in groups.values()
+                  if adapters[rows[0]].recycled]
+        states = []
+        for b in range(n_bases):  # every base once for the whole batch
+            self.pools[b].bind(slots, starts, T)
+            if b == 0 and inside:
+                bind_rows(base.delta_sites, inside, device)
+            try:
+                st, _ = self.bases[b].hidden_states(ids.to(device), self.bases[b].prepare_mask(mask), shallow,
+                                                    past_key_values=self.pools[b], position_ids=positions,
+                                                    use_cache=True)
+            finally:
+                if b == 0 and inside:
+                    unbind(base.delta_sites)
+            states.append(st)
+        self.stats.forwards += 1
+        return states
 
     @staticmethod
     def _alpha(seq: Sequence) -> float:
@@ -526,76 +515,41 @@ class Engine:
         r = seq.request
         return r.adapter.alpha if r.alpha is None else r.alpha
 
-    # -- sampling -------------------------------------------------------------------------------
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, finished: list[Sequence]) -> None:
-        """A next token per row, each with its own parameters and generator; whatever fails for
-        one row (a broken adapter's NaN logits) ends that row alone."""
-        greedy = torch.tensor([s.request.temperature < MIN_TEMPERATURE for s in seqs])
-        best = logits.argmax(-1)
+    # -- sampling and update ----------------------------------------------------------------------
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:  # noqa: D401
+        """A next token per row (the Sampler), then each row's bookkeeping; whatever fails for one row
+        (a broken adapter's NaN logits) ends that row alone."""
+        picked = self.sampler(seqs, logits)
         now = time.monotonic()
-        for j, seq in enumerate(seqs):
+        for seq, (token, entry, error) in zip(seqs, picked):
             r = seq.request
-            try:
-                row = logits[j]
-                if torch.isnan(row).any() or not torch.isfinite(row).any():
-                    raise FloatingPointError("the model produced NaN or no finite logit")
-                token = int(best[j]) if greedy[j] else sample(row, r.temperature, r.top_p, seq.generator)
-                if r.logprobs is not None:
-                    lp = torch.log_softmax(row, -1)
-                    entry = {"logprob": float(lp[token])}
-                    if r.logprobs:
-                        top = lp.topk(r.logprobs)
-                        entry["top"] = list(zip(top.indices.tolist(), top.values.tolist()))
-                    seq.logprobs.append(entry)
-            except (RuntimeError, FloatingPointError, ValueError) as exc:
-                seq.finish_reason, seq.error = "error", f"sampling failed: {exc}"
-                finished.append(seq)
+            if error is not None:
+                seq.finish_reason, seq.error = "error", f"sampling failed: {error}"
+                out.finished.append(seq)
                 continue
+            if entry is not None:
+                seq.logprobs.append(entry)
             if seq.first_token_at is None:
                 seq.first_token_at = now
-                i = seq.slot
-                if i >= self.decoding:  # prompt done: move into the decoding range
-                    self._swap(i, self.decoding)
-                    self.decoding += 1
+                self.scheduler.started_decoding(seq)
             seq.tokens.append(token)
             seq.pending = token
             self.stats.tokens += 1
-            stop = False
-            if r.on_token is not None:
-                try:
-                    stop = bool(r.on_token(seq, token))
-                except Exception as exc:  # noqa: BLE001 - a callback's failure ends its own row only
-                    seq.finish_reason, seq.error = "error", f"token callback failed: {exc}"
-                    finished.append(seq)
-                    continue
-            if stop or (r.stop_at_eos and token == self.eos):
+            out.tokens.append((seq, token))
+            if r.stop_at_eos and token == self.eos:
                 seq.finish_reason = "stop"
             elif len(seq.tokens) >= r.max_tokens or seq.fed + 1 >= self.max_len:
                 seq.finish_reason = "length"
             if seq.done:
-                finished.append(seq)
+                out.finished.append(seq)
 
     # -- slots ----------------------------------------------------------------------------------
-    def _swap(self, i: int, j: int) -> None:
-        if i == j:
-            return
-        a, b = self.rows[i], self.rows[j]
-        upto = max(a.fed, b.fed)
+    def _swap_kv(self, i: int, j: int, upto: int) -> None:
         for pool in self.pools:
             pool.swap(i, j, upto)
-        self.rows[i], self.rows[j] = b, a
-        a.slot, b.slot = j, i
 
     def _release(self, seq: Sequence) -> None:
-        """Take a row out of the running set, keeping decoding rows first and slots compact."""
-        i = seq.slot
-        if i < self.decoding:  # fill its place from the end of the decoding range ...
-            self._swap(i, self.decoding - 1)
-            self.decoding -= 1
-            i = self.decoding
-        self._swap(i, len(self.rows) - 1)  # ... and that place from the end of the prefilling range
-        self.rows.pop()
-        seq.slot = -1
+        self.scheduler.release(seq)
         a = seq.request.adapter
         if a is not None and seq.adapter_slot >= 0:
             slots = self.adapter_slots.get(id(a))
@@ -605,6 +559,75 @@ class Engine:
 
     def kv_bytes(self) -> int:
         return sum(p.nbytes() for p in self.pools) + sum(s.pool.nbytes() for s in self.adapter_slots.values())
+
+
+class Sampler:
+    """Next tokens for a batch of rows' logits [rows, vocab] (float32, CPU).
+
+    Penalties first (OpenAI's presence and frequency penalties on the generated tokens, the
+    repetition penalty on prompt and generated tokens, as vLLM applies them), only for rows that ask.
+    Greedy rows take one batched argmax; unseeded rows sampling the full distribution share one
+    batched inverse-CDF draw from the engine's generator; only seeded rows (their own generator,
+    so their tokens repeat whatever else runs) and nucleus rows draw one by one. Log-probabilities
+    are those of the model's logits (vLLM's default), before penalties and temperature."""
+
+    def __init__(self):
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(secrets.randbits(63))
+
+    def __call__(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, dict | None, str | None]]:
+        raw = logits
+        bad = torch.isnan(logits).any(-1) | ~torch.isfinite(logits).any(-1)
+        logits = self._penalize(seqs, logits)
+        greedy = [s.request.temperature < MIN_TEMPERATURE for s in seqs]
+        tokens = logits.argmax(-1).tolist()
+        batched = [j for j, s in enumerate(seqs) if not greedy[j] and not bad[j] and s.generator is None
+                   and s.request.top_p >= 1.0]
+        if batched:
+            t = torch.tensor([seqs[j].request.temperature for j in batched])[:, None]
+            cdf = torch.softmax(logits[batched] / t, -1).cumsum(-1)
+            u = torch.rand(len(batched), 1, generator=self.generator) * cdf[:, -1:]
+            for j, tok in zip(batched, torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1)[:, 0].tolist()):
+                tokens[j] = tok
+        done = set(batched)
+        result = []
+        for j, seq in enumerate(seqs):
+            r = seq.request
+            try:
+                if bad[j]:
+                    raise FloatingPointError("the model produced NaN or no finite logit")
+                if not greedy[j] and j not in done:
+                    tokens[j] = sample(logits[j], r.temperature, r.top_p, seq.generator or self.generator)
+                entry = None
+                if r.logprobs is not None:
+                    lp = torch.log_softmax(raw[j], -1)
+                    entry = {"logprob": float(lp[tokens[j]])}
+                    if r.logprobs:
+                        top = lp.topk(r.logprobs)
+                        entry["top"] = list(zip(top.indices.tolist(), top.values.tolist()))
+                result.append((tokens[j], entry, None))
+            except (RuntimeError, FloatingPointError, ValueError) as exc:
+                result.append((-1, None, str(exc)))
+        return result
+
+    @staticmethod
+    def _penalize(seqs: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        rows = [j for j, s in enumerate(seqs) if s.request.presence_penalty or s.request.frequency_penalty
+                or s.request.repetition_penalty != 1.0]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        V = logits.shape[-1]
+        for j in rows:
+            r, seq = seqs[j].request, seqs[j]
+            if seq.tokens and (r.presence_penalty or r.frequency_penalty):
+                counts = torch.bincount(torch.tensor(seq.tokens), minlength=V)[:V].to(logits.dtype)
+                logits[j] -= r.frequency_penalty * counts + r.presence_penalty * (counts > 0).to(logits.dtype)
+            if r.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(r.prompt) | set(seq.tokens)))
+                x = logits[j, seen]
+                logits[j, seen] = torch.where(x > 0, x / r.repetition_penalty, x * r.repetition_penalty)
+        return logits
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

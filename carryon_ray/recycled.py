@@ -46,24 +46,34 @@ def add_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor
               rows: torch.Tensor | None = None) -> torch.Tensor:
     """y + alpha * B (A x): the one low-rank delta, for training and serving alike.
 
-    One adapter: A [r, in], B [out, r], alpha a number, every row of x [N, T, in].
-    Many (serving): A [n, r, in], B [n, out, r], alpha [n], and `rows` [n] the rows of x they
-    belong to; each row's delta is one gathered batched matmul, other rows are left as they are."""
+    One adapter on every row: A [r, in], B [out, r], alpha a number; x is [N, ..., in].
+    One adapter on some rows (serving): the same A and B, `rows` [n] the rows of x (along dim 0) it
+    applies to and alpha a number or [n]; other rows are left as they are.
+    Many adapters, one row each (serving): A [n, r, in], B [n, out, r], alpha [n], `rows` [n]; one
+    gathered batched matmul for all of them.
+    A row of x is a sequence of a padded batch, or one token of the engine's flat batch."""
     if rows is None:
         return y + alpha * F.linear(F.linear(x, A), B)
-    xs = x.index_select(0, rows)  # [n, T, in]
-    d = torch.bmm(torch.bmm(xs, A.transpose(1, 2)), B.transpose(1, 2))  # [n, T, out]
-    return y.index_add(0, rows, d * alpha.to(d.dtype)[:, None, None])
+    xs = x.index_select(0, rows)  # [n, ..., in]
+    if A.dim() == 2:
+        d = F.linear(F.linear(xs, A), B)
+    else:
+        flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])
+        d = torch.bmm(torch.bmm(flat, A.transpose(1, 2)), B.transpose(1, 2)).reshape(*xs.shape[:-1], B.shape[1])
+    if isinstance(alpha, torch.Tensor) and alpha.dim() == 1:
+        alpha = alpha.to(d.dtype).view(-1, *[1] * (d.dim() - 1))
+    return y.index_add(0, rows, d * alpha)
 
 
 class DeltaLinear(nn.Module):
     """A frozen Linear whose output gets the deltas bound to it for the next forward (none bound:
-    exactly the Linear). `bound` is (A, B, alpha) or (A, B, alpha, rows), see `add_delta`."""
+    exactly the Linear). `bound` is one (A, B, alpha) for every row, or a list of (A, B, alpha, rows)
+    applied in turn, see `add_delta`."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.linear = linear
-        self.bound: tuple | None = None
+        self.bound: tuple | list | None = None
 
     @property
     def weight(self) -> torch.Tensor:  # the Linear's own attributes stay reachable (HF code reads them)
@@ -75,7 +85,13 @@ class DeltaLinear(nn.Module):
 
     def forward(self, x):
         y = self.linear(x)
-        return y if self.bound is None else add_delta(y, x, *self.bound)
+        if self.bound is None:
+            return y
+        if isinstance(self.bound, tuple):
+            return add_delta(y, x, *self.bound)
+        for b in self.bound:
+            y = add_delta(y, x, *b)
+        return y
 
 
 def delta_sites(layers: nn.ModuleList, first: int, targets: list[str]) -> dict[str, DeltaLinear]:
@@ -227,25 +243,31 @@ class RecycledTop(nn.Module):
 
 def bind_rows(sites: dict[str, DeltaLinear], groups: list[tuple[RecycledTop, list[int], list[float]]],
               device=None) -> None:
-    """Bind every group's deltas (adapter, its rows in the batch, their alphas) to the base's sites:
-    per site, the A and B of all its rows stacked in row order, applied as one gathered matmul.
-    Rows at alpha 0 are left out (the base, bit for bit). `unbind` after the forward."""
+    """Bind every group's deltas (adapter, its rows of the next forward's input, their alphas) to the
+    base's sites. Rows that share an adapter and an alpha (a prompt's tokens in the flat batch, or
+    several requests of one user) share one matmul; lone rows of different adapters (decode tokens of
+    many users) share one gathered batched matmul. Rows at alpha 0 are left out (the base, bit for
+    bit). `unbind` after the forward."""
     per_site: dict[str, list] = {}
+    lone: dict[str, list] = {}
     for adapter, rows, alphas in groups:
-        live = [(r, a) for r, a in zip(rows, alphas) if a != 0]
-        if not live:
-            continue
-        for name, lr in adapter.pairs():
-            per_site.setdefault(name, []).append((lr, live))
-    for name, entries in per_site.items():
-        As, Bs, alphas, rows = [], [], [], []
-        for lr, live in entries:
-            As += [lr.A] * len(live)
-            Bs += [lr.B] * len(live)
-            rows += [r for r, _ in live]
-            alphas += [a for _, a in live]
-        sites[name].bound = (torch.stack(As), torch.stack(Bs), torch.tensor(alphas, device=device),
-                             torch.tensor(rows, device=device))
+        by_alpha: dict[float, list[int]] = {}
+        for r, a in zip(rows, alphas):
+            if a != 0:
+                by_alpha.setdefault(float(a), []).append(r)
+        for a, rs in by_alpha.items():
+            for name, lr in adapter.pairs():
+                if len(rs) > 1:
+                    per_site.setdefault(name, []).append(
+                        (lr.A, lr.B, a, torch.tensor(rs, device=device)))
+                else:
+                    lone.setdefault(name, []).append((lr, rs[0], a))
+    for name, entries in lone.items():
+        per_site.setdefault(name, []).append(
+            (torch.stack([lr.A for lr, _, _ in entries]), torch.stack([lr.B for lr, _, _ in entries]),
+             torch.tensor([a for _, _, a in entries], device=device), torch.tensor([r for _, r, _ in entries], device=device)))
+    for name, bound in per_site.items():
+        sites[name].bound = bound
 
 
 def unbind(sites: dict[str, DeltaLinear]) -> None:

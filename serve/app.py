@@ -156,6 +156,7 @@ class _ReplicaMetrics:
         self.waiting = metrics.Gauge("carryon_waiting_rows", "Rows waiting for a place in the engine.")
         self.ttft = metrics.Histogram("carryon_time_to_first_token_s", "Seconds from submission to the first token.",
                                       boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
+        self._ttft_seen = 0
 
     def admitted(self, model: str, rows: int) -> None:
         self.requests.inc(rows, tags={"model": model})
@@ -165,8 +166,10 @@ class _ReplicaMetrics:
         stats = engine.stats()
         self.running.set(stats["running_rows"])
         self.waiting.set(stats["waiting"])
-        while engine.ttft:
-            self.ttft.observe(engine.ttft.pop())
+        new = stats["ttft_count"] - self._ttft_seen  # read the engine's snapshot; never consume it
+        for t in stats["ttft_recent_s"][-new:] if new > 0 else []:
+            self.ttft.observe(t)
+        self._ttft_seen = stats["ttft_count"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,7 +433,8 @@ class Gateway:
         return P.GenerateRequest(model=body.model, max_tokens=max_tokens, temperature=body.temperature,
                                  top_p=body.top_p, seed=body.seed, alpha=body.carryon_alpha, stop=body.stop,
                                  logprobs=logprobs, n=body.n, ignore_eos=body.ignore_eos, mux_id=mux_id,
-                                 source=source, user=user)
+                                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                                 repetition_penalty=body.repetition_penalty, source=source, user=user)
 
     def _slot(self, user: str) -> None:
         """Count a request against its key's concurrency limit (429 past it)."""

@@ -16,11 +16,12 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from carryon_ray.adapter import AdapterError
 from carryon_ray.base import FrozenBase
-from carryon_ray.generation import Adapter, Engine, Request, Sequence
+from carryon_ray.generation import Adapter, Engine, Request, Sequence, StepOutput
 
 from .protocol import GenerateRequest, GenerateResult, ServeError, StreamDelta, TokenLogprob
 from .settings import EngineConfig, LimitsConfig
@@ -29,43 +30,63 @@ log = logging.getLogger("carryon.serve")
 
 
 class TextStream:
-    """Token ids -> text deltas, with stop strings. `out` is exactly what was sent."""
+    """Token ids -> text deltas, with stop strings. `out` is exactly what was sent.
+
+    Detokenization is incremental (as Hugging Face's streamers and vLLM do): each token decodes
+    only the ids since the last settled point, so a row's cost per token stays constant instead of
+    growing with its length. Runs on the replica's engine thread after each step, outside the
+    engine's lock."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tok = tokenizer
         self.stop = [s for s in stop if s]
         # A stop string could begin in the last len-1 characters: hold those back until decided.
         self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.longest = max((len(s) for s in self.stop), default=0)
         self.ids: list[int] = []
+        self.count = 0  # tokens this stream consumed (the completion's token count)
+        self._prefix, self._read = 0, 0  # ids[prefix:read] decode to the text's settled tail
         self.text = ""
         self.out = ""
         self.stopped = False
 
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
     def add(self, token_id: int) -> str:
         """Append a token; return the text that is now safe to send."""
+        if self.stopped:
+            return ""
+        self.count += 1
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        for s in self.stop:
-            at = text.find(s)
-            if at >= 0:
-                text, self.stopped = text[:at], True
-        self.text = text
+        before = self._decode(self.ids[self._prefix : self._read])
+        now = self._decode(self.ids[self._prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):  # an unfinished multi-byte character waits
+            searched = max(0, len(self.text) - self.longest)
+            self.text += now[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
+            for s in self.stop:
+                at = self.text.find(s, searched)
+                if at >= 0:
+                    self.text, self.stopped = self.text[:at], True
         if self.stopped:
             return self.flush()
-        if not text.startswith(self.out):  # the decoder revised earlier text; wait for it to settle
-            return ""
-        safe = len(text) - self.hold
-        while safe > len(self.out) and text[safe - 1] == "\ufffd":  # an unfinished multi-byte character
-            safe -= 1
+        safe = len(self.text) - self.hold
         if safe <= len(self.out):
             return ""
-        delta = text[len(self.out) : safe]
+        delta = self.text[len(self.out) : safe]
         self.out += delta
         return delta
 
+    def end(self) -> str:
+        """The row ended at the end-of-sequence token: it counts, its text is empty."""
+        if not self.stopped:
+            self.count += 1
+        return self.flush()
+
     def flush(self) -> str:
         """The rest of the text (the row has ended)."""
-        delta = self.text[len(self.out) :] if self.text.startswith(self.out) else ""
+        delta = self.text[len(self.out) :]
         self.out += delta
         return delta
 
@@ -111,12 +132,16 @@ class ServingEngine:
         self.bases, self.base = bases, bases[0]
         self.limits, self.cfg = limits, engine
         self.tokenizer = self.base.tokenizer
-        self.engine = Engine(bases, max_rows=engine.max_rows, prefill_tokens=engine.prefill_tokens)
+        self.engine = Engine(bases, max_rows=engine.max_rows, prefill_tokens=engine.prefill_tokens,
+                             forward=engine.forward)
+        if not self.engine.flat and engine.forward == "flat":
+            log.info("this base runs the padded forward (two per step with arrivals): %s", self.engine.padded_because)
         self.max_positions = self.engine.max_len
         self._pending: dict[int, tuple[Generation, TextStream]] = {}
         self._wake = threading.Event()
         self._stop = False
-        self.ttft: list[float] = []  # seconds from submission to first token, recent requests
+        self.ttft: deque[float] = deque(maxlen=1000)  # seconds from submission to first token, recent requests
+        self.ttft_count = 0  # every request's, ever (readers keep their own position: nobody empties ttft)
         self._thread = threading.Thread(target=self._loop, name="carryon-engine", daemon=True)
         self._thread.start()
 
@@ -168,30 +193,36 @@ class ServingEngine:
     # -- generation ------------------------------------------------------------------------------
     def submit(self, req: GenerateRequest, ids: list[int], adapter: Adapter | None) -> Generation:
         """Queue one row; the returned Generation streams its text (call from the event loop)."""
-        waiting = self.engine.inbox.qsize() + len(self.engine.waiting)
+        waiting = self.engine.queued()
         if waiting >= self.cfg.max_waiting and len(self.engine.rows) >= self.cfg.max_rows:
             raise ServeError(503, "this replica's queue is full; retry shortly", "server_error", code="overloaded",
                              retry_after=2)
         gen = Generation(len(ids), asyncio.get_running_loop())
-        text = TextStream(self.tokenizer, req.stop)
-
-        def on_token(seq: Sequence, token: int) -> bool:
-            if token == self.engine.eos and seq.request.stop_at_eos:
-                delta = text.flush()
-            else:
-                delta = text.add(token)
-            if delta:
-                gen.push(StreamDelta(text=delta))
-            return text.stopped
-
         request = Request(ids, adapter, req.max_tokens, req.temperature, req.top_p, req.seed, req.alpha,
-                          stop_at_eos=not req.ignore_eos, logprobs=req.logprobs, deadline=time.monotonic() + self.limits.request_timeout_s,
-                          on_token=on_token, label=req.model)
+                          stop_at_eos=not req.ignore_eos, logprobs=req.logprobs,
+                          deadline=time.monotonic() + self.limits.request_timeout_s, label=req.model,
+                          presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                          repetition_penalty=req.repetition_penalty)
         seq = self.engine.submit(request)
         gen.seq = seq
-        self._pending[seq.id] = (gen, text)
+        self._pending[seq.id] = (gen, TextStream(self.tokenizer, req.stop))
         self._wake.set()
         return gen
+
+    def _emit(self, seq: Sequence, token: int) -> None:
+        """One token of a row, as text (after the step, outside the engine's lock). A completed stop
+        string ends the row at the engine's next step."""
+        gen, text = self._pending.get(seq.id, (None, None))
+        if gen is None or text.stopped:
+            return
+        if token == self.engine.eos and seq.request.stop_at_eos:
+            delta = text.end()
+        else:
+            delta = text.add(token)
+        if delta:
+            gen.push(StreamDelta(text=delta))
+        if text.stopped:
+            seq.stop()
 
     def _deliver(self, seq: Sequence) -> None:
         gen, text = self._pending.pop(seq.id, (None, None))
@@ -199,7 +230,7 @@ class ServingEngine:
             return
         if seq.first_token_at is not None:
             self.ttft.append(seq.first_token_at - seq.submitted)
-            del self.ttft[:-1000]
+            self.ttft_count += 1
         if seq.finish_reason == "error":
             gen.push(ServeError(500, f"generation failed for this request: {seq.error}", "server_error"))
             return
@@ -215,10 +246,10 @@ class ServingEngine:
             dec = lambda t: self.tokenizer.decode([t])  # noqa: E731
             logprobs = [TokenLogprob(token=dec(t), id=t, logprob=e["logprob"],
                                      top=[(dec(i), lp) for i, lp in e.get("top", [])])
-                        for t, e in zip(seq.tokens, seq.logprobs)]
-        reason = "length" if seq.finish_reason == "length" else "stop"
+                        for t, e in zip(seq.tokens[: text.count], seq.logprobs)]
+        reason = "length" if seq.finish_reason == "length" and not text.stopped else "stop"
         gen.push(GenerateResult(text=text.out, finish_reason=reason, prompt_tokens=len(seq.request.prompt),
-                                completion_tokens=len(seq.tokens), logprobs=logprobs))
+                                completion_tokens=text.count, logprobs=logprobs))
 
     def _loop(self) -> None:
         while not self._stop:
@@ -227,23 +258,36 @@ class ServingEngine:
                 self._wake.clear()
                 continue
             try:
-                finished = self.engine.step()
+                step = self.engine.step()
             except Exception:  # noqa: BLE001 - a failed step fails the rows in it; the replica stays up
                 log.exception("decode step failed; ending the requests in flight")
-                finished = self.engine.abort_all("the decode step failed")
-            for seq in finished:
+                step = StepOutput(finished=self.engine.abort_all("the decode step failed"))
+            # Text and delivery happen here, after the step: the engine's lock is free again.
+            for seq, token in step.tokens:
+                try:
+                    self._emit(seq, token)
+                except Exception as exc:  # noqa: BLE001 - a row whose text fails ends alone
+                    log.exception("detokenizing a row failed")
+                    seq.error = f"detokenizing failed: {exc}"
+                    seq.cancel()
+            for seq in step.finished:
                 self._deliver(seq)
 
     def stats(self) -> dict:
+        """The one snapshot of this replica's engine: /v1/carryon/stats and the Prometheus metrics
+        both read it (`ttft_recent_s` holds the latest TTFTs, `ttft_count` how many there ever were)."""
         e = self.engine
         with e.lock:
-            ttft = sorted(self.ttft)
+            recent = list(self.ttft)
+            ttft = sorted(recent)
             return {"running_rows": len(e.rows), "decoding_rows": e.decoding,
-                    "waiting": len(e.waiting) + e.inbox.qsize(), "steps": e.stats.steps,
+                    "waiting": e.queued(), "steps": e.stats.steps, "base_forwards": e.stats.forwards,
+                    "forward": "flat" if e.flat else f"padded ({e.padded_because})",
                     "generated_tokens": e.stats.tokens, "prompt_tokens": e.stats.prompt_tokens,
                     "finished": dict(e.stats.finished), "adapter_rows": dict(e.stats.adapter_rows),
                     "kv_bytes": e.kv_bytes(), "max_rows": e.max_rows,
-                    "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None}
+                    "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None,
+                    "ttft_count": self.ttft_count, "ttft_recent_s": recent}
 
     def close(self) -> None:
         self._stop = True

@@ -3,9 +3,11 @@ typed calls between the gateway and the model replicas.
 
 Client requests reject unknown fields, so a typo such as `max_token` is a 400 naming the field
 instead of a silently ignored parameter. Fields of the OpenAI API that real clients send with
-neutral values (penalties 0, an empty logit_bias, a text response_format, the null fields the
-official client's `model_dump()` adds to an assistant message) are accepted; any other value of
-them is a 400 that names the field.
+neutral values (an empty logit_bias, a text response_format, the null fields the official client's
+`model_dump()` adds to an assistant message) are accepted; any other value of them is a 400 that
+names the field. Fields that only steer OpenAI's own platform (`store`, `metadata`,
+`service_tier`) are accepted and ignored, as vLLM does. Presence, frequency and repetition
+penalties are applied.
 
 Between gateway and replica, a request is a `GenerateRequest`, a result a `GenerateResult` (a
 stream yields `StreamDelta`s, then the result), and a failure a `ServeError` raised across the
@@ -55,12 +57,6 @@ class ResponseFormat(Strict):
     type: Literal["text"] = Field("text", description="Only plain text output is supported.")
 
 
-def _neutral(name: str, value: Any, neutral: tuple) -> Any:
-    if value not in neutral:
-        raise ValueError(f"{name} is not supported by this server (only {neutral[0]!r} is accepted)")
-    return value
-
-
 class SamplingFields(Strict):
     model: str = Field(..., min_length=1, max_length=200, description="An adapter name, or the base's model id.")
     max_tokens: int | None = Field(None, ge=1, description="New tokens at most (bounded by the server's limit).")
@@ -76,8 +72,15 @@ class SamplingFields(Strict):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, description="Choices per prompt (bounded by the server's limit).")
     user: str | None = Field(None, max_length=256, description="Caller's end-user id (logged, not used).")
-    presence_penalty: float | None = Field(None, description="Accepted as 0 only (no penalties are applied).")
-    frequency_penalty: float | None = Field(None, description="Accepted as 0 only (no penalties are applied).")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted once from the logit of every "
+                                    "token already generated (OpenAI's definition; > 0 favours new tokens).")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted from a token's logit per time it "
+                                     "was already generated (OpenAI's definition).")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="vLLM's extension: logits of tokens in the "
+                                      "prompt or output divided by it (multiplied when negative); 1 = off.")
+    store: bool | None = Field(None, description="OpenAI's stored-completions switch; accepted and ignored.")
+    metadata: dict[str, str] | None = Field(None, description="OpenAI's stored-completion tags; accepted and ignored.")
+    service_tier: str | None = Field(None, description="OpenAI's processing tier; accepted and ignored (one tier here).")
     logit_bias: dict[str, float] | None = Field(None, description="Accepted empty only.")
     carryon_alpha: float | None = Field(
         None, ge=0.0, description="Override of the adapter's alpha (0 = the base exactly), up to the server's limit."
@@ -93,10 +96,10 @@ class SamplingFields(Strict):
             raise ValueError("stop strings must be non-empty")
         return stops
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("presence_penalty", "frequency_penalty", "repetition_penalty", mode="before")
     @classmethod
-    def _no_penalty(cls, v, info):
-        return _neutral(info.field_name, v, (0, 0.0, None))
+    def _null_is_neutral(cls, v, info):  # the official client sends null for an unset penalty
+        return cls.model_fields[info.field_name].default if v is None else v
 
     @field_validator("logit_bias")
     @classmethod
@@ -183,6 +186,9 @@ class GenerateRequest(BaseModel):
     stop: list[str] = []
     logprobs: int | None = None  # None: none; k: the chosen token's and the top k
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
     mux_id: str = ""  # the adapter's multiplexing id ("" = the bare base)
     source: str | None = None  # where the replica loads the adapter from
     user: str = ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -110,6 +110,10 @@ class EngineConfig(Strict):
     prefill_tokens: int = Field(
         256, ge=1, description="Prompt tokens prefilled per step: a long prompt is fed in chunks of at most this many, "
         "so it delays every running row's next token by at most one such chunk.")
+    forward: Literal["flat", "padded"] = Field(
+        "flat", description="flat: each step's decode tokens and prompt chunks go through the base in ONE forward "
+        "(the engine's own layer loop; Llama, Mistral and Qwen2 blocks; other bases fall back to padded). "
+        "padded: Hugging Face's forward, one padded batch for decode rows and one for prompt chunks.")
     max_waiting: int = Field(
         512, ge=0, description="Requests queued for a row beyond max_rows; more answer 503 with Retry-After.")
 

@@ -280,7 +280,7 @@ BAD = [
     ("alpha over max", {"model": "alice-a", "prompt": "x", "carryon_alpha": 2.5}, 400, "carryon_alpha"),
     ("n over limit", {"model": "alice-a", "prompt": "x", "n": 5}, 400, "n: at most 4"),
     ("unsupported field", {"model": "alice-a", "prompt": "x", "tools": []}, 400, "tools: unknown field"),
-    ("penalty", {"model": "alice-a", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("penalty", {"model": "alice-a", "prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("logit bias", {"model": "alice-a", "prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias"),
     ("lone surrogate", b'{"model": "alice-a", "prompt": "\\ud800 x"}', 400, "cannot be tokenized"),
     ("token id out of range", {"model": "alice-a", "prompt": [1, 99999999]}, 400, "outside the vocabulary"),
