@@ -100,11 +100,17 @@ def decode_rate(base, adapters, prompts, new_tokens: int, repeats: int, temperat
 
 
 class ContinuousScheduler:
-    """The engine, stepped by one thread (what a replica runs)."""
+    """The engine, stepped by one thread (what a replica runs), with the replica's engine settings.
+    forward="flat": one forward per step (the engine's layer loop); "padded": the engine before it
+    (a padded decode forward and a padded prefill forward when prompts arrive)."""
 
-    def __init__(self, base):
-        self.engine = Engine(base, max_rows=32, prefill_tokens=256)
+    def __init__(self, base, forward: str = "flat"):
+        from serve.settings import EngineConfig
+
+        cfg = EngineConfig()
+        self.engine = Engine(base, max_rows=cfg.max_rows, prefill_tokens=cfg.prefill_tokens, forward=forward)
         self.events: dict[int, threading.Event] = {}
+        self.stamps: list[float] = []
         self.stop = False
         self.thread = threading.Thread(target=self.loop, daemon=True)
         self.thread.start()
@@ -114,7 +120,10 @@ class ContinuousScheduler:
             if not self.engine.has_work():
                 time.sleep(0.0005)
                 continue
-            for seq in self.engine.step():
+            out = self.engine.step()
+            now = time.monotonic()
+            self.stamps.extend([now] * len(out.tokens))
+            for seq in out.finished:
                 self.events.pop(seq.id).set()
 
     def run(self, req: Request):
@@ -132,6 +141,7 @@ class StaticScheduler:
     def __init__(self, base, window_s: float = 0.02, max_batch: int = 16):
         self.base, self.window, self.max_batch = base, window_s, max_batch
         self.q: queue.Queue = queue.Queue()
+        self.stamps: list[float] = []
         self.stop = False
         self.thread = threading.Thread(target=self.loop, daemon=True)
         self.thread.start()
@@ -151,7 +161,8 @@ class StaticScheduler:
             engine = Engine(self.base, max_rows=len(batch), prefill_tokens=1 << 20)
             seqs = [engine.submit(r) for r, _ in batch]
             while not all(s.done for s in seqs):
-                engine.step()
+                out = engine.step()
+                self.stamps.extend([time.monotonic()] * len(out.tokens))
             for (_, holder), seq in zip(batch, seqs):
                 holder.append(seq)
                 holder[0].set()
@@ -168,14 +179,11 @@ def closed_loop(sched, ids, adapters, clients: int, duration: float, seed: int =
     """`clients` threads send back to back for `duration` s (max_tokens 8..128, random adapter),
     plus an optional probe sending max_tokens=8. Throughput counts the tokens generated inside the
     window after a warm-up (every token is timestamped), so the ramp and the drain do not count."""
-    records, probes, stamps, lock = [], [], [], threading.Lock()
+    records, probes, lock = [], [], threading.Lock()
+    sched.stamps = stamps = []  # the scheduler's thread stamps every token it produces
     warmup = duration * 0.2 if warmup is None else warmup
     t_begin = time.monotonic()
     deadline = t_begin + warmup + duration
-
-    def on_token(_seq, _token) -> bool:
-        stamps.append(time.monotonic())  # list.append is atomic: the engine thread only appends
-        return False
 
     def client(i: int, short: bool):
         rng = random.Random(seed * 1000 + i)
@@ -183,7 +191,7 @@ def closed_loop(sched, ids, adapters, clients: int, duration: float, seed: int =
             n = 8 if short else rng.randint(8, 128)
             t0 = time.monotonic()
             seq = sched.run(Request(ids, rng.choice(adapters), n, temperature=0.7, seed=rng.randrange(1 << 30),
-                                    stop_at_eos=False, on_token=on_token))
+                                    stop_at_eos=False))
             rec = (time.monotonic() - t0, (seq.first_token_at or t0) - seq.submitted, len(seq.tokens), t0)
             if t0 >= t_begin + warmup:  # latencies of requests sent after the warm-up
                 with lock:
@@ -212,7 +220,9 @@ def closed_loop(sched, ids, adapters, clients: int, duration: float, seed: int =
 def load_section(base, ids, adapters, duration: float, counts: list[int]) -> dict:
     solo = statistics.median([generate_once(base, ids, adapters[1], 8) for _ in range(5)])
     res: dict = {"solo_max_tokens_8_s": round(solo, 4)}
-    for name, factory in (("static", StaticScheduler), ("engine", ContinuousScheduler)):
+    factories = (("static", StaticScheduler), ("engine_padded", lambda b: ContinuousScheduler(b, "padded")),
+                 ("engine", ContinuousScheduler))
+    for name, factory in factories:
         sched = factory(base)
         res[name] = {}
         for c in counts:
@@ -224,9 +234,47 @@ def load_section(base, ids, adapters, duration: float, counts: list[int]) -> dic
     # The reference: 16 rows decoded together to the same length (the mean of 8..128).
     ref = decode_rate(base, [adapters[i % len(adapters)] for i in range(16)], [ids] * 16, 68, 2, temperature=0.7)
     res["batch16_equal_lengths"] = ref
-    for name in ("static", "engine"):
+    for name, _ in factories:
         if "16" in res[name]:
             res[name]["16"]["vs_batch16"] = round(res[name]["16"]["completion_tokens_per_s"] / ref["tokens_per_s"], 3)
+    return res
+
+
+def long_prompt_section(base, ids, rows: int = 16, prompt_tokens: int = 1000) -> dict:
+    """16 rows decode; a 1,000-token prompt arrives. Inter-token latency of the decoding rows (seconds
+    per step) while its prompt is prefilled, against the steps before it arrived, per forward mode."""
+    from serve.settings import EngineConfig
+
+    cfg = EngineConfig()
+    long = (ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]
+    res = {"decoding_rows": rows, "prompt_tokens": prompt_tokens, "prefill_tokens_per_step": cfg.prefill_tokens}
+    for forward in ("padded", "flat"):
+        engine = Engine(base, max_rows=cfg.max_rows, prefill_tokens=cfg.prefill_tokens, forward=forward)
+        for _ in range(rows):
+            engine.submit(Request(ids, None, 400, stop_at_eos=False))
+        while engine.decoding < rows:
+            engine.step()
+
+        def timed(n):
+            out = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                engine.step()
+                out.append(time.perf_counter() - t0)
+            return out
+
+        timed(3)  # warm
+        before = statistics.median(timed(10))
+        seq = engine.submit(Request(long, None, 1, stop_at_eos=False))
+        during = []
+        while not seq.done:
+            during += timed(1)
+        res[forward] = {"itl_before_s": round(before, 4), "itl_during_prefill_s": round(statistics.mean(during), 4),
+                        "itl_during_prefill_max_s": round(max(during), 4), "prefill_steps": len(during),
+                        "itl_ratio": round(statistics.mean(during) / before, 3), "base_forwards": engine.stats.forwards,
+                        "steps": engine.stats.steps}
+        print(json.dumps({"long_prompt": {forward: res[forward]}}), flush=True)
+    res["target_itl_ratio"] = 2.0
     return res
 
 
@@ -401,7 +449,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--http", action="store_true", help="also load the real Serve app over HTTP (and the registry)")
     p.add_argument("--http-clients", default="16,32")
-    p.add_argument("--sections", default="batch,mixed64,recycled64,load,registry",
+    p.add_argument("--sections", default="batch,mixed64,recycled64,long_prompt,load,registry",
                    help="which sections to run (comma-separated; --http adds the HTTP one)")
     p.add_argument("--out", default=str(ROOT / "bench/results/serving.json"))
     args = p.parse_args()
@@ -447,6 +495,8 @@ def main() -> int:
 
     # 3. closed-loop load: static batching vs the engine
     adapters = [None] + [carryon(base, "mlp" if i % 2 else "transformer", 200 + i, 64) for i in range(8)]
+    if "long_prompt" in sections:
+        res["long_prompt"] = long_prompt_section(base, ids)
     if "load" in sections:
         res["load"] = load_section(base, ids, adapters, args.duration, [int(c) for c in args.clients.split(",")])
 

@@ -44,7 +44,7 @@ from carryon_ray.adapter import AdapterError
 
 from . import protocol as P
 from .access import Catalog, CatalogUnavailable, load_keys, user_for
-from .engine import Generation, ServingEngine
+from .engine import TTFT_BOUNDS, Generation, ServingEngine
 from .settings import ServeConfig, load_serve_config
 
 log = logging.getLogger("carryon.serve")
@@ -155,7 +155,7 @@ class _ReplicaMetrics:
         self.running = metrics.Gauge("carryon_running_rows", "Rows in the decode engine.")
         self.waiting = metrics.Gauge("carryon_waiting_rows", "Rows waiting for a place in the engine.")
         self.ttft = metrics.Histogram("carryon_time_to_first_token_s", "Seconds from submission to the first token.",
-                                      boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
+                                      boundaries=list(TTFT_BOUNDS))
         self._ttft_seen = 0
 
     def admitted(self, model: str, rows: int) -> None:
@@ -166,8 +166,7 @@ class _ReplicaMetrics:
         stats = engine.stats()
         self.running.set(stats["running_rows"])
         self.waiting.set(stats["waiting"])
-        new = stats["ttft_count"] - self._ttft_seen  # read the engine's snapshot; never consume it
-        for t in stats["ttft_recent_s"][-new:] if new > 0 else []:
+        for t in engine.ttft_since(self._ttft_seen):  # read the engine's record; never consume it
             self.ttft.observe(t)
         self._ttft_seen = stats["ttft_count"]
 
@@ -369,6 +368,10 @@ def _prometheus(info: dict) -> str:
     metric("carryon_kv_cache_bytes", "gauge", "Bytes held by the KV cache pools.", info["kv_bytes"])
     metric("carryon_time_to_first_token_p50_seconds", "gauge", "Median time to first token, recent requests.",
            info["ttft_p50_s"])
+    name = "carryon_time_to_first_token_seconds"
+    lines += [f"# HELP {name} Seconds from submission to the first token.", f"# TYPE {name} histogram"]
+    lines += [f'{name}_bucket{{le="{le}"}} {n}' for le, n in info["ttft_buckets"].items()]
+    lines += [f"{name}_sum {info['ttft_sum_s']}", f"{name}_count {info['ttft_count']}"]
     for reason, n in sorted(info["finished"].items()):
         metric("carryon_finished_total", "counter", "Rows ended, by reason.", n, f'{{reason="{reason}"}}')
     for model, n in sorted(info["adapter_rows"].items()):

@@ -13,6 +13,8 @@ frees its row at the engine's next step.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import logging
 import threading
 import time
@@ -27,6 +29,9 @@ from .protocol import GenerateRequest, GenerateResult, ServeError, StreamDelta, 
 from .settings import EngineConfig, LimitsConfig
 
 log = logging.getLogger("carryon.serve")
+
+# Buckets of the time-to-first-token histogram (seconds), for /metrics and Ray's metrics alike.
+TTFT_BOUNDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 class TextStream:
@@ -142,6 +147,8 @@ class ServingEngine:
         self._stop = False
         self.ttft: deque[float] = deque(maxlen=1000)  # seconds from submission to first token, recent requests
         self.ttft_count = 0  # every request's, ever (readers keep their own position: nobody empties ttft)
+        self.ttft_buckets = [0] * (len(TTFT_BOUNDS) + 1)  # cumulative histogram since start (Prometheus style)
+        self.ttft_sum = 0.0
         self._thread = threading.Thread(target=self._loop, name="carryon-engine", daemon=True)
         self._thread.start()
 
@@ -229,8 +236,11 @@ class ServingEngine:
         if gen is None:
             return
         if seq.first_token_at is not None:
-            self.ttft.append(seq.first_token_at - seq.submitted)
+            t = seq.first_token_at - seq.submitted
+            self.ttft.append(t)
             self.ttft_count += 1
+            self.ttft_sum += t
+            self.ttft_buckets[bisect.bisect_left(TTFT_BOUNDS, t)] += 1
         if seq.finish_reason == "error":
             gen.push(ServeError(500, f"generation failed for this request: {seq.error}", "server_error"))
             return
@@ -278,8 +288,7 @@ class ServingEngine:
         both read it (`ttft_recent_s` holds the latest TTFTs, `ttft_count` how many there ever were)."""
         e = self.engine
         with e.lock:
-            recent = list(self.ttft)
-            ttft = sorted(recent)
+            ttft = sorted(self.ttft)
             return {"running_rows": len(e.rows), "decoding_rows": e.decoding,
                     "waiting": e.queued(), "steps": e.stats.steps, "base_forwards": e.stats.forwards,
                     "forward": "flat" if e.flat else f"padded ({e.padded_because})",
@@ -287,7 +296,13 @@ class ServingEngine:
                     "finished": dict(e.stats.finished), "adapter_rows": dict(e.stats.adapter_rows),
                     "kv_bytes": e.kv_bytes(), "max_rows": e.max_rows,
                     "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None,
-                    "ttft_count": self.ttft_count, "ttft_recent_s": recent}
+                    "ttft_count": self.ttft_count, "ttft_sum_s": round(self.ttft_sum, 6),
+                    "ttft_buckets": dict(zip([*map(str, TTFT_BOUNDS), "+Inf"], itertools.accumulate(self.ttft_buckets)))}
+
+    def ttft_since(self, count: int) -> list[float]:
+        """TTFTs of the requests after the first `count` (as many as are still held)."""
+        new = self.ttft_count - count
+        return list(self.ttft)[-new:] if new > 0 else []
 
     def close(self) -> None:
         self._stop = True

@@ -187,3 +187,22 @@ def test_a_row_admitted_past_the_pools_capacity_can_be_released(tiny_base):
     assert all(s.finish_reason == "length" for s in first[1:] + late), [s.error for s in first + late]
     alone = CarryOnModel([tiny_base]).generate([long], 4, stop_at_eos=False)[0]
     assert all(s.tokens == alone for s in late)
+
+
+def test_penalties_follow_their_definitions():
+    """OpenAI's presence/frequency penalties (generated tokens only) and the repetition penalty (prompt
+    and generated tokens; positive logits divided, negative multiplied), exactly, on hand-made logits."""
+    from carryon_ray.generation import Sampler
+    from carryon_ray.scheduler import Request, Sequence
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0]])
+    seq = Sequence(Request([4], presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0))
+    seq.tokens = [3, 3, 1]
+    got = Sampler._penalize([seq], logits)[0]
+    want = torch.tensor([2.0, (-1.0 - 0.25 - 0.5) * 2.0, 0.5, (3.0 - 0.5 - 0.5) / 2.0, 0.0 * 2.0])
+    assert torch.allclose(got, want)
+    plain = Sequence(Request([4]))
+    assert Sampler._penalize([plain], logits) is logits  # nobody asks: nothing is copied
+    # greedy under penalties picks the penalized argmax; logprobs stay those of the model
+    (token, entry, err), = Sampler()([Sequence(Request([4], frequency_penalty=2.0, logprobs=0), tokens=[3, 3])], logits)
+    assert err is None and token == 0 and entry["logprob"] == pytest.approx(float(torch.log_softmax(logits[0], -1)[0]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -524,6 +525,17 @@ def test_openai_compatibility_cases(served):
     assert len(chat_lp.choices[0].logprobs.content) == 3 and len(chat_lp.choices[0].logprobs.content[0].top_logprobs) == 2
     many = client.completions.create(model="shared-s", prompt=PROMPT_B, max_tokens=6, temperature=1.0, n=3, seed=5)
     assert [c.index for c in many.choices] == [0, 1, 2] and len({c.text for c in many.choices}) > 1
+    # fields real clients send: store / metadata / service_tier are accepted (and ignored), penalties apply
+    plain = client.completions.create(model="tiny-base", prompt=PROMPT_A, max_tokens=12, temperature=0)
+    same = client.completions.create(model="tiny-base", prompt=PROMPT_A, max_tokens=12, temperature=0,
+                                     extra_body={"store": False, "metadata": {"team": "ml"}, "service_tier": "auto"})
+    assert same.choices[0].text == plain.choices[0].text
+    penalized = client.completions.create(model="tiny-base", prompt=PROMPT_A, max_tokens=12, temperature=0,
+                                          frequency_penalty=2.0, presence_penalty=1.0,
+                                          extra_body={"repetition_penalty": 1.3})
+    assert penalized.choices[0].text != plain.choices[0].text  # the random base repeats itself; penalties stop it
+    with pytest.raises(openai.BadRequestError, match="frequency_penalty"):
+        client.completions.create(model="tiny-base", prompt="x", max_tokens=2, frequency_penalty=3.0)
     with pytest.raises(openai.BadRequestError, match="tools"):
         client.chat.completions.create(model="alice-a", messages=[{"role": "user", "content": "x"}], max_tokens=2,
                                        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
@@ -545,6 +557,14 @@ def test_openapi_health_and_offline_docs(served):
     metrics = httpx.get(served["url"] + "/metrics", headers={"Authorization": f"Bearer {KEYS['alice']}"})
     assert metrics.status_code == 200 and "carryon_running_rows" in metrics.text
     assert 'carryon_requests_total{model="alice-a"}' in metrics.text
+    # time to first token: one record (the engine's snapshot) behind /metrics and /v1/carryon/stats
+    stats = httpx.get(served["url"] + "/v1/carryon/stats", headers={"Authorization": f"Bearer {KEYS['alice']}"}).json()
+    count = int(re.search(r"^carryon_time_to_first_token_seconds_count (\d+)$", metrics.text, re.M).group(1))
+    inf = int(re.search(r'^carryon_time_to_first_token_seconds_bucket\{le="\+Inf"\} (\d+)$', metrics.text, re.M).group(1))
+    assert count >= 10 and inf == count and stats["ttft_count"] >= count  # earlier tests made real requests
+    assert stats["ttft_p50_s"] is not None and 0 < stats["ttft_p50_s"] < 60
+    assert re.search(r"^carryon_time_to_first_token_p50_seconds \S+$", metrics.text, re.M)
+    assert stats["forward"] == "flat" and stats["base_forwards"] <= stats["steps"]
 
 
 def test_a_lost_replica_answers_503_with_retry_after_and_health_follows(served):
