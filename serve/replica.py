@@ -1,0 +1,140 @@
+"""The model replica: one base, an LRU of adapters, one decode engine (serve/engine.py), and its metrics."""
+
+import asyncio
+import logging
+import os
+import re
+import time
+from typing import Any, AsyncIterator
+
+import ray
+from ray import serve
+
+from carryon_ray.adapter import AdapterError
+
+from . import protocol as P
+from .engine import TTFT_BOUNDS, Generation, ServingEngine
+from .settings import ServeConfig
+
+
+log = logging.getLogger("carryon.serve")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model replicas
+# ---------------------------------------------------------------------------------------------
+
+
+@serve.deployment(name="ModelServer")
+class ModelServer:
+    def __init__(self, settings: dict):
+        from carryon_ray.base import FrozenBase
+
+        self.cfg = ServeConfig.model_validate(settings)
+        if self.cfg.registry.tracking_uri:  # models:/ sources download from this registry
+            import mlflow
+
+            mlflow.set_tracking_uri(self.cfg.registry.tracking_uri)
+            mlflow.set_registry_uri(self.cfg.registry.tracking_uri)
+        bases = [FrozenBase.load(b) for b in [self.cfg.base, *self.cfg.extra_bases]]
+        self.engine = ServingEngine(bases, self.cfg.limits, self.cfg.engine)
+        self._sources: dict[str, str] = {}
+        self.load_ms: list[float] = []
+        self.metrics = _ReplicaMetrics()
+
+        async def load(mux_id: str):
+            t0 = time.perf_counter()
+            adapter = await asyncio.to_thread(self.engine.load_adapter, self._sources[mux_id])
+            self.load_ms.append(round((time.perf_counter() - t0) * 1000, 2))
+            del self.load_ms[:-1000]
+            return adapter
+
+        # The LRU size comes from config, so the multiplexed loader is made per instance.
+        self._adapter = serve.multiplexed(max_num_models_per_replica=self.cfg.replicas.max_adapters)(load)
+
+    async def _start(self, req: P.GenerateRequest) -> list[Generation]:
+        """Tokenize every prompt, load the adapter, queue one row per prompt and choice."""
+        if req.messages is not None:
+            prompts = [self.engine.encode(messages=req.messages, max_tokens=req.max_tokens)]
+        else:
+            prompts = [self.engine.encode(prompt=p, max_tokens=req.max_tokens) for p in req.prompts]
+        total = sum(len(p) for p in prompts) * req.n
+        if total > self.cfg.limits.max_request_prompt_tokens:
+            raise P.ServeError(400, f"the request holds {total} prompt tokens (prompts x n); the limit is "
+                               f"{self.cfg.limits.max_request_prompt_tokens}", param="prompt")
+        adapter = None
+        if req.mux_id:
+            self._sources[req.mux_id] = req.source
+            try:
+                adapter = await self._adapter(req.mux_id)
+            except AdapterError as exc:
+                log.error("adapter %s (%s) failed to load: %s", req.model, req.source, exc)
+                reason = re.sub(r"(/[^\s:;,()]+)+", "<path>", str(exc))  # no server paths in answers
+                raise P.ServeError(503, f"adapter {req.model!r} cannot be loaded: {reason}", "adapter_unavailable",
+                                   code="adapter_unavailable") from None
+        gens = []
+        for ids in prompts:
+            for c in range(req.n):  # choices of one prompt: seed + c keeps them reproducible and distinct
+                seed = None if req.seed is None else req.seed + c
+                gens.append(self.engine.submit(req.model_copy(update={"seed": seed}), ids, adapter))
+        self.metrics.admitted(req.model, len(gens))
+        return gens
+
+    async def generate(self, req: P.GenerateRequest) -> list[P.GenerateResult]:
+        gens: list[Generation] = []
+        try:
+            gens = await self._start(req)
+            results = await asyncio.gather(*(g.result() for g in gens))
+            self.metrics.finished(results, self.engine)
+            return results
+        finally:  # cancelled (client gone, gateway timeout) or failed: free the rows at the next step
+            for g in gens:
+                g.cancel()
+
+    async def generate_stream(self, req: P.GenerateRequest) -> AsyncIterator[Any]:
+        gens = await self._start(req)  # one prompt, one choice (checked by the gateway)
+        try:
+            async for item in gens[0].stream():
+                if isinstance(item, P.GenerateResult):
+                    self.metrics.finished([item], self.engine)
+                yield item
+        finally:
+            gens[0].cancel()
+
+    async def ready(self) -> dict:
+        return {"status": "ok", "base": self.cfg.model_id}
+
+    def info(self) -> dict:
+        return {**self.engine.stats(), "adapter_loads": len(self.load_ms),
+                "load_ms_p50": sorted(self.load_ms)[len(self.load_ms) // 2] if self.load_ms else None,
+                "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "base": self.cfg.model_id,
+                "fingerprint": self.engine.base.fingerprint().to_dict()}
+
+
+class _ReplicaMetrics:
+    """Prometheus metrics through Ray's metrics pipeline (scraped from each node's metrics
+    export port, like Serve's own): queue, running rows, tokens, time to first token, per-adapter
+    requests."""
+
+    def __init__(self):
+        from ray.util import metrics
+
+        self.requests = metrics.Counter("carryon_requests", "Rows admitted, by model id.", tag_keys=("model",))
+        self.tokens = metrics.Counter("carryon_generated_tokens", "Completion tokens generated.")
+        self.running = metrics.Gauge("carryon_running_rows", "Rows in the decode engine.")
+        self.waiting = metrics.Gauge("carryon_waiting_rows", "Rows waiting for a place in the engine.")
+        self.ttft = metrics.Histogram("carryon_time_to_first_token_s", "Seconds from submission to the first token.",
+                                      boundaries=list(TTFT_BOUNDS))
+        self._ttft_seen = 0
+
+    def admitted(self, model: str, rows: int) -> None:
+        self.requests.inc(rows, tags={"model": model})
+
+    def finished(self, results, engine: ServingEngine) -> None:
+        self.tokens.inc(sum(r.completion_tokens for r in results) or 0.0)
+        stats = engine.stats()
+        self.running.set(stats["running_rows"])
+        self.waiting.set(stats["waiting"])
+        for t in engine.ttft_since(self._ttft_seen):  # read the engine's record; never consume it
+            self.ttft.observe(t)
+        self._ttft_seen = stats["ttft_count"]
