@@ -226,6 +226,50 @@ def decoding(base: FrozenBase, device: str, rows: int, prompt: int, new: int, re
     return res
 
 
+def engine_load(base: FrozenBase, device: str, rows: int, prompt: int, long_prompt: int, budget: int) -> dict:
+    """The serving engine's step on this device: `rows` rows decode while a `long_prompt`-token prompt
+    arrives, fed `budget` tokens per step. Per forward mode (flat: one forward per step, the engine's
+    layer loop; padded: a decode forward plus a prefill forward), seconds per step before the arrival
+    and during its prefill (the decoding rows' inter-token latency), and the flat loop's logits
+    against the padded ones."""
+    from carryon_ray.generation import Engine, Request
+
+    g = torch.Generator().manual_seed(4)
+    ids = [torch.randint(1, base.vocab_size - 1, (prompt,), generator=g).tolist() for _ in range(rows)]
+    long = torch.randint(1, base.vocab_size - 1, (long_prompt,), generator=g).tolist()
+    res: dict = {"rows": rows, "long_prompt": long_prompt, "prefill_tokens": budget}
+    for forward in ("padded", "flat"):
+        engine = Engine(base, max_rows=rows + 1, prefill_tokens=budget, forward=forward)
+        for p in ids:  # they decode for as long as the measurement runs
+            engine.submit(Request(p, None, engine.max_len - prompt - 1, stop_at_eos=False))
+        while engine.decoding < rows:
+            if not any(engine.step().tokens) and not engine.rows:
+                raise RuntimeError("the decoding rows were not admitted")
+
+        def steps(n: int) -> list[float]:
+            out = []
+            for _ in range(n):
+                sync(device)
+                t0 = time.perf_counter()
+                engine.step()
+                sync(device)
+                out.append(time.perf_counter() - t0)
+            return out
+
+        steps(2)
+        before = sorted(steps(8))[4]
+        seq = engine.submit(Request(long, None, 1, stop_at_eos=False))
+        during = []
+        while not seq.done:
+            during += steps(1)
+        res[forward] = {"step_s": round(before, 5), "decode_tok_s": round(rows / before, 1),
+                        "step_during_prefill_s": round(sum(during) / len(during), 5),
+                        "itl_ratio": round(sum(during) / len(during) / before, 3), "forwards": engine.stats.forwards,
+                        "steps": engine.stats.steps}
+    res["flat_over_padded_decode"] = round(res["padded"]["step_s"] / res["flat"]["step_s"], 3)
+    return res
+
+
 def invariant(base: FrozenBase, device: str) -> dict:
     ids, mask = batch(base, 2, 64, device)
     mask[1, :10] = 0  # left padding in the second row
@@ -267,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         r["decode"] = decoding(base, device, 4 if args.smoke else 64, 16 if args.smoke else 128,
                                4 if args.smoke else 64, 1 if args.smoke else 2)
         print(shape, "decode", r["decode"], flush=True)
+        r["engine"] = engine_load(base, device, 4 if args.smoke else 16, 8 if args.smoke else 64,
+                                  24 if args.smoke else 1000, 8 if args.smoke else 256)
+        print(shape, "engine", r["engine"], flush=True)
         r["seconds"] = round(time.perf_counter() - t0, 1)
         report[shape] = r
         del base

@@ -223,6 +223,9 @@ class Tracker:
             self.client.create_registered_model(name)
         except MlflowException:
             pass  # already registered
+        # MLflow logs "Waiting up to 300 seconds ..." at INFO for every version it waits on; the
+        # line this method logs below says the same thing, once it is true.
+        logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)
         mv = self.client.create_model_version(name, source=f"models:/{model_id}", run_id=self.run_id, model_id=model_id)
         self.client.set_registered_model_alias(name, alias, mv.version)
         for key, value in (tags or {}).items():

@@ -2,20 +2,24 @@
 kind of generation (offline `generate`, many adapters at once, the Serve replicas).
 
 The engine schedules at the level of single decoding steps, as vLLM and TGI do (iteration-level
-scheduling, Orca OSDI '22): each `step()` retires finished or cancelled rows, admits waiting ones,
-decodes one token for every running row (one base forward for all of them, whatever adapter each
-uses, then one carry-on forward per adapter), and spends a bounded prompt-token budget prefilling
-newly admitted rows (chunked, so a long prompt cannot stall everyone's next token). No request
-waits for a batch-mate to finish.
+scheduling, Orca OSDI '22), and each step is schedule -> execute -> update (vLLM v1's shape):
+the `Scheduler` (scheduler.py, no tensors) retires finished or cancelled rows, admits waiting ones
+and plans every decoding row's next token plus prompt chunks within a bounded prompt-token
+budget (a long prompt is fed in chunks, so it cannot stall everyone's next token); the model
+runner (runner.py) feeds ALL of the plan's tokens through the base in one forward over a flat
+token batch, whatever adapter each row uses; each adapter's carry-on runs on its rows; the
+`Sampler` picks a token per row; the step returns its tokens and ended rows as events (text is
+made from them after the step, outside the lock). No request waits for a batch-mate to finish.
 
 KV memory is per row, in a preallocated slot pool (`KVPool`): one tensor per layer holding every
 running row's keys and values at their own positions. We chose a slot pool over paged blocks
-because torch on CPU has no paged-attention kernel: with slots, the rows of a step are a
+because torch on CPU has no paged-attention kernel: with slots, the decode rows of a step are a
 contiguous range of the pool (running rows are kept compacted, decoding rows first), so attention
 reads the cache in place; admitting a row writes only its own slot, and retiring one moves at most
 two rows. The pool grows by doubling (rows, then positions) up to the base's context, and is
 released when the engine goes idle. Carry-on transformers keep their (small) caches in a pool per
-adapter.
+adapter. Bases the flat layer loop does not cover run Hugging Face's padded forward instead (a
+decode batch and a prefill batch per step), over the same pool through the Cache interface.
 
 The carry-on reads bridge-roundtripped states, exactly what it saw in training; the residual it
 corrects is the base's exact final state, so alpha = 0 gives the base's own tokens.

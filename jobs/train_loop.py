@@ -69,6 +69,17 @@ def _stream(shard, layout, batch_size: int):
         yield from_rows(rows, layout)
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train's workers log every `report` at INFO ("Reporting training result N: TrainingReport(...)")
+    on a logger named by its source file's path, outside the `ray.train` tree its LoggingConfig sets;
+    the epoch lines already say what each report holds, so that logger goes to WARNING here."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train layout: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict) -> None:
     loop: TrainLoopConfig = config["loop"]
     cfg = CarryOnConfig.model_validate(loop.cfg)
@@ -80,6 +91,7 @@ def train_loop(config: dict) -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    quiet_ray_train_reports()
 
     def wrap(m):
         if world == 1:

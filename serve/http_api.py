@@ -169,23 +169,29 @@ def _unauthorized() -> JSONResponse:
 api.add_middleware(GatewayGuard)
 
 
-def _openapi() -> dict:
-    """The generated document with the statuses the server really answers: 400 (never 422) and
-    the bearer scheme on every /v1 route."""
-    if api.openapi_schema:
-        return api.openapi_schema
-    spec = get_openapi(title=api.title, version=api.version, description=api.description, routes=api.routes)
-    for path, ops in spec.get("paths", {}).items():
-        for op in ops.values():
-            op.get("responses", {}).pop("422", None)
-    schemas = spec.get("components", {}).get("schemas", {})
-    schemas.pop("HTTPValidationError", None)
-    schemas.pop("ValidationError", None)
-    api.openapi_schema = spec
-    return spec
+def _install_openapi(app: FastAPI) -> None:
+    """The generated document with the statuses the server really answers: 400 (never 422) and the
+    bearer scheme on every /v1 route. A closure over `app`: Serve ships the app to the gateway replica
+    by value, and the document must read that copy's routes (a module-level function would read the
+    replica's freshly imported module, whose app has none)."""
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for ops in spec.get("paths", {}).values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        schemas = spec.get("components", {}).get("schemas", {})
+        schemas.pop("HTTPValidationError", None)
+        schemas.pop("ValidationError", None)
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi
 
 
-api.openapi = _openapi
+_install_openapi(api)
 
 
 @functools.cache

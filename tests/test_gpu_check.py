@@ -27,3 +27,6 @@ def test_gpu_check_smoke_runs_without_ray_or_mlflow(tmp_path):
     d = r["decode"]
     for key in ("base_tok_s", "mlp_tok_s", "transformer_tok_s", "distinct8_tok_s", "distinct4_tok_s"):
         assert d[key] > 0, key
+    e = r["engine"]
+    assert e["flat"]["forwards"] == e["flat"]["steps"] and e["padded"]["forwards"] > e["padded"]["steps"]
+    assert e["flat"]["itl_ratio"] > 0 and e["padded"]["step_s"] > 0
