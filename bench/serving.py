@@ -108,7 +108,8 @@ class ContinuousScheduler:
         from serve.settings import EngineConfig
 
         cfg = EngineConfig()
-        self.engine = Engine(base, max_rows=cfg.max_rows, prefill_tokens=cfg.prefill_tokens, forward=forward)
+        self.engine = Engine(base, max_rows=cfg.max_rows, prefill_tokens=cfg.prefill_tokens, forward=forward,
+                             prefill_tokens_decoding=cfg.prefill_tokens_decoding)
         self.events: dict[int, threading.Event] = {}
         self.stamps: list[float] = []
         self.stop = False
@@ -247,9 +248,12 @@ def long_prompt_section(base, ids, rows: int = 16, prompt_tokens: int = 1000) ->
 
     cfg = EngineConfig()
     long = (ids * (prompt_tokens // len(ids) + 1))[:prompt_tokens]
-    res = {"decoding_rows": rows, "prompt_tokens": prompt_tokens, "prefill_tokens_per_step": cfg.prefill_tokens}
-    for forward in ("padded", "flat"):
-        engine = Engine(base, max_rows=cfg.max_rows, prefill_tokens=cfg.prefill_tokens, forward=forward)
+    res = {"decoding_rows": rows, "prompt_tokens": prompt_tokens, "prefill_tokens": cfg.prefill_tokens,
+           "prefill_tokens_decoding": cfg.prefill_tokens_decoding}
+    modes = {"padded": ("padded", None), "flat_one_budget": ("flat", None), "flat": ("flat", cfg.prefill_tokens_decoding)}
+    for name, (forward, while_decoding) in modes.items():
+        engine = Engine(base, max_rows=cfg.max_rows, prefill_tokens=cfg.prefill_tokens, forward=forward,
+                        prefill_tokens_decoding=while_decoding)
         for _ in range(rows):
             engine.submit(Request(ids, None, 400, stop_at_eos=False))
         while engine.decoding < rows:
@@ -269,11 +273,11 @@ def long_prompt_section(base, ids, rows: int = 16, prompt_tokens: int = 1000) ->
         during = []
         while not seq.done:
             during += timed(1)
-        res[forward] = {"itl_before_s": round(before, 4), "itl_during_prefill_s": round(statistics.mean(during), 4),
+        res[name] = {"itl_before_s": round(before, 4), "ttft_s": round(sum(during), 3), "itl_during_prefill_s": round(statistics.mean(during), 4),
                         "itl_during_prefill_max_s": round(max(during), 4), "prefill_steps": len(during),
                         "itl_ratio": round(statistics.mean(during) / before, 3), "base_forwards": engine.stats.forwards,
                         "steps": engine.stats.steps}
-        print(json.dumps({"long_prompt": {forward: res[forward]}}), flush=True)
+        print(json.dumps({"long_prompt": {name: res[name]}}), flush=True)
     res["target_itl_ratio"] = 2.0
     return res
 
@@ -392,9 +396,22 @@ def http_section(base, ids, adapters, duration: float, counts: list[int], tmp: P
         url = f"http://127.0.0.1:{port}/v1/completions"
         models = names + ["smollm2-135m-instruct"]
 
+        def probe_once(http) -> float:
+            t0 = time.monotonic()
+            r = http.post(url, headers={"Authorization": "Bearer bench-key"}, json={
+                "model": models[1], "prompt": PROMPT, "max_tokens": 8, "temperature": 0.7, "ignore_eos": True})
+            r.raise_for_status()
+            return time.monotonic() - t0
+
         def http_load(clients: int) -> dict:
-            recs, lock = [], threading.Lock()
+            recs, probes, lock = [], [], threading.Lock()
             deadline = time.monotonic() + duration
+
+            def probe():  # a max_tokens=8 request, back to back, under the load
+                with httpx.Client(timeout=600) as http:
+                    time.sleep(duration * 0.2)
+                    while time.monotonic() < deadline:
+                        probes.append(probe_once(http))
 
             def one(i):
                 rng = random.Random(i)
@@ -416,6 +433,7 @@ def http_section(base, ids, adapters, duration: float, counts: list[int], tmp: P
                             recs.append((time.monotonic() - t0, first or 0.0, toks, r.status_code))
 
             threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+            threads.append(threading.Thread(target=probe))
             t_start = time.monotonic()
             for t in threads:
                 t.start()
@@ -427,10 +445,15 @@ def http_section(base, ids, adapters, duration: float, counts: list[int], tmp: P
             return {"clients": clients, "requests": len(recs), "errors": sum(r[3] != 200 for r in recs),
                     "completion_tokens_per_s": round(sum(r[2] for r in recs) / wall, 2),
                     "requests_per_s": round(len(recs) / wall, 3), "latency_p50_s": q(lat, 0.5),
-                    "latency_p99_s": q(lat, 0.99), "ttft_p50_s": q(ttft, 0.5), "ttft_p99_s": q(ttft, 0.99)}
+                    "latency_p99_s": q(lat, 0.99), "ttft_p50_s": q(ttft, 0.5), "ttft_p99_s": q(ttft, 0.99),
+                    "probe_p50_s": q(sorted(probes), 0.5), "probe_requests": len(probes),
+                    "probe_over_solo": round(q(sorted(probes), 0.5) / res["http_solo_max_tokens_8_s"], 2) if probes else None}
 
         httpx.post(url, headers={"Authorization": "Bearer bench-key"},
                    json={"model": names[0], "prompt": PROMPT, "max_tokens": 4}, timeout=300)  # warm the replica
+        with httpx.Client(timeout=600) as http:
+            probe_once(http)
+            res["http_solo_max_tokens_8_s"] = round(statistics.median(probe_once(http) for _ in range(5)), 4)
         for c in counts:
             res[f"http_{c}"] = http_load(c)
             print("http", json.dumps(res[f"http_{c}"]), flush=True)

@@ -269,7 +269,7 @@ class Engine:
     """
 
     def __init__(self, bases: FrozenBase | list[FrozenBase], max_rows: int = 32, prefill_tokens: int = 512,
-                 max_len: int | None = None, forward: str = "flat"):
+                 max_len: int | None = None, forward: str = "flat", prefill_tokens_decoding: int | None = None):
         self.bases = bases if isinstance(bases, list) else [bases]
         base = self.base = self.bases[0]
         context = int(getattr(base.model.config, "max_position_embeddings", 0) or 1 << 20)
@@ -277,7 +277,8 @@ class Engine:
         self.pad, self.eos = base.tokenizer.pad_token_id, base.tokenizer.eos_token_id
         self.pools = [KVPool(self.max_len) for _ in self.bases]
         self.adapter_slots: dict[int, _AdapterSlots] = {}
-        self.scheduler = Scheduler(max_rows, prefill_tokens, self.max_len, on_swap=self._swap_kv)
+        self.scheduler = Scheduler(max_rows, prefill_tokens, self.max_len, on_swap=self._swap_kv,
+                                   prefill_tokens_decoding=prefill_tokens_decoding)
         if forward not in ("flat", "padded"):
             raise ValueError(f"forward must be 'flat' or 'padded', not {forward!r}")
         why = [unsupported(b) for b in self.bases] if forward == "flat" else ["forward='padded' was asked for"]

@@ -138,7 +138,7 @@ class ServingEngine:
         self.limits, self.cfg = limits, engine
         self.tokenizer = self.base.tokenizer
         self.engine = Engine(bases, max_rows=engine.max_rows, prefill_tokens=engine.prefill_tokens,
-                             forward=engine.forward)
+                             forward=engine.forward, prefill_tokens_decoding=engine.prefill_tokens_decoding)
         if not self.engine.flat and engine.forward == "flat":
             log.info("this base runs the padded forward (two per step with arrivals): %s", self.engine.padded_because)
         self.max_positions = self.engine.max_len

@@ -81,6 +81,21 @@ def test_a_long_prompt_is_not_starved_by_arrivals():
     assert steps == -(-1000 // 64)  # every step fed it a full budget
 
 
+def test_prompt_budget_shrinks_while_rows_decode():
+    sched = Scheduler(max_rows=4, prefill_tokens=100, max_len=4096, prefill_tokens_decoding=8)
+    run = HandRunner(sched)
+    first = sched.submit(Request(list(range(60)), max_tokens=50))
+    plan, _ = run.step()
+    assert [len(c.tokens) for c in plan.prefill] == [60]  # nothing decodes: the whole budget
+    late = sched.submit(Request(list(range(30)), max_tokens=2))
+    fed = []
+    while not late.decoding:
+        plan, _ = run.step()
+        assert first in plan.decode
+        fed.append(sum(len(c.tokens) for c in plan.prefill))
+    assert fed == [8, 8, 8, 6]  # a row decodes: at most prefill_tokens_decoding per step
+
+
 def test_retiring_a_row_frees_its_slot_for_the_next_step():
     sched = Scheduler(max_rows=3, prefill_tokens=100, max_len=4096)
     run = HandRunner(sched)
