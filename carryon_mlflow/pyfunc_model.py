@@ -12,15 +12,13 @@ by the adapter (`base_model_name_or_path`) must be loadable where the model runs
 
 from __future__ import annotations
 
-import warnings
-
 import mlflow
 from mlflow.pyfunc import PythonModel
 
 # predict takes prompts as a list or a DataFrame (see above), which one type hint cannot say; the
-# signature is logged explicitly instead. MLflow's hint about type hints is raised when this class is
-# defined, so it is silenced here, for this message only.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
+# signature is logged explicitly instead. MLflow still prints its "Add type hints to the `predict`
+# method" UserWarning when the model is logged: it raises it inside its own
+# warnings.catch_warnings() + simplefilter("once"), so no filter of ours reaches it.
 
 
 class CarryOnPyfunc(PythonModel):
