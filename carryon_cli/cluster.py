@@ -106,9 +106,17 @@ def cmd_customize(args) -> int:
             print(lines, end="", flush=True)
 
     asyncio.run(tail())
-    status = client.get_job_status(job_id)
-    print(f"job {job_id}: {status}")
-    return 0 if status == JobStatus.SUCCEEDED else 1
+    info = client.get_job_info(job_id)
+    print(f"job {job_id}: {info.status}")
+    if info.status != JobStatus.SUCCEEDED:
+        # The error is in the lines above; say where the whole of it is kept.
+        if info.message:
+            print(f"  {info.message.strip().splitlines()[0][:200]}", file=sys.stderr)
+        print(f"  full log: ray job logs {job_id} --address {client.get_address()}", file=sys.stderr)
+        temp = state.get("ray_temp_dir") if address == state.get("dashboard_url") else None
+        if temp:
+            print(f"  (on this machine: {temp}/session_latest/logs/job-driver-{job_id}.log)", file=sys.stderr)
+    return 0 if info.status == JobStatus.SUCCEEDED else 1
 
 
 def add_commands(sub) -> None:
