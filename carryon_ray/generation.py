@@ -290,7 +290,6 @@ class Engine:
 
     # -- the scheduler's state, read by the replica's stats --------------------------------------
     max_rows = property(lambda self: self.scheduler.max_rows)
-    prefill_tokens = property(lambda self: self.scheduler.prefill_tokens)
     rows = property(lambda self: self.scheduler.rows)
     decoding = property(lambda self: self.scheduler.decoding)
 
@@ -521,7 +520,7 @@ class Engine:
         return r.adapter.alpha if r.alpha is None else r.alpha
 
     # -- sampling and update ----------------------------------------------------------------------
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:  # noqa: D401
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
         """A next token per row (the Sampler), then each row's bookkeeping; whatever fails for one row
         (a broken adapter's NaN logits) ends that row alone."""
         picked = self.sampler(seqs, logits)

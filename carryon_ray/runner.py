@@ -79,11 +79,6 @@ class FlatBatch:
             slots += [slot] * len(toks)
         return cls(torch.tensor(ids), torch.tensor(pos), torch.tensor(slots), spans, len(decode))
 
-    @property
-    def last(self) -> torch.Tensor:
-        """Index of each span's last token."""
-        return torch.tensor([s.offset + s.n - 1 for s in self.spans])
-
 
 class LayerLoop:
     """The decoder stack of one Llama-style base, run over a FlatBatch against a KV slot pool."""
@@ -112,7 +107,7 @@ class LayerLoop:
         masks = self._masks(batch, device)
         seen = {0: h} if 0 in shallow else {}
         L = len(m.layers)
-        for i, layer in enumerate(m.layers[:L]):
+        for i, layer in enumerate(m.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
             q = attn.q_proj(x).view(-1, self.heads, self.head_dim)

@@ -111,10 +111,6 @@ class StepPlan:
     finished: list[Sequence] = field(default_factory=list)
 
     @property
-    def tokens(self) -> int:
-        return len(self.decode) + sum(len(c.tokens) for c in self.prefill)
-
-    @property
     def empty(self) -> bool:
         return not self.decode and not self.prefill
 
