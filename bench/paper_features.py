@@ -1,7 +1,7 @@
 """Convergence of the paper's variants on SmolLM2 (issue 6): the recycled-top carry-on vs a random
 transformer, and two bases vs one (paper figure 3).
 
-Every run is the in-process trainer (`fit_in_process`: base forward once, then the carry-on
+Every run is the in-process backend (`fit_in_process`: base forward once, then the carry-on
 epochs on cached states) on the same GSM8K rows (the paper's Question/Answer template, loss on
 the answer), with the same steps, batch and learning-rate schedule; the validation loss at the
 chosen alpha is recorded after every epoch.
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from carryon_ray.base import resolve_base_path  # noqa: E402
 from carryon_ray.config import BaseModelConfig, validate_config  # noqa: E402
-from carryon_ray.recipe import fit_in_process  # noqa: E402
+from carryon_ray.pipeline import fit_in_process  # noqa: E402
 
 SMOL = "smollm2-135m-instruct"
 

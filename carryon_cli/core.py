@@ -34,25 +34,16 @@ def _load(args):
 
 
 def cmd_train(args) -> int:
-    """The in-process runner of the one recipe, tracked in MLflow exactly like the Ray job when
+    """The in-process backend of the one pipeline, tracked in MLflow exactly like the Ray job when
     the config (or $MLFLOW_TRACKING_URI) names a tracking server."""
-    from carryon_mlflow.tracking import Tracker, finish_run
-    from carryon_ray.recipe import fit_in_process, write_summary
+    from carryon_mlflow.tracking import registration, tracked_run
+    from carryon_ray.pipeline import fit_in_process
 
     cfg = _load(args)
-    tracker = Tracker.for_config(cfg)
-    tracker.start(cfg.model_dump(mode="json"), tags={"carryon.base": cfg.base.name, "carryon.runner": "in-process"})
-    try:
-        summary = fit_in_process(cfg, tracker.reporter, progress=bar)
-        summary["run_id"] = tracker.run_id
-        summary["model_version"] = finish_run(tracker, cfg, summary, summary["adapter"])
-        write_summary(cfg.output.dir, summary)
-    except BaseException:
-        tracker.end("FAILED")
-        raise
-    tracker.end("FINISHED")
-    print(json.dumps({k: summary[k] for k in ("adapter", "val_loss_before", "val_loss_after", "alpha", "steps",
-                                              "epochs", "run_id", "model_version")}, indent=2))
+    with tracked_run(cfg, {"carryon.runner": "in-process"}) as tracker:
+        summary = fit_in_process(cfg, tracker.reporter, progress=bar, finish=registration(tracker))
+    print(json.dumps({k: summary.get(k) for k in ("adapter", "val_loss_before", "val_loss_after", "alpha", "steps",
+                                                  "epochs", "run_id", "model_version")}, indent=2))
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger("carryon.tracking")
@@ -314,3 +315,29 @@ def finish_run(tracker: Tracker, cfg, summary: dict, adapter_dir: str) -> int | 
     if summary.get("wall_seconds") is not None:
         tracker.metrics({"wall_seconds": summary["wall_seconds"]})
     return version
+
+
+@contextmanager
+def tracked_run(cfg, tags: dict[str, str] | None = None):
+    """One MLflow run around a customization: opened with the config, ended FINISHED, or FAILED
+    when anything inside raises (the exception goes on). Every runner uses it the same way:
+
+        with tracked_run(cfg, tags) as tracker:
+            customize(cfg, backend, tracker.reporter, registration(tracker))"""
+    tracker = Tracker.for_config(cfg)
+    tracker.start(cfg.model_dump(mode="json"), tags={"carryon.base": cfg.base.name, **(tags or {})})
+    try:
+        yield tracker
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+
+
+def registration(tracker: Tracker):
+    """The pipeline's `finish` step for a tracked run: figures, the adapter as an MLflow model, its
+    registered version (carryon_ray.pipeline.customize merges these entries into the summary)."""
+    def finish(cfg, summary: dict) -> dict:
+        return {"run_id": tracker.run_id, "model_version": finish_run(tracker, cfg, summary, summary["adapter"])}
+
+    return finish

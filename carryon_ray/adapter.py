@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -38,6 +40,33 @@ WEIGHTS_BY_VERSION = {1: "adapter.safetensors", 2: WEIGHTS}
 
 class AdapterError(ValueError):
     """The adapter cannot be used: unreadable, tampered, or for another base."""
+
+
+class AdapterConfig(BaseModel):
+    """adapter_config.json, the versioned on-disk format (VERSION). Written by `save_adapter`, checked
+    field by field by `read_adapter_config`; unknown keys are kept (a newer writer may add some)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format: Literal["carryon-adapter"] = Field(FORMAT, description="Marks a carry-on adapter (not a PEFT one).")
+    version: int = Field(VERSION, description="Format version; readers accept WEIGHTS_BY_VERSION's keys.")
+    library: str = Field("carryon-ray", description="The library that wrote it.")
+    library_version: str | None = Field(None, description="Its version.")
+    base_model_name_or_path: str | None = Field(None, description="The base it was trained on (name or path).")
+    carryon: dict[str, Any] = Field(description="The carry-on's architecture: the fields its kind uses.")
+    head: dict[str, Any] = Field(description="The output head: kind, and bottleneck / rank when used.")
+    fusion: str = Field(description="How the sources are fused (carryon_ray.model).")
+    dims: list[list[int]] = Field(description="Per base, the widths of its sources (deep state, shallow layers).")
+    vocab_size: int = Field(gt=0, description="The base's vocabulary size.")
+    shallow: list[int] = Field(default_factory=list, description="Shallow layers read besides the deep state.")
+    alphas: list[float] = Field(min_length=1, description="Alpha per stage (the last one is the served alpha).")
+    bridge_bits: int = Field(ge=0, description="Bits per value of the bridge codes (0: raw states).")
+    fingerprints: list[dict[str, Any]] = Field(description="Per base: the fingerprint checked at load.")
+    trainable_params: int | None = Field(None, description="Parameters the carry-on trained.")
+    training: dict[str, Any] = Field(default_factory=dict, description="The training summary (losses, alpha, data).")
+    weights_sha256: str = Field(description="SHA-256 of the weights file; checked before the weights are read.")
+    num_layers: int | None = Field(None, description="Recycled-top: the base's block count.")
+    tap: int | None = Field(None, description="Recycled-top: the first adapted block (the state entering it is read).")
 
 
 def _sha256(path: Path) -> str:
@@ -68,28 +97,15 @@ def save_adapter(
     head = {"kind": carryon.head_cfg.kind} | ({"bottleneck": carryon.head_cfg.bottleneck}
                                               if carryon.head_cfg.kind == "new" else {}) \
         | ({"rank": carryon.head_cfg.rank} if carryon.head_cfg.rank else {})
-    config = {
-        "format": FORMAT,
-        "version": VERSION,
-        "library": "carryon-ray",
-        "library_version": __version__,
-        "base_model_name_or_path": base_name,
-        "carryon": carryon.arch.used_fields(),
-        "head": head,
-        "fusion": carryon.fusion_mode,
-        "dims": carryon.dims,
-        "vocab_size": carryon.vocab_size,
-        "shallow": list(shallow),
-        "alphas": [float(a) for a in carryon.alphas],
-        "bridge_bits": bridges[0][0].bits,
-        "fingerprints": fingerprints,
-        "trainable_params": carryon.num_params(),
-        "training": training or {},
-        "weights_sha256": _sha256(out / WEIGHTS),
-    }
-    if carryon.arch.kind == "recycled":  # which of the base's blocks the deltas belong to
-        config["num_layers"] = carryon.num_layers
-        config["tap"] = carryon.first
+    recycled = carryon.arch.kind == "recycled"  # which of the base's blocks the deltas belong to
+    config = AdapterConfig(
+        library_version=__version__, base_model_name_or_path=base_name, carryon=carryon.arch.used_fields(),
+        head=head, fusion=carryon.fusion_mode, dims=carryon.dims, vocab_size=carryon.vocab_size,
+        shallow=list(shallow), alphas=[float(a) for a in carryon.alphas], bridge_bits=bridges[0][0].bits,
+        fingerprints=fingerprints, trainable_params=carryon.num_params(),
+        training=json.loads(json.dumps(training or {}, default=str)), weights_sha256=_sha256(out / WEIGHTS),
+        num_layers=carryon.num_layers if recycled else None, tap=carryon.first if recycled else None,
+    ).model_dump(mode="json", exclude_none=True)
     (out / CONFIG).write_text(json.dumps(config, indent=2, default=str))
     (out / CARD).write_text(model_card(config))
     return out
@@ -178,6 +194,11 @@ def read_adapter_config(path: str | Path) -> dict:
         raise AdapterError(f"{path}: not an adapter directory (needs {CONFIG} and {WEIGHTS_BY_VERSION[version]})")
     if version == 1:  # carryon-ray 0.1: the whole arch under "arch", the base name under "tokenizer"
         cfg = {**cfg, "carryon": cfg["arch"], "base_model_name_or_path": cfg.get("tokenizer")}
+    try:
+        cfg = AdapterConfig.model_validate(cfg).model_dump(mode="json", exclude_none=True)
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise AdapterError(f"{cfg_path}: invalid adapter config ({fields})") from None
     try:
         cfg["arch"] = ArchConfig(**cfg["carryon"]).model_dump()
     except Exception as exc:  # noqa: BLE001 - a hand-edited or corrupt config

@@ -363,15 +363,11 @@ def check_bad_fraction(report: DataReport, cfg: DataConfig, examples: int) -> No
         )
 
 
-def pack_stream(examples, eos: int, n: int) -> list[Example]:
-    """Continued pretraining: one stream of documents (each ended by EOS) cut into full windows,
-    loss on every token (attention crosses documents, as Hugging Face's group_texts does)."""
-    return list(stream_windows(examples, eos, n))
-
-
 def stream_windows(examples, eos: int, n: int):
-    """`pack_stream` as a generator over any iterable of examples, holding one window at a time (the
-    Ray job streams a dataset's rows through it on a worker)."""
+    """Continued pretraining: one stream of documents (each ended by EOS) cut into full windows,
+    loss on every token (attention crosses documents, as Hugging Face's group_texts does). A
+    generator over any iterable of examples, holding one window at a time (the Ray job streams a
+    dataset's rows through it on a worker)."""
     buf: list[int] = []
     for ex in examples:
         buf += list(ex.input_ids) + [eos]
@@ -393,24 +389,34 @@ def pack_examples(examples: list[Example], max_length: int) -> list[Example]:
     Attention stays inside each example (the `segments` tell the base and the carry-on where they
     end), positions restart at each one, and the first token of every example is not a target, so
     each example's loss is the same as unpacked."""
-    packed, group = [], []
+    return [e for e, _ in pack_in_order(((e, False) for e in examples), max_length)]
 
-    def close():
-        if group:
-            ids = [t for e in group for t in e.input_ids]
-            labels = []
-            for e in group:
-                labels += [IGNORE] + e.labels[1:]
-            packed.append(Example(ids, labels, key=row_key("|".join(e.key for e in group)),
-                                  segments=[len(e.input_ids) for e in group]))
 
-    for ex in examples:
-        if group and sum(len(e.input_ids) for e in group) + len(ex.input_ids) > max_length:
-            close()
-            group = []
-        group.append(ex)
-    close()
-    return packed
+def _packed(group: list[Example]) -> Example:
+    labels: list[int] = []
+    for e in group:
+        labels += [IGNORE] + list(e.labels[1:])
+    return Example([t for e in group for t in e.input_ids], labels, key=row_key("|".join(e.key for e in group)),
+                   segments=[len(e.input_ids) for e in group])
+
+
+def pack_in_order(tagged, max_length: int):
+    """`pack_examples` over (example, replay) pairs in training order, as a generator: customization
+    and replay examples fill separate sequences (a sequence is all one or the other); a sequence is
+    emitted, with its flag, as soon as the next example of its kind would not fit, and the open
+    ones at the end. One pass, two open sequences in memory: the Ray job streams through it."""
+    open_: dict[bool, list[Example]] = {False: [], True: []}
+    size = {False: 0, True: 0}
+    for ex, replay in tagged:
+        replay = bool(replay)
+        if open_[replay] and size[replay] + len(ex.input_ids) > max_length:
+            yield _packed(open_[replay]), replay
+            open_[replay], size[replay] = [], 0
+        open_[replay].append(ex)
+        size[replay] += len(ex.input_ids)
+    for replay in (False, True):
+        if open_[replay]:
+            yield _packed(open_[replay]), replay
 
 
 def padded_tokens(lengths: list[int], batch_size: int) -> int:
@@ -435,9 +441,76 @@ def load_examples(source: str, tokenizer, cfg: DataConfig, limit: int | None = N
         report.kept += bool(exs)
         examples += exs
     if cfg.pack:
-        examples = pack_stream(examples, tok.eos, cfg.max_length)
+        examples = list(RowPlan(cfg, seed).windows(examples, tok.eos))
     check_bad_fraction(report, cfg, len(examples))
     return examples, report
+
+
+@dataclass(frozen=True)
+class Source:
+    """One data source of a run: its role, where it is read from, the data config it is tokenized
+    with, the seed of a built-in generator and a row limit."""
+
+    role: str  # train, val (a separate file), general, replay
+    source: str
+    cfg: DataConfig
+    seed: int
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Where every row of a run goes, decided from the row alone. Both backends (a list in this
+    process, a Ray Data pipeline on a cluster) apply exactly these rules, so the same rows land in
+    the same split, replay pick and training order, packed the same way, on every cluster size."""
+
+    data: DataConfig
+    seed: int
+
+    def sources(self) -> list[Source]:
+        """The run's sources. General-domain sets score every token of whatever rows they hold (plain
+        text, or a built-in / jsonl of another task read whole, each row on its own: never packed);
+        so do replay rows."""
+        d, seed = self.data, self.seed
+        whole = {"format": "auto", "loss_on_prompt": True, "pack": False, "pack_examples": False}
+        out = [Source("train", d.train, d, seed, d.num_samples)]
+        if d.val:
+            out.append(Source("val", d.val, d, seed + 1))
+        if d.general_val:
+            out.append(Source("general", d.general_val, d.model_copy(update={**whole, "builtin_size": d.general_rows}),
+                              seed, d.general_rows))
+        if d.replay:
+            out.append(Source("replay", d.replay, d.model_copy(update=whole), seed + 2))
+        return out
+
+    def in_val(self, key: str) -> bool:
+        """Validation rows when data.val is not set: a hash of the whole row (all its windows)."""
+        return in_val(key, self.data.val_fraction)
+
+    @staticmethod
+    def val_fallback(keys) -> str:
+        """A set too small for any row to hash into validation: the row the hash ranks first."""
+        return min(keys, key=lambda k: unit(k.split("#")[0], "val"))
+
+    def replay_threshold(self, n_custom: int, n_pool: int) -> float:
+        return self.data.replay_ratio * n_custom / max(n_pool, 1)
+
+    def replay_pick(self, key: str, threshold: float) -> bool:
+        return replay_pick(key, self.seed, threshold)
+
+    def order(self, key: str) -> float:
+        return order_key(key, self.seed)
+
+    def windows(self, examples, eos: int):
+        """data.pack: one stream of documents cut into max_length windows (`stream_windows`)."""
+        return stream_windows(examples, eos, self.data.max_length)
+
+    def packed(self, tagged):
+        """data.pack_examples over (example, replay) pairs in training order (`pack_in_order`); the
+        pairs unchanged when it is off. A generator: the Ray job streams a dataset through it."""
+        if not self.data.pack_examples:
+            return iter(tagged)
+        return pack_in_order(tagged, self.data.max_length)
 
 
 @dataclass
@@ -450,33 +523,28 @@ class Splits:
 
 
 def load_splits(tokenizer, cfg: DataConfig, seed: int = 0) -> Splits:
-    """Train/validation (by a hash of each row, or a file), the optional general-domain set and
-    replay rows, in this process, by the same rules as the Ray job's pipeline (jobs/data.py): the
-    same rows land in the same split, replay pick and training order."""
-    train, rep = load_examples(cfg.train, tokenizer, cfg, cfg.num_samples, seed)
-    reports = {"train": rep}
-    if cfg.val:
-        val, reports["val"] = load_examples(cfg.val, tokenizer, cfg, seed=seed + 1)
+    """Train/validation, the optional general-domain set and replay rows, in this process, by the
+    run's RowPlan (the Ray job's pipeline, jobs/data.py, applies the same plan)."""
+    plan = RowPlan(cfg, seed)
+    loaded, reports = {}, {}
+    for src in plan.sources():
+        loaded[src.role], reports[src.role] = load_examples(src.source, tokenizer, src.cfg, src.limit, src.seed)
+    train = loaded["train"]
+    if "val" in loaded:
+        val = loaded["val"]
     else:
-        val = [e for e in train if in_val(e.key, cfg.val_fraction)]
-        if not val:  # a tiny set: the row the hash ranks first
-            val = [min(train, key=lambda e: unit(e.key.split("#")[0], "val"))]
+        val = [e for e in train if plan.in_val(e.key)]
+        if not val:
+            first = plan.val_fallback(e.key for e in train)
+            val = [e for e in train if e.key == first]
         picked = {e.key for e in val}
         train = [e for e in train if e.key not in picked]
-    general = None
-    # General-domain sets score every token of whatever rows they hold (plain text, or a built-in /
-    # jsonl of another task read whole).
-    if cfg.general_val:
-        gcfg = cfg.model_copy(update={"format": "auto", "loss_on_prompt": True, "builtin_size": cfg.general_rows})
-        general, reports["general"] = load_examples(cfg.general_val, tokenizer, gcfg, limit=cfg.general_rows)
     replay = None
-    if cfg.replay:
-        rcfg = cfg.model_copy(update={"format": "auto", "loss_on_prompt": True})
-        pool, reports["replay"] = load_examples(cfg.replay, tokenizer, rcfg, seed=seed + 2)
-        threshold = cfg.replay_ratio * len(train) / len(pool)
-        replay = [e for e in pool if replay_pick(e.key, seed, threshold)]
-    by_order = lambda exs: sorted(exs, key=lambda e: order_key(e.key, seed)) if exs else exs  # noqa: E731
-    return Splits(by_order(train), by_order(val), general, reports, by_order(replay))
+    if "replay" in loaded:
+        threshold = plan.replay_threshold(len(train), len(loaded["replay"]))
+        replay = [e for e in loaded["replay"] if plan.replay_pick(e.key, threshold)]
+    by_order = lambda exs: sorted(exs, key=lambda e: plan.order(e.key)) if exs else exs  # noqa: E731
+    return Splits(by_order(train), by_order(val), loaded.get("general"), reports, by_order(replay))
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

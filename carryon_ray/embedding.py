@@ -10,7 +10,7 @@ here, once:
   its own length, plus the sample id, the replay flag and the producer's timing and node;
 - `from_rows`: a group of embedding rows re-padded into one `EncodedBatch` for training.
 
-The embedding actors (actors/embedder.py) and the in-process runner (carryon_ray/recipe.py) both
+The embedding actors (actors/embedder.py) and the in-process backend (carryon_ray/pipeline.py) both
 call `embed_rows`, and both runners batch with `from_rows`, so the two paths see the same tensors.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from typing import NamedTuple
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 from .base import FrozenBase
 from .bridge import Bridges, bridges_from_state, bridges_state, fit_bridges
 from .config import BridgeConfig, resolve_tap
-from .data import Example, order_key, pack_examples, sample_id
+from .data import Example, RowPlan, sample_id
 from .loss import IGNORE
 
 # -- the columns of the rows that cross the object store ---------------------------------------
@@ -39,17 +40,36 @@ ROW_LENGTH = "length"  # int: tokens in the sample
 ROW_SECONDS = "embed_seconds"  # float: this row's share of its batch's producer time (by tokens)
 ROW_NODES = "producer_node"  # str: comma-separated node ids of the producers that ran the row
 ROW_SEGMENTS = "segments"  # packed rows: the lengths of the examples in the sequence (empty: one example)
-_CODE = re.compile(r"s\d+_\d+_")
+_CODE = re.compile(r"s(\d+)_(\d+)_(\w+)$")
+
+
+class SourceKey(NamedTuple):
+    """The name of one bridge part's column (and tensor): base b, source i (0 the deep state, then
+    each shallow layer), part (values; or codes, lo, scale). Written as `s{b}_{i}_{part}`; `parse`
+    is the only reader of that spelling."""
+
+    base: int
+    source: int
+    part: str
+
+    def __str__(self) -> str:
+        return f"s{self.base}_{self.source}_{self.part}"
+
+    @classmethod
+    def parse(cls, name: str) -> "SourceKey | None":
+        """The key a column name spells, or None for ids, labels and producer stats."""
+        m = _CODE.match(name)
+        return cls(int(m[1]), int(m[2]), m[3]) if m else None
 
 
 def source_key(base: int, source: int, part: str) -> str:
-    """Column / tensor name of one bridge part: base b, source i (0 deep, then shallow), part."""
-    return f"s{base}_{source}_{part}"
+    """Column / tensor name of one bridge part (`SourceKey`)."""
+    return str(SourceKey(base, source, part))
 
 
 def is_code(column: str) -> bool:
     """Bridge-code columns, as opposed to ids, labels and producer stats."""
-    return _CODE.match(column) is not None
+    return SourceKey.parse(column) is not None
 
 
 def source_dims(hidden_sizes: list[int], shallow: list[int]) -> list[list[int]]:
@@ -110,10 +130,10 @@ class Calibration:
         if keep is None:
             return batch
         enc = {}
-        for key, t in batch.enc.items():
-            b, i, part = key[1:].split("_", 2)
-            if int(i) in keep:
-                enc[source_key(int(b), keep.index(int(i)), part)] = t
+        for name, t in batch.enc.items():
+            key = SourceKey.parse(name)
+            if key.source in keep:
+                enc[str(key._replace(source=keep.index(key.source)))] = t
         return dataclasses.replace(batch, enc=enc)
 
     def bytes_per_token(self) -> float:
@@ -177,18 +197,12 @@ def token_rows(examples, replay: bool = False) -> list[dict]:
 
 def training_examples(splits, cfg) -> list[tuple[Example, bool]]:
     """The run's training examples in training order, each with its replay flag: customization and
-    replay rows merged by their order keys (a seeded shuffle fixed per row), packed when
-    data.pack_examples says so. Both runners train on exactly this sequence."""
+    replay rows merged by their order keys (RowPlan.order), packed by RowPlan.packed when
+    data.pack_examples says so. Both backends train on exactly this sequence."""
+    plan = RowPlan(cfg.data, cfg.train.seed)
     tagged = [(e, False) for e in splits.train] + [(e, True) for e in splits.replay or []]
-    tagged.sort(key=lambda p: order_key(p[0].key, cfg.train.seed))
-    if not cfg.data.pack_examples:
-        return tagged
-    out = []
-    for replay in (False, True):  # a packed sequence is all customization or all replay
-        part = [e for e, r in tagged if r == replay]
-        out += [(e, replay) for e in pack_examples(part, cfg.data.max_length)]
-    out.sort(key=lambda p: order_key(p[0].key, cfg.train.seed))
-    return out
+    tagged.sort(key=lambda p: plan.order(p[0].key))
+    return list(plan.packed(tagged))
 
 
 def training_rows(splits, cfg) -> list[dict]:
@@ -274,7 +288,7 @@ def embed_rows(bases: list[FrozenBase], bridges: Bridges, batch: dict, shallow: 
     enc = embed_batch(bases, bridges, padded["input_ids"], padded["attention_mask"], shallow,
                       padded.get("position_ids"), padded.get("attn_mask"), tap)
     # embed_batch numbers its bases from 0; name the columns by the run's base index.
-    enc = {f"s{base_ids[int(k[1:k.index('_')])]}{k[k.index('_'):]}": v for k, v in enc.items()}
+    enc = {str(key._replace(base=base_ids[key.base])): v for key, v in ((SourceKey.parse(k), v) for k, v in enc.items())}
     lengths = padded["attention_mask"].sum(-1).tolist()
     out: dict[str, np.ndarray] = {
         ROW_ID: np.asarray(batch[ROW_ID], dtype=np.int64),
@@ -408,9 +422,9 @@ def decode_sources(
         per = []
         for i, d in enumerate(base_dims):
             parts = {
-                k.rsplit("_", 1)[1]: v.to(device) if device is not None else v
-                for k, v in enc.items()
-                if k.startswith(source_key(b, i, ""))
+                key.part: v.to(device) if device is not None else v
+                for key, v in ((SourceKey.parse(k), v) for k, v in enc.items())
+                if key[:2] == (b, i)
             }
             per.append(bridges[b][i].decode(parts, dtype=dtype, dim=d))
         sources.append(per)

@@ -3,23 +3,24 @@ bridge codes, whichever process drives it.
 
     setup    Trainer(cfg, calibration, plan): the carry-on, its optimizer and schedule, the alpha search
     data     batches arrive as EncodedBatch (bridge codes); the trainer decodes them itself
-    loop     per epoch: begin_epoch (grow a stage when the previous one is done), train_on (one
-             train_step per batch: CE on customization rows, KL to the base on replay rows, MoE
-             balance), end_epoch (alpha chosen on validation data, with the general-domain guard
-             when configured; metrics; history)
+    loop     Trainer.fit: the base's validation loss, then per epoch begin_epoch (grow a stage when
+             the previous one is done), train_on (one train_step per batch: CE on customization
+             rows, KL to the base on replay rows, MoE balance), end_epoch (alpha chosen on
+             validation data, with the general-domain guard when configured; metrics; history)
     save     summary() and save() write the adapter; state_dict() / load_state_dict() checkpoint it
 
-Two runners drive it and add only what their process needs: `fit_in_process` below (one process,
-`carryon train`) and the Ray Train worker loop in jobs/train_loop.py (streaming shards, the
-embedding cache, DDP, checkpoints). Metric names, replay, the guard, stages, MoE, the summary and
-the adapter are therefore the same in both by construction (tests/test_job.py's parity tests run both).
+Every backend runs `Trainer.fit` and supplies only where each epoch's batches come from
+(`EpochInput`) and what happens after an epoch: in one process (carryon_ray/pipeline.py), on Ray
+Train workers (jobs/train_loop.py: streaming shards, the embedding cache, DDP, checkpoints) and in
+Tune trials (jobs/tune.py). Metric names, replay, the guard, stages, MoE, the summary and the
+adapter are therefore the same everywhere by construction (tests/test_job.py's parity tests run
+the in-process and Ray backends on one config).
 
 A `Reporter` receives metrics and params: MLflow at the edges (carryon_mlflow), nothing here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import resource
@@ -33,9 +34,7 @@ import torch
 
 from .adapter import save_adapter
 from .config import CarryOnConfig
-from .data import order_key, padding_share
 from .embedding import Calibration, EncodedBatch, decode_sources, part_layout
-from .progress import Progress, quiet
 from .train import (AlphaSearch, build_carryon, evaluate, gate_mean, grow_stage, make_optimizer, router_dropout_at,
                     stage_digest, train_step)
 
@@ -120,6 +119,31 @@ class EpochStats:
 
 
 Decoded = list[tuple[list, torch.Tensor]]  # (sources, labels) per batch, for evaluation
+
+
+@dataclass
+class EpochInput:
+    """What a backend feeds one epoch: its batches and how they were made.
+
+    `streamed` batches were just embedded (they count toward producer throughput); `on_batch`
+    sees each batch before it trains (the Ray runner fills its embedding cache there); `finish`
+    runs after the last batch, before validation (barriers, the cache's completion, an audit)."""
+
+    batches: Iterable[EncodedBatch]
+    streamed: bool = False
+    on_batch: Callable[[int, EncodedBatch], None] | None = None
+    finish: Callable[[EpochStats], None] | None = None
+
+
+def cached_epochs(batches: list[EncodedBatch], seed: int, first_streamed: bool = True) -> Callable[[int], EpochInput]:
+    """Epochs over batches held in memory, in `epoch_order`; epoch 0 counts as streamed when the
+    batches were embedded for it."""
+    return lambda epoch: EpochInput((batches[i] for i in epoch_order(len(batches), seed, epoch)),
+                                    streamed=first_streamed and epoch == 0)
+
+
+def _call(value):
+    return value() if callable(value) else value
 
 
 def peak_rss_mb() -> float:
@@ -250,18 +274,18 @@ class Trainer:
             self.step += 1
             i += 1
             stats.sample_ids += batch.sample_ids
-            stats.losses.append(out["loss"])
-            stats.kls.append(out["kl"])
-            stats.tokens += out["tokens"]
-            stats.replay_rows += out["replay_rows"]
-            self.train_losses.append((self.step, out["loss"]))
-            self.reporter.metrics({"train_loss_step": out["loss"], "lr": self.sched.get_last_lr()[0]}, self.step)
+            stats.losses.append(out.loss)
+            stats.kls.append(out.kl)
+            stats.tokens += out.tokens
+            stats.replay_rows += out.replay_rows
+            self.train_losses.append((self.step, out.loss))
+            self.reporter.metrics({"train_loss_step": out.loss, "lr": self.sched.get_last_lr()[0]}, self.step)
             if self.step % 5 == 0:  # progress for long runs: metrics every 5 steps, a log line about twice an epoch
                 el = time.perf_counter() - t0
                 eta = el / i * max(0, self.plan.total_steps - self.step)
                 if self.step % (5 * max(1, self.plan.steps_per_epoch // 10)) == 0:  # ~twice an epoch
                     log.info("progress: epoch %d step %d/%d samples %d loss %.4f ETA %.0fs%s", self.epoch, self.step,
-                             self.plan.total_steps, len(stats.sample_ids), out["loss"], eta,
+                             self.plan.total_steps, len(stats.sample_ids), out.loss, eta,
                              f" tokens embedded {stats.produced_tokens}" if streamed else "")
                 self.reporter.metrics({"eta_s": eta, **({"tokens_embedded": stats.produced_tokens} if streamed
                                                         else {})}, self.step)
@@ -319,6 +343,25 @@ class Trainer:
         self.last_metrics = metrics
         return metrics
 
+    def fit(self, epochs: Callable[[int], EpochInput], val, general=None,
+            after_epoch: Callable[[dict, EpochStats], None] | None = None) -> dict:
+        """The epoch loop, the one every backend runs: the base's validation loss first (on a fresh
+        run), then per epoch: grow a stage when due, train on `epochs(epoch)`, choose alpha on `val`
+        (guarded by `general`), and `after_epoch(metrics, stats)` (checkpoints, Tune reports).
+        `val` and `general` may be callables, read when first needed. Returns the summary."""
+        if self.epoch == 0:
+            self.baseline(_call(val))
+        while not self.done:
+            self.begin_epoch()
+            feed = epochs(self.epoch)
+            stats = self.train_on(feed.batches, feed.streamed, feed.on_batch)
+            if feed.finish is not None:
+                feed.finish(stats)
+            metrics = self.end_epoch(stats, _call(val), _call(general))
+            if after_epoch is not None:
+                after_epoch(metrics, stats)
+        return self.summary()
+
     # -- results ----------------------------------------------------------------------------------
     def summary(self) -> dict:
         """What the run achieved; travels in the checkpoint, so every runner can report it."""
@@ -334,140 +377,3 @@ class Trainer:
         training = {k: v for k, v in self.summary().items() if k != "train_losses"} | (extra or {})
         return save_adapter(Path(out_dir) / "adapter", self.model, self.bridges, self.calib.shallow,
                             self.calib.fingerprints, base_name, training)
-
-
-def report_heldout(result: dict | None, cfg: CarryOnConfig, reporter: Reporter) -> dict | None:
-    """The held-out comparison (carryon_ray.evaluation.score_heldout) as metrics, a printed side-by-side
-    table, and the summary's `heldout` entry; the same in both runners."""
-    if result is None:
-        return None
-    from .evaluation import side_by_side
-
-    reporter.metrics({"heldout_accuracy_base": result["base_accuracy"],
-                      "heldout_accuracy_adapter": result["adapter_accuracy"], "heldout_rows": result["rows"]}, 0)
-    print("\n" + side_by_side(result, cfg.eval.show), flush=True)
-    return {k: result[k] for k in ("rows", "base_accuracy", "adapter_accuracy")} | {
-        "examples": result["records"][: max(cfg.eval.show, 20)]}
-
-
-def report_padding(now: float, unpacked: float, sequences: int, reporter: Reporter) -> None:
-    """The padding share of the training batches as trained and as they would be unpacked."""
-    log.info("padding share of the training batches: %.1f %% (%.1f %% unpacked; %d sequences)", 100 * now,
-             100 * unpacked, sequences)
-    reporter.metrics({"padding_share": now, "padding_share_unpacked": unpacked, "train_sequences": sequences}, 0)
-
-
-def report_data(reports: dict, profiles: dict[str, tuple[str, list[dict], str]], n_custom: int, n_replay: int,
-                reporter: Reporter) -> None:
-    """Rows read, kept and skipped per data source (in the log and as metrics); each source as a
-    dataset input of the run (its path or built-in name and a per-row token profile of its first
-    rows). The same names from both runners."""
-    for role, rep in reports.items():
-        log.info("data (%s) %s", role, rep.summary())
-        reporter.metrics(rep.metrics(f"data_{role}"), 0)
-    if n_replay:
-        log.info("replay: %d general-domain sequences mixed into %d customization sequences", n_replay, n_custom)
-        reporter.metrics({"replay_sequences": n_replay}, 0)
-    for name, (source, profile, context) in profiles.items():
-        reporter.dataset(name, source, profile, context)
-
-
-def split_profiles(splits, cfg: CarryOnConfig, rows: int = 1000) -> dict[str, tuple[str, list[dict], str]]:
-    """The dataset inputs of an in-process run (the Ray job builds the same from its datasets)."""
-    from .loss import IGNORE
-
-    def profile(examples):
-        return [{"tokens": len(e.input_ids), "scored_tokens": sum(lab != IGNORE for lab in e.labels)}
-                for e in examples[:rows]]
-
-    d = cfg.data
-    out = {"train": (str(d.train), profile(splits.train), "training"),
-           "val": (str(d.val or f"{d.train} (validation split)"), profile(splits.val), "validation")}
-    if splits.general:
-        out["general"] = (str(d.general_val), profile(splits.general), "evaluation")
-    if splits.replay:
-        out["replay"] = (str(d.replay), profile(splits.replay), "training")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# The in-process runner: `carryon train`, one machine, no cluster.
-# ---------------------------------------------------------------------------------------------
-
-
-def fit_in_process(cfg: CarryOnConfig, reporter: Reporter | None = None, progress: Progress = quiet) -> dict:
-    """Customize a base in this process; writes the adapter and summary.json to cfg.output.dir and
-    returns the summary. The same recipe and the same row path as the Ray job: token rows ->
-    `embed_rows` in embed_batch_size groups -> `from_rows` in batch_size groups -> Trainer."""
-    from .base import FrozenBase
-    from .data import load_splits
-    from .embedding import (calibrate, calibration_rows, concat_rows, embed_rows, from_rows, row_batches,
-                            token_rows, training_rows)
-
-    reporter = reporter or NullReporter()
-    t_start = time.perf_counter()
-    # -- setup ----------------------------------------------------------------------------------
-    bases = [FrozenBase.load(b) for b in [cfg.base, *cfg.extra_bases]]
-    tok = bases[0].tokenizer
-    log.info("base %s: %d layers, hidden %d, vocab %d", cfg.base.name, bases[0].num_layers, bases[0].hidden_size,
-             bases[0].vocab_size)
-    # -- data -----------------------------------------------------------------------------------
-    splits = load_splits(tok, cfg.data, seed=cfg.train.seed)
-    report_data(splits.reports, split_profiles(splits, cfg), len(splits.train), len(splits.replay or []), reporter)
-    rows = training_rows(splits, cfg)
-    bs = cfg.train.batch_size
-    unpacked = sorted([*splits.train, *(splits.replay or [])], key=lambda e: order_key(e.key, cfg.train.seed))
-    report_padding(padding_share([len(r["input_ids"]) for r in rows], bs),
-                   padding_share([len(e.input_ids) for e in unpacked], bs), len(rows), reporter)
-    # -- calibrate, then embed once: the base forward runs once per sample ------------------------
-    calib = calibrate(bases, cfg.bridge, cfg.layers.shallow, rows[: calibration_rows(cfg)], cfg.tap_spec())
-    bridges, shallow, eb = calib.bridges(), cfg.layers.shallow, cfg.resources.embed_batch_size
-    reporter.params({"bridge_bytes_per_token": f"{calib.bytes_per_token():.1f}"})
-
-    def embedded(token_rows_: list[dict], what: str) -> dict:
-        starts = range(0, len(token_rows_), eb)
-        return concat_rows([embed_rows(bases, bridges, {k: [r[k] for r in token_rows_[i : i + eb]]
-                                                         for k in token_rows_[0]}, shallow, tap=calib.tap)
-                            for i in progress(starts, f"base forward ({what})", len(starts))])
-
-    layout = part_layout(bridges, calib.dims, calib.base_dtype)
-    t0 = time.perf_counter()
-    train = [from_rows(g, layout) for g in row_batches(embedded(rows, "training rows"), bs)]
-    log.info("embedded %d training rows in %.1fs (bridge %d bits, %.0f bytes/token)", len(rows),
-             time.perf_counter() - t0, cfg.bridge.bits, calib.bytes_per_token())
-    head_w, head_b = (bases[0].head_weight, bases[0].head_bias) if cfg.head.kind == "inherited" else (None, None)
-    trainer = Trainer(cfg, calib, RunPlan.of(cfg, len(rows)), head_w, head_b, reporter)
-    val = trainer.eval_set(from_rows(g, layout) for g in row_batches(embedded(token_rows(splits.val), "validation"), bs))
-    general = trainer.eval_set(from_rows(g, layout) for g in row_batches(
-        embedded(token_rows(splits.general), "general-domain set"), bs)) if splits.general else None
-    # -- loop -----------------------------------------------------------------------------------
-    trainer.baseline(val)
-    while not trainer.done:
-        trainer.begin_epoch()
-        streamed = trainer.epoch == 0
-        order = epoch_order(len(train), cfg.train.seed, trainer.epoch)
-        batches = progress((train[i] for i in order), f"epoch {trainer.epoch + 1}/{trainer.plan.epochs}", len(order))
-        stats = trainer.train_on(batches, streamed)
-        trainer.end_epoch(stats, val, general)
-    # -- save -----------------------------------------------------------------------------------
-    out = Path(cfg.output.dir)
-    data = [r.summary() for r in splits.reports.values()]
-    adapter = trainer.save(out, cfg.base.name, {"data": data})
-    from .evaluation import score_heldout
-
-    heldout = report_heldout(score_heldout(bases, adapter, cfg), cfg, reporter)
-    summary = {**trainer.summary(), "data": data, "train_sequences": len(rows), "adapter": str(adapter),
-               "heldout": heldout,
-               "wall_seconds": round(time.perf_counter() - t_start, 1)}
-    write_summary(out, summary)
-    log.info("validation loss %.4f -> %.4f at alpha %.4g; adapter saved to %s", summary["val_loss_before"],
-             summary["val_loss_after"], summary["alpha"], adapter)
-    return summary
-
-
-def write_summary(out_dir: str | Path, summary: dict) -> Path:
-    """summary.json next to the adapter (the per-step train losses stay out of it)."""
-    path = Path(out_dir) / "summary.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({k: v for k, v in summary.items() if k != "train_losses"}, indent=2, default=str))
-    return path

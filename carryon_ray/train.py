@@ -102,6 +102,18 @@ def make_optimizer(model: CarryOn, cfg: CarryOnConfig, total_steps: int):
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step measured."""
+
+    loss: float  # the optimized loss: ce + kl_weight * kl (+ balance_weight * balance with experts)
+    ce: float  # cross entropy on the customization rows' target tokens
+    kl: float  # KL to the base on the replay rows (0 without replay)
+    tokens: int  # target tokens scored (CE) plus replay tokens (KL)
+    replay_rows: int
+    balance: float  # the MoE load-balance term (0 without experts)
+
+
 def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, grad_clip: float = 1.0,
                replay: torch.Tensor | None = None, kl_weight: float = 1.0, kl_top_k: int | None = None,
                key_mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
@@ -155,8 +167,8 @@ def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, 
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return {"loss": float(loss.detach()), "ce": float(ce.detach()), "kl": float(kl.detach()), "tokens": n + n_kl,
-            "replay_rows": int(replay.sum()) if replay is not None else 0, "balance": float(balance.detach())}
+    return StepResult(float(loss.detach()), float(ce.detach()), float(kl.detach()), n + n_kl,
+                      int(replay.sum()) if replay is not None else 0, float(balance.detach()))
 
 
 def router_dropout_at(carryon: CarryOn, step: int, total: int) -> float:

@@ -7,10 +7,12 @@ datasets (plans and object references), counts and reports, never the rows.
     tokenize   a CPU actor pool runs the core's Tokenizer on every row; malformed rows become
                status rows, counted by reason on the workers (the "mostly bad data stops the run"
                rule is checked on those counts).
-    split      by a hash of each row (carryon_ray.data.in_val), replay picked by a hash: the same
-               rows on every run and every cluster size, and the same as `carryon train`.
-    order      sorted by the row's order key (a seeded shuffle fixed per row); packed when
-               data.pack_examples is set.
+    split      by the run's RowPlan (carryon_ray/data.py), the rules `carryon train` applies: a hash
+               of each row decides validation and the replay pick, the same rows on every run and
+               every cluster size.
+    order      sorted by the plan's order key (a seeded shuffle fixed per row); data.pack and
+               data.pack_examples stream the rows, in order, through the plan's generators in one
+               task (_through_core).
 
 The datasets are materialized in the object store (spilled to disk by Ray when they outgrow it):
 token ids are ~4 bytes a token, small next to the bridge codes they become.
@@ -27,9 +29,8 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from carryon_ray.config import CarryOnConfig, DataConfig
-from carryon_ray.data import (BUILTINS, DataError, DataReport, Tokenizer, in_val, order_key, pack_examples,
-                              tokenizing_config,
-                              padded_tokens, parse_line, replay_pick, sample_id, unit)
+from carryon_ray.data import (BUILTINS, DataError, DataReport, RowPlan, Tokenizer, padded_tokens, parse_line,
+                              sample_id, tokenizing_config)
 from carryon_ray.embedding import ROW_ID, ROW_INPUT_IDS, ROW_LABELS, ROW_REPLAY, ROW_SEGMENTS
 
 log = logging.getLogger("carryon.job")
@@ -243,7 +244,7 @@ def _tokenized(source: str, cfg: CarryOnConfig, data: DataConfig, role: str, see
             report.skipped[reason] += n
     good = ds.filter(expr="reason == ''")
     if data.pack:  # continued pretraining: the documents, in order, as one stream cut into windows
-        good = _packed_stream(good, cfg, data)
+        good = _through_core(good, cfg, "windows", data)
     n = good.count()
     from carryon_ray.data import check_bad_fraction
 
@@ -261,44 +262,60 @@ def _where(ds, keep):
     return ds.map_batches(select, batch_format="numpy")
 
 
-def _pack_windows(ds, base: dict, max_length: int):
-    """A Ray generator task: the rows of `ds` in order through the core's `stream_windows` (the rule
-    `carryon train` packs with), yielded as blocks of windows; one window in memory at a time."""
+# The columns a core rule's output rows carry: the token rows of `_tokenized` (windows of data.pack,
+# before the split) or the ordered training rows (sequences of data.pack_examples).
+_RULE_COLUMNS = {"windows": ("key", ROW_ID, ROW_INPUT_IDS, ROW_LABELS, "reason", "rows", "length"),
+                 "packed": ("key", ROW_ID, ROW_INPUT_IDS, ROW_LABELS, ROW_REPLAY, ROW_SEGMENTS, "order", "length")}
+
+
+def _rule_rows(ds, cfg_json: dict, rule: str, data_json: dict):
+    """A Ray generator task: the rows of `ds`, in order, through one of the RowPlan's streaming rules
+    (`windows` for data.pack, `packed` for data.pack_examples: the code `carryon train` runs),
+    yielded as Arrow blocks; one sequence in memory at a time."""
     import pyarrow as pa
     from transformers import AutoTokenizer
 
     from carryon_ray.base import resolve_base_path
-    from carryon_ray.config import BaseModelConfig
-    from carryon_ray.data import Example, stream_windows
+    from carryon_ray.data import Example, RowPlan
 
-    path, gguf = resolve_base_path(BaseModelConfig(**base))
-    eos = AutoTokenizer.from_pretrained(path, gguf_file=gguf).eos_token_id
+    cfg = CarryOnConfig.model_validate(cfg_json)
+    plan = RowPlan(DataConfig(**data_json), cfg.train.seed)
 
-    def docs():
+    def tagged():
         for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-            for ids, key in zip(batch[ROW_INPUT_IDS], batch["key"]):
-                yield Example(list(map(int, ids)), [], key)
+            flags = batch[ROW_REPLAY] if ROW_REPLAY in batch else [False] * len(batch["key"])
+            for ids, labels, key, replay in zip(batch[ROW_INPUT_IDS], batch[ROW_LABELS], batch["key"], flags):
+                yield Example(list(map(int, ids)), list(map(int, labels)), str(key)), bool(replay)
 
-    out: dict[str, list] = {k: [] for k in ("key", ROW_ID, ROW_INPUT_IDS, ROW_LABELS, "reason", "rows", "length")}
-    for w in stream_windows(docs(), eos, max_length):
-        for k, v in (("key", w.key), (ROW_ID, sample_id(w.key)), (ROW_INPUT_IDS, w.input_ids), (ROW_LABELS, w.labels),
-                     ("reason", ""), ("rows", 0), ("length", len(w.input_ids))):
-            out[k].append(v)
+    if rule == "windows":
+        path, gguf = resolve_base_path(cfg.base)
+        eos = AutoTokenizer.from_pretrained(path, gguf_file=gguf).eos_token_id
+        out_rows = ((w, False) for w in plan.windows((e for e, _ in tagged()), eos))
+    else:
+        out_rows = plan.packed(tagged())
+    names = _RULE_COLUMNS[rule]
+    out: dict[str, list] = {k: [] for k in names}
+    for e, replay in out_rows:
+        row = {"key": e.key, ROW_ID: sample_id(e.key), ROW_INPUT_IDS: e.input_ids, ROW_LABELS: e.labels,
+               "reason": "", "rows": 0, "length": len(e.input_ids), ROW_REPLAY: replay,
+               ROW_SEGMENTS: list(e.segments or []), "order": 0.0}
+        for k in names:
+            out[k].append(row[k])
         if len(out["key"]) == 1024:
             yield pa.table(out)
-            out = {k: [] for k in out}
+            out = {k: [] for k in names}
     if out["key"]:
         yield pa.table(out)
 
 
-def _packed_stream(good, cfg: CarryOnConfig, data: DataConfig):
-    """data.pack in the job: the packing task runs on a worker; the driver holds only block refs."""
+def _through_core(ds, cfg: CarryOnConfig, rule: str, data: DataConfig):
+    """A RowPlan streaming rule applied to `ds` on a worker; the driver holds only block refs."""
     import ray
     import ray.data
 
-    task = ray.remote(num_returns="streaming", num_cpus=cfg.resources.tokenize_cpus)(_pack_windows)
-    refs = list(task.remote(good, cfg.base.model_dump(), data.max_length))
-    return ray.data.from_arrow_refs(refs).materialize() if refs else good.limit(0)
+    task = ray.remote(num_returns="streaming", num_cpus=cfg.resources.tokenize_cpus)(_rule_rows)
+    refs = list(task.remote(ds, cfg.model_dump(mode="json"), rule, data.model_dump(mode="json")))
+    return ray.data.from_arrow_refs(refs).materialize() if refs else ds.limit(0)
 
 
 def ray_pool(lo: int, hi: int):
@@ -307,37 +324,15 @@ def ray_pool(lo: int, hi: int):
     return ActorPoolStrategy(min_size=lo, max_size=max(lo, hi))
 
 
-def _ordered(ds, seed: int, replay: bool):
-    """Tag with the replay flag and the order key; sorted by it."""
+def _ordered(ds, plan: RowPlan, replay: bool):
+    """Tag with the replay flag and the order key (RowPlan.order)."""
 
     def tag(batch: dict) -> dict:
         batch[ROW_REPLAY] = np.full(len(batch["key"]), replay)
-        batch["order"] = np.array([order_key(k, seed) for k in batch["key"]], dtype=np.float64)
+        batch["order"] = np.array([plan.order(k) for k in batch["key"]], dtype=np.float64)
         return batch
 
     return ds.map_batches(tag, batch_format="numpy")
-
-
-def _pack(batch: dict, max_length: int) -> dict:
-    """data.pack_examples on Ray: consecutive examples (in training order) packed within a batch."""
-    from carryon_ray.data import Example
-
-    out: dict[str, list] = {k: [] for k in ("key", ROW_ID, ROW_INPUT_IDS, ROW_LABELS, ROW_REPLAY, ROW_SEGMENTS,
-                                            "order", "length")}
-    for replay in (False, True):
-        idx = [i for i, r in enumerate(batch[ROW_REPLAY]) if bool(r) == replay]
-        examples = [Example(list(batch[ROW_INPUT_IDS][i]), list(batch[ROW_LABELS][i]), str(batch["key"][i]))
-                    for i in idx]
-        for e in pack_examples(examples, max_length):
-            out["key"].append(e.key)
-            out[ROW_ID].append(sample_id(e.key))
-            out[ROW_INPUT_IDS].append([int(t) for t in e.input_ids])
-            out[ROW_LABELS].append([int(t) for t in e.labels])
-            out[ROW_REPLAY].append(replay)
-            out[ROW_SEGMENTS].append([int(n) for n in e.segments])
-            out["order"].append(0.0)
-            out["length"].append(len(e.input_ids))
-    return columns(out, (ROW_INPUT_IDS, ROW_LABELS, ROW_SEGMENTS, "key"))
 
 
 def _sums(ds, fn, batch_size: int | None = 4096) -> dict[str, int]:
@@ -352,8 +347,7 @@ def _sums(ds, fn, batch_size: int | None = 4096) -> dict[str, int]:
 
 def _padding(ds, batch_size: int) -> float:
     """Padding share of `ds`'s rows batched in order. Each worker sums over 512 training batches at
-    a time, so one record per 512 batches reaches the driver (one per batch grew the driver by
-    ~80 MB at 200k rows)."""
+    a time, so one record per 512 batches reaches the driver."""
     def stats(batch: dict) -> dict:
         lengths = [int(n) for n in batch["length"]]
         return {"real": [sum(lengths)], "padded": [padded_tokens(lengths, batch_size)]}
@@ -370,48 +364,44 @@ def _profile(ds) -> list[dict]:
 
 
 def ingest(cfg: CarryOnConfig) -> Ingested:
-    """Read, tokenize, split, order (and pack) the run's data with Ray Data."""
-    d, seed = cfg.data, cfg.train.seed
-    reports, profiles = {}, {}
-    train, reports["train"] = _tokenized(d.train, cfg, d, "train", seed, d.num_samples)
-    if d.val:
-        val, reports["val"] = _tokenized(d.val, cfg, d, "val", seed + 1)
+    """Read, tokenize, split, order (and pack) the run's data with Ray Data, by the run's RowPlan."""
+    d = cfg.data
+    plan = RowPlan(d, cfg.train.seed)
+    loaded, reports, profiles = {}, {}, {}
+    for src in plan.sources():
+        loaded[src.role], reports[src.role] = _tokenized(src.source, cfg, src.cfg, src.role, src.seed, src.limit)
+    train = loaded["train"]
+    if "val" in loaded:
+        val = loaded["val"]
     else:
-        frac = d.val_fraction
-        val = _where(train, lambda k: in_val(k, frac)).materialize()
-        if val.count() == 0:  # a tiny set: the row the hash ranks first (as load_splits does)
-            first = min((r["key"] for r in train.select_columns(["key"]).take_all()),
-                        key=lambda k: unit(k.split("#")[0], "val"))
+        val = _where(train, plan.in_val).materialize()
+        if val.count() == 0:
+            first = plan.val_fallback(r["key"] for r in train.select_columns(["key"]).take_all())
             val = _where(train, lambda k: k == first).materialize()
-        train = _where(train, lambda k: not in_val(k, frac)).materialize()
+        train = _where(train, lambda k: not plan.in_val(k)).materialize()
     n_custom = train.count()
-    general = None
-    if d.general_val:
-        gcfg = d.model_copy(update={"format": "auto", "loss_on_prompt": True, "builtin_size": d.general_rows})
-        general, reports["general"] = _tokenized(d.general_val, cfg, gcfg, "general", seed, d.general_rows)
-    parts = [_ordered(train, seed, False)]
+    general = loaded.get("general")
+    parts = [_ordered(train, plan, False)]
     n_replay = 0
-    if d.replay:
-        rcfg = d.model_copy(update={"format": "auto", "loss_on_prompt": True})
-        pool, reports["replay"] = _tokenized(d.replay, cfg, rcfg, "replay", seed + 2)
-        threshold = d.replay_ratio * n_custom / max(pool.count(), 1)
-        replay = _where(pool, lambda k: replay_pick(k, seed, threshold)).materialize()
+    if "replay" in loaded:
+        pool = loaded["replay"]
+        threshold = plan.replay_threshold(n_custom, pool.count())
+        replay = _where(pool, lambda k: plan.replay_pick(k, threshold)).materialize()
         n_replay = replay.count()
         profiles["replay"] = (str(d.replay), _profile(replay), "training")
-        parts.append(_ordered(replay, seed, True))
+        parts.append(_ordered(replay, plan, True))
     ordered = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).sort("order")
     unpacked = _padding(ordered, cfg.train.batch_size)
-    if d.pack_examples:
-        ordered = ordered.map_batches(_pack, fn_kwargs={"max_length": d.max_length}, batch_size=1024,
-                                      batch_format="numpy")
+    if d.pack_examples:  # one streaming pass in training order, by the core's rule
+        ordered = _through_core(ordered, cfg, "packed", d)
     columns = [ROW_ID, ROW_REPLAY, ROW_INPUT_IDS, ROW_LABELS, "key", "length"] + ([ROW_SEGMENTS] if d.pack_examples
                                                                                    else [])
     per_block, actors = cfg.resources.embed_batch_size, cfg.resources.embed_actors_max
     ordered = _blocks(ordered.select_columns(columns), per_block, actors)
     row_columns = [ROW_ID, ROW_REPLAY, ROW_INPUT_IDS, ROW_LABELS, "key", "length"]
-    val = _blocks(_ordered(val, seed, False).sort("order").select_columns(row_columns), per_block, actors)
+    val = _blocks(_ordered(val, plan, False).sort("order").select_columns(row_columns), per_block, actors)
     if general is not None:
-        general = _blocks(_ordered(general, seed, False).select_columns(row_columns), per_block, actors)
+        general = _blocks(_ordered(general, plan, False).select_columns(row_columns), per_block, actors)
     profiles["train"] = (str(d.train), _profile(train), "training")
     profiles["val"] = (str(d.val or f"{d.train} (validation split)"), _profile(val), "validation")
     if general is not None:
@@ -422,27 +412,20 @@ def ingest(cfg: CarryOnConfig) -> Ingested:
                     profiles, (now, unpacked))
 
 
-# Ray keeps a task's return value in its owner's heap (here: the driver's) when it is smaller than
-# 100 KiB (`max_direct_call_object_size`); larger ones go to the object store. Blocks are kept above
-# that where the data allows, or the driver would hold the rows of every small block (measured:
-# 2.1 MB of driver state for 5,000 rows split into 64 blocks). A dataset too small for that still
-# gets 8 blocks per embedding actor (so every actor has work); what the driver may then hold is
-# bounded by 8 x actors x 100 KiB, whatever the dataset's size.
+# Ray keeps a task's return value under 100 KiB in its owner's heap (here: the driver's), so blocks
+# stay above that where the data allows; a smaller dataset still gets 8 blocks per embedding actor,
+# and the driver then holds at most 8 x actors x 100 KiB. The measurements behind these numbers:
+# docs/design.md, "Data at cluster scale".
 MIN_BLOCK_BYTES = 256 * 1024
 
 
 def _blocks(ds, batch_rows: int, actors: int):
     """Materialize `ds` in blocks of several embedding batches each (at most 64 blocks, each at
-    least MIN_BLOCK_BYTES, at least 8 per actor), order kept, so the embedding pool's actors
-    share the work from the start.
-
-    This happens here, before any embedding actor exists, and not as a stage of the embedding
-    pipeline: on a small cluster the pool's actors and the trainer can hold every CPU, and a
-    repartition task queued behind them never runs (a deadlock measured on 2 CPUs: trainer 1 +
-    embedding actor 1, the split task pending forever)."""
+    least MIN_BLOCK_BYTES, at least 8 per actor: a pool hands an actor several blocks at once),
+    order kept, so the embedding pool's actors share the work from the start. Before any
+    embedding actor exists: a repartition task queued behind actors and a trainer holding every
+    CPU of a small cluster would never run."""
     ds = ds.materialize()
-    # 8 blocks per actor at least: a pool hands an actor several blocks at once, and with one
-    # block per actor the first actor up took both (the second node produced nothing).
     n = min(64, ds.count() // batch_rows, max(8 * actors, (ds.size_bytes() or 0) // MIN_BLOCK_BYTES))
     return ds.repartition(n).materialize() if n > 1 else ds
 

@@ -1,4 +1,4 @@
-"""The Ray Train worker: a thin runner over the recipe (carryon_ray/recipe.py).
+"""The Ray Train worker: `Trainer.fit` (carryon_ray/recipe.py) fed from the cluster.
 
 Runs on training-class nodes under `TorchTrainer`. It never loads the base: only its output head
 (for an inherited head) is read from the checkpoint files. What it adds to the recipe is what a
@@ -31,7 +31,7 @@ import torch
 from carryon_ray.base import load_head
 from carryon_ray.config import CarryOnConfig
 from carryon_ray.embedding import Calibration, EncodedBatch, from_rows
-from carryon_ray.recipe import NullReporter, RunPlan, Trainer, epoch_order
+from carryon_ray.recipe import EpochInput, NullReporter, RunPlan, Trainer, epoch_order
 from carryon_mlflow.tracking import MlflowReporter
 
 from .cache import get_batch, put_batch
@@ -120,53 +120,55 @@ def train_loop(config: dict) -> None:
             eval_sets[name] = trainer.eval_set(_stream(ray.train.get_dataset_shard(name), trainer.layout, bs))
         return eval_sets[name]
 
-    general = (lambda: eval_set("general")) if "general" in loop.eval_sets else (lambda: None)
-    if trainer.epoch == 0:
-        trainer.baseline(eval_set("val"))
-    # -- loop -----------------------------------------------------------------------------------
-    while not trainer.done:
-        epoch = trainer.epoch
-        trainer.begin_epoch()
+    general = (lambda: eval_set("general")) if "general" in loop.eval_sets else None
+
+    def epoch_input(epoch: int) -> EpochInput:
+        """Epoch 0 (or a re-stream after a restart that lost the cache) from the streaming shard,
+        filling the cache; later epochs from the cache, in the recipe's epoch order."""
         status = ray.get(cache.status.remote())
-        from_cache = epoch > 0 and status["complete"]
-        if from_cache:
+        t_wall = time.time()
+        if epoch > 0 and status["complete"]:
             items = ray.get(cache.items_for.remote(rank, world))
             log.info("epoch %d: reading cached embeddings (%s, %d batches)", epoch, status["mode"], len(items))
             batches = (get_batch(items[i]) for i in epoch_order(len(items), cfg.train.seed, epoch))
-            on_batch = None
-        else:
-            # A streamed epoch rebuilds the cache from scratch: a restart before the epoch-0
-            # checkpoint was recorded must not append a second copy of the batches.
-            if epoch > 0:
-                log.info("epoch %d: embedding cache incomplete after a restart; re-streaming from the embedding actors",
-                         epoch)
-            if rank == 0:
-                ray.get(cache.clear.remote())
-            if world > 1:
-                torch.distributed.barrier()
-            log.info("epoch %d: streaming embeddings from the actor pool", epoch)
-            batches = _stream(ray.train.get_dataset_shard("train"), trainer.layout, bs)
+            return EpochInput(batches, streamed=False, finish=lambda stats: audit(epoch, stats, t_wall, False, status))
+        # A streamed epoch rebuilds the cache from scratch: a restart before the epoch-0 checkpoint
+        # was recorded must not append a second copy of the batches.
+        if epoch > 0:
+            log.info("epoch %d: embedding cache incomplete after a restart; re-streaming from the embedding actors",
+                     epoch)
+        if rank == 0:
+            ray.get(cache.clear.remote())
+        if world > 1:
+            torch.distributed.barrier()
+        log.info("epoch %d: streaming embeddings from the actor pool", epoch)
 
-            def on_batch(i: int, batch: EncodedBatch) -> None:
-                put_batch(cache, batch, loop.cache_mode, loop.cache_dir, rank, i)
+        def on_batch(i: int, batch: EncodedBatch) -> None:
+            put_batch(cache, batch, loop.cache_mode, loop.cache_dir, rank, i)
 
-        t_wall = time.time()
-        stats = trainer.train_on(batches, streamed=not from_cache, on_batch=on_batch)
-        if not from_cache:
+        def finish(stats) -> None:
             if world > 1:
                 torch.distributed.barrier()
             if rank == 0:
                 ray.get(cache.mark_complete.remote())
-        # An audit of what this worker trained on: every sample id, once per epoch, and when.
+            audit(epoch, stats, t_wall, True, status)
+
+        return EpochInput(_stream(ray.train.get_dataset_shard("train"), trainer.layout, bs), True, on_batch, finish)
+
+    def audit(epoch: int, stats, t_wall: float, streamed: bool, status: dict) -> None:
+        """What this worker trained on in an epoch: every sample id, once, where and when."""
         (out_dir / f"samples-epoch{epoch}-rank{rank}.json").write_text(json.dumps(
             {"ids": stats.sample_ids, "started": t_wall, "finished": time.time(), "world": world,
-             "from_cache": from_cache, "node": ray.get_runtime_context().get_node_id(),
+             "from_cache": not streamed, "node": ray.get_runtime_context().get_node_id(),
              "producer_nodes": sorted(stats.producer_nodes), "cache_node": status["node"]}))
-        metrics = trainer.end_epoch(stats, eval_set("val"), general())
-        # -- checkpoint: the recipe's state; the job reads the run's results from the last one ----
+
+    def checkpoint(metrics: dict, stats) -> None:
+        """The recipe's state after each epoch; the job reads the run's results from the last one."""
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
                 torch.save(trainer.state_dict(), os.path.join(d, STATE_FILE))
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
+
+    trainer.fit(epoch_input, lambda: eval_set("val"), general, after_epoch=checkpoint)

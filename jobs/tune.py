@@ -21,7 +21,7 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
@@ -29,7 +29,7 @@ import torch
 
 from carryon_ray.config import CarryOnConfig, apply_overrides, validate_config
 from carryon_ray.embedding import Calibration, EncodedBatch, from_rows
-from carryon_ray.recipe import NullReporter, RunPlan, Trainer, epoch_order
+from carryon_ray.recipe import NullReporter, RunPlan, Trainer, cached_epochs
 from carryon_mlflow.tracking import MlflowReporter, flatten, log_params
 
 from .cache import get_batch, put_batch
@@ -115,16 +115,14 @@ def run_trial(overrides: dict, ctx: SearchContext) -> None:
     val = trainer.eval_set(cached("val"))
     general = trainer.eval_set(cached("general")) if "general" in ctx.caches else None
     status = "FINISHED"
+
+    def report(metrics: dict, stats) -> None:  # an epoch per Tune report, with the recipe's state
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(trainer.state_dict(), os.path.join(d, STATE_FILE))
+            tune.report({**metrics, "mlflow_run_id": run_id or ""}, checkpoint=tune.Checkpoint.from_directory(d))
+
     try:
-        trainer.baseline(val)
-        while not trainer.done:
-            trainer.begin_epoch()
-            order = epoch_order(len(train), cfg.train.seed, trainer.epoch)
-            stats = trainer.train_on((train[i] for i in order), streamed=False)
-            metrics = trainer.end_epoch(stats, val, general)
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(trainer.state_dict(), os.path.join(d, STATE_FILE))
-                tune.report({**metrics, "mlflow_run_id": run_id or ""}, checkpoint=tune.Checkpoint.from_directory(d))
+        trainer.fit(cached_epochs(train, cfg.train.seed, first_streamed=False), val, general, after_epoch=report)
     except BaseException:
         status = "KILLED"  # stopped early by the scheduler, or failed: recorded as such in MLflow
         raise
@@ -135,12 +133,31 @@ def run_trial(overrides: dict, ctx: SearchContext) -> None:
             MlflowClient(ctx.mlflow_uri).set_terminated(run_id, status)
 
 
+@dataclass(frozen=True)
+class TrialResult:
+    """One trial as the search saw it (from Tune's result and its last report)."""
+
+    overrides: dict  # the sampled config fields (dotted keys)
+    val_loss: float | None  # at its chosen alpha, after its last epoch (None: it reported nothing)
+    epochs: int  # epochs it ran (fewer than the most when ASHA stopped it)
+    alpha: float | None
+    error: str | None  # the first 300 characters of its error, when it failed
+    mlflow_run_id: str | None  # its MLflow child run
+
+
 @dataclass
 class SearchResult:
     cfg: CarryOnConfig  # the best trial's config
     state: dict  # its last checkpoint's recipe state
-    trials: list[dict]  # every trial: overrides, val_loss, epochs, status
-    best: dict
+    trials: list[TrialResult]
+    best: TrialResult
+    stopped_early: int  # trials ASHA stopped before the most epochs
+    failed: int
+
+    def summary(self) -> dict:
+        """The search's entry in the run summary (JSON-able)."""
+        return {"trials": [asdict(t) for t in self.trials], "best": asdict(self.best),
+                "stopped_early": self.stopped_early, "failed": self.failed}
 
 
 def search(cfg: CarryOnConfig, ctx: SearchContext, storage_path: str, name: str) -> SearchResult:
@@ -172,22 +189,22 @@ def search(cfg: CarryOnConfig, ctx: SearchContext, storage_path: str, name: str)
     grid = tuner.fit()
     trials = []
     for res in grid:
-        overrides = {k: v for k, v in (res.config or {}).items()}
         m = res.metrics or {}
-        trials.append({"overrides": overrides, "val_loss": m.get("val_loss"), "epochs": m.get("training_iteration", 0),
-                       "alpha": m.get("alpha"), "error": str(res.error)[:300] if res.error else None,
-                       "mlflow_run_id": m.get("mlflow_run_id") or None})
+        trials.append(TrialResult(dict(res.config or {}), m.get("val_loss"), m.get("training_iteration", 0),
+                                  m.get("alpha"), str(res.error)[:300] if res.error else None,
+                                  m.get("mlflow_run_id") or None))
     done = [(tr, res) for tr, res in zip(trials, grid) if res.error is None and res.checkpoint is not None
-            and tr["val_loss"] is not None]
-    failed = [tr for tr in trials if tr["error"]]
+            and tr.val_loss is not None]
+    failed = [tr for tr in trials if tr.error]
     for tr in failed:
-        log.warning("tune trial %s failed: %s", tr["overrides"], tr["error"])
+        log.warning("tune trial %s failed: %s", tr.overrides, tr.error)
     if not done:
-        raise RuntimeError(f"every tune trial failed ({len(failed)} errors); first: {failed[0]['error'] if failed else '?'}")
-    best_trial, best_res = min(done, key=lambda p: p[0]["val_loss"])
+        raise RuntimeError(f"every tune trial failed ({len(failed)} errors); first: {failed[0].error if failed else '?'}")
+    best_trial, best_res = min(done, key=lambda p: p[0].val_loss)
     with best_res.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, weights_only=True)
+    early = sum(1 for tr in trials if not tr.error and tr.epochs < max_epochs)
     log.info("tune: %d trials (%d stopped early, %d failed) in %.0fs; best %s: val loss %.4f at alpha %s",
-             len(trials), sum(1 for tr in trials if not tr["error"] and tr["epochs"] < max_epochs), len(failed),
-             time.perf_counter() - t0, best_trial["overrides"], best_trial["val_loss"], best_trial["alpha"])
-    return SearchResult(trial_config(ctx.cfg, best_trial["overrides"]), state, trials, best_trial)
+             len(trials), early, len(failed), time.perf_counter() - t0, best_trial.overrides, best_trial.val_loss,
+             best_trial.alpha)
+    return SearchResult(trial_config(ctx.cfg, best_trial.overrides), state, trials, best_trial, early, len(failed))

@@ -148,3 +148,19 @@ def test_a_head_correction_round_trips_and_serves_per_row_alpha(tmp_path, tiny_b
     assert got[0] == CarryOnModel([tiny_base]).generate([prompt], 6, stop_at_eos=False)[0]
     assert got[0] != got[1]
 
+
+
+def test_a_hand_edited_adapter_config_names_the_bad_field(adapter, tiny_base):
+    """adapter_config.json is a typed, versioned format: a wrong-typed field fails at load with the
+    field's name, before any weight is read."""
+    path, _ = adapter
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg["alphas"] = "half"
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match="invalid adapter config.*alphas"):
+        CarryOnModel.from_pretrained(tiny_base, path)
+    del cfg["weights_sha256"]
+    cfg["alphas"] = [0.5]
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match="weights_sha256: Field required"):
+        CarryOnModel.from_pretrained(tiny_base, path)

@@ -167,3 +167,41 @@ def test_packed_examples_keep_their_own_attention_and_loss(tiny_base):
             at += n
     lengths = [len(e.input_ids) for e in exs]
     assert padding_share([len(p.input_ids) for p in packed], 4) < padding_share(lengths, 4)
+
+
+def test_pack_in_order_streams_each_kind_into_its_own_sequences():
+    """data.pack_examples as one streaming pass: every example exactly once, customization and replay
+    never in one sequence, each kind in its training order, no sequence over max_length, and the
+    list version (pack_examples) is the same rule."""
+    from carryon_ray.data import Example, pack_examples, pack_in_order
+
+    lengths = [5, 9, 3, 7, 2, 8, 4, 6, 1, 9, 3]
+    tagged = [(Example(list(range(n)), list(range(n)), key=f"k{i}"), i % 3 == 0) for i, n in enumerate(lengths)]
+    out = list(pack_in_order(iter(tagged), max_length=12))
+    assert all(len(e.input_ids) <= 12 for e, _ in out)
+    for replay in (False, True):
+        want = [len(e.input_ids) for e, r in tagged if r == replay]
+        got = [n for e, r in out if r == replay for n in e.segments]
+        assert got == want  # each kind's examples once, in order, never mixed
+    assert sum(len(e.segments) for e, _ in out) == len(tagged)
+    plain = [e for e, _ in tagged]
+    assert [e.segments for e in pack_examples(plain, 12)] == [e.segments for e, _ in pack_in_order(
+        ((e, False) for e in plain), 12)]
+    assert [e.segments for e in pack_examples(plain, 12)] == [[5], [9, 3], [7, 2], [8, 4], [6, 1], [9, 3]]
+
+
+def test_every_source_of_a_plan_is_a_valid_config_on_its_own():
+    """A Ray worker rebuilds each source's DataConfig from JSON (validating it): the plan's general and
+    replay sources must validate even when the run packs (data.pack needs format text; they are read
+    row by row, scored on every token), so `carryon train` and the job read them alike."""
+    from carryon_ray.config import DataConfig
+    from carryon_ray.data import RowPlan
+
+    d = DataConfig(train="docs.txt", format="text", pack=True, replay="general.txt", general_val="general.txt")
+    sources = {s.role: s for s in RowPlan(d, seed=3).sources()}
+    assert set(sources) == {"train", "general", "replay"}
+    for s in sources.values():
+        again = DataConfig(**s.cfg.model_dump(mode="json"))  # what the tokenize actors do
+        assert again == s.cfg
+    assert sources["train"].cfg.pack and not sources["replay"].cfg.pack and not sources["general"].cfg.pack
+    assert sources["replay"].seed == 5 and sources["general"].limit == d.general_rows

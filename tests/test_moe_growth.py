@@ -12,7 +12,7 @@ import torch
 from carryon_ray.config import ConfigError
 from carryon_ray.generation import CarryOnModel, KVPool, step_mask
 from carryon_ray.model import MoE, CarryOn
-from carryon_ray.recipe import fit_in_process
+from carryon_ray.pipeline import fit_in_process
 from carryon_ray.train import build_carryon, grow_stage, make_optimizer, router_dropout_at, stage_digest, train_step
 from conftest import make_config
 
@@ -127,8 +127,8 @@ def test_train_step_adds_the_weighted_balance_loss():
     m.set_router_dropout(0.0)
     opt = torch.optim.SGD(m.trainable_parameters(), lr=0.0)
     out = train_step(m, opt, None, [[torch.randn(2, 6, 48)]], torch.randint(0, 100, (2, 6)), 64, 1.0)
-    assert out["balance"] >= 1.0 - 1e-6  # E * sum f P >= 1 (equality only when balanced)
-    assert out["loss"] == pytest.approx(out["ce"] + 0.5 * out["balance"], rel=1e-5)
+    assert out.balance >= 1.0 - 1e-6  # E * sum f P >= 1 (equality only when balanced)
+    assert out.loss == pytest.approx(out.ce + 0.5 * out.balance, rel=1e-5)
 
 
 def test_right_padding_stays_out_of_the_balance_loss_and_expert_usage():
@@ -146,7 +146,7 @@ def test_right_padding_stays_out_of_the_balance_loss_and_expert_usage():
         for layer in m.moe_layers():
             layer.reset_usage()
         out = train_step(m, opt, None, [[states]], labels, 64, 1.0, key_mask=key_mask)
-        return out["balance"], sum(layer.usage.sum() for layer in m.moe_layers())
+        return out.balance, sum(layer.usage.sum() for layer in m.moe_layers())
 
     (b1, u1), (b2, u2) = step(x, mask), step(junk, mask)
     assert b1 == pytest.approx(b2, rel=1e-6) and u1 == u2 == 2 * 9 * 2  # 2 layers x 9 real tokens x top_k 2

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from carryon_ray.recipe import fit_in_process
+from carryon_ray.pipeline import fit_in_process
 from carryon_ray.train import AlphaSearch, balance_point
 from conftest import ROOT, make_config
 
@@ -127,7 +127,7 @@ def test_a_head_correction_trains_and_its_kl_is_to_the_base_head():
     opt, sched = make_optimizer(m, cfg, 4)
     for _ in range(2):
         out = train_step(m, opt, sched, sources, labels, replay=torch.tensor([False, False, True, True]))
-    assert out["kl"] > 0 and m.correction.up.weight.abs().sum() > 0
+    assert out.kl > 0 and m.correction.up.weight.abs().sum() > 0
     m.set_alpha(0.0)
     h, _ = select_targets(m(sources), labels)
     hb, y = select_targets(sources[0][0], labels)
@@ -145,12 +145,12 @@ def test_replay_rows_train_against_the_base_and_are_counted():
     opt = torch.optim.SGD(m.trainable_parameters(), lr=0.1)
     replay = torch.tensor([True, False, True, False])
     out = train_step(m, opt, None, sources, labels, 7, 1.0, replay, kl_weight=1.0)
-    assert out["replay_rows"] == 2 and out["kl"] == 0.0  # alpha = 0: the carry-on is the base
-    assert out["loss"] == pytest.approx(out["ce"])
+    assert out.replay_rows == 2 and out.kl == 0.0  # alpha = 0: the carry-on is the base
+    assert out.loss == pytest.approx(out.ce)
     m.set_alpha(1.0)
     out = train_step(m, opt, None, sources, labels, 7, 1.0, replay, kl_weight=0.5)
-    assert out["kl"] > 0 and out["loss"] == pytest.approx(out["ce"] + 0.5 * out["kl"], rel=1e-5)
-    assert out["tokens"] == 4 * 8
+    assert out.kl > 0 and out.loss == pytest.approx(out.ce + 0.5 * out.kl, rel=1e-5)
+    assert out.tokens == 4 * 8
     g = gate_mean(m, [(sources, labels)])
     assert 0 < g < 1
 

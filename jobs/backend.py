@@ -1,0 +1,363 @@
+"""The Ray backend of the customization pipeline (carryon_ray/pipeline.py tells the story): where
+each step of a run happens on a Ray cluster.
+
+    data       Ray Data reads, tokenizes, splits, orders and packs by the run's RowPlan (jobs/data.py)
+    calibrate  one task on an inference-class node
+    fit        Ray Data's EmbeddingProducer actor pool (elastic, inference-class) streaming bridge
+               codes through the object store into TorchTrainer workers on training-class nodes
+               (each runs Trainer.fit: jobs/train_loop.py), or a Tune search over a cache filled
+               once (jobs/tune.py); the Trainer's state comes back in the last checkpoint
+    heldout    one task on an inference-class node
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+log = logging.getLogger("carryon.job")
+
+# Ray Train V2 waits for worker health checks between reports; the default interval makes each
+# report cost ~2 s, which dominates small runs.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+class JobError(RuntimeError):
+    """A run that cannot proceed, with a message meant for the user."""
+
+
+# What the job's processes (driver, actors, Train workers) run with so that the job's log shows the
+# run's own lines: Ray Data logs errors only to the console (everything else to its session file),
+# no per-file progress bars from transformers or MLflow downloads.
+RAY_DATA_LOGGING = Path(__file__).with_name("ray-data-logging.yaml")
+QUIET_ENV = {
+    "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING),
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def worker_env() -> dict[str, str]:
+    """Environment the job's own workers (Train workers) get: the cache and offline settings, and
+    QUIET_ENV. The logging config is named by this file's absolute path: a submitted job's
+    working_dir unpacks to the same path on every node (and Ray Train moves its workers' cwd)."""
+    env = {k: os.environ[k] for k in ("CARRYON_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
+    return {**env, **QUIET_ENV}
+
+
+def connect_ray(cfg) -> None:
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    # Our own progress line replaces Ray Data's per-operator bars, which flood job logs.
+    ctx.enable_progress_bars = False
+    # Rows reach the trainers in the order the job lists them, so a run is reproducible and trains
+    # on the same batches as `carryon train` (Ray Train copies these options into its shards).
+    ctx.execution_options.preserve_order = cfg.resources.deterministic
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:  # a submitted job (its runtime env is set by the submission) or an explicit cluster
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+    else:  # a laptop: one local node advertising both node classes
+        r = cfg.resources
+        env = {k: os.environ[k] for k in ("CARRYON_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
+        ray.init(resources={r.inference_resource: 100, r.training_resource: 100},
+                 runtime_env={"env_vars": {**env, **QUIET_ENV}}, logging_level=logging.WARNING)
+
+
+def embed_pipeline(cfg, ds, calib):
+    """A lazy Ray Dataset: token rows (a Dataset from jobs/data.py) -> embedding rows from an elastic
+    pool of embedding actors."""
+    from ray.data import ActorPoolStrategy
+
+    from actors.embedder import EmbeddingProducer
+
+    r = cfg.resources
+    bases = [b.model_dump() for b in [cfg.base, *cfg.extra_bases]]
+    # `ds` is already in blocks of a few batches (jobs/data.py: _blocks), so nothing but the
+    # embedding actors runs here: no CPU task can queue behind actors holding every CPU.
+    # One pool running every base, or (model mixing) one pool per base chained: each base is
+    # placed and scaled on its own and the bases run concurrently on different batches.
+    pools = [None] if len(bases) == 1 or not r.pool_per_base else list(range(len(bases)))
+    for i, only in enumerate(pools):
+        ds = ds.map_batches(
+            EmbeddingProducer,
+            fn_constructor_kwargs=dict(base_cfgs=bases, calibration=calib, only=only, last=i == len(pools) - 1),
+            batch_size=r.embed_batch_size,
+            compute=ActorPoolStrategy(min_size=r.embed_actors_min, max_size=r.embed_actors_max),
+            num_cpus=r.embed_cpus,
+            num_gpus=r.embed_gpus,
+            resources={r.inference_resource: 1},
+            # Ray Data restarts a dead pool actor and re-runs its unfinished batches (measured in
+            # tests/test_job.py, the fault tests: no sample lost or duplicated).
+        )
+    return ds
+
+
+def check_tokenizers(cfg, tok) -> None:
+    """Mixed bases must share base's tokenizer (same vocabulary and special tokens): their states
+    are averaged per token position. Checked before the cluster is asked for anything."""
+    from transformers import AutoTokenizer
+
+    from carryon_ray.base import tokenizer_sha, resolve_base_path
+
+    want = tokenizer_sha(tok)
+    for i, extra in enumerate(cfg.extra_bases):
+        try:
+            path, gguf = resolve_base_path(extra)
+            other = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+        except Exception as exc:
+            raise JobError(f"extra_bases[{i}] {extra.name!r} cannot be loaded: {exc}") from None
+        if tokenizer_sha(other) != want:
+            raise JobError(f"extra_bases[{i}] {extra.name!r} does not share the tokenizer of base {cfg.base.name!r} "
+                           f"(vocabulary {len(other)} vs {len(tok)} or different tokens): mixed bases must use one "
+                           "tokenizer; remove it or pick a base of the same family")
+
+
+def choose_cache(cfg, n_tokens: int, bytes_per_token: float) -> str:
+    import ray
+
+    if cfg.resources.cache != "auto":
+        return cfg.resources.cache
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    need = n_tokens * bytes_per_token
+    return "memory" if need < 0.25 * store else "disk"
+
+
+def tune_search(cfg, data, datasets, calib, cache_mode, cache_dir, beside_driver, tracker, out_dir, run_name):
+    """The search path of the job (jobs/tune.py): embed once into caches, run the trials, return the
+    best trial's (config, calibration, recipe state) and a summary of every trial."""
+    import ray
+
+    from carryon_ray.embedding import part_layout
+
+    from .cache import EmbeddingCache
+    from .tune import SearchContext, fill_cache, search
+
+    layout = part_layout(calib.bridges(), calib.dims, calib.base_dtype)
+    caches, embedded, t0 = {}, {}, time.perf_counter()
+    for name in ("val", "general", "train"):  # one embedding pool at a time on a small cluster
+        if name not in datasets:
+            continue
+        caches[name] = EmbeddingCache.options(scheduling_strategy=beside_driver).remote(cache_mode, f"{cache_dir}/{name}")
+        counts = ray.get(fill_cache.options(num_cpus=0, scheduling_strategy=beside_driver).remote(
+            datasets[name], caches[name], layout, cfg.train.batch_size, cache_mode, f"{cache_dir}/{name}"))
+        embedded[name] = counts["rows"]
+        log.info("tune: embedded %s once: %d rows in %d batches, %d tokens", name, counts["rows"], counts["batches"],
+                 counts["tokens"])
+    tracker.metrics({"tune_embed_seconds": time.perf_counter() - t0})
+    exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id if tracker.run_id else None
+    ctx = SearchContext(cfg.model_dump(mode="json", exclude={"tune"}), calib, caches, data.n_train, tracker.uri,
+                        tracker.run_id, exp_id)
+    try:
+        found = search(cfg, ctx, cfg.output.storage_path or str(out_dir / "ray-tune"), run_name)
+    except RuntimeError as exc:
+        raise JobError(str(exc)) from None
+    tracker.metrics({"tune_trials": len(found.trials), "tune_stopped_early": found.stopped_early,
+                     "tune_failed": found.failed, "tune_best_val_loss": found.best.val_loss})
+    summary = found.summary()
+    tracker.text(json.dumps(summary["trials"], indent=2, default=str), "tune_trials.json")
+    for key, value in found.best.overrides.items():
+        tracker.param(f"tune.best.{key}", value)
+    best_cfg = found.cfg.model_copy(update={"tune": cfg.tune})
+    return best_cfg, calib.subset(best_cfg.layers.shallow), found.state, {**summary, "embedded_rows": embedded}
+
+
+def score_heldout_remote(cfg_json: dict, files: dict[str, bytes]) -> dict | None:
+    """On an inference-class node: the held-out comparison of base and base + adapter (the adapter
+    travels as its files' bytes, so the node needs no shared filesystem with the driver)."""
+    import tempfile
+
+    from carryon_ray.base import FrozenBase
+    from carryon_ray.config import CarryOnConfig
+    from carryon_ray.evaluation import score_heldout
+
+    cfg = CarryOnConfig.model_validate(cfg_json)
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in files.items():
+            (Path(d) / name).write_bytes(data)
+        bases = [FrozenBase.load(b) for b in [cfg.base, *cfg.extra_bases]]
+        return score_heldout(bases, d, cfg)
+
+
+class RayBackend:
+    """The pipeline's steps on a Ray cluster (carryon_ray/pipeline.py tells the story):
+
+      data       Ray Data reads, tokenizes, splits, orders and packs by the RowPlan (jobs/data.py);
+                 the driver holds datasets, counts and reports, never the rows
+      calibrate  one remote task on an inference-class node
+      fit        the embedding pipeline (an elastic actor pool on inference-class nodes streaming
+                 bridge codes through the object store) into TorchTrainer workers on training-class
+                 nodes (each runs Trainer.fit: jobs/train_loop.py), or a Tune search over a cache
+                 filled once (jobs/tune.py); the Trainer's state comes back in the last checkpoint
+      heldout    one remote task on an inference-class node
+
+    A context manager: from entering until leaving, a ResourceWatch reports every
+    resources.wait_log_s what the cluster cannot place, and ends the wait after
+    resources.wait_timeout_s with a JobError naming it."""
+
+    def __init__(self, cfg, tracker):
+        from .waiting import ResourceWatch
+
+        self.cfg, self.tracker = cfg, tracker
+        self.out_dir = Path(cfg.output.dir).resolve()
+        self.watch = ResourceWatch(cfg.resources.wait_log_s, cfg.resources.wait_timeout_s)
+
+    def __enter__(self) -> "RayBackend":
+        import ray
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        check_base(self.cfg)  # before the cluster is asked for anything
+        connect_ray(self.cfg)
+        self.watch.job_id = ray.get_runtime_context().get_job_id()
+        self.watch.start()  # from here on, anything the cluster cannot place is reported (and times out)
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self.watch.stop()
+        if kind is KeyboardInterrupt and self.watch.message:  # the watch ended the wait: say why
+            raise JobError(self.watch.message) from None
+
+    def _remote(self, fn):
+        """`fn` as a task on an inference-class node (where the base runs)."""
+        import ray
+
+        r = self.cfg.resources
+        return ray.remote(fn).options(num_cpus=r.embed_cpus, num_gpus=r.embed_gpus,
+                                      resources={r.inference_resource: 1}, max_retries=2)
+
+    def data(self, reporter):
+        from carryon_ray.data import DataError
+        from carryon_ray.embedding import calibration_rows
+        from carryon_ray.pipeline import RunData
+
+        from .data import calibration_rows as first_rows, ingest
+
+        try:
+            data = ingest(self.cfg)
+        except DataError as exc:
+            raise JobError(str(exc)) from None
+        self.tracker.text("\n".join(r.summary() for r in data.reports.values()), "data_report.txt")
+        return RunData(data.reports, data.profiles, data.n_train, data.n_custom, data.n_replay, data.padding,
+                       first_rows(data.train, calibration_rows(self.cfg)), data)
+
+    def calibrate(self, data):
+        import ray
+
+        from actors.embedder import calibrate
+
+        cfg = self.cfg
+        return ray.get(self._remote(calibrate).remote(
+            [b.model_dump() for b in [cfg.base, *cfg.extra_bases]], cfg.bridge.model_dump(), cfg.layers.shallow,
+            data.calibration_rows, cfg.tap_spec()))
+
+    def fit(self, data, calib, reporter):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from carryon_ray.pipeline import Fitted
+        from carryon_ray.recipe import RunPlan
+
+        from .cache import EmbeddingCache
+
+        cfg, tracker, rows = self.cfg, self.tracker, data.rows
+        datasets = {"train": embed_pipeline(cfg, rows.train, calib), "val": embed_pipeline(cfg, rows.val, calib)}
+        if rows.general is not None:
+            datasets["general"] = embed_pipeline(cfg, rows.general, calib)
+        bpt, n_tokens = calib.bytes_per_token(), rows.train_tokens
+        cache_mode = choose_cache(cfg, n_tokens, bpt)
+        run_name = f"carryon-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        # Shared storage (s3://, gs://, file://...) when configured: trainers on several nodes read one cache.
+        cache_dir = (f"{cfg.output.storage_path.rstrip('/')}/embedding-cache/{run_name}" if cfg.output.storage_path
+                     else str(self.out_dir / "embedding-cache"))
+        where = "object store" if cache_mode == "memory" else cache_dir
+        log.info("embedding cache: %s (%.1f MB of bridge codes for %d tokens at %.0f bytes/token)",
+                 "object store" if cache_mode == "memory" else f"disk at {cache_dir}", n_tokens * bpt / 1e6, n_tokens,
+                 bpt)
+        reporter.params({"cache_mode": cache_mode, "cache_location": where, "cache_mb": f"{n_tokens * bpt / 1e6:.1f}"})
+        # The cache lives on the driver's node: the job cannot outlive that node anyway, while any
+        # worker node (an inference node, a spot training node) may vanish mid-run and take an
+        # unpinned zero-CPU actor, and the object-store copies it owns, with it.
+        beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        extra = {"cache": cache_mode, "cache_location": where, "tune": None}
+        if cfg.tune.trials:  # a search: the base forward runs once, every trial reads the cache
+            best_cfg, best_calib, state, extra["tune"] = tune_search(cfg, data, datasets, calib, cache_mode, cache_dir,
+                                                                    beside_driver, tracker, self.out_dir, run_name)
+            return Fitted(best_cfg, best_calib, RunPlan.of(best_cfg, data.n_train), state, extra)
+        cache = EmbeddingCache.options(name=f"carryon-cache-{uuid.uuid4().hex[:8]}",
+                                       scheduling_strategy=beside_driver).remote(cache_mode, cache_dir)
+        plan = RunPlan.of(cfg, data.n_train, cfg.resources.train_workers_min)
+        state = train_on_cluster(cfg, calib, plan, datasets, cache, cache_mode, cache_dir, self.out_dir, tracker,
+                                 run_name)
+        return Fitted(cfg, calib, plan, state, extra)
+
+    def heldout(self, cfg, adapter_dir):
+        import ray
+
+        files = {p.name: p.read_bytes() for p in Path(adapter_dir).iterdir() if p.is_file()}
+        return ray.get(self._remote(score_heldout_remote).remote(cfg.model_dump(mode="json"), files))
+
+
+def check_base(cfg) -> None:
+    """The base (and any mixed bases) must load before the cluster is asked for anything."""
+    from transformers import AutoTokenizer
+
+    from carryon_ray.base import resolve_base_path
+
+    try:
+        path, gguf = resolve_base_path(cfg.base)
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf)
+    except Exception as exc:
+        raise JobError(f"base {cfg.base.name!r} cannot be loaded: {exc}") from None
+    check_tokenizers(cfg, tok)
+
+
+def train_on_cluster(cfg, calib, plan, datasets, cache, cache_mode, cache_dir, out_dir, tracker, run_name) -> dict:
+    """TorchTrainer over training-class workers, each running the Trainer's epochs (jobs/train_loop.py);
+    returns the Trainer's state from the last checkpoint."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .train_loop import TrainLoopConfig, load_state, train_loop
+
+    r = cfg.resources
+    loop = TrainLoopConfig(cfg=cfg.model_dump(mode="json"), calibration=calib, plan=plan, cache=cache,
+                           cache_mode=cache_mode, cache_dir=cache_dir, out_dir=str(out_dir),
+                           eval_sets=[k for k in datasets if k != "train"], mlflow_uri=tracker.uri,
+                           run_id=tracker.run_id)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"loop": loop},
+        scaling_config=ScalingConfig(
+            num_workers=r.train_workers_min if r.train_workers_min == r.train_workers_max
+            else (r.train_workers_min, r.train_workers_max),
+            use_gpu=r.train_gpus > 0,
+            resources_per_worker={"CPU": r.train_cpus, "GPU": r.train_gpus, r.training_resource: 1}
+            if r.train_gpus > 0 else {"CPU": r.train_cpus, r.training_resource: 1},
+            elastic_resize_monitor_interval_s=r.resize_check_s,
+        ),
+        run_config=RunConfig(
+            # A fresh name per job: reusing (name, storage_path) would silently resume an old run.
+            name=run_name,
+            storage_path=cfg.output.storage_path or str(out_dir / "ray-train"),
+            failure_config=FailureConfig(max_failures=r.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's own INFO lines (resource requests, each checkpoint) go to its log files
+            logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": worker_env()},
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise JobError(f"training failed: {result.error}")
+    return load_state(result.checkpoint)
+
+
