@@ -35,8 +35,10 @@ def client_env(state: dict) -> dict:
     return {**os.environ, **local_cluster.client_env(state), "PYTHONPATH": str(ROOT)}
 
 
-# The job of the first test and the parity test: replay, the general guard, two epochs.
-TRAINING_SETS = ["data.general_val=tests/data/general.txt", "data.replay=tests/data/general.txt",
+# The job of the first test and the parity test: replay, the general guard, two epochs, several
+# examples per sequence (data.pack_examples).
+TRAINING_SETS = ["data.pack_examples=true",
+                 "data.general_val=tests/data/general.txt", "data.replay=tests/data/general.txt",
                  "data.replay_ratio=0.1", "alpha.general_guard=0.05", "carryon.gate=true",
                  "eval.heldout=builtin:topics-heldout", "eval.heldout_size=6", "eval.max_new_tokens=2"]
 REGISTER_SETS = ["mlflow.register_as=user-alice-tiny", "mlflow.alias=prod", "mlflow.owner=alice"]
@@ -84,7 +86,7 @@ def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, submitted):
     m = {k: run.data.metrics[M(k)] for k in ("replay_sequences", "replay_rows", "train_kl", "general_loss_change",
                                             f"val_general_alpha_{summary['alpha']:g}", "val_general_alpha_0",
                                             "gate_mean_val", "gate_mean_general")}
-    assert m["replay_sequences"] >= 1 and m["replay_rows"] == m["replay_sequences"] and m["train_kl"] >= 0
+    assert 1 <= m["replay_rows"] <= m["replay_sequences"] and m["train_kl"] >= 0  # replay examples, packed
     assert m["general_loss_change"] <= 0.05 + 1e-9
     assert m[f"val_general_alpha_{summary['alpha']:g}"] <= m["val_general_alpha_0"] + 0.05 + 1e-9
     assert 0 < m["gate_mean_val"] < 1 and 0 < m["gate_mean_general"] < 1
@@ -131,10 +133,28 @@ def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, submitted):
     assert {"train", "val", "general", "replay"} <= set(inputs)
 
 
+def _same_training(cluster, job_dir: Path, job: dict, local: dict) -> None:
+    """The Ray job and `carryon train` trained on the same sequences in the same order (the job's
+    epoch-0 audit vs the ids the in-process backend's RowPlan gives) with the same per-step losses
+    (MLflow's train/loss_step histories, 1e-5)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cluster["mlflow_url"])
+    audit = json.loads((job_dir / "samples-epoch0-rank0.json").read_text())
+    assert len(audit["ids"]) == job["train_sequences"] == local["train_sequences"]
+    steps = {}
+    for name, s in (("job", job), ("local", local)):
+        hist = sorted(client.get_metric_history(s["run_id"], M("train_loss_step")), key=lambda m: m.step)
+        steps[name] = [m.value for m in hist]
+    assert len(steps["job"]) == len(steps["local"]) == job["steps"]
+    assert steps["job"] == pytest.approx(steps["local"], abs=1e-5)
+    assert audit["ids"] == local["epoch0_ids"]
+
+
 def test_in_process_runner_matches_the_ray_job(cluster, tiny_dir, submitted, tmp_path):
-    """`carryon train` and the Ray job run one recipe: on the same config (replay, the general guard,
-    two epochs) they choose the same alpha each epoch, reach the same losses, and log the same
-    metric names to MLflow."""
+    """`carryon train` and the Ray job run one pipeline: on the same config (packed examples, replay,
+    the general guard, two epochs) they train on the same sequences with the same per-step losses,
+    choose the same alpha each epoch, reach the same losses, and log the same metric names."""
     from mlflow.tracking import MlflowClient
 
     _, ray_summary = submitted
@@ -154,6 +174,13 @@ def test_in_process_runner_matches_the_ray_job(cluster, tiny_dir, submitted, tmp
             assert mine["candidates"][a] == pytest.approx(theirs["candidates"][a], abs=1e-5)
             assert mine["general"][a] == pytest.approx(theirs["general"][a], abs=1e-5)  # the guard ran in both
     assert local["steps"] == ray_summary["steps"]
+    local["epoch0_ids"], splits = _training_ids(tiny_dir, sets)
+    _same_training(cluster, Path(ray_summary["adapter"]).parent, ray_summary, local)
+    # data.pack_examples happened in both, by one rule: several examples per sequence (customization
+    # and replay apart, attention inside each example: the losses above match at 1e-5)
+    assert local["train_sequences"] < len(splits.train) + len(splits.replay)
+    metrics = MlflowClient(cluster["mlflow_url"]).get_run(ray_summary["run_id"]).data.metrics
+    assert metrics[M("padding_share")] < metrics[M("padding_share_unpacked")]
     client = MlflowClient(cluster["mlflow_url"])
     names = {r: set(client.get_run(s["run_id"]).data.metrics) for r, s in (("ray", ray_summary), ("local", local))}
     assert names["ray"] == names["local"], names["ray"] ^ names["local"]
@@ -163,9 +190,15 @@ def test_in_process_runner_matches_the_ray_job(cluster, tiny_dir, submitted, tmp
 def test_recycled_kind_runs_the_same_in_the_job_and_in_process(cluster, tiny_dir, tmp_path):
     """carryon.kind: recycled through the Ray job (embedding actors stop the base at the tap) and through
     `carryon train`: the same alphas and losses per epoch (replay rows use the base's own final state
-    as the KL reference), the same adapter shape; the adapter then serves and exports."""
+    as the KL reference), the same adapter shape; the adapter then serves and exports. The data is
+    one packed stream of documents (data.pack, continued pretraining): the same windows in both."""
+    from carryon_ray.data import arithmetic_problems
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n".join(f"{r['question']} {r['answer']}".replace("\n", " ") for r in arithmetic_problems(60)))
     sets = ["carryon.kind=recycled", "carryon.depth=1", "carryon.rank=4", "mlflow.experiment=recycled",
-            "data.replay=tests/data/general.txt", "data.replay_ratio=0.2"]
+            "data.replay=tests/data/general.txt", "data.replay_ratio=0.2", f"data.train={docs}", "data.format=text",
+            "data.pack=true", "data.max_length=48"]
     res, _ = _job(cluster, tiny_dir, *[a for s in sets + [f"output.dir={tmp_path / 'job'}"] for a in ("--set", s)],
                   timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -176,6 +209,11 @@ def test_recycled_kind_runs_the_same_in_the_job_and_in_process(cluster, tiny_dir
                               for a in ("--set", s)]], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert local.returncode == 0, local.stderr[-4000:]
     mine = json.loads((tmp_path / "local" / "summary.json").read_text())
+    # data.pack happened in both, by one rule: the same 48-token windows of the one document stream
+    # (only its last window shorter), in the same order, with the same per-step losses
+    mine["epoch0_ids"], splits = _training_ids(tiny_dir, sets)
+    _same_training(cluster, tmp_path / "job", job, mine)
+    assert sum(len(e.input_ids) != 48 for e in splits.train + splits.val) <= 1
     assert job["val_loss_after"] < job["val_loss_before"]
     assert [h["alpha"] for h in mine["history"]] == [h["alpha"] for h in job["history"]]
     for a, b in zip(mine["history"], job["history"], strict=True):
@@ -224,6 +262,24 @@ def test_a_job_the_cluster_cannot_place_says_what_it_waits_for(cluster, tiny_dir
     assert "waiting for 1 CPU" in res.stderr and f"CpuHolder hold {float(held[1]):g} CPU" in res.stderr
     assert "Traceback" not in res.stderr
     assert took < 240
+
+
+def _training_ids(tiny_dir, sets: list[str]):
+    """The sample ids of the training sequences, in training order, as the in-process backend makes
+    them, and its splits."""
+    from carryon_ray.config import load_config, parse_overrides
+    from carryon_ray.data import load_splits, sample_id
+    from carryon_ray.embedding import training_examples
+    from transformers import AutoTokenizer
+
+    cfg = load_config(ROOT / TINY_CONFIG, parse_overrides([f"base.name={tiny_dir}", *sets]))
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # data paths in the sets are relative to the repository
+    try:
+        splits = load_splits(AutoTokenizer.from_pretrained(tiny_dir), cfg.data, seed=cfg.train.seed)
+    finally:
+        os.chdir(cwd)
+    return [sample_id(e.key) for e, _ in training_examples(splits, cfg)], splits
 
 
 def _job(cluster, tiny_dir, *sets, timeout=300, tracking=True):
@@ -601,11 +657,17 @@ def test_killed_embedding_actor_loses_and_duplicates_nothing(cluster, tiny_dir, 
 
 
 def test_killed_training_worker_restores_from_checkpoint(cluster, tiny_dir, tmp_path):
-    sets = ["--set", "train.epochs=3", "--set", "data.builtin_size=160"]
-    ref = _start_job(cluster, tiny_dir, tmp_path / "ref", *sets)
-    ref_out, _ = ref.communicate(timeout=900)
-    assert ref.returncode == 0, ref_out[-4000:]
-    baseline = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    """A training worker killed in epoch 1 restarts from the epoch-0 checkpoint and the embedding
+    cache, and the run ends where an uninterrupted one does. The uninterrupted reference is the
+    in-process backend on the same config: the parity tests above show the two backends train the
+    same sequences with the same per-step losses (1e-5), and it costs seconds instead of a job."""
+    from carryon_ray.config import load_config
+    from carryon_ray.pipeline import fit_in_process
+
+    overrides = {"train.epochs": 3, "data.builtin_size": 160}
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    baseline = fit_in_process(load_config(ROOT / TINY_CONFIG, {"base.name": tiny_dir, **overrides,
+                                                                "output.dir": str(tmp_path / "ref")}))
 
     out = tmp_path / "killed"
     killed: list[int] = []

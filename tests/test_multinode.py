@@ -49,7 +49,7 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
         # 1. Separate classes; an inference node disappears while epoch 0 streams; a second
         #    training node joins in epoch 1 and Train grows from 1 to 2 workers within its range.
         out = tmp_path / "run"
-        proc = _job(c.address, TINY_CONFIG, tiny_dir, out, "--set", "data.builtin_size=192",
+        proc = _job(c.address, TINY_CONFIG, tiny_dir, out, "--set", "data.builtin_size=128",
                     "--set", "resources.embed_batch_size=2", "--set", "train.epochs=3",
                     "--set", "resources.embed_actors_min=2", "--set", "resources.embed_actors_max=2",
                     "--set", "resources.train_workers_min=1", "--set", "resources.train_workers_max=2",
