@@ -10,7 +10,10 @@ Two budgets, one run, one machine:
 
 Forgetting is measured on WikiText-2 text the alpha guard never saw: the general-domain windows are
 split into a guard set (the guarded alpha search reads it) and a report set (only reported).
-LoRA: r = 8 on q_proj/v_proj, lr 1e-3, the same batches (bench/replay_kl.py's run_lora). Exact match on
+Every carry-on runs the product's path (bench/product.py): the base forward once per example through
+`embed_rows` (bridge codes), batches in the RowPlan's training order (replay rows mixed in at
+--replay-per-batch per --batch), `Trainer.fit` choosing alpha after each epoch.
+LoRA: r = 8 on q_proj/v_proj, lr 1e-3, the same rows in the same order (bench/replay_kl.py's run_lora). Exact match on
 held-out questions (the paper's protocol) for the base, the equal-wall carry-on and LoRA.
 
 The levers, each measured at equal steps: the shallow-layer shortcut (layers.shallow [0]: the token
@@ -23,21 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from replay_kl import ROOT, held_out_accuracy, run_lora  # bench helpers (LoRA, exact match); sets sys.path
 
+from product import Cached, add_protocol_args, fit, protocol_data  # noqa: E402  the product's fitting path
 from carryon_ray.base import FrozenBase, resolve_base_path  # noqa: E402
-from carryon_ray.config import BaseModelConfig, DataConfig, validate_config  # noqa: E402
-from carryon_ray.data import DataReport, collate, load_examples, read_rows  # noqa: E402
+from carryon_ray.config import BaseModelConfig, CarryOnConfig, validate_config  # noqa: E402
 from carryon_ray.generation import CarryOnModel  # noqa: E402
-from carryon_ray.loss import IGNORE  # noqa: E402
-from carryon_ray.train import AlphaSearch, build_carryon, evaluate, make_optimizer, train_step  # noqa: E402
+from carryon_ray.train import evaluate  # noqa: E402
 
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
 TRIAL_ALPHAS = [0.0, 0.5, 1.0, 2.0]  # a search trial is ranked on the paper's {a/2, a, 2a} (a = 1) and the base
@@ -62,152 +61,77 @@ CONFIGS = {
 }
 
 
-def embed(base: FrozenBase, examples, taps: list[int], batch: int = 16):
-    """Per example: [deep, *taps] states at its length (one forward gives every tap). Batches hold examples of similar
-    length (sorted), so the forward pass spends little on padding, as the job's ingest does."""
-    out: list = [None] * len(examples)
-    pad = base.tokenizer.pad_token_id
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    for k in range(0, len(order), batch):
-        idx = order[k : k + batch]
-        b = collate([examples[i] for i in idx], pad)
-        with torch.inference_mode():
-            states, _ = base.hidden_states(b["input_ids"], b["attention_mask"], taps)
-        for j, i in enumerate(idx):
-            out[i] = [s[j, : len(examples[i].input_ids)].clone() for s in states]
-    return out
-
-
-def batch_of(states, examples, idx, sources: int):
-    T = max(len(examples[i].input_ids) for i in idx)
-    D = states[idx[0]][0].shape[-1]
-    xs = [torch.zeros(len(idx), T, D) for _ in range(sources)]
-    y = torch.full((len(idx), T), IGNORE, dtype=torch.long)
-    for r, i in enumerate(idx):
-        n = len(examples[i].input_ids)
-        for k in range(sources):
-            xs[k][r, :n] = states[i][k]
-        y[r, :n] = torch.tensor(examples[i].labels)
-    return xs, y
-
-
-def eval_batches(states, examples, sources: int, bs: int = 16):
-    return [([xs], y) for xs, y in (batch_of(states, examples, list(range(i, min(i + bs, len(examples)))), sources)
-                                    for i in range(0, len(examples), bs))]
+def config_for(args, spec: dict, replay: bool, seed: int, alphas: list[float]) -> CarryOnConfig:
+    """The product config of one carry-on configuration. Replay runs mix `replay_per_batch` general
+    rows per `batch` customization rows (the RowPlan merges them in training order), so a step
+    sees about as many customization rows as a run without replay."""
+    ratio = args.replay_per_batch / args.batch
+    return validate_config({
+        "data": {"train": "bench", **({"replay": "wiki", "general_val": "wiki", "replay_ratio": ratio}
+                                      if replay else {})},
+        "layers": {"shallow": spec["shallow"], "fusion": spec.get("fusion", "average")},
+        "carryon": {**spec["carryon"], "gate": True},
+        "head": spec.get("head", {}),
+        "alpha": {"init": 1.0, "rule": "list", "candidates": alphas, "max": 2.0,
+                  "general_guard": 0.0 if replay else None},
+        "train": {"lr": spec["lr"], "batch_size": args.batch + (args.replay_per_batch if replay else 0),
+                  "warmup_steps": 10, "seed": seed, "epochs": 1},
+    })
 
 
 def train_carryon(args, base, data, name: str, spec: dict, steps: int, replay: bool, seed: int = 0,
                   general: bool = True, alphas: list[float] = ALPHAS):
-    """One carry-on configuration on the cached states; alpha chosen on validation data (guarded on
-    the guard set when `replay`); the report set only measured. `general=False` (a search trial
-    without replay) skips the general-domain sets: only validation ranks trials."""
-    shallow = spec["shallow"]
-    sources = 1 + len(shallow)
-    cfg = validate_config({
-        "data": {"train": "bench", **({"replay": "wiki", "general_val": "wiki"} if replay else {})},
-        "layers": {"shallow": shallow, "fusion": spec.get("fusion", "average")},
-        "carryon": {**spec["carryon"], "gate": True},
-        "head": spec.get("head", {}),
-        "alpha": {"init": 1.0, "rule": "list", "candidates": ALPHAS[1:], "max": 2.0,
-                  "general_guard": 0.0 if replay else None},
-        "train": {"lr": spec["lr"], "batch_size": args.batch, "warmup_steps": 10, "seed": seed},
-    })
-    key = tuple(shallow)
-    train_s, train_x = data[key]["train"]
-    model = build_carryon(cfg, [base.hidden_size], base.vocab_size, base.head_weight, base.head_bias)
-    opt, sched = make_optimizer(model, cfg, steps)
-    rng = random.Random(seed)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        idx = rng.sample(range(len(train_x)), args.batch)
-        xs, y = batch_of(train_s, train_x, idx, sources)
-        mask = None
-        if replay:  # replay windows (deep state only; a shallow source sees the same state averaged in)
-            r_s, r_x = data[key]["replay"]
-            ridx = rng.sample(range(len(r_x)), args.replay_per_batch)
-            rxs, ry = batch_of(r_s, r_x, ridx, sources)
-            T = max(y.shape[1], ry.shape[1])
-            pad = lambda t, v=0: torch.nn.functional.pad(t, (0, 0, 0, T - t.shape[1])) if t.dim() == 3 else \
-                torch.nn.functional.pad(t, (0, T - t.shape[1]), value=v)  # noqa: E731
-            xs = [torch.cat([pad(a), pad(b)]) for a, b in zip(xs, rxs)]
-            y = torch.cat([pad(y, IGNORE), pad(ry, IGNORE)])
-            mask = torch.tensor([False] * args.batch + [True] * args.replay_per_batch)
-        train_step(model, opt, sched, [xs], y, 1024, 1.0, mask, args.kl_weight)
-    train_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    val = evaluate(model, data[key]["val_b"], alphas)
+    """One carry-on configuration through the product's Trainer on the cached bridge codes; alpha
+    chosen on validation data each epoch (guarded on the guard set when `replay`); the report set
+    only measured. `general=False` (a search trial without replay) skips the general-domain sets:
+    only validation ranks trials."""
+    cfg = config_for(args, spec, replay, seed, alphas)
+    keep = data.calib.subset(spec["shallow"])  # the sources this configuration reads
+    train = data.training(cfg, keep)  # customization (and replay) rows in the RowPlan's order
     general = general or replay
-    guard = evaluate(model, data[key]["guard_b"], alphas) if general else None
-    search = AlphaSearch.from_config(cfg)
-    alpha = search.choose(val, guard, guard[0.0]) if replay else min(val, key=val.get)
-    select_seconds = time.perf_counter() - t0
-    report = evaluate(model, data[key]["report_b"], [0.0, alpha]) if general else None  # measured, not chosen on
-    model.set_alpha(alpha)
-    return model, {"name": name, "replay": replay, "steps": steps, "alpha": alpha, "val_loss": val[alpha],
-                   "gain": val[0.0] - val[alpha], "guard_change": guard[alpha] - guard[0.0] if general else None,
-                   "report_change": report[alpha] - report[0.0] if general else None,
-                   "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
-                   "train_seconds": round(train_seconds, 1), "alpha_selection_seconds": round(select_seconds, 1)}
+    val, guard = data.eval("val", keep), data.eval("guard", keep) if general else None
+    t0 = time.perf_counter()
+    trainer, m, train_seconds = fit(cfg, keep, train, val, guard, steps, base.head_weight, base.head_bias)
+    fit_seconds = time.perf_counter() - t0
+    alpha = trainer.model.alpha
+    report = (evaluate(trainer.model, trainer.eval_set(data.eval("report", keep)), [0.0, alpha])
+              if general else None)  # measured, not chosen on
+    return trainer.model, {
+        "name": name, "replay": replay, "steps": trainer.step, "alpha": alpha, "val_loss": m["val_loss"],
+        "gain": trainer.val_loss_base - m["val_loss"], "guard_change": m.get("general_loss_change"),
+        "report_change": report[alpha] - report[0.0] if general else None,
+        "trainable_params": sum(p.numel() for p in trainer.model.trainable_parameters()),
+        "train_seconds": round(train_seconds, 1), "alpha_selection_seconds": round(fit_seconds - train_seconds, 1)}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--gsm8k", default=str(ROOT.parent / "shared/data/gsm8k/train.jsonl"))
-    p.add_argument("--wikitext", default=str(ROOT.parent / "shared/data/wikitext2/valid.txt"))
-    p.add_argument("--base", default="smollm2-135m-instruct")
-    p.add_argument("--n-train", type=int, default=1000)
-    p.add_argument("--n-val", type=int, default=200)
-    p.add_argument("--replay-rows", type=int, default=500)
+    add_protocol_args(p, ROOT)
     p.add_argument("--guard-rows", type=int, default=50)
     p.add_argument("--report-rows", type=int, default=100)
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--replay-per-batch", type=int, default=4)
-    p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--configs", default=",".join(CONFIGS), help="carry-on configurations at equal steps")
-    p.add_argument("--em-n", type=int, default=48)
-    p.add_argument("--em-tokens", type=int, default=192)
-    p.add_argument("--em-batch", type=int, default=16)
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--out", default=str(ROOT / "bench/results/quality.json"))
     args = p.parse_args()
     t_all = time.perf_counter()
     base = FrozenBase.load(BaseModelConfig(name=args.base, dtype="float32", device="cpu"))
     tok = base.tokenizer
-    qa = DataConfig(train=args.gsm8k, format="qa", max_length=256)
-    read = 2 * (args.n_train + args.n_val)
-    gsm, _ = load_examples(args.gsm8k, tok, qa, limit=read)
-    args.template = qa.prompt_template
-    em_rows = read_rows(args.gsm8k, DataReport(args.gsm8k), limit=read + args.em_n)[read:] if args.em_n else []
-    train, val = gsm[: args.n_train], gsm[args.n_train : args.n_train + args.n_val]
-    wiki, _ = load_examples(args.wikitext, tok, DataConfig(train=args.wikitext, format="text", loss_on_prompt=True,
-                                                          max_length=128))
-    wiki = [e for e in wiki if len(e.input_ids) >= 32]
+    train, val, wiki, em_rows = protocol_data(args, tok)
     replay = wiki[: args.replay_rows]
     report_set = wiki[-args.report_rows:]  # never read by the guard
     guard = wiki[-(args.report_rows + args.guard_rows): -args.report_rows]
     sets = {"train": train, "val": val, "replay": replay, "guard": guard, "report": report_set}
-    # The base forward, once per example, with and without the layer-0 shortcut (timed).
+    # The base forward, once per example, through the product's embedding function (bridge codes,
+    # every tap of every configuration in one pass; a configuration keeps its own: Calibration.subset).
     # The report set is measurement only (LoRA's evaluation is outside its budget too): its forward
     # is timed apart and not charged to the carry-on's budget.
     configs = args.configs.split(",")
     taps = sorted({k for n in configs for k in CONFIGS[n]["shallow"]})
-    keys = {()} | {tuple(CONFIGS[n]["shallow"]) for n in configs}
-    data, seconds = {k: {} for k in keys}, {}
-    for name, exs in sets.items():
-        t0 = time.perf_counter()
-        states = embed(base, exs, taps)
-        seconds[name] = time.perf_counter() - t0
-        for k in keys:  # views: [deep, the config's taps]
-            pick = [0] + [1 + taps.index(layer) for layer in k]
-            data[k][name] = ([[s[j] for j in pick] for s in states], exs)
+    data = Cached(base, config_for(args, CONFIGS[configs[0]], False, 0, ALPHAS), taps, sets)
+    seconds = data.seconds
     embed_seconds = sum(v for k, v in seconds.items() if k != "report")
-    for key in keys:
-        for name in ("val", "guard", "report"):
-            data[key][f"{name}_b"] = eval_batches(*data[key][name], 1 + len(key))
     res: dict = {"protocol": {k: v for k, v in vars(args).items() if k not in ("out", "template")},
-                 "embed_seconds": round(embed_seconds, 1),
+                 "path": "product: embed_rows (bridge) -> from_rows -> RowPlan order -> Trainer.fit",
+                 "bridge_bits": data.calib.bits, "embed_seconds": round(embed_seconds, 1),
                  "embed_seconds_per_set": {k: round(v, 1) for k, v in seconds.items()}}
     print(f"embedded {sum(len(v) for v in sets.values())} examples: " + json.dumps(res["embed_seconds_per_set"]),
           flush=True)

@@ -8,16 +8,19 @@ validation set (disjoint). Every method gets the same number of optimizer steps 
 - <kind>:           carry-on of that kind (gated, inherited head; `--carryons mlp,transformer`: an MLP
                     and a 2-layer transformer of about the same trainable size), cross entropy only;
                     alpha = best GSM8K loss.
-- <kind>_replay_kl: the same carry-on (kinds in `--replay-kinds`), each batch also holds
-                    `--replay-per-batch` WikiText rows whose loss is KL(base || carry-on); alpha = best
-                    GSM8K loss whose general loss is within 0 of the base.
-- lora:             peft LoRA on q_proj/v_proj, cross entropy on the same batches.
+- <kind>_replay_kl: the same carry-on (kinds in `--replay-kinds`), with WikiText rows mixed in at
+                    `--replay-per-batch` per `--batch` GSM8K rows (batches of their sum), whose loss
+                    is KL(base || carry-on); alpha = best GSM8K loss whose general loss is within 0
+                    of the base.
+- lora:             peft LoRA on q_proj/v_proj, cross entropy on the GSM8K rows in the same order.
 
 Every carry-on is reported at its chosen alpha and at its balance point (the largest alpha whose
 WikiText-2 loss does not rise). Exact-match accuracy (the paper's protocol, carryon_ray.evaluation)
 is scored on `--em-n` held-out questions that neither training nor validation read, for the base,
-each carry-on at both alphas, and LoRA. Base states are computed once and reused by every carry-on
-(as the job's cache does). Writes bench/results/replay_kl.json.
+each carry-on at both alphas, and LoRA. Every carry-on runs the product's path (bench/product.py):
+the base forward once per example through `embed_rows` (bridge codes, as the job's cache holds
+them), batches in the RowPlan's training order, `Trainer.fit` choosing alpha. Writes
+bench/results/replay_kl.json.
 Run: python bench/replay_kl.py [--steps 120 --n-train 1000 ...].
 """
 
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -39,45 +41,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from carryon_ray.base import FrozenBase, resolve_base_path  # noqa: E402
-from carryon_ray.config import BaseModelConfig, DataConfig, validate_config  # noqa: E402
-from carryon_ray.data import DataReport, collate, load_examples, read_rows  # noqa: E402
+from carryon_ray.config import BaseModelConfig, CarryOnConfig, validate_config  # noqa: E402
+from carryon_ray.data import collate  # noqa: E402
 from carryon_ray.evaluation import exact_match, score_answers  # noqa: E402
 from carryon_ray.generation import CarryOnModel  # noqa: E402
 from carryon_ray.loss import IGNORE  # noqa: E402
-from carryon_ray.train import AlphaSearch, build_carryon, evaluate, gate_mean, make_optimizer, train_step  # noqa: E402
+from carryon_ray.train import evaluate, gate_mean  # noqa: E402
+from product import Cached, add_protocol_args, fit, ordered, protocol_data  # noqa: E402  the product's path
 
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
-
-
-def embed(base: FrozenBase, examples, batch: int = 16):
-    """Deep states per example (trimmed to its length), and tokens/s of the base forward."""
-    out, tokens, t0 = [], 0, time.perf_counter()
-    pad = base.tokenizer.pad_token_id
-    for i in range(0, len(examples), batch):
-        b = collate(examples[i : i + batch], pad)
-        with torch.inference_mode():
-            states, _ = base.hidden_states(b["input_ids"], b["attention_mask"], [])
-        for j, e in enumerate(examples[i : i + batch]):
-            out.append(states[0][j, : len(e.input_ids)].clone())
-        tokens += int(b["attention_mask"].sum())
-    return out, tokens / (time.perf_counter() - t0)
-
-
-def pad_batch(states, examples, idx):
-    T = max(len(examples[i].input_ids) for i in idx)
-    D = states[idx[0]].shape[-1]
-    x = torch.zeros(len(idx), T, D)
-    y = torch.full((len(idx), T), IGNORE, dtype=torch.long)
-    for r, i in enumerate(idx):
-        n = len(examples[i].input_ids)
-        x[r, :n] = states[i]
-        y[r, :n] = torch.tensor(examples[i].labels)
-    return x, y
-
-
-def eval_batches(states, examples, bs=16):
-    return [([[x]], y) for x, y in (pad_batch(states, examples, list(range(i, min(i + bs, len(examples)))))
-                                    for i in range(0, len(examples), bs))]
 
 
 def arch(args, kind: str) -> dict:
@@ -108,40 +80,32 @@ def held_out_accuracy(args, model, alphas: dict[str, float], em_rows) -> dict:
     return out
 
 
-def run_carryon(args, base, data, kind: str, replay: bool, em_rows) -> dict:
-    data_cfg = {"train": "bench", "replay": "wikitext", "general_val": "wikitext"} if replay else {"train": "bench"}
-    cfg = validate_config({
+def config_for(args, kind: str, replay: bool) -> CarryOnConfig:
+    """The product config of one run. Replay runs mix `replay_per_batch` WikiText rows per `batch`
+    GSM8K rows (the RowPlan merges them in training order)."""
+    data_cfg = ({"train": "bench", "replay": "wikitext", "general_val": "wikitext",
+                 "replay_ratio": args.replay_per_batch / args.batch} if replay else {"train": "bench"})
+    return validate_config({
         "data": data_cfg,
         "carryon": arch(args, kind),
-        "alpha": {"init": 1.0, "rule": "list", "candidates": ALPHAS[1:], "max": 2.0,
+        "alpha": {"init": 1.0, "rule": "list", "candidates": ALPHAS, "max": 2.0,
                   "general_guard": 0.0 if replay else None},
-        "train": {"lr": args.lr, "batch_size": args.batch, "warmup_steps": 10, "seed": 0},
+        "train": {"lr": args.lr, "batch_size": args.batch + (args.replay_per_batch if replay else 0),
+                  "warmup_steps": 10, "seed": 0, "epochs": 1},
     })
-    model = build_carryon(cfg, [base.hidden_size], base.vocab_size, base.head_weight, base.head_bias)
-    opt, sched = make_optimizer(model, cfg, args.steps)
-    rng = random.Random(0)
-    t0 = time.perf_counter()
-    for step in range(args.steps):
-        idx = rng.sample(range(len(data["train"][1])), args.batch)
-        x, y = pad_batch(*data["train"], idx)
-        mask = None
-        if replay:
-            ridx = rng.sample(range(len(data["replay"][1])), args.replay_per_batch)
-            xr, yr = pad_batch(*data["replay"], ridx)
-            T = max(x.shape[1], xr.shape[1])
-            x = torch.cat([torch.nn.functional.pad(x, (0, 0, 0, T - x.shape[1])),
-                           torch.nn.functional.pad(xr, (0, 0, 0, T - xr.shape[1]))])
-            y = torch.cat([torch.nn.functional.pad(y, (0, T - y.shape[1]), value=IGNORE),
-                           torch.nn.functional.pad(yr, (0, T - yr.shape[1]), value=IGNORE)])
-            mask = torch.tensor([False] * args.batch + [True] * args.replay_per_batch)
-        out = train_step(model, opt, sched, [[x]], y, 1024, 1.0, mask, args.kl_weight)
-        if step % 20 == 0:
-            print(f"  step {step}: loss {out['loss']:.4f} (ce {out['ce']:.4f}, kl {out['kl']:.4f})", flush=True)
-    train_s = time.perf_counter() - t0
-    val = evaluate(model, data["val_b"], ALPHAS)
-    gen = evaluate(model, data["general_b"], ALPHAS)
-    search = AlphaSearch.from_config(cfg)
-    alpha = search.choose(val, gen, gen[0.0]) if replay else min(val, key=val.get)
+
+
+def run_carryon(args, base, data: Cached, kind: str, replay: bool, em_rows) -> dict:
+    """One carry-on through the product's Trainer on the cached bridge codes (alpha chosen on GSM8K
+    validation, guarded by the general set with replay); the full alpha curve measured after."""
+    cfg = config_for(args, kind, replay)
+    val_b, gen_b = data.eval("val"), data.eval("general")
+    trainer, m, train_s = fit(cfg, data.calib, data.training(cfg), val_b, gen_b if replay else None, args.steps,
+                              base.head_weight, base.head_bias)
+    model, alpha = trainer.model, trainer.model.alpha
+    val_d, gen_d = trainer.eval_set(val_b), trainer.eval_set(gen_b)
+    val = evaluate(model, val_d, ALPHAS)
+    gen = evaluate(model, gen_d, ALPHAS)
     balance = max([a for a in ALPHAS if gen[a] <= gen[0.0]], default=0.0)
     model.set_alpha(alpha)
     model.eval()
@@ -150,9 +114,9 @@ def run_carryon(args, base, data, kind: str, replay: bool, em_rows) -> dict:
             "general_change": gen[alpha] - gen[0.0], "curve": {f"{a:g}": [val[a], gen[a]] for a in ALPHAS},
             "at_alpha_1": {"gain": val[0.0] - val[1.0], "general_change": gen[1.0] - gen[0.0]},
             "balance_alpha": balance, "at_balance": {"gain": val[0.0] - val[balance], "general_change": gen[balance] - gen[0.0]},
-            "gate_mean_gsm8k": gate_mean(model, data["val_b"]), "gate_mean_general": gate_mean(model, data["general_b"]),
+            "gate_mean_gsm8k": gate_mean(model, val_d), "gate_mean_general": gate_mean(model, gen_d),
             "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
-            "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / args.steps, 3),
+            "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / max(trainer.step, 1), 3),
             "base_val_loss": val[0.0], "base_general_loss": gen[0.0]}
 
 
@@ -197,12 +161,12 @@ def run_lora(args, base_dir: str, data, tok, em_rows) -> dict:
                                              target_modules=getattr(args, "lora_targets", ["q_proj", "v_proj"])))
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lora_lr)
-    rng = random.Random(0)
-    exs = data["train"][1]
+    exs = ordered(data["train"][1])  # the carry-on's batches: the RowPlan's training order, in turn
     t0 = time.perf_counter()
     model.train()
     for step in range(args.steps):
-        b = collate([exs[i] for i in rng.sample(range(len(exs)), args.batch)], 0)
+        at = step * args.batch % len(exs)
+        b = collate((exs[at : at + args.batch] + exs)[: args.batch], 0)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
         y = b["labels"][:, 1:]
         keep = y != IGNORE
@@ -225,28 +189,14 @@ def run_lora(args, base_dir: str, data, tok, em_rows) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--gsm8k", default=str(ROOT.parent / "shared/data/gsm8k/train.jsonl"))
-    p.add_argument("--wikitext", default=str(ROOT.parent / "shared/data/wikitext2/valid.txt"))
-    p.add_argument("--base", default="smollm2-135m-instruct")
-    p.add_argument("--n-train", type=int, default=1000)
-    p.add_argument("--n-val", type=int, default=200)
+    add_protocol_args(p, ROOT)
     p.add_argument("--general-rows", type=int, default=100)
-    p.add_argument("--replay-rows", type=int, default=500)
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--replay-per-batch", type=int, default=4)
     p.add_argument("--carryons", default="mlp,transformer", help="carry-on kinds trained without replay")
     p.add_argument("--replay-kinds", default="mlp", help="kinds also trained with replay/KL ('' for none)")
     p.add_argument("--width", type=int, default=256, help="MLP carry-on width")
     p.add_argument("--transformer-width", type=int, default=112,
                    help="d_model of the 2-layer transformer carry-on (112: about the MLP's trainable size)")
-    p.add_argument("--em-n", type=int, default=48, help="held-out questions for exact match (0: skip)")
-    p.add_argument("--em-tokens", type=int, default=192, help="new tokens per exact-match answer")
-    p.add_argument("--em-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--kl-weight", type=float, default=1.0)
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--skip-lora", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench/results/replay_kl.json"))
     args = p.parse_args()
@@ -254,29 +204,17 @@ def main() -> int:
     t_all = time.perf_counter()
     base = FrozenBase.load(BaseModelConfig(name=args.base, dtype="float32", device="cpu"))
     tok = base.tokenizer
-    qa = DataConfig(train=args.gsm8k, format="qa", max_length=256)
-    read = 2 * (args.n_train + args.n_val)  # some rows run long
-    gsm, rep = load_examples(args.gsm8k, tok, qa, limit=read)
-    print(f"GSM8K: {rep.summary()}", flush=True)
-    args.template = qa.prompt_template
-    # Held-out questions: the rows after every row training and validation could have read.
-    em_rows = read_rows(args.gsm8k, DataReport(args.gsm8k), limit=read + args.em_n)[read:] if args.em_n else []
-    if args.em_n and len(em_rows) < args.em_n:
-        sys.exit(f"--em-n {args.em_n}: only {len(em_rows)} rows of {args.gsm8k} are left after the first {read}")
-    train, val = gsm[: args.n_train], gsm[args.n_train : args.n_train + args.n_val]
-    text = DataConfig(train=args.wikitext, format="text", loss_on_prompt=True, max_length=128)
-    wiki, _ = load_examples(args.wikitext, tok, text)
-    wiki = [e for e in wiki if len(e.input_ids) >= 32]  # headings and blank-ish lines carry little
+    train, val, wiki, em_rows = protocol_data(args, tok)
     replay, general = wiki[: args.replay_rows], wiki[-args.general_rows :]
     print(f"data: {len(train)} train, {len(val)} val GSM8K; {len(replay)} replay, {len(general)} general windows", flush=True)
-    data, speeds = {}, {}
-    for name, exs in [("train", train), ("val", val), ("replay", replay), ("general", general)]:
-        states, speeds[name] = embed(base, exs)
-        data[name] = (states, exs)
-        print(f"embedded {name}: {speeds[name]:.0f} tokens/s", flush=True)
-    data["val_b"] = eval_batches(*data["val"])
-    data["general_b"] = eval_batches(*data["general"])
-    results = {"protocol": {k: v for k, v in vars(args).items() if k != "out"}, "embed_tokens_per_s": speeds}
+    sets = {"train": train, "val": val, "replay": replay, "general": general}
+    cached = Cached(base, config_for(args, "mlp", False), [], sets)  # the base forward, once per example
+    speeds = {name: sum(len(e.input_ids) for e in exs) / cached.seconds[name] for name, exs in sets.items()}
+    print("embedded: " + json.dumps({k: round(v) for k, v in speeds.items()}) + " tokens/s", flush=True)
+    data = {name: (None, exs) for name, exs in sets.items()}  # what the LoRA baseline reads
+    results = {"protocol": {k: v for k, v in vars(args).items() if k != "out"}, "embed_tokens_per_s": speeds,
+               "path": "product: embed_rows (bridge) -> from_rows -> RowPlan order -> Trainer.fit",
+               "bridge_bits": cached.calib.bits}
     if em_rows:
         results["base_exact_match"] = held_out_accuracy(args, CarryOnModel([base]), {"base": None}, em_rows)["base"]
     kinds = [k for k in args.carryons.split(",") if k]
@@ -284,7 +222,7 @@ def main() -> int:
     for kind, replay_on in runs:
         name = f"{kind}_replay_kl" if replay_on else kind
         print(f"training {name}", flush=True)
-        results[name] = run_carryon(args, base, data, kind, replay_on, em_rows)
+        results[name] = run_carryon(args, base, cached, kind, replay_on, em_rows)
         print(json.dumps({k: v for k, v in results[name].items() if k != "curve"}), flush=True)
     if not args.skip_lora:
         print("training lora", flush=True)
