@@ -299,8 +299,13 @@ class Trainer:
         stage = self.stage
         usage = model.expert_usage()  # routed slots per expert in this epoch's training
         cands = self.search.candidates()
-        val_losses = evaluate(model, val, cands, chunk)
-        general_losses = evaluate(model, general, sorted({0.0, *cands}), chunk) if general else None
+        # One pass over each set for every alpha this epoch reports: the candidates, the base (for
+        # the guard) and the trade-off sweep (each alpha's loss is independent of the others).
+        sweep = cfg.alpha.general_sweep if general else []
+        val_all = evaluate(model, val, sorted({*cands, *sweep}), chunk)
+        val_losses = {a: val_all[a] for a in cands}
+        general_all = evaluate(model, general, sorted({0.0, *cands, *sweep}), chunk) if general else None
+        general_losses = {a: general_all[a] for a in sorted({0.0, *cands})} if general else None
         alpha = self.search.choose(val_losses, general_losses, general_losses[0.0] if general_losses else None)
         model.set_alpha(alpha)
         el = max(stats.seconds, 1e-9)
@@ -329,10 +334,8 @@ class Trainer:
         if stats.streamed and stats.produced_seconds > 0:
             metrics["producer_tokens_per_s"] = stats.produced_tokens / stats.produced_seconds
         if general:  # the customization vs general trade-off curve at the configured alphas
-            sweep = cfg.alpha.general_sweep
-            custom, gen = evaluate(model, val, sweep, chunk), evaluate(model, general, sweep, chunk)
-            metrics.update({f"sweep_val_{a:g}": custom[a] for a in sweep})
-            metrics.update({f"sweep_general_{a:g}": gen[a] for a in sweep})
+            metrics.update({f"sweep_val_{a:g}": val_all[a] for a in sweep})
+            metrics.update({f"sweep_general_{a:g}": general_all[a] for a in sweep})
         log.info("epoch %d: val loss %s -> alpha %.4g", self.epoch, {f"{a:g}": round(v, 4) for a, v in val_losses.items()},
                  alpha)
         self.history.append({"epoch": self.epoch, "stage": stage, "step": self.step, "alpha": alpha,

@@ -261,3 +261,24 @@ def test_the_demo_path_end_to_end_on_the_tiny_base(tmp_path, tiny_dir):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["heldout"]["rows"] == 8 and 0 <= summary["heldout"]["adapter_accuracy"] <= 1
     assert summary["history"][0]["general"] is not None  # the demo's general-domain set was scored
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_an_alphas_loss_does_not_depend_on_which_other_alphas_are_scored(kind):
+    """end_epoch scores the candidates, the base and the trade-off sweep in one pass per set: each
+    alpha's loss must be exactly what scoring it alone gives."""
+    from carryon_ray.model import CarryOn
+    from carryon_ray.train import evaluate
+
+    torch.manual_seed(0)
+    D, V = 32, 50
+    arch = {"kind": kind, "width": 16, "gate": True} | ({"heads": 2, "layers": 1} if kind == "transformer" else {})
+    cfg = make_config(carryon=arch)
+    m = CarryOn(cfg.carryon, cfg.head, [[D]], V, "average", torch.randn(V, D), None, 1.0)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    data = [([[torch.randn(3, 7, D)]], torch.randint(0, V, (3, 7))) for _ in range(2)]
+    together = evaluate(m, data, [0.0, 0.25, 0.5, 1.0, 2.0])
+    for a, loss in together.items():
+        assert evaluate(m, data, [a])[a] == loss
+    assert len(set(together.values())) == len(together)  # the alphas really differ
