@@ -131,7 +131,7 @@ def test_training_moves_only_the_deltas_and_alpha_scores_each_candidate(deep_dir
     _, fresh = recycled(deep_dir, deep_base, depth=2, noise=0)
     opt, sched = make_optimizer(fresh, cfg, 1)
     out = train_step(fresh, opt, sched, [[h]], labels, 64, 1.0, replay=torch.tensor([True, False]))
-    assert out["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert out.kl == pytest.approx(0.0, abs=1e-6)
 
 
 def test_adapter_round_trip_holds_only_deltas(tmp_path, deep_dir, deep_base):
