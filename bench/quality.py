@@ -75,7 +75,7 @@ def config_for(args, spec: dict, replay: bool, seed: int, alphas: list[float]) -
         "alpha": {"init": 1.0, "rule": "list", "candidates": alphas, "max": 2.0,
                   "general_guard": 0.0 if replay else None},
         "train": {"lr": spec["lr"], "batch_size": args.batch + (args.replay_per_batch if replay else 0),
-                  "warmup_steps": 10, "seed": seed, "epochs": 1},
+                  "warmup_steps": 10, "seed": seed, "epochs": 1, "kl_weight": args.kl_weight},
     })
 
 

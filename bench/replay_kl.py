@@ -91,7 +91,7 @@ def config_for(args, kind: str, replay: bool) -> CarryOnConfig:
         "alpha": {"init": 1.0, "rule": "list", "candidates": ALPHAS, "max": 2.0,
                   "general_guard": 0.0 if replay else None},
         "train": {"lr": args.lr, "batch_size": args.batch + (args.replay_per_batch if replay else 0),
-                  "warmup_steps": 10, "seed": 0, "epochs": 1},
+                  "warmup_steps": 10, "seed": 0, "epochs": 1, "kl_weight": args.kl_weight},
     })
 
 
