@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from .config import CarryOnConfig
-from .data import DataReport, padding_share
+from .data import DataReport, RowPlan, load_splits, padding_share
 from .embedding import Calibration
 from .progress import Progress, quiet
 from .recipe import NullReporter, Reporter, RunPlan, Trainer, cached_epochs
@@ -210,7 +210,6 @@ class InProcess:
 
     def data(self, reporter: Reporter) -> RunData:
         from .base import FrozenBase
-        from .data import RowPlan, load_splits
         from .embedding import calibration_rows, training_rows
 
         cfg = self.cfg
