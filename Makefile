@@ -74,6 +74,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/data.py --sizes 2000,20000 --gsm8k-rows 200 --out $(QUICK)/data.json
 	$(BIN)/python bench/quality.py --n-train 96 --n-val 24 --replay-rows 48 --guard-rows 16 --report-rows 16 --steps 12 \
 	  --configs mlp256,mlp256_shallow0,mlp256_head8 --em-n 8 --em-tokens 64 --out $(QUICK)/quality.json
+	$(BIN)/python bench/recycled.py --n-train 48 --n-val 16 --steps 4 --depths 2 --extra "" --bridge-depths 2 \
+	  --out $(QUICK)/recycled.json
 	$(BIN)/python bench/gpu_check.py --smoke --out $(QUICK)/gpu_check.json
 	$(BIN)/python bench/demo.py --out $(QUICK)/demo.json
 
@@ -86,6 +88,7 @@ bench-full: $(STAMP)
 	$(BIN)/python bench/quality.py --configs mlp256,mlp256_tap16,transformer2x128_tap16 --em-n 32 \
 	  --out bench/results/quality-full.json
 	$(BIN)/python bench/replay_kl.py
+	$(BIN)/python bench/recycled.py
 	$(BIN)/python bench/paper_features.py
 	$(BIN)/python bench/demo.py
 

@@ -1,19 +1,19 @@
 """The recycled-top carry-on against LoRA (issue 22), on SmolLM2-135M-Instruct and GSM8K, through the product.
 
-Every carry-on run here is the product's own path: token rows -> `embed_rows` (the embedding actors'
-function; bridge at 0 bits, the kind's default) -> `from_rows` -> `Trainer.train_on` / `end_epoch`
-(alpha chosen on validation data by the config's rule). One base forward caches the states entering
-every block a depth needs (`layers.shallow` taps of one forward: the state entering block j is
-Hugging Face's hidden_states[j], the same tensor `hidden_states(tap=j)` stops at); each depth then
-trains on its own column.
+Every carry-on run here is the product's own path (bench/product.py): token rows -> `embed_rows` (the
+embedding actors' function; the state entering block L - k, bridge at 0 bits, the kind's default) ->
+`from_rows` -> batches in the RowPlan's training order -> `Trainer.fit` (alpha chosen on validation
+data after each epoch by the config's rule). Each depth k has its own cache, filled by one base forward
+stopped at its tap (as a job for that depth fills it); configurations of the same depth share it.
 
-Baselines, on the same examples and the same sampled batches (bench/replay_kl.py's `run_lora`):
-LoRA r = 8 on q, v (the project's baseline so far) and LoRA r = 8 on all seven linear layers of
-every block (the stronger baseline), lr --lora-lr.
+Baselines, on the same examples in the same order (bench/replay_kl.py's `run_lora`): LoRA r = 8 on
+q, v (the project's baseline so far) and LoRA r = 8 on all seven linear layers of every block (the
+stronger baseline), lr --lora-lr.
 
 Equal steps: every configuration gets --steps optimizer steps at --batch. Equal wall: a configuration's
-wall is its share of the cache fill (train + validation forwards, stopped at its tap) plus its
-training and alpha selection; it is compared with LoRA's training time for the same steps.
+wall is its cache fill (train + validation forwards, stopped at its tap) plus its whole fit (the base's
+validation loss, training, and each epoch's alpha choice); it is compared with LoRA's training time
+for the same steps.
 
 The bridge on an intermediate state: the base's own validation loss (alpha = 0) computed from the
 8-bit and 4-bit round-tripped state entering block L - k, against the exact state.
@@ -25,81 +25,44 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from replay_kl import ROOT, run_lora  # bench helpers (LoRA); sets sys.path
 
+from product import Cached, fit  # noqa: E402  the product's fitting path
 from carryon_ray.base import FrozenBase, resolve_base_path  # noqa: E402
 from carryon_ray.bridge import Bridge  # noqa: E402
-from carryon_ray.config import BaseModelConfig, BridgeConfig, DataConfig, validate_config  # noqa: E402
+from carryon_ray.config import BaseModelConfig, BridgeConfig, CarryOnConfig, DataConfig, validate_config  # noqa: E402
 from carryon_ray.data import load_examples  # noqa: E402
-from carryon_ray.embedding import (ROW_ID, Calibration, concat_rows, embed_rows, from_rows, part_layout,  # noqa: E402
-                                   token_rows)
-from carryon_ray.recipe import RunPlan, Trainer  # noqa: E402
+from carryon_ray.embedding import token_rows  # noqa: E402
 from carryon_ray.train import evaluate  # noqa: E402
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def embed_taps(base: FrozenBase, examples, taps: list[int], batch: int = 8) -> tuple[dict, float]:
-    """Embedding rows of `examples` with the state entering each block in `taps` (one forward for all,
-    length-sorted batches as the job's ingest orders them); returns (rows by tap, seconds)."""
-    bridges = [[Bridge(0) for _ in range(1 + len(taps))]]
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    rows = token_rows([examples[i] for i in order])
+def config_for(args, depth: int, rank: int, lr: float) -> CarryOnConfig:
+    """The product config of one recycled configuration (everything else at the kind's defaults)."""
+    return validate_config({"base": {"name": args.base_dir, "dtype": "float32"}, "data": {"train": "bench"},
+                            "carryon": {"kind": "recycled", "depth": depth, "rank": rank},
+                            "train": {"lr": lr, "batch_size": args.batch, "warmup_steps": 10, "epochs": 1, "seed": 0}})
+
+
+def run_recycled(args, base, data: Cached, depth: int, rank: int, lr: float) -> dict:
+    """One recycled configuration fitted by `Trainer.fit` on its depth's cache."""
+    cfg = config_for(args, depth, rank, lr)
     t0 = time.perf_counter()
-    parts = [embed_rows([base], bridges, {k: [r[k] for r in rows[i : i + batch]] for k in rows[0]}, taps)
-             for i in range(0, len(rows), batch)]
-    seconds = time.perf_counter() - t0
-    out = concat_rows(parts)
-    back = np.argsort(np.asarray(order))  # rows back in example order
-    by_tap = {}
-    for j, tap in enumerate(taps):
-        cols = {k: v[back] for k, v in out.items() if not k.startswith("s0_")}
-        cols["s0_0_values"] = out[f"s0_{1 + j}_values"][back]
-        by_tap[tap] = cols
-    return by_tap, seconds
-
-
-def pick(rows: dict, idx: list[int]) -> dict:
-    return {k: v[idx] for k, v in rows.items()}
-
-
-def run_recycled(args, base, calib_for, cache, val_rows, depth: int, rank: int, lr: float) -> dict:
-    L = base.num_layers
-    tap = L - depth
-    cfg = validate_config({"base": {"name": args.base_dir, "dtype": "float32"}, "data": {"train": "bench"},
-                           "carryon": {"kind": "recycled", "depth": depth, "rank": rank},
-                           "train": {"lr": lr, "batch_size": args.batch, "warmup_steps": 10, "epochs": 1}})
-    calib = calib_for(tap)
-    layout = part_layout(calib.bridges(), calib.dims, calib.base_dtype)
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, calib, RunPlan(args.steps, 1), base.head_weight, base.head_bias)
-    build_s = time.perf_counter() - t0
-    val = trainer.eval_set(from_rows(pick(val_rows[tap], list(range(i, min(i + 16, args.n_val)))), layout)
-                           for i in range(0, args.n_val, 16))
-    base_loss = trainer.baseline(val)
-    rng = random.Random(0)  # the same batches as LoRA's
-    train = cache[tap]
-    batches = (from_rows(pick(train, rng.sample(range(args.n_train), args.batch)), layout) for _ in range(args.steps))
-    trainer.begin_epoch()
-    stats = trainer.train_on(batches)
-    t0 = time.perf_counter()
-    m = trainer.end_epoch(stats, val)
-    select_s = time.perf_counter() - t0
+    trainer, m, train_s = fit(cfg, data.calib, data.training(cfg), data.eval("val"), None, args.steps,
+                              base.head_weight, base.head_bias)
+    fit_s = time.perf_counter() - t0
     trainable = sum(p.numel() for p in trainer.model.trainable_parameters())
     frozen = sum(p.numel() for p in trainer.model._blocks[0].parameters())
-    return {"depth": depth, "rank": rank, "lr": lr, "tap": tap, "trainable_params": trainable,
-            "frozen_block_params": frozen, "val_loss_base": base_loss, "val_loss": m["val_loss"], "alpha": m["alpha"],
-            "gain": base_loss - m["val_loss"], "train_seconds": round(stats.seconds, 1),
-            "seconds_per_step": round(stats.seconds / args.steps, 3), "alpha_selection_seconds": round(select_s, 1),
-            "build_seconds": round(build_s, 1),
+    return {"depth": depth, "rank": rank, "lr": lr, "tap": data.calib.tap, "trainable_params": trainable,
+            "frozen_block_params": frozen, "val_loss_base": trainer.val_loss_base, "val_loss": m["val_loss"],
+            "alpha": m["alpha"], "gain": trainer.val_loss_base - m["val_loss"], "steps": trainer.step,
+            "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / max(trainer.step, 1), 3),
+            "fit_seconds": round(fit_s, 1), "eval_seconds": round(fit_s - train_s, 1),
             "candidates": {f"{a:g}": v for a, v in trainer.history[-1]["candidates"].items()}}
 
 
@@ -162,19 +125,10 @@ def main() -> int:
     runs = [(d, int(r), float(lr)) for d in depths for r in args.ranks.split(",") for lr in args.lrs.split(",")]
     runs += [(int(d), int(r), float(lr)) for d, r, lr in (x.split(":") for x in args.extra.split(",") if x)]
     bridge_depths = [int(d) for d in args.bridge_depths.split(",") if d]
-    taps = sorted({L - d for d, _, _ in runs} | {L - d for d in bridge_depths})
-    cache, train_s = embed_taps(base, train, taps)
-    val_cache, val_s = embed_taps(base, val, taps)
-    fill = train_s + val_s
     res: dict = {"protocol": {k: v for k, v in vars(args).items() if k != "out"},
-                 "cache_fill_seconds": round(fill, 1), "cache_fill_note": "one forward to the lowest tap for all depths"}
-    print(f"cache filled in {fill:.0f}s (taps {taps})", flush=True)
-    fp = base.fingerprint().to_dict()
-
-    def calib_for(tap: int) -> Calibration:
-        return Calibration(0, {}, [fp], [base.hidden_size], base.vocab_size, "float32", [], None, tap)
-
-    # LoRA baselines on the same examples and batches.
+                 "path": "product: embed_rows (state entering block L - k) -> from_rows -> RowPlan order -> "
+                         "Trainer.fit"}
+    # LoRA baselines on the same examples in the same order.
     res["lora"] = {}
     lora_data = {"train": (None, train), "val": (None, val), "general": (None, val[:8])}
     for name in [x for x in args.lora.split(",") if x]:
@@ -185,20 +139,26 @@ def main() -> int:
         print("lora", name, json.dumps(lo), flush=True)
     better = max(res["lora"].values(), key=lambda r: r["gain"]) if res["lora"] else None
     qv = res["lora"].get("qv")
-    res["recycled"] = []
-    for depth, rank, lr in runs:
-        r = run_recycled(args, base, calib_for, cache, val_cache, depth, rank, lr)
-        # this depth's share of the cache fill: the forward ran up to its tap
-        r["cache_fill_seconds"] = round(fill * (L - depth) / L, 1)
-        r["wall_seconds"] = round(r["cache_fill_seconds"] + r["train_seconds"] + r["alpha_selection_seconds"], 1)
-        if qv:
-            r["gain_over_lora_qv"] = round(r["gain"] / qv["gain"], 3)
-            r["step_over_lora_qv"] = round(r["seconds_per_step"] / qv["seconds_per_step"], 3)
-        if better:
-            r["gain_over_better_lora"] = round(r["gain"] / better["gain"], 3)
-            r["wall_over_lora_train"] = round(r["wall_seconds"] / better["train_seconds"], 3)
-        res["recycled"].append(r)
-        print("recycled", json.dumps(r), flush=True)
+    res["recycled"], res["cache_fill_seconds"] = [], {}
+    for depth in sorted({d for d, _, _ in runs}):
+        # This depth's cache: one forward over the training and validation rows, stopped at its tap.
+        data = Cached(base, config_for(args, depth, 8, 3e-3), [], {"train": train, "val": val})
+        fill = sum(data.seconds.values())
+        res["cache_fill_seconds"][str(depth)] = round(fill, 1)
+        print(f"depth {depth}: cache filled in {fill:.0f}s (tap {data.calib.tap})", flush=True)
+        for _, rank, lr in [r for r in runs if r[0] == depth]:
+            r = run_recycled(args, base, data, depth, rank, lr)
+            r["cache_fill_seconds"] = round(fill, 1)
+            r["wall_seconds"] = round(fill + r["fit_seconds"], 1)
+            if qv:
+                r["gain_over_lora_qv"] = round(r["gain"] / qv["gain"], 3)
+                r["step_over_lora_qv"] = round(r["seconds_per_step"] / qv["seconds_per_step"], 3)
+            if better:
+                r["gain_over_better_lora"] = round(r["gain"] / better["gain"], 3)
+                r["wall_over_lora_train"] = round(r["wall_seconds"] / better["train_seconds"], 3)
+            res["recycled"].append(r)
+            print("recycled", json.dumps(r), flush=True)
+        del data
     res["bridge"] = bridge_cost(base, val[:48], [L - d for d in bridge_depths], args)
     print("bridge", json.dumps(res["bridge"]), flush=True)
     res["wall_seconds"] = round(time.perf_counter() - t_all, 1)
