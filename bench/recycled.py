@@ -141,12 +141,14 @@ def main() -> int:
     qv = res["lora"].get("qv")
     res["recycled"], res["cache_fill_seconds"] = [], {}
     for depth in sorted({d for d, _, _ in runs}):
-        # This depth's cache: one forward over the training and validation rows, stopped at its tap.
-        data = Cached(base, config_for(args, depth, 8, 3e-3), [], {"train": train, "val": val})
+        # This depth's cache: one forward over the training and validation rows, stopped at its tap
+        # (it depends on the depth only: every rank and lr of the depth trains on it).
+        same = [(rank, lr) for d, rank, lr in runs if d == depth]
+        data = Cached(base, config_for(args, depth, *same[0]), [], {"train": train, "val": val})
         fill = sum(data.seconds.values())
         res["cache_fill_seconds"][str(depth)] = round(fill, 1)
         print(f"depth {depth}: cache filled in {fill:.0f}s (tap {data.calib.tap})", flush=True)
-        for _, rank, lr in [r for r in runs if r[0] == depth]:
+        for rank, lr in same:
             r = run_recycled(args, base, data, depth, rank, lr)
             r["cache_fill_seconds"] = round(fill, 1)
             r["wall_seconds"] = round(fill + r["fit_seconds"], 1)
