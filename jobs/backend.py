@@ -277,9 +277,8 @@ class RayBackend:
         cache_dir = (f"{cfg.output.storage_path.rstrip('/')}/embedding-cache/{run_name}" if cfg.output.storage_path
                      else str(self.out_dir / "embedding-cache"))
         where = "object store" if cache_mode == "memory" else cache_dir
-        log.info("embedding cache: %s (%.1f MB of bridge codes for %d tokens at %.0f bytes/token)",
-                 where if cache_mode == "memory" else f"disk at {cache_dir}", n_tokens * bpt / 1e6, n_tokens,
-                 bpt)
+        log.info("embedding cache: %s at %s (%.1f MB of bridge codes for %d tokens at %.0f bytes/token)",
+                 cache_mode, where, n_tokens * bpt / 1e6, n_tokens, bpt)
         reporter.params({"cache_mode": cache_mode, "cache_location": where, "cache_mb": f"{n_tokens * bpt / 1e6:.1f}"})
         # The cache lives on the driver's node: the job cannot outlive that node anyway, while any
         # worker node (an inference node, a spot training node) may vanish mid-run and take an
