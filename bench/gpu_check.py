@@ -232,7 +232,7 @@ def engine_load(base: FrozenBase, device: str, rows: int, prompt: int, long_prom
     layer loop; padded: a decode forward plus a prefill forward), seconds per step before the arrival
     and during its prefill (the decoding rows' inter-token latency), and the flat loop's logits
     against the padded ones."""
-    from carryon_ray.generation import Engine, Request
+    from carryon_ray.engine import Engine, Request
 
     g = torch.Generator().manual_seed(4)
     ids = [torch.randint(1, base.vocab_size - 1, (prompt,), generator=g).tolist() for _ in range(rows)]

@@ -10,7 +10,7 @@ Ratios against baselines measured in the same run:
    probe client sending max_tokens=8 requests. Two schedulers on the same kernels:
      - static: what `@serve.batch` did before (a batch is cut from what arrived within 20 ms, at
        most 16 rows, and runs until its last row ends; later arrivals wait for the next batch);
-     - engine: carryon_ray.generation.Engine (rows join and leave at every step).
+     - engine: carryon_ray.engine.Engine (rows join and leave at every step).
    Throughput (completion tokens/s), latency p50/p99, time to first token, and the probe's p50
    against its solo latency (target <= 3x); throughput at 16 clients against a batch-16 decode of
    equal lengths (target >= 0.8x);
@@ -50,7 +50,8 @@ from carryon_ray.adapter import save_adapter  # noqa: E402
 from carryon_ray.base import FrozenBase  # noqa: E402
 from carryon_ray.bridge import Bridge  # noqa: E402
 from carryon_ray.config import BaseModelConfig, validate_config  # noqa: E402
-from carryon_ray.generation import Adapter, Engine, Request, generate_mixed  # noqa: E402
+from carryon_ray.engine import Engine, Request  # noqa: E402
+from carryon_ray.generation import Adapter, generate_mixed  # noqa: E402
 from carryon_ray.model import CarryOn  # noqa: E402
 
 PROMPT = "Question: A farmer has 12 cows and buys 5 more. Then 3 cows are sold. How many cows are left?\nAnswer:"

@@ -165,9 +165,10 @@ class FrozenBase(nn.Module):
         self.num_layers = cfg.num_hidden_layers
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self._fingerprint: Fingerprint | None = None
-        # Serving recycled-top adapters: the wrapped linear layers of the top blocks that each forward
-        # binds per-row deltas to ('<block>.<target>' -> recycled.DeltaLinear), installed on first use.
-        self.delta_sites: dict = {}
+        # Serving recycled-top adapters: the wrapped linear layers of every block that each forward
+        # binds per-row deltas to ('<block>.<target>' -> recycled.DeltaLinear), installed once by
+        # recycled.serving_sites when the first engine starts (None until then).
+        self.delta_sites: dict | None = None
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod

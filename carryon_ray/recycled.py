@@ -14,7 +14,7 @@ the delta is skipped (not multiplied by zero), so the output is the base's bit f
 
 Training runs the copied blocks as Hugging Face's own modules (a model of k blocks built from the
 base's config, fed the cached state as `inputs_embeds`), so the partial forward is the base's
-forward. Serving never copies anything: `delta_sites` wraps the base's own top linear layers,
+forward. Serving never copies anything: `serving_sites` wraps the base's own linear layers once,
 and each forward binds every row's deltas (its adapter's A and B, its alpha) to them, applied as
 one gathered batched matmul per layer (S-LoRA / Punica style) while base rows pass untouched.
 One function, `add_delta`, is the delta in both.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import torch
@@ -53,6 +54,8 @@ def add_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     gathered batched matmul for all of them.
     A row of x is a sequence of a padded batch, or one token of the engine's flat batch."""
     if rows is None:
+        if not isinstance(alpha, torch.Tensor) and y.dtype != torch.float32:
+            return y + (F.linear(F.linear(x, A), B).float() * alpha).to(y.dtype)  # fp32 scale, as below
         return y + alpha * F.linear(F.linear(x, A), B)
     xs = x.index_select(0, rows)  # [n, ..., in]
     if A.dim() == 2:
@@ -60,9 +63,11 @@ def add_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     else:
         flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])
         d = torch.bmm(torch.bmm(flat, A.transpose(1, 2)), B.transpose(1, 2)).reshape(*xs.shape[:-1], B.shape[1])
-    if isinstance(alpha, torch.Tensor) and alpha.dim() == 1:
-        alpha = alpha.to(d.dtype).view(-1, *[1] * (d.dim() - 1))
-    return y.index_add(0, rows, d * alpha)
+    # The scale in fp32 whatever the base's dtype: a bf16 alpha (0.6 -> 0.6015625) would make a row's
+    # tokens depend on whether it shares the step with other rows of its adapter.
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.to(device=d.device, dtype=torch.float32).view(-1, *[1] * (d.dim() - 1))
+    return y.index_add(0, rows, (d.float() * alpha).to(y.dtype))
 
 
 class DeltaLinear(nn.Module):
@@ -94,20 +99,45 @@ class DeltaLinear(nn.Module):
         return y
 
 
+_WRAPPING = threading.RLock()
+
+
 def delta_sites(layers: nn.ModuleList, first: int, targets: list[str]) -> dict[str, DeltaLinear]:
     """Wrap (once) the target linear layers of blocks `first`.. of a decoder stack; returns them by
-    site name '<block>.<target>' (the base's own block index). Idempotent."""
+    site name '<block>.<target>' (the base's own block index). Idempotent and thread-safe."""
     sites = {}
-    for j in range(first, len(layers)):
-        for t in targets:
-            parent_path, _, leaf = TARGET_PATHS[t].rpartition(".")
-            parent = layers[j].get_submodule(parent_path)
-            lin = getattr(parent, leaf)
-            if not isinstance(lin, DeltaLinear):
-                lin = DeltaLinear(lin)
-                setattr(parent, leaf, lin)
-            sites[f"{j}.{t}"] = lin
+    with _WRAPPING:
+        for j in range(first, len(layers)):
+            for t in targets:
+                parent_path, _, leaf = TARGET_PATHS[t].rpartition(".")
+                parent = layers[j].get_submodule(parent_path)
+                lin = getattr(parent, leaf)
+                if not isinstance(lin, DeltaLinear):
+                    lin = DeltaLinear(lin)
+                    setattr(parent, leaf, lin)
+                sites[f"{j}.{t}"] = lin
     return sites
+
+
+def serving_sites(base) -> dict[str, DeltaLinear]:
+    """Every target linear layer of every block of a served base, wrapped the first time this is called
+    for the base (an engine calls it when it starts) and never changed after: adapters loaded later
+    find their sites there, so loading one never mutates the base under a running step. Empty for a
+    base whose blocks are not Llama-style (no recycled-top adapter can run on it)."""
+    with _WRAPPING:
+        if base.delta_sites is None:
+            layers = getattr(getattr(base.model, "model", None), "layers", None)
+            llama = layers is not None and all(_has(b, path) for b in layers for path in TARGET_PATHS.values())
+            base.delta_sites = delta_sites(layers, 0, list(TARGET_PATHS)) if llama else {}
+        return base.delta_sites
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 class LowRank(nn.Module):
@@ -208,9 +238,12 @@ class RecycledTop(nn.Module):
         if isinstance(a, torch.Tensor):
             raise ValueError("the recycled carry-on trains and scores at one alpha per forward")
         h = sources[0][0].to(blocks.norm.weight.dtype)
+        # At alpha 0 the deltas are skipped (the base bit for bit), except when training them: then they
+        # stay in the graph at scale 0, so the step has a (zero) gradient instead of no graph at all.
+        skip = a == 0 and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.deltas.parameters()))
         for j, per in enumerate(self.deltas):
             for t, lr in per.items():
-                self._sites[f"{j}.{t}"].bound = None if a == 0 else (lr.A, lr.B, a)
+                self._sites[f"{j}.{t}"].bound = None if skip else (lr.A, lr.B, a)
         try:
             if attn_mask is not None:
                 from .base import hf_mask
@@ -249,7 +282,7 @@ def bind_rows(sites: dict[str, DeltaLinear], groups: list[tuple[RecycledTop, lis
     many users) share one gathered batched matmul. Rows at alpha 0 are left out (the base, bit for
     bit). `unbind` after the forward."""
     per_site: dict[str, list] = {}
-    lone: dict[str, list] = {}
+    lone: dict[tuple, list] = {}  # (site, A's shape, B's shape, dtype) -> lone rows of adapters of that shape
     for adapter, rows, alphas in groups:
         by_alpha: dict[float, list[int]] = {}
         for r, a in zip(rows, alphas):
@@ -261,8 +294,12 @@ def bind_rows(sites: dict[str, DeltaLinear], groups: list[tuple[RecycledTop, lis
                     per_site.setdefault(name, []).append(
                         (lr.A, lr.B, a, torch.tensor(rs, device=device)))
                 else:
-                    lone.setdefault(name, []).append((lr, rs[0], a))
-    for name, entries in lone.items():
+                    key = (name, tuple(lr.A.shape), tuple(lr.B.shape), lr.A.dtype)
+                    lone.setdefault(key, []).append((lr, rs[0], a))
+    # Adapters of different rank (or dtype) cannot share one gathered matmul: one per shape. (Zero-
+    # padding to the largest rank would be exact in value but sums over a longer rank in another
+    # order: a row's tokens would then depend on its batch-mates' ranks.)
+    for (name, *_), entries in lone.items():
         per_site.setdefault(name, []).append(
             (torch.stack([lr.A for lr, _, _ in entries]), torch.stack([lr.B for lr, _, _ in entries]),
              torch.tensor([a for _, _, a in entries], device=device), torch.tensor([r for _, r, _ in entries], device=device)))

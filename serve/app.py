@@ -8,7 +8,7 @@ Two deployments:
                typed GenerateRequest to a model replica with the adapter as Serve's multiplexed
                model id, so requests for an adapter go to replicas that already hold it.
   ModelServer  pinned to the inference-class resource. Holds the base once, an LRU of adapters
-               (`serve.multiplexed`), and one decode engine (serve/engine.py) that admits and
+               (`serve.multiplexed`), and one decode engine (serve/async_engine.py) that admits and
                retires rows at every decoding step: rows of every adapter share each step's base
                forward, no request waits for a batch-mate, and a request whose client went away
                frees its row at the next step.

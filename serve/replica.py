@@ -1,4 +1,4 @@
-"""The model replica: one base, an LRU of adapters, one decode engine (serve/engine.py), and its metrics."""
+"""The model replica: one base, an LRU of adapters, one decode engine (serve/async_engine.py), and its metrics."""
 
 import asyncio
 import logging
@@ -13,7 +13,7 @@ from ray import serve
 from carryon_ray.adapter import AdapterError
 
 from . import protocol as P
-from .engine import TTFT_BOUNDS, Generation, ServingEngine
+from .async_engine import TTFT_BOUNDS, AsyncEngine, Generation
 from .settings import ServeConfig
 
 
@@ -37,7 +37,7 @@ class ModelServer:
             mlflow.set_tracking_uri(self.cfg.registry.tracking_uri)
             mlflow.set_registry_uri(self.cfg.registry.tracking_uri)
         bases = [FrozenBase.load(b) for b in [self.cfg.base, *self.cfg.extra_bases]]
-        self.engine = ServingEngine(bases, self.cfg.limits, self.cfg.engine)
+        self.engine = AsyncEngine(bases, self.cfg.limits, self.cfg.engine)
         self._sources: dict[str, str] = {}
         self.load_ms: list[float] = []
         self.metrics = _ReplicaMetrics()
@@ -130,7 +130,7 @@ class _ReplicaMetrics:
     def admitted(self, model: str, rows: int) -> None:
         self.requests.inc(rows, tags={"model": model})
 
-    def finished(self, results, engine: ServingEngine) -> None:
+    def finished(self, results, engine: AsyncEngine) -> None:
         self.tokens.inc(sum(r.completion_tokens for r in results) or 0.0)
         stats = engine.stats()
         self.running.set(stats["running_rows"])

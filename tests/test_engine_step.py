@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from carryon_ray.scheduler import Request, Scheduler
+from carryon_ray.engine.scheduler import Request, Scheduler
 from test_invariants import random_carryon
 from test_recycled import deep_base, deep_dir, recycled  # noqa: F401 - module fixtures used here
 
@@ -26,7 +26,6 @@ class HandRunner:
         plan = self.sched.schedule()
         # the plan's decode rows hold slots 0..d-1, where the runner reads them in place
         assert [s.slot for s in plan.decode] == list(range(len(plan.decode)))
-        ended = list(plan.finished)
         for seq in plan.decode:
             seq.fed += 1
         for c in plan.prefill:
@@ -34,15 +33,9 @@ class HandRunner:
             assert c.start == seq.fed
             seq.fed += len(c.tokens)
         for seq in [*plan.decode, *(c.seq for c in plan.prefill if c.completes_prompt)]:
-            seq.tokens.append(7)
-            seq.pending = 7
-            self.sched.started_decoding(seq)
-            if len(seq.tokens) >= seq.request.max_tokens:
-                seq.finish_reason = "length"
-                ended.append(seq)
-        for seq in ended:
-            if seq.slot >= 0:
-                self.sched.release(seq)
+            self.sched.update(seq, 7)  # the scheduler finishes the row (max_tokens here) and frees its slot
+        ended = self.sched.take_finished()
+        assert all(s.slot == -1 and s.done for s in ended)
         return plan, ended
 
 
@@ -132,7 +125,8 @@ def test_one_flat_forward_gives_each_row_its_own_logits(deep_dir, deep_base):  #
     shallow layer, a transformer carry-on with its own cache and two recycled-top adapters, in ONE base
     forward per step: every row's logits equal the full forward of its own context (fp32, <= 1e-5)."""
     from carryon_ray.bridge import Bridge
-    from carryon_ray.generation import Adapter, CarryOnModel, Engine
+    from carryon_ray.engine import Engine
+    from carryon_ray.generation import Adapter, CarryOnModel
 
     base = deep_base
     mlp = Adapter(random_carryon(base, "mlp"), [[Bridge(0), Bridge(0)]], [0], {}).attach(base)
@@ -183,8 +177,8 @@ def test_one_flat_forward_gives_each_row_its_own_logits(deep_dir, deep_base):  #
 def test_the_flat_layer_loop_is_hugging_face_s_forward(request, which):
     """SmolLM2's own modules, run by the layer loop over a flat batch (a prompt in two chunks, the
     second starting mid-prompt, beside a second row), give Hugging Face's logits."""
-    from carryon_ray.generation import KVPool
-    from carryon_ray.runner import FlatBatch, LayerLoop
+    from carryon_ray.engine.kv import KVPool
+    from carryon_ray.engine.flat import FlatBatch, LayerLoop
 
     base = request.getfixturevalue(which)
     tok = base.tokenizer
@@ -199,6 +193,12 @@ def test_the_flat_layer_loop_is_hugging_face_s_forward(request, which):
     ours_other = torch.nn.functional.linear(both[len(ids) - 6 :], base.head_weight).float()
     if base.dtype == torch.float32:
         assert float((ours - hf).abs().max()) <= 1e-4 and float((ours_other - hf_other).abs().max()) <= 1e-4
-    else:  # bf16: the same model in its own rounding; the tokens it would pick agree
-        assert (ours.argmax(-1) == hf.argmax(-1)).float().mean() >= 0.9
-        assert float((ours - hf).abs().max()) <= 0.05 * float(hf.abs().max()) * 4
+    else:
+        # bf16 against the fp32 reference (not against HF's bf16, whose argmax flips at exact bf16 ties):
+        # our rounding error is of the size of HF's own bf16 error, and every token not at a near-tie agrees
+        ref = request.getfixturevalue("smol_fp32").model(ids[None]).logits[0].float()
+        ours_err, hf_err = float((ours - ref).abs().max()), float((hf - ref).abs().max())
+        assert ours_err <= 1.5 * hf_err + 0.05, (ours_err, hf_err)
+        top = ref.topk(2, -1).values
+        clear = (top[:, 0] - top[:, 1]) > hf_err
+        assert clear.sum() >= 4 and torch.equal(ours.argmax(-1)[clear], ref.argmax(-1)[clear])

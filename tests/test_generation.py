@@ -93,7 +93,8 @@ def test_rows_joining_and_leaving_mid_generation_match_each_row_alone(tiny_base)
     """Requests of different lengths and adapters submitted at different steps, with a prefill
     budget smaller than one prompt (chunked prefill): every row's greedy tokens equal its adapter
     alone, and the engine really overlapped them (fewer steps than rows x tokens)."""
-    from carryon_ray.generation import Adapter, Engine, Request
+    from carryon_ray.engine import Engine, Request
+    from carryon_ray.generation import Adapter
 
     a = random_carryon(tiny_base, "transformer")
     b = random_carryon(tiny_base, "mlp")
@@ -124,7 +125,8 @@ def test_rows_joining_and_leaving_mid_generation_match_each_row_alone(tiny_base)
 
 
 def test_a_failing_row_fails_alone_and_cancellation_frees_its_row(tiny_base):
-    from carryon_ray.generation import Adapter, Engine, Request
+    from carryon_ray.engine import Engine, Request
+    from carryon_ray.generation import Adapter
 
     broken = random_carryon(tiny_base, "mlp")
     with torch.no_grad():
@@ -168,7 +170,8 @@ def test_a_row_admitted_past_the_pools_capacity_can_be_released(tiny_base):
     """Regression (seen under 20 HTTP clients): a row admitted into a slot the KV pool has not grown
     to yet (its prefill still waiting for the step's token budget) is swapped when another row
     leaves; the pool must grow for the swap instead of failing the whole step."""
-    from carryon_ray.generation import CarryOnModel, Engine, Request
+    from carryon_ray.engine import Engine, Request
+    from carryon_ray.generation import CarryOnModel
 
     tok = tiny_base.tokenizer
     short, long = tok("hi there")["input_ids"], tok(" ".join(["word"] * 40))["input_ids"]
@@ -178,7 +181,7 @@ def test_a_row_admitted_past_the_pools_capacity_can_be_released(tiny_base):
         engine.step()
     late = [engine.submit(Request(long, None, 4, stop_at_eos=False)) for _ in range(2)]
     engine.step()  # both admitted; the budget prefills part of the first (slot 7), slot 8 waits unfed
-    assert len(engine.rows) == 9 and engine.pools[0].slots == 8
+    assert len(engine.rows) == 9 and engine.runner.pools[0].slots == 8
     first[0].cancel()
     for _ in range(200):
         if all(s.done for s in first + late):
@@ -190,16 +193,17 @@ def test_a_row_admitted_past_the_pools_capacity_can_be_released(tiny_base):
 
 
 def test_penalties_follow_their_definitions():
-    """OpenAI's presence/frequency penalties (generated tokens only) and the repetition penalty (prompt
-    and generated tokens; positive logits divided, negative multiplied), exactly, on hand-made logits."""
-    from carryon_ray.generation import Sampler
-    from carryon_ray.scheduler import Request, Sequence
+    """vLLM's order: the repetition penalty first (prompt and generated tokens; positive logits divided,
+    others multiplied), then OpenAI's frequency and presence penalties (generated tokens only), exactly,
+    on hand-made logits."""
+    from carryon_ray.engine.sampler import Sampler
+    from carryon_ray.engine.scheduler import Request, Sequence
 
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0]])
     seq = Sequence(Request([4], presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0))
     seq.tokens = [3, 3, 1]
     got = Sampler._penalize([seq], logits)[0]
-    want = torch.tensor([2.0, (-1.0 - 0.25 - 0.5) * 2.0, 0.5, (3.0 - 0.5 - 0.5) / 2.0, 0.0 * 2.0])
+    want = torch.tensor([2.0, -1.0 * 2.0 - 0.25 - 0.5, 0.5, 3.0 / 2.0 - 2 * 0.25 - 0.5, 0.0 * 2.0])
     assert torch.allclose(got, want)
     plain = Sequence(Request([4]))
     assert Sampler._penalize([plain], logits) is logits  # nobody asks: nothing is copied

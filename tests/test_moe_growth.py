@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from carryon_ray.config import ConfigError
-from carryon_ray.generation import CarryOnModel, KVPool, step_mask
+from carryon_ray.engine.kv import KVPool, step_mask
+from carryon_ray.generation import CarryOnModel
 from carryon_ray.model import MoE, CarryOn
 from carryon_ray.pipeline import fit_in_process
 from carryon_ray.train import build_carryon, grow_stage, make_optimizer, router_dropout_at, stage_digest, train_step

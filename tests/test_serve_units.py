@@ -8,7 +8,7 @@ import pytest
 from carryon_ray.config import ConfigError
 from conftest import ROOT
 from serve.access import ANONYMOUS, Catalog, load_keys, user_for
-from serve.engine import ServingEngine, TextStream
+from serve.async_engine import AsyncEngine, TextStream
 from serve.protocol import GenerateRequest, GenerateResult, ServeError, StreamDelta
 from serve.settings import AuthConfig, EngineConfig, LimitsConfig, validate_serve_config
 
@@ -103,7 +103,7 @@ def _request(**kw) -> GenerateRequest:
 
 
 def test_serving_engine_limits_and_tokenizer_errors(tiny_base):
-    eng = ServingEngine([tiny_base], LimitsConfig(max_prompt_tokens=40), EngineConfig())
+    eng = AsyncEngine([tiny_base], LimitsConfig(max_prompt_tokens=40), EngineConfig())
     try:
         with pytest.raises(ServeError, match="limit is 40") as e:
             eng.encode("word " * 50)
@@ -132,7 +132,7 @@ def test_serving_engine_streams_text_and_retires_cancelled_rows(tiny_base):
     generation leaves the engine at its next step."""
     import asyncio
 
-    eng = ServingEngine([tiny_base], LimitsConfig(), EngineConfig(max_rows=4))
+    eng = AsyncEngine([tiny_base], LimitsConfig(), EngineConfig(max_rows=4))
 
     async def main():
         ids = eng.encode("hello there")

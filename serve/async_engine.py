@@ -1,7 +1,8 @@
 """The model side of serving, free of Ray: one decode engine per replica, owned by one thread.
 
-`ServingEngine` holds the frozen base(s), tokenizes requests, loads adapters, and runs the core's
-`Engine` (carryon_ray/generation.py: iteration-level scheduling, per-row KV memory) in a thread
+`AsyncEngine` (vLLM's AsyncLLM in miniature) holds the frozen base(s), tokenizes requests, loads
+adapters, and runs the core's `Engine` (carryon_ray/engine/: iteration-level scheduling, per-row
+KV memory, failures isolated per adapter) in a thread
 that steps while any row is waiting or running. Requests come in from the replica's event loop
 through `submit`, which returns a `Generation`: an async iterator of text deltas ending in the
 result. Text comes out incrementally: `TextStream` turns token ids into text deltas, holding back
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 
 from carryon_ray.adapter import AdapterError
 from carryon_ray.base import FrozenBase
-from carryon_ray.generation import Adapter, Engine, Request, Sequence, StepOutput
+from carryon_ray.engine import Engine, Request, Sequence, StepOutput
+from carryon_ray.generation import Adapter
 
 from .protocol import GenerateRequest, GenerateResult, ServeError, StreamDelta, TokenLogprob
 from .settings import EngineConfig, LimitsConfig
@@ -132,7 +134,7 @@ class Generation:
         raise ServeError(500, "generation ended without a result", "server_error")
 
 
-class ServingEngine:
+class AsyncEngine:
     def __init__(self, bases: list[FrozenBase], limits: LimitsConfig, engine: EngineConfig):
         self.bases, self.base = bases, bases[0]
         self.limits, self.cfg = limits, engine
@@ -276,10 +278,12 @@ class ServingEngine:
             for seq, token in step.tokens:
                 try:
                     self._emit(seq, token)
-                except Exception as exc:  # noqa: BLE001 - a row whose text fails ends alone
+                except Exception as exc:  # noqa: BLE001 - a row whose text fails ends alone, as an error
                     log.exception("detokenizing a row failed")
-                    seq.error = f"detokenizing failed: {exc}"
-                    seq.cancel()
+                    seq.fail(f"detokenizing failed: {type(exc).__name__}: {exc}")
+                    _, text = self._pending.get(seq.id, (None, None))
+                    if text is not None:  # no more text for it: the error is what its client gets
+                        text.stopped = True
             for seq in step.finished:
                 self._deliver(seq)
 
