@@ -182,3 +182,37 @@ def test_build_reads_yaml_args_and_pins_replicas(tmp_path):
     assert model._deployment_config.autoscaling_config.max_replicas == 4
     with pytest.raises(ConfigError, match="limits.max_tokens"):
         build({"limits.max_tokens": "lots"})
+
+
+def test_a_row_whose_text_cannot_be_made_fails_alone_with_its_reason(tiny_base):
+    """A detokenizer error ends that row as an error (500 with the reason), not as a truncated
+    success (before: finish_reason "stop" with 200); a row beside it completes normally."""
+    import asyncio
+
+    class Broken:  # the base's tokenizer, except that decoding raises (for one request's stream only)
+        def __init__(self, tok):
+            self.tok = tok
+
+        def decode(self, *args, **kwargs):
+            raise ValueError("token id has no text")
+
+    eng = AsyncEngine([tiny_base], LimitsConfig(), EngineConfig(max_rows=4))
+
+    async def main():
+        ids = eng.encode("hello there")
+        good_tok = eng.tokenizer
+        eng.tokenizer = Broken(good_tok)
+        bad = eng.submit(_request(max_tokens=20), ids, None)
+        eng.tokenizer = good_tok
+        ok = eng.submit(_request(max_tokens=6), ids, None)
+        with pytest.raises(ServeError) as e:
+            await bad.result()
+        assert e.value.status == 500 and "detokenizing failed: ValueError: token id has no text" in str(e.value)
+        result = await ok.result()
+        assert result.completion_tokens == 6 and result.finish_reason == "length"
+        assert eng.stats()["finished"].get("error") == 1
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.close()
