@@ -133,7 +133,7 @@ def cmd_export(args) -> int:
     """A recycled-top adapter (directory or models:/ URI) as a PEFT LoRA directory: peft, vLLM multi-LoRA
     and Ray Serve LLM load it as any LoRA."""
     from carryon_ray.adapter import AdapterError, resolve_adapter
-    from carryon_ray.recycled import export_peft
+    from carryon_ray.export import export_peft
 
     try:
         out = export_peft(resolve_adapter(args.adapter), args.out, args.base_path)

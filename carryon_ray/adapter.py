@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .bridge import Bridges, bridges_from_state, bridges_state
 from .config import ArchConfig, HeadConfig
+from .kinds import kind_of
 from .model import CarryOn, fold_deltas
 
 FORMAT = "carryon-adapter"
@@ -97,14 +98,13 @@ def save_adapter(
     head = {"kind": carryon.head_cfg.kind} | ({"bottleneck": carryon.head_cfg.bottleneck}
                                               if carryon.head_cfg.kind == "new" else {}) \
         | ({"rank": carryon.head_cfg.rank} if carryon.head_cfg.rank else {})
-    recycled = carryon.arch.kind == "recycled"  # which of the base's blocks the deltas belong to
     config = AdapterConfig(
         library_version=__version__, base_model_name_or_path=base_name, carryon=carryon.arch.used_fields(),
         head=head, fusion=carryon.fusion_mode, dims=carryon.dims, vocab_size=carryon.vocab_size,
         shallow=list(shallow), alphas=[float(a) for a in carryon.alphas], bridge_bits=bridges[0][0].bits,
         fingerprints=fingerprints, trainable_params=carryon.num_params(),
         training=json.loads(json.dumps(training or {}, default=str)), weights_sha256=_sha256(out / WEIGHTS),
-        num_layers=carryon.num_layers if recycled else None, tap=carryon.first if recycled else None,
+        **kind_of(carryon.arch.kind).adapter_fields(carryon),
     ).model_dump(mode="json", exclude_none=True)
     (out / CONFIG).write_text(json.dumps(config, indent=2, default=str))
     (out / CARD).write_text(model_card(config))
@@ -114,18 +114,8 @@ def save_adapter(
 def model_card(config: dict) -> str:
     """A Hugging Face-style README.md for an adapter config."""
     t = config.get("training") or {}
-    arch = config["carryon"]
     base = config["base_model_name_or_path"]
-    if arch["kind"] == "recycled":
-        what = ("A recycled-top carry-on (carryon-ray): the base's own top blocks with low-rank deltas "
-                "W + alpha * B A, trained on the cached state entering the first of them. With alpha = 0 the "
-                "output is the base's own.")
-        shape = (f"recycled: top {arch['depth']} blocks ({config['tap']}..{config['num_layers'] - 1}, reading the "
-                 f"state entering block {config['tap']}), rank-{arch['rank']} deltas on {', '.join(arch['targets'])}")
-    else:
-        what = ("A carry-on (GPT Carry-On, arXiv 2504.07513): a small network trained on the frozen base's final "
-                "hidden states, applied as y = W (x + alpha * g * f). With alpha = 0 the output is the base's own.")
-        shape = f"{arch['kind']}, width {arch['width']}, {arch.get('stages', 1)} stage(s)"
+    what, shape = kind_of(config["carryon"]["kind"]).describe(config)
     lines = ["---", "library_name: carryon-ray", f"base_model: {base}", "tags: [carryon, adapter, carry-on]", "---",
              "", f"# Carry-on adapter for `{base}`", "", what, "",
              "| | |", "|---|---|",
@@ -240,14 +230,7 @@ def load_adapter(
     try:
         tensors = load_file(str(weights))
         arch, head = ArchConfig(**cfg["arch"]), HeadConfig(**cfg["head"])
-        if arch.kind == "recycled":
-            from .recycled import recycled_from_state
-
-            carryon = recycled_from_state(arch, head, cfg, tensors, head_weight, head_bias)
-        else:
-            carryon = CarryOn(
-                arch, head, cfg["dims"], cfg["vocab_size"], cfg["fusion"], head_weight, head_bias, cfg["alphas"][-1]
-            )
+        carryon = kind_of(arch.kind).from_state(arch, head, cfg, tensors, head_weight, head_bias)
         bridges = bridges_from_state(cfg["bridge_bits"], cfg["dims"], tensors)
         state = {k: v for k, v in tensors.items() if not k.startswith("bridge.")}
         carryon.load_state_dict(state, strict=True)

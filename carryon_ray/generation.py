@@ -20,7 +20,8 @@ from .bridge import Bridge, Bridges
 from .config import BaseModelConfig
 from .engine import Engine, Request
 from .model import CarryOn
-from .recycled import RecycledTop, bind_rows, serving_sites, unbind
+from .kinds import kind_of
+from .recycled import bind_rows, serving_sites, unbind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +58,7 @@ class Adapter:
         in its dtype, through the linear wrappers every block of the base got once (`serving_sites`):
         attaching changes nothing in the base, so it is safe while an engine steps on another thread."""
         self.carryon = self.carryon.to(base.device)
-        if self.recycled:
+        if self.inside:
             c = self.carryon
             sites = serving_sites(base)
             missing = [name for name, _ in c.pairs() if name not in sites]
@@ -69,8 +70,9 @@ class Adapter:
         return self
 
     @property
-    def recycled(self) -> bool:
-        return isinstance(self.carryon, RecycledTop)
+    def inside(self) -> bool:
+        """Served inside the base's forward (its deltas bound per row), not on the base's final state."""
+        return kind_of(self.carryon.arch.kind).inside_base
 
     @property
     def num_bases(self) -> int:
@@ -176,7 +178,7 @@ class CarryOnModel:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         positions = positions_from_mask(mask).to(base.device)
         a = self.adapter
-        if a is not None and a.recycled:  # the deltas act inside the base's own forward
+        if a is not None and a.inside:  # the deltas act inside the base's own forward
             sites = serving_sites(base)
             bind_rows(sites, [(a.carryon, list(range(input_ids.shape[0])),
                                           [a.alpha if alpha is None else alpha] * input_ids.shape[0])], base.device)

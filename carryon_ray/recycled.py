@@ -19,16 +19,14 @@ and each forward binds every row's deltas (its adapter's A and B, its alpha) to 
 one gathered batched matmul per layer (S-LoRA / Punica style) while base rows pass untouched.
 One function, `add_delta`, is the delta in both.
 
-An adapter holds only A, B and alpha (safetensors); `export_peft` writes the same numbers as a
-standard PEFT LoRA (lora_alpha folding alpha), so peft, vLLM multi-LoRA and Ray Serve LLM load it.
+An adapter holds only A, B and alpha (safetensors); carryon_ray/export.py writes the same numbers as
+a standard PEFT LoRA (lora_alpha folding alpha), so peft, vLLM multi-LoRA and Ray Serve LLM load it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import threading
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -366,50 +364,3 @@ def recycled_from_state(arch: ArchConfig, head: HeadConfig, cfg: dict, tensors: 
     model = RecycledTop(arch, head, cfg["dims"], cfg["vocab_size"], int(cfg["num_layers"]), shapes, head_weight,
                         head_bias, cfg["alphas"][-1])
     return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Export as a standard PEFT LoRA adapter.
-# ---------------------------------------------------------------------------------------------
-
-
-def export_peft(adapter_dir: str | Path, out_dir: str | Path, base_path: str | None = None) -> Path:
-    """Write a recycled-top adapter as a PEFT LoRA directory (adapter_config.json with target_modules,
-    layers_to_transform, r, lora_alpha = alpha * r so PEFT's scaling lora_alpha / r is our alpha;
-    adapter_model.safetensors with lora_A / lora_B per layer). Reads the adapter as data only."""
-    from safetensors.torch import load_file, save_file
-
-    from .adapter import AdapterError, read_adapter_config, verified_weights
-
-    src = Path(adapter_dir)
-    cfg = read_adapter_config(src)
-    arch = cfg["arch"]
-    if arch["kind"] != "recycled":
-        raise AdapterError(f"{src}: a {arch['kind']} carry-on reads the final state and has no LoRA form; only "
-                           "carryon.kind: recycled adapters export to PEFT")
-    tensors = load_file(str(verified_weights(src, cfg)))
-    first, r, alpha = int(cfg["num_layers"]) - int(arch["depth"]), int(arch["rank"]), float(cfg["alphas"][-1])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lora = {}
-    for j in range(int(arch["depth"])):
-        for t in arch["targets"]:
-            prefix = f"base_model.model.model.layers.{first + j}.{TARGET_PATHS[t]}"
-            lora[f"{prefix}.lora_A.weight"] = tensors[f"deltas.{j}.{t}.A"].contiguous()
-            lora[f"{prefix}.lora_B.weight"] = tensors[f"deltas.{j}.{t}.B"].contiguous()
-    save_file(lora, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path or cfg["base_model_name_or_path"],
-        "r": r, "lora_alpha": alpha * r, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-        "target_modules": list(arch["targets"]), "layers_to_transform": list(range(first, first + int(arch["depth"]))),
-        "layers_pattern": "layers", "use_rslora": False, "use_dora": False, "inference_mode": True,
-        "init_lora_weights": True, "modules_to_save": None,
-        "revision": None,
-    }
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    (out / "README.md").write_text(
-        f"---\nlibrary_name: peft\nbase_model: {config['base_model_name_or_path']}\ntags: [lora, carryon]\n---\n\n"
-        f"# LoRA exported from a carryon-ray recycled-top adapter\n\nRank-{r} deltas on {', '.join(arch['targets'])} "
-        f"of blocks {first}..{first + int(arch['depth']) - 1}; lora_alpha = {alpha:g} x r folds the alpha chosen on "
-        "validation data. Load with `PeftModel.from_pretrained(base, this_dir)`, or serve with vLLM multi-LoRA.\n")
-    return out

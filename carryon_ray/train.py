@@ -12,11 +12,10 @@ from typing import Iterable
 import torch
 
 from .config import CarryOnConfig
-from .embedding import source_dims
 from .loss import IGNORE, chunked_cross_entropy, chunked_kl_to_base, select_targets
+from .kinds import cast_trainable, kind_of
 from .model import CarryOn, add_deltas
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,28 +27,9 @@ def build_carryon(
     cfg: CarryOnConfig, hidden_sizes: list[int], vocab_size: int, head_weight=None, head_bias=None,
     stages: int | None = None,
 ) -> CarryOn:
-    """The carry-on of `cfg` with `stages` stages (default: all of cfg.carryon.stages)."""
+    """The carry-on of `cfg` (its kind's build) with `stages` stages (default: all of cfg.carryon.stages)."""
     torch.manual_seed(cfg.train.seed)
-    if cfg.carryon.kind == "recycled":  # the base's own top blocks (read from its checkpoint) with deltas
-        from .recycled import build_recycled
-
-        return build_recycled(cfg, head_weight, head_bias, DTYPES[cfg.train.dtype])
-    arch = cfg.carryon if stages is None else cfg.carryon.model_copy(update={"stages": stages})
-    model = CarryOn(
-        arch,
-        cfg.head,
-        source_dims(hidden_sizes, cfg.layers.shallow),
-        vocab_size,
-        cfg.layers.fusion,
-        head_weight,
-        head_bias,
-        alpha=cfg.alpha.init,
-    )
-    if arch.stage_lora_rank and arch.stages > 1:  # a resumed growing run: rebuild the deltas it had
-        for stage in model.stages[:-1]:
-            add_deltas(stage, arch.stage_lora_rank)
-        model.freeze_earlier_stages()
-    return model.to(DTYPES[cfg.train.dtype]) if cfg.head.kind == "new" else _cast_trainable(model, cfg)
+    return kind_of(cfg.carryon.kind).build(cfg, hidden_sizes, vocab_size, head_weight, head_bias, stages)
 
 
 def grow_stage(model: CarryOn, cfg: CarryOnConfig) -> None:
@@ -58,7 +38,7 @@ def grow_stage(model: CarryOn, cfg: CarryOnConfig) -> None:
     if cfg.carryon.stage_lora_rank:  # the newest stage so far gets deltas before it is frozen
         add_deltas(model.stages[-1], cfg.carryon.stage_lora_rank)
     model.grow(cfg.alpha.init)
-    _cast_trainable(model, cfg)
+    cast_trainable(model, cfg)
     model.freeze_earlier_stages()
 
 
@@ -72,13 +52,6 @@ def stage_digest(model: CarryOn, stage: int) -> str:
         h.update(str(t.dtype).encode())
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _cast_trainable(model: CarryOn, cfg: CarryOnConfig) -> CarryOn:
-    # Cast parameters only: the inherited head buffer keeps the base's dtype (exactness at a = 0).
-    for p in model.parameters():
-        p.data = p.data.to(DTYPES[cfg.train.dtype])
-    return model
 
 
 def make_optimizer(model: CarryOn, cfg: CarryOnConfig, total_steps: int):

@@ -195,7 +195,7 @@ def test_peft_export_gives_our_logits(tmp_path, deep_dir, deep_base):
 
     from carryon_ray.adapter import save_adapter
     from carryon_ray.bridge import Bridge
-    from carryon_ray.recycled import export_peft
+    from carryon_ray.export import export_peft
 
     _, m = recycled(deep_dir, deep_base, depth=3, noise=0.1)
     m.set_alpha(0.6)

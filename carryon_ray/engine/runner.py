@@ -114,7 +114,7 @@ class ModelRunner:
         groups: dict = {}
         for s, rows in zip(seqs, rows_of):
             a = s.request.adapter
-            if a is not None and a.recycled:
+            if a is not None and a.inside:
                 _, idx, al = groups.setdefault(a, (a.carryon, [], []))
                 idx += rows
                 al += [row_alpha(s)] * len(rows)
@@ -206,7 +206,7 @@ class ModelRunner:
         out = x[torch.arange(B, device=device), last]  # each row's final state at its last fed token
         own_head = []  # (adapter, its rows, their alphas) projected by the adapter's own logits
         for a, rows in groups.items():
-            if a is None or a.recycled:  # the bare base, or adapted inside the base's forward already
+            if a is None or a.inside:  # the bare base, or adapted inside the base's forward already
                 continue
             r = torch.tensor(rows, device=device)
             pick = [0] + [1 + shallow.index(k) for k in a.shallow]
