@@ -16,8 +16,8 @@ Training runs the copied blocks as Hugging Face's own modules (a model of k bloc
 base's config, fed the cached state as `inputs_embeds`), so the partial forward is the base's
 forward. Serving never copies anything: `serving_sites` wraps the base's own linear layers once,
 and each forward binds every row's deltas (its adapter's A and B, its alpha) to them, applied as
-one gathered batched matmul per layer (S-LoRA / Punica style) while base rows pass untouched.
-One function, `add_delta`, is the delta in both.
+one matmul pair per layer for every adapted row of every adapter (`RowDeltas`: the adapters'
+ranks stacked, each row scaled on its own columns) while base rows pass untouched.
 
 An adapter holds only A, B and alpha (safetensors); carryon_ray/export.py writes the same numbers as
 a standard PEFT LoRA (lora_alpha folding alpha), so peft, vLLM multi-LoRA and Ray Serve LLM load it.
@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,37 +43,43 @@ TARGET_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_p
                 "down_proj": "mlp.down_proj"}
 
 
-def add_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha,
-              rows: torch.Tensor | None = None) -> torch.Tensor:
-    """y + alpha * B (A x): the one low-rank delta, for training and serving alike.
+def add_delta(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float) -> torch.Tensor:
+    """y + alpha * B (A x): one adapter's low-rank delta on every row of x ([N, ..., in]), as training
+    runs it (A [r, in], B [out, r]). Serving applies many adapters' deltas to their own rows at once
+    (`RowDeltas`); both are the same W x + alpha B A x."""
+    return y + alpha * F.linear(F.linear(x, A), B)
 
-    One adapter on every row: A [r, in], B [out, r], alpha a number; x is [N, ..., in].
-    One adapter on some rows (serving): the same A and B, `rows` [n] the rows of x (along dim 0) it
-    applies to and alpha a number or [n]; other rows are left as they are.
-    Many adapters, one row each (serving): A [n, r, in], B [n, out, r], alpha [n], `rows` [n]; one
-    gathered batched matmul for all of them.
-    A row of x is a sequence of a padded batch, or one token of the engine's flat batch."""
-    if rows is None:
-        if not isinstance(alpha, torch.Tensor) and y.dtype != torch.float32:
-            return y + (F.linear(F.linear(x, A), B).float() * alpha).to(y.dtype)  # fp32 scale, as below
-        return y + alpha * F.linear(F.linear(x, A), B)
-    xs = x.index_select(0, rows)  # [n, ..., in]
-    if A.dim() == 2:
-        d = F.linear(F.linear(xs, A), B)
-    else:
-        flat = xs.reshape(xs.shape[0], -1, xs.shape[-1])
-        d = torch.bmm(torch.bmm(flat, A.transpose(1, 2)), B.transpose(1, 2)).reshape(*xs.shape[:-1], B.shape[1])
-    # The scale in fp32 whatever the base's dtype: a bf16 alpha (0.6 -> 0.6015625) would make a row's
-    # tokens depend on whether it shares the step with other rows of its adapter.
-    if isinstance(alpha, torch.Tensor):
-        alpha = alpha.to(device=d.device, dtype=torch.float32).view(-1, *[1] * (d.dim() - 1))
-    return y.index_add(0, rows, (d.float() * alpha).to(y.dtype))
+
+@dataclass
+class RowDeltas:
+    """The deltas of several adapters on their own rows of one forward, as ONE matmul pair per layer.
+
+    The adapters' A are stacked along the rank (A [R, in], R = the sum of their ranks) and their B side
+    by side (B [out, R]); `scale` [n, R] holds, for each adapted row, its alpha on its own adapter's
+    rank columns and zeros elsewhere, so
+        y[rows] += ((x[rows] A^T) * scale) B^T
+    is exactly each row's own alpha B A x (the other adapters' columns contribute exact zeros). On a
+    CPU this beats one small matmul pair per adapter (S-LoRA/Punica gather per row with custom
+    kernels; vLLM pads every adapter to the largest rank). Adapters of any rank and dtype mix freely;
+    the scale is applied in fp32 whatever the base's dtype, so a row's alpha never depends on its
+    batch-mates. A row of x is a sequence of a padded batch, or one token of the engine's flat batch."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: torch.Tensor  # [n, R] float32
+    rows: torch.Tensor  # [n]
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x.index_select(0, self.rows), self.A.to(x.dtype))  # [n, ..., R]
+        scale = self.scale.view(self.scale.shape[0], *[1] * (h.dim() - 2), self.scale.shape[1])
+        d = F.linear((h.float() * scale).to(x.dtype), self.B.to(x.dtype))
+        return y.index_add(0, self.rows, d.to(y.dtype))
 
 
 class DeltaLinear(nn.Module):
     """A frozen Linear whose output gets the deltas bound to it for the next forward (none bound:
-    exactly the Linear). `bound` is one (A, B, alpha) for every row, or a list of (A, B, alpha, rows)
-    applied in turn, see `add_delta`."""
+    exactly the Linear). `bound` is one (A, B, alpha) for every row (training), or a list of
+    `RowDeltas` (serving)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -92,8 +100,8 @@ class DeltaLinear(nn.Module):
             return y
         if isinstance(self.bound, tuple):
             return add_delta(y, x, *self.bound)
-        for b in self.bound:
-            y = add_delta(y, x, *b)
+        for d in self.bound:
+            y = d.apply(y, x)
         return y
 
 
@@ -272,37 +280,82 @@ class RecycledTop(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+# At most this many stacked rank columns per matmul pair: every adapted row is multiplied by all of
+# them, so a step with many adapters splits them into blocks (64 rank-8 adapters: 2 blocks of 256).
+BLOCK_RANK = 256
+
+
+class StackCache:
+    """The stacked A and B of recent adapter compositions, per site (a composition repeats for many
+    steps while the same users decode). Holds its adapters, so no key can outlive them; a few entries."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self.entries: OrderedDict = OrderedDict()
+
+    def get(self, adapters: tuple, site: str, build):
+        key = (adapters, site)
+        hit = self.entries.get(key)
+        if hit is None:
+            hit = self.entries[key] = build()
+            while len(self.entries) > self.size * 64:  # a composition has one entry per site
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(key)
+        return hit
+
+
 def bind_rows(sites: dict[str, DeltaLinear], groups: list[tuple[RecycledTop, list[int], list[float]]],
-              device=None) -> None:
+              device=None, cache: StackCache | None = None) -> None:
     """Bind every group's deltas (adapter, its rows of the next forward's input, their alphas) to the
-    base's sites. Rows that share an adapter and an alpha (a prompt's tokens in the flat batch, or
-    several requests of one user) share one matmul; lone rows of different adapters (decode tokens of
-    many users) share one gathered batched matmul. Rows at alpha 0 are left out (the base, bit for
+    base's sites as `RowDeltas`: per site, one matmul pair for every adapted row of every adapter
+    (in blocks of at most BLOCK_RANK rank columns). Rows at alpha 0 are left out (the base, bit for
     bit). `unbind` after the forward."""
-    per_site: dict[str, list] = {}
-    lone: dict[tuple, list] = {}  # (site, A's shape, B's shape, dtype) -> lone rows of adapters of that shape
+    rows_of: dict[RecycledTop, tuple[list[int], list[float]]] = {}
     for adapter, rows, alphas in groups:
-        by_alpha: dict[float, list[int]] = {}
+        rs, als = rows_of.setdefault(adapter, ([], []))
         for r, a in zip(rows, alphas):
             if a != 0:
-                by_alpha.setdefault(float(a), []).append(r)
-        for a, rs in by_alpha.items():
-            for name, lr in adapter.pairs():
-                if len(rs) > 1:
-                    per_site.setdefault(name, []).append(
-                        (lr.A, lr.B, a, torch.tensor(rs, device=device)))
-                else:
-                    key = (name, tuple(lr.A.shape), tuple(lr.B.shape), lr.A.dtype)
-                    lone.setdefault(key, []).append((lr, rs[0], a))
-    # Adapters of different rank (or dtype) cannot share one gathered matmul: one per shape. (Zero-
-    # padding to the largest rank would be exact in value but sums over a longer rank in another
-    # order: a row's tokens would then depend on its batch-mates' ranks.)
-    for (name, *_), entries in lone.items():
-        per_site.setdefault(name, []).append(
-            (torch.stack([lr.A for lr, _, _ in entries]), torch.stack([lr.B for lr, _, _ in entries]),
-             torch.tensor([a for _, _, a in entries], device=device), torch.tensor([r for _, r, _ in entries], device=device)))
+                rs.append(r)
+                als.append(float(a))
+    adapters = sorted((a for a, (rs, _) in rows_of.items() if rs), key=id)  # one order: cache hits
+    blocks, width = [], BLOCK_RANK
+    for a in adapters:
+        if width + a.arch.rank > BLOCK_RANK:
+            blocks.append([])
+            width = 0
+        blocks[-1].append(a)
+        width += a.arch.rank
+    pairs = {a: dict(a.pairs()) for a in adapters}
+    per_site: dict[str, list[RowDeltas]] = {}
+    for block in blocks:
+        plans: dict[tuple, tuple] = {}  # members -> (scale, rows): adapters of other depths share some sites only
+        for name in sorted({n for a in block for n in pairs[a]}):
+            members = tuple(a for a in block if name in pairs[a])
+            if members not in plans:
+                plans[members] = _scale_and_rows(members, rows_of, device)
+            scale, rows = plans[members]
+
+            def stack(members=members, name=name):
+                return (torch.cat([pairs[a][name].A for a in members]),
+                        torch.cat([pairs[a][name].B for a in members], dim=1))
+
+            A, B = cache.get(members, name, stack) if cache is not None else stack()
+            per_site.setdefault(name, []).append(RowDeltas(A, B, scale, rows))
     for name, bound in per_site.items():
         sites[name].bound = bound
+
+
+def _scale_and_rows(members, rows_of, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, R] fp32: each adapted row's alpha on its own adapter's rank columns; and the rows [n]."""
+    rows = [r for a in members for r in rows_of[a][0]]
+    scale = torch.zeros(len(rows), sum(a.arch.rank for a in members))
+    i = col = 0
+    for a in members:
+        rs, als = rows_of[a]
+        scale[i : i + len(rs), col : col + a.arch.rank] = torch.tensor(als)[:, None]
+        i, col = i + len(rs), col + a.arch.rank
+    return scale.to(device), torch.tensor(rows, device=device)
 
 
 def unbind(sites: dict[str, DeltaLinear]) -> None:

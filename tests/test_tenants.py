@@ -18,7 +18,6 @@ from carryon_ray.bridge import Bridge
 from carryon_ray.engine import Engine, Request
 from carryon_ray.generation import Adapter, generate_mixed
 from carryon_ray.model import CarryOn
-from carryon_ray.recycled import add_delta
 from conftest import make_config
 from test_invariants import random_carryon
 from test_recycled import deep_base, deep_dir, recycled  # noqa: F401 - module fixtures used here
@@ -81,20 +80,38 @@ def test_lone_recycled_rows_of_different_ranks_share_a_step(deep_dir, deep_base)
     assert generate_mixed(deep_base, prompts, adapters, max_new_tokens=8, stop_at_eos=False) == got
 
 
-def test_alpha_scale_is_fp32_whether_a_row_is_alone_or_grouped():
-    """bf16: a lone row (the gathered matmul, alpha as a tensor) and a group of rows (alpha a number)
-    get the same delta bit for bit; before, the lone row's alpha was rounded to bf16 (0.6 -> 0.6015625)."""
+def test_a_rows_delta_does_not_depend_on_its_batch_mates(deep_dir, deep_base):  # noqa: F811
+    """One matmul pair per site for all adapted rows: a row's delta is its own alpha B A x whether it
+    is alone, beside rows of its own adapter (at another alpha) or of adapters of other ranks; alpha
+    is applied in fp32 (before, a lone bf16 row's alpha was rounded, 0.6 -> 0.6015625)."""
+    from carryon_ray.recycled import DeltaLinear, bind_rows, unbind
+
     torch.manual_seed(0)
-    x = torch.randn(3, 64).bfloat16()
-    y = torch.randn(3, 48).bfloat16()
-    A, B = torch.randn(8, 64).bfloat16(), torch.randn(48, 8).bfloat16()
-    rows = torch.tensor([1])
-    lone = add_delta(y, x, A[None], B[None], torch.tensor([0.6]), rows)
-    grouped = add_delta(y, x, A, B, 0.6, rows)
-    assert torch.equal(lone, grouped)
-    assert torch.equal(lone[[0, 2]], y[[0, 2]])  # other rows untouched
-    exact = (y[1].float() + (B.float() @ (A.float() @ x[1].float())) * 0.6)
-    assert float((lone[1].float() - exact).abs().max()) <= 0.05 * float(exact.abs().max())
+    ads = [recycled(deep_dir, deep_base, depth=2, rank=r, seed=r, noise=0.2)[1] for r in (4, 8, 16)]
+    name, first = next(iter(ads[0].pairs()))
+    site = DeltaLinear(torch.nn.Linear(first.A.shape[1], first.B.shape[0]).bfloat16())
+    for m in ads:
+        for p in m.deltas.parameters():
+            p.data = p.data.bfloat16()
+    x = torch.randn(5, first.A.shape[1]).bfloat16()
+
+    sites = {n: DeltaLinear(torch.nn.Linear(1, 1)) for m in ads for n, _ in m.pairs()} | {name: site}
+
+    def run(groups):
+        bind_rows(sites, groups)
+        try:
+            return site(x)
+        finally:
+            unbind(sites)
+
+    alone = run([(ads[0], [1], [0.6])])
+    mixed = run([(ads[1], [0, 3], [1.0, 2.0]), (ads[0], [1, 2], [0.6, 0.3]), (ads[2], [4], [1.5])])
+    lr = dict(ads[0].pairs())[name]
+    exact = site.linear(x[1:2]).float() + 0.6 * (x[1:2].float() @ lr.A.float().T @ lr.B.float().T)
+    assert float((alone[1] - exact[0]).abs().max()) <= 0.02 * float(exact.abs().max())
+    assert float((mixed[1] - alone[1]).abs().max()) <= 1e-2 * float(exact.abs().max())
+    assert torch.equal(alone[[0, 2, 3, 4]], site.linear(x)[[0, 2, 3, 4]])  # rows without a delta: the Linear
+    assert not torch.equal(mixed[4], site.linear(x)[4])
 
 
 @pytest.mark.parametrize("ending", ["cancel", "stop", "timeout", "length"])

@@ -7,8 +7,8 @@ engine can run it again for a part of the rows when it raises (see engine.py).
 1. The base. With the flat layer loop (flat.py) every token of the step goes through each base in
    ONE forward; other bases run Hugging Face's padded forward, once for the decode rows and once for
    the prompt chunks. Recycled-top rows are adapted inside base 0's forward: their deltas are bound
-   per token to the base's own linear layers (`bind_inside`), so a prompt chunk's tokens share one
-   matmul and lone decode tokens of many users one gathered matmul per rank.
+   per token to the base's own linear layers (`bind_inside`): one matmul pair per layer for every
+   adapted token of every adapter, whatever their ranks (recycled.RowDeltas).
 2. The heads. Every other adapter's carry-on runs on its rows (all of a prompt chunk's tokens: a
    transformer carry-on must see each of them for its own cache); rows whose head is the base's own
    share one projection, the rest are projected by their adapter.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import InheritedHead
-from ..recycled import bind_rows, serving_sites, unbind
+from ..recycled import StackCache, bind_rows, serving_sites, unbind
 from .flat import FlatBatch, LayerLoop, unsupported
 from .kv import AdapterPools, KVPool, step_mask
 from .scheduler import Chunk, Sequence
@@ -60,6 +60,7 @@ class ModelRunner:
         # Every delta site of base 0 is wrapped now, before any step: loading an adapter later never
         # changes the base's modules while a step runs.
         self.sites = serving_sites(self.base)
+        self.stacks = StackCache()  # recycled adapters' stacked deltas of recent compositions
         self.forwards = 0  # base forwards run
 
     @property
@@ -87,6 +88,7 @@ class ModelRunner:
         for pool in self.pools:
             pool.clear()
         self.adapter_pools.clear()
+        self.stacks.entries.clear()  # no adapter outlives its last row here
 
     def kv_bytes(self) -> int:
         return sum(p.nbytes() for p in self.pools) + self.adapter_pools.nbytes()
@@ -119,7 +121,7 @@ class ModelRunner:
                 idx += rows
                 al += [row_alpha(s)] * len(rows)
         if groups:
-            bind_rows(self.sites, list(groups.values()), self.base.device)
+            bind_rows(self.sites, list(groups.values()), self.base.device, self.stacks)
         return bool(groups)
 
     def _flat_states(self, decode: list[Sequence], chunks: list[Chunk]) -> list:
