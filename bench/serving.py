@@ -4,7 +4,9 @@ Ratios against baselines measured in the same run:
 
 1. decode overhead per token: base alone vs base + MLP carry-on vs base + 2-layer transformer
    carry-on, batch 1 and 16;
-2. 64 rows over 64 distinct adapters vs 64 rows on one adapter (target >= 0.95x throughput);
+2. 64 rows over 64 distinct adapters vs 64 rows on one adapter (target >= 0.95x throughput), the
+   same with recycled-top adapters against the base, and 16 closed-loop clients over 8 recycled
+   adapters of ranks 4/8/16/32 against the same load on the base alone (target >= 0.8x);
 3. closed-loop load, in process (the replica's engine without HTTP): 1, 4, 16, 32 clients, each
    sending back to back with max_tokens drawn from 8..128 over 8 adapters + the bare base, plus one
    probe client sending max_tokens=8 requests. Two schedulers on the same kernels:
@@ -182,6 +184,7 @@ def closed_loop(sched, ids, adapters, clients: int, duration: float, seed: int =
     plus an optional probe sending max_tokens=8. Throughput counts the tokens generated inside the
     window after a warm-up (every token is timestamped), so the ramp and the drain do not count."""
     records, probes, lock = [], [], threading.Lock()
+    errors = [0]
     sched.stamps = stamps = []  # the scheduler's thread stamps every token it produces
     warmup = duration * 0.2 if warmup is None else warmup
     t_begin = time.monotonic()
@@ -194,6 +197,9 @@ def closed_loop(sched, ids, adapters, clients: int, duration: float, seed: int =
             t0 = time.monotonic()
             seq = sched.run(Request(ids, rng.choice(adapters), n, temperature=0.7, seed=rng.randrange(1 << 30),
                                     stop_at_eos=False))
+            if seq.finish_reason == "error":
+                with lock:
+                    errors[0] += 1
             rec = (time.monotonic() - t0, (seq.first_token_at or t0) - seq.submitted, len(seq.tokens), t0)
             if t0 >= t_begin + warmup:  # latencies of requests sent after the warm-up
                 with lock:
@@ -212,7 +218,8 @@ def closed_loop(sched, ids, adapters, clients: int, duration: float, seed: int =
     tokens = sum(t_begin + warmup <= s < deadline for s in stamps)
     out = {"clients": clients, "requests": len(records), "completion_tokens_per_s": round(tokens / duration, 2),
            "latency_p50_s": q(lat, 0.5), "latency_p99_s": q(lat, 0.99),
-           "ttft_p50_s": q(ttft, 0.5), "ttft_p99_s": q(ttft, 0.99), "window_s": duration, "warmup_s": round(warmup, 1)}
+           "ttft_p50_s": q(ttft, 0.5), "ttft_p99_s": q(ttft, 0.99), "window_s": duration, "warmup_s": round(warmup, 1),
+           "failed_requests": errors[0]}
     if probes:
         out["probe_p50_s"] = q(sorted(r[0] for r in probes), 0.5)
         out["probe_requests"] = len(probes)
@@ -239,6 +246,25 @@ def load_section(base, ids, adapters, duration: float, counts: list[int]) -> dic
     for name, _ in factories:
         if "16" in res[name]:
             res[name]["16"]["vs_batch16"] = round(res[name]["16"]["completion_tokens_per_s"] / ref["tokens_per_s"], 3)
+    return res
+
+
+def mixed_rank_section(base, ids, adapters, duration: float, clients: int = 16) -> dict:
+    """`clients` closed-loop clients spread over recycled adapters of mixed ranks (their lone decode
+    rows share each step: one gathered matmul per rank and layer) against the same load on the bare
+    base, through the replica's engine settings."""
+    res: dict = {}
+    for name, pool in (("base", [None]), ("recycled_mixed_ranks", adapters)):
+        sched = ContinuousScheduler(base)
+        res[name] = closed_loop(sched, ids, pool, clients, duration, probe=False)
+        res[name]["steps_isolated_after_a_failure"] = sched.engine.stats.isolated
+        sched.stop = True
+        print(name, json.dumps(res[name]), flush=True)
+    res["ratio_vs_base"] = round(res["recycled_mixed_ranks"]["completion_tokens_per_s"]
+                                 / res["base"]["completion_tokens_per_s"], 3)
+    res["ranks"] = [a.carryon.arch.rank for a in adapters]
+    res["depth"] = adapters[0].carryon.arch.depth
+    res["target"] = 0.8
     return res
 
 
@@ -473,7 +499,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--http", action="store_true", help="also load the real Serve app over HTTP (and the registry)")
     p.add_argument("--http-clients", default="16,32")
-    p.add_argument("--sections", default="batch,mixed64,recycled64,long_prompt,load,registry",
+    p.add_argument("--sections", default="batch,mixed64,recycled64,recycled_mixed,long_prompt,load,registry",
                    help="which sections to run (comma-separated; --http adds the HTTP one)")
     p.add_argument("--out", default=str(ROOT / "bench/results/serving.json"))
     args = p.parse_args()
@@ -516,6 +542,11 @@ def main() -> int:
                              "one_adapter_ratio_vs_base": round(one_rec["tokens_per_s"] / bare["tokens_per_s"], 4),
                              "depth": 8, "rank": 8, "target": 0.8}
         print(json.dumps({"recycled64": res["recycled64"]}), flush=True)
+
+    # 2c. 16 clients over 8 recycled adapters of ranks 4/8/16/32 (top 8 blocks) vs the same load on the base
+    if "recycled_mixed" in sections:
+        mixed = [recycled(base, 400 + i, rank=r) for i, r in enumerate([4, 8, 16, 32] * 2)]
+        res["recycled_mixed"] = mixed_rank_section(base, ids, mixed, args.duration)
 
     # 3. closed-loop load: static batching vs the engine
     adapters = [None] + [carryon(base, "mlp" if i % 2 else "transformer", 200 + i, 64) for i in range(8)]
