@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import json
 
+import sys
+
 import yaml
 
 
 def bar(items, desc: str = "", total: int | None = None):
-    """A tqdm progress bar on the terminal (silent when stderr is not a terminal)."""
+    """A tqdm progress bar on a terminal; in a log (stderr not a terminal), one line with the rate and
+    an ETA at the first item and then every ~30 s (carryon_ray.progress.lines)."""
+    if not sys.stderr.isatty():
+        from carryon_ray.progress import lines
+
+        return lines(items, desc, total)
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=desc, total=total, disable=None, leave=False, dynamic_ncols=True)
+    return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
 def _load(args):

@@ -8,11 +8,14 @@ hidden states the carry-on needs; the deep state is the final layer *after* the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
 import os
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,21 +72,48 @@ def _smollm2_gguf() -> Path:
     return path
 
 
+@contextmanager
+def quiet_loading():
+    """Hugging Face's per-tensor progress bars off while a base loads or converts (in a job's log each
+    bar update is a line; we say one line ourselves), restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:  # the GGUF reader uses tqdm directly, not through transformers' switch
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        bar = gguf_utils.tqdm
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    except (ImportError, AttributeError):
+        gguf_utils = None
+    try:
+        yield
+    finally:
+        if gguf_utils is not None:
+            gguf_utils.tqdm = bar
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _convert_gguf(gguf: Path, out: Path) -> Path:
     """Dequantize a GGUF checkpoint once into a float32 safetensors directory (fast to reload)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to a safetensors cache at %s (first load only)", gguf, out)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    # save_pretrained refuses a model that still carries its GGUF quantizer.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    t0 = time.monotonic()
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # save_pretrained refuses a model that still carries its GGUF quantizer.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     tmp.rename(out)  # atomic: concurrent loaders never see a half-written cache
+    log.warning("first run: converted %s to safetensors at %s in %.0f s (later loads read the copy)",
+                gguf.name, out, time.monotonic() - t0)
     return out
 
 
@@ -191,8 +221,9 @@ class FrozenBase(nn.Module):
             )
             kwargs["device_map"] = {"": str(device)}
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+            with quiet_loading():
+                model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, **kwargs)
+                tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
         except (OSError, ValueError) as exc:
             raise BaseLoadError(f"could not load base {cfg.name!r}: {exc}") from exc
         if cfg.quantization == "none":

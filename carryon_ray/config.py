@@ -262,6 +262,9 @@ class TrainConfig(Strict):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (paper: 0.9, 0.95).")
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps before the cosine decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient norm clip.")
+    progress_s: float = Field(
+        30.0, ge=0, description="Seconds between training progress lines (rate and ETA); the first step "
+        "always gets one. 0 = a line every step.")
     kl_weight: float = Field(
         1.0, ge=0, description="Weight of KL(base || carry-on) on replay tokens (data.replay), added to the "
         "customization cross entropy. The base's logits W x come free on the training side."

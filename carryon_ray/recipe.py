@@ -35,6 +35,7 @@ import torch
 from .adapter import save_adapter
 from .config import CarryOnConfig
 from .embedding import Calibration, EncodedBatch, decode_sources, part_layout
+from .progress import Pace
 from .train import (AlphaSearch, build_carryon, evaluate, gate_mean, grow_stage, make_optimizer, router_dropout_at,
                     stage_digest, train_step)
 
@@ -250,6 +251,7 @@ class Trainer:
         cfg = self.cfg
         stats = EpochStats(streamed=streamed)
         it, t0 = iter(batches), time.perf_counter()
+        pace = Pace(self.plan.total_steps, "steps", every_s=cfg.train.progress_s, start=self.step)
         i = 0
         while self.step < self.plan.total_steps:
             t_wait = time.perf_counter()
@@ -280,13 +282,13 @@ class Trainer:
             stats.replay_rows += out.replay_rows
             self.train_losses.append((self.step, out.loss))
             self.reporter.metrics({"train_loss_step": out.loss, "lr": self.sched.get_last_lr()[0]}, self.step)
-            if self.step % 5 == 0:  # progress for long runs: metrics every 5 steps, a log line about twice an epoch
+            line = pace.due(self.step)  # the first step, then every ~30 s, with the rate and an ETA
+            if line:
+                log.info("training: epoch %d, step %s, loss %.4f%s", self.epoch, line, out.loss,
+                         f", tokens embedded {stats.produced_tokens}" if streamed else "")
+            if self.step % 5 == 0:  # metrics for long runs every 5 steps
                 el = time.perf_counter() - t0
                 eta = el / i * max(0, self.plan.total_steps - self.step)
-                if self.step % (5 * max(1, self.plan.steps_per_epoch // 10)) == 0:  # ~twice an epoch
-                    log.info("progress: epoch %d step %d/%d samples %d loss %.4f ETA %.0fs%s", self.epoch, self.step,
-                             self.plan.total_steps, len(stats.sample_ids), out.loss, eta,
-                             f" tokens embedded {stats.produced_tokens}" if streamed else "")
                 self.reporter.metrics({"eta_s": eta, **({"tokens_embedded": stats.produced_tokens} if streamed
                                                         else {})}, self.step)
         stats.seconds = time.perf_counter() - t0

@@ -221,6 +221,9 @@ class RayBackend:
 
     def __exit__(self, kind, exc, tb) -> None:
         self.watch.stop()
+        if self.watch.partial:  # an elastic pool that could not grow to its max: capacity, not a stall
+            log.info("ran below its maximum: %s could not all be placed while the rest worked (checks: %s)",
+                     ", ".join(self.watch.partial), ", ".join(map(str, self.watch.partial.values())))
         if kind is KeyboardInterrupt and self.watch.message:  # the watch ended the wait: say why
             raise JobError(self.watch.message) from None
 

@@ -60,6 +60,24 @@ def pending_demands(job_id: str | None = None) -> list[tuple[str, dict]]:
     return out
 
 
+def running_work(job_id: str | None = None) -> int:
+    """How many tasks of the job run now on resources it holds: its plain tasks, and the method calls
+    of its live actors (an embedding or training actor at work). Idle actors do not count."""
+    from ray.util.state import list_actors, list_tasks
+
+    alive = {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True,
+                                             raise_on_missing_output=False)
+             if (job_id is None or a.job_id == job_id) and _real(a.required_resources or {})}
+    n = 0
+    for t in list_tasks(filters=[("state", "=", "RUNNING")], detail=True, raise_on_missing_output=False):
+        if job_id is not None and t.job_id != job_id:
+            continue
+        if (t.type == "NORMAL_TASK" and _real(t.required_resources or {})) or (t.type == "ACTOR_TASK"
+                                                                                and t.actor_id in alive):
+            n += 1
+    return n
+
+
 def holders() -> list[tuple[str, dict]]:
     """(what, resources) held by live actors, Serve replicas summed as one entry."""
     from ray.util.state import list_actors
@@ -97,13 +115,16 @@ def describe(pending: list[tuple[str, dict]]) -> str:
 
 
 class ResourceWatch(threading.Thread):
-    """Logs every `interval_s` what this job waits for; after `timeout_s` of continuous waiting it
-    interrupts the driver's main thread, which raises `WaitTimeout` (see `check`)."""
+    """Logs every `interval_s` what this job waits for while the job as a whole is blocked (something
+    of it is pending and nothing of it runs); after `timeout_s` of that it interrupts the driver's main
+    thread, which raises `WaitTimeout` (see `check`). Pending work beside running work (an elastic
+    pool that cannot add its next actor) is no warning: it is kept in `partial` for the job's stats."""
 
     def __init__(self, interval_s: float = 30.0, timeout_s: float | None = 600.0, job_id: str | None = None):
         super().__init__(name="carryon-resource-watch", daemon=True)
         self.interval_s, self.timeout_s, self.job_id = interval_s, timeout_s, job_id
         self.message: str | None = None  # set when the timeout fired
+        self.partial: dict[str, int] = {}  # what waited while other work of the job ran -> times seen
         self._done = threading.Event()
 
     def run(self) -> None:
@@ -111,10 +132,15 @@ class ResourceWatch(threading.Thread):
         while not self._done.wait(self.interval_s):
             try:
                 pending = pending_demands(self.job_id)
+                busy = bool(pending) and running_work(self.job_id) > 0
             except Exception as exc:  # noqa: BLE001 - the state API needs the dashboard; never break the job
                 log.debug("resource watch: state API unavailable (%s)", exc)
                 continue
-            if not pending:
+            if busy:  # the job progresses; what waits is capacity it could use, not a stall
+                for name, _ in pending:
+                    what = next((w for k, (w, _) in KNOWN.items() if k in name), name)
+                    self.partial[what] = self.partial.get(what, 0) + 1
+            if not pending or busy:
                 since = None
                 continue
             if since is None:  # seen once: actors and workers are pending for a moment while they start

@@ -664,7 +664,7 @@ def test_killed_training_worker_restores_from_checkpoint(cluster, tiny_dir, tmp_
     from carryon_ray.config import load_config
     from carryon_ray.pipeline import fit_in_process
 
-    overrides = {"train.epochs": 3, "data.builtin_size": 160}
+    overrides = {"train.epochs": 3, "data.builtin_size": 160, "train.progress_s": 0}  # a line every step
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     baseline = fit_in_process(load_config(ROOT / TINY_CONFIG, {"base.name": tiny_dir, **overrides,
                                                                 "output.dir": str(tmp_path / "ref")}))
@@ -681,7 +681,7 @@ def test_killed_training_worker_restores_from_checkpoint(cluster, tiny_dir, tmp_
     proc = _start_job(cluster, tiny_dir, out, *sets)
     lines: list[str] = []
     # Kill a few steps into epoch 1, once the epoch-0 checkpoint has certainly been recorded.
-    watcher = _watch(proc, lines, "progress: epoch 1 step 20", kill_worker)
+    watcher = _watch(proc, lines, "training: epoch 1, step 20/", kill_worker)
     assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
     watcher.join(10)
     text = "".join(lines)

@@ -57,11 +57,11 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
                     "--set", "resources.embed_batch_size=2", "--set", f"train.epochs={EPOCHS}",
                     "--set", "resources.embed_actors_min=2", "--set", "resources.embed_actors_max=2",
                     "--set", "resources.train_workers_min=1", "--set", "resources.train_workers_max=2",
-                    "--set", "resources.resize_check_s=2", "--set", "resources.cache=disk",
+                    "--set", "resources.resize_check_s=2", "--set", "resources.cache=disk", "--set", "train.progress_s=0",
                     "--set", f"output.storage_path=file://{tmp_path / 'shared-storage'}")
         lines: list[str] = []
         streaming, cached = threading.Event(), threading.Event()
-        watcher = _watch(proc, lines, "progress: epoch 0 step 5/", streaming.set)
+        watcher = _watch(proc, lines, "training: epoch 0, step 5/", streaming.set)
         assert streaming.wait(timeout=600), "".join(lines[-60:])  # both actors are producing by now
         t_remove = time.time()
         c.remove_node(inf2, allow_graceful=False)  # Cluster changes must run on the main thread

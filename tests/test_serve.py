@@ -28,6 +28,7 @@ from carryon_ray.generation import CarryOnModel
 from conftest import ROOT
 from jobs import local_cluster
 from test_invariants import random_carryon
+from test_recycled import recycled
 
 pytestmark = pytest.mark.slow
 KEYS = {"alice": "key-alice", "bob": "key-bob", "carol": "key-carol"}
@@ -52,6 +53,9 @@ def served(tmp_path_factory, tiny_dir):
            "bob-b": strong_adapter(base, "mlp", 2, tmp / "bob-b"),
            "shared-s": strong_adapter(base, "mlp", 3, tmp / "shared-s"),
            "reg-src": strong_adapter(base, "mlp", 4, tmp / "reg-src")}
+    for name, depth, rank in (("alice-r4", 1, 4), ("alice-r8", 2, 8)):  # recycled adapters of two ranks
+        _, m = recycled(tiny_dir, base, depth=depth, rank=rank, seed=rank, noise=0.5)
+        ads[name] = save_adapter(tmp / name, m, [[Bridge(0)]], [], [base.fingerprint().to_dict()], "tiny")
     broken = tmp / "alice-broken"
     shutil.copytree(ads["alice-a"], broken)
     weights = broken / "adapter_model.safetensors"
@@ -63,7 +67,9 @@ def served(tmp_path_factory, tiny_dir):
            "adapters": [{"name": "alice-a", "source": str(ads["alice-a"]), "owner": "alice"},
                         {"name": "bob-b", "source": str(ads["bob-b"]), "owner": "bob"},
                         {"name": "shared-s", "source": str(ads["shared-s"]), "shared": True},
-                        {"name": "alice-broken", "source": str(broken), "owner": "alice"}],
+                        {"name": "alice-broken", "source": str(broken), "owner": "alice"},
+                        {"name": "alice-r4", "source": str(ads["alice-r4"]), "owner": "alice"},
+                        {"name": "alice-r8", "source": str(ads["alice-r8"]), "owner": "alice"}],
            "registry": {"refresh_s": 0},
            "auth": {"keys_file": str(keys_file), "admins": ["alice"]},
            "limits": {"max_tokens": 900, "max_prompt_chars": 2000, "alpha_max": 2.0, "max_body_bytes": 20000,
@@ -189,6 +195,27 @@ def stats(served) -> dict:
     return r.json()
 
 
+def test_recycled_adapters_of_two_ranks_beside_the_base_and_an_mlp_all_answer(served):
+    """The reported failure, over HTTP: recycled adapters of ranks 4 and 8, the base and an MLP
+    adapter sent at the same time (before: all four answered 500, on every retry). Each answers 200
+    with what it gives alone."""
+    import concurrent.futures
+
+    prompt = "Sentence: rain fell on the harbor all night"
+    models = ["alice-r4", "alice-r8", "tiny-base", "shared-s"]
+    for _ in range(2):
+        with concurrent.futures.ThreadPoolExecutor(len(models)) as pool:
+            rs = list(pool.map(lambda m: post(served, "/v1/completions", {"model": m, "prompt": prompt,
+                                                                         "max_tokens": 12, "temperature": 0}),
+                               models))
+        for model, r in zip(models, rs):
+            assert r.status_code == 200, (model, r.text)
+            want, n, _ = offline(served, None if model == "tiny-base" else model, prompt, 12)
+            assert r.json()["choices"][0]["text"] == want, model
+    texts = {r.json()["choices"][0]["text"] for r in rs}
+    assert len(texts) == 4  # four models, four different continuations
+
+
 def test_users_share_decoding_steps_and_get_their_own_outputs(served):
     before = stats(served)
     results = {}
@@ -233,7 +260,7 @@ def test_access_control(served):
         assert r.status_code == 200
         return {m["id"] for m in r.json()["data"]}
 
-    assert models("alice") == {"tiny-base", "alice-a", "alice-broken", "shared-s", "reg-alice"}
+    assert models("alice") == {"tiny-base", "alice-a", "alice-broken", "shared-s", "reg-alice", "alice-r4", "alice-r8"}
     assert models("bob") == {"tiny-base", "bob-b", "shared-s"}
     assert models("carol") == {"tiny-base", "shared-s"}
     spec = httpx.get(served["url"] + "/openapi.json").json()  # FastAPI's generated document
