@@ -287,22 +287,29 @@ BLOCK_RANK = 256
 
 class StackCache:
     """The stacked A and B of recent adapter compositions, per site (a composition repeats for many
-    steps while the same users decode). Holds its adapters, so no key can outlive them; a few entries."""
+    steps while the same users decode), least recently used first out past `max_bytes`. Holds its
+    adapters in its keys, so no key outlives them; the engine clears it when it goes idle."""
 
-    def __init__(self, size: int = 4):
-        self.size = size
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes, self.nbytes = max_bytes, 0
         self.entries: OrderedDict = OrderedDict()
 
     def get(self, adapters: tuple, site: str, build):
         key = (adapters, site)
         hit = self.entries.get(key)
-        if hit is None:
-            hit = self.entries[key] = build()
-            while len(self.entries) > self.size * 64:  # a composition has one entry per site
-                self.entries.popitem(last=False)
-        else:
+        if hit is not None:
             self.entries.move_to_end(key)
+            return hit
+        hit = self.entries[key] = build()
+        self.nbytes += sum(t.numel() * t.element_size() for t in hit)
+        while self.nbytes > self.max_bytes and len(self.entries) > 1:
+            _, old = self.entries.popitem(last=False)
+            self.nbytes -= sum(t.numel() * t.element_size() for t in old)
         return hit
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.nbytes = 0
 
 
 def bind_rows(sites: dict[str, DeltaLinear], groups: list[tuple[RecycledTop, list[int], list[float]]],

@@ -88,7 +88,7 @@ class ModelRunner:
         for pool in self.pools:
             pool.clear()
         self.adapter_pools.clear()
-        self.stacks.entries.clear()  # no adapter outlives its last row here
+        self.stacks.clear()  # no adapter outlives its last row here
 
     def kv_bytes(self) -> int:
         return sum(p.nbytes() for p in self.pools) + self.adapter_pools.nbytes()
