@@ -6,7 +6,8 @@ Ratios against baselines measured in the same run:
    carry-on, batch 1 and 16;
 2. 64 rows over 64 distinct adapters vs 64 rows on one adapter (target >= 0.95x throughput), the
    same with recycled-top adapters against the base, and 16 closed-loop clients over 8 recycled
-   adapters of ranks 4/8/16/32 against the same load on the base alone (target >= 0.8x);
+   adapters of ranks 4/8/16/32 against the same load on the base alone (target >= 0.8x), and their
+   decode step time against the base's (`recycled_steps`, two engines stepped alternately);
 3. closed-loop load, in process (the replica's engine without HTTP): 1, 4, 16, 32 clients, each
    sending back to back with max_tokens drawn from 8..128 over 8 adapters + the bare base, plus one
    probe client sending max_tokens=8 requests. Two schedulers on the same kernels:
@@ -265,6 +266,30 @@ def mixed_rank_section(base, ids, adapters, duration: float, clients: int = 16) 
     res["ranks"] = [a.carryon.arch.rank for a in adapters]
     res["depth"] = adapters[0].carryon.arch.depth
     res["target"] = 0.8
+    return res
+
+
+def recycled_steps_section(base, ids, adapters, rows: int = 16, steps: int = 15) -> dict:
+    """Decode step time alone (no arrivals): `rows` rows on the base vs the same rows spread over
+    `adapters` (recycled, mixed ranks), the two engines stepped alternately so drift hits both."""
+    engines = {}
+    for name, pool in (("base", [None]), ("recycled_mixed_ranks", adapters)):
+        e = Engine(base, max_rows=rows, prefill_tokens=1 << 20)
+        for i in range(rows):
+            e.submit(Request(ids, pool[i % len(pool)], 4 * steps + 8, stop_at_eos=False))
+        while e.decoding < rows:
+            e.step()
+        e.step()
+        engines[name] = e
+    times = {k: [] for k in engines}
+    for _ in range(steps):
+        for k, e in engines.items():
+            t0 = time.perf_counter()
+            e.step()
+            times[k].append(time.perf_counter() - t0)
+    res = {k: {"step_ms_median": round(statistics.median(v) * 1000, 1)} for k, v in times.items()}
+    res["step_time_ratio"] = round(res["recycled_mixed_ranks"]["step_ms_median"] / res["base"]["step_ms_median"], 3)
+    res["rows"], res["adapters"], res["steps"] = rows, len(adapters), steps
     return res
 
 
@@ -547,6 +572,10 @@ def main() -> int:
     if "recycled_mixed" in sections:
         mixed = [recycled(base, 400 + i, rank=r) for i, r in enumerate([4, 8, 16, 32] * 2)]
         res["recycled_mixed"] = mixed_rank_section(base, ids, mixed, args.duration)
+    if "recycled_steps" in sections:
+        mixed = [recycled(base, 400 + i, rank=r) for i, r in enumerate([4, 8, 16, 32] * 2)]
+        res["recycled_steps"] = recycled_steps_section(base, ids, mixed)
+        print(json.dumps({"recycled_steps": res["recycled_steps"]}), flush=True)
 
     # 3. closed-loop load: static batching vs the engine
     adapters = [None] + [carryon(base, "mlp" if i % 2 else "transformer", 200 + i, 64) for i in range(8)]
