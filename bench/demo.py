@@ -107,6 +107,9 @@ def main() -> int:
         "machine": {"cpus": os.cpu_count(), "memory_mb": round(psutil.virtual_memory().total / 2**20)},
         "output_lines": len(log.splitlines()),  # what `make demo` prints (issue 25's target: <= 60)
         "log_tail": log[-3000:],
+        # the lines a newcomer reads as failures (issue 31): Ray core errors, warnings, "waiting"
+        "alarming_lines": [ln[:300] for ln in log.splitlines()
+                           if " E " in ln[:40] or "Warning" in ln or "waiting for" in ln or "Traceback" in ln],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
