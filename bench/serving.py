@@ -569,11 +569,11 @@ def main() -> int:
         print(json.dumps({"recycled64": res["recycled64"]}), flush=True)
 
     # 2c. 16 clients over 8 recycled adapters of ranks 4/8/16/32 (top 8 blocks) vs the same load on the base
-    if "recycled_mixed" in sections:
+    if {"recycled_mixed", "recycled_steps"} & sections:
         mixed = [recycled(base, 400 + i, rank=r) for i, r in enumerate([4, 8, 16, 32] * 2)]
+    if "recycled_mixed" in sections:
         res["recycled_mixed"] = mixed_rank_section(base, ids, mixed, args.duration)
     if "recycled_steps" in sections:
-        mixed = [recycled(base, 400 + i, rank=r) for i, r in enumerate([4, 8, 16, 32] * 2)]
         res["recycled_steps"] = recycled_steps_section(base, ids, mixed)
         print(json.dumps({"recycled_steps": res["recycled_steps"]}), flush=True)
 
