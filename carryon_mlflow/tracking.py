@@ -37,7 +37,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 # MLflow's chart view groups metrics by the part of their name before a '/': the recipe's names
 # (the core knows no MLflow) get their section here, once, for every runner. First match wins.
 SECTIONS = [
-    ("train/", ("train_loss_step", "train_loss", "train_kl", "lr", "epoch", "stage", "step", "samples",
+    ("train/", ("train_loss_step", "train_loss", "train_kl", "train_tokens", "lr", "epoch", "stage", "step", "samples",
                 "from_cache", "replay_rows")),
     ("val/", ("val_loss_base", "val_loss_alpha_", "val_loss", "val_general_alpha_", "general_loss_change",
               "gate_mean_")),
@@ -159,6 +159,18 @@ class Tracker:
     @classmethod
     def for_config(cls, cfg) -> "Tracker":
         return cls(tracking_uri(cfg.mlflow.tracking_uri), cfg.mlflow.experiment, cfg.mlflow.run_name or run_name(cfg))
+
+    def attach(self, run_id: str, params: dict[str, Any]) -> str:
+        """Log into an existing run (the fine-tuning API's job record is its run): the config as
+        params and config.yaml, as `start` does."""
+        self.run_id = run_id
+        self.experiment_id = self.client.get_run(run_id).info.experiment_id
+        self.client.update_run(run_id, status="RUNNING")
+        log_params(self.uri, self.run_id, flatten(params))
+        import yaml
+
+        self.text(yaml.safe_dump(params, sort_keys=False), "config.yaml")
+        return run_id
 
     def start(self, params: dict[str, Any], tags: dict[str, str] | None = None) -> str | None:
         """Open the run (creating the experiment as a training-runs experiment), log the config as

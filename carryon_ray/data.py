@@ -258,6 +258,43 @@ def detect_format(row: dict) -> str | None:
     return None
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def row_problem(row: dict, fmt: str = "auto") -> str | None:
+    """Why a row cannot train, naming the field (`messages[1].role: ...`), or None. The structural
+    rules of each row format, checked without a tokenizer: what an uploaded file is validated by
+    line by line (length limits need the tokenizer and are counted when the job reads the rows)."""
+    fmt = detect_format(row) if fmt == "auto" else fmt
+    if fmt is None:
+        return "no known fields: give messages, prompt + completion, question + answer, or text"
+    if fmt == "chat":
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            return "messages: must be a non-empty list of {role, content} objects"
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                return f"messages[{i}]: must be an object with role and content"
+            if m.get("role") not in ROLES:
+                return f"messages[{i}].role: must be one of {', '.join(ROLES)} (got {str(m.get('role'))[:40]!r})"
+            if not isinstance(m.get("content"), str):
+                return f"messages[{i}].content: must be a string"
+        if msgs[-1]["role"] != "assistant" or not msgs[-1]["content"].strip():
+            return f"messages[{len(msgs) - 1}]: the last message must be a non-empty assistant reply (what is learned)"
+        return None
+    fields = {"prompt_completion": ("prompt", "completion"), "qa": ("question", "answer"), "text": ("text",)}[fmt]
+    for name in fields:
+        value = row.get(name)
+        if name == "answer" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, str):
+            return f"{name}: must be a string" + (" (required)" if value is None else "")
+    target = fields[-1]
+    if not str(row[target]).strip():
+        return f"{target}: is empty (nothing to learn)"
+    return None
+
+
 class Tokenizer:
     """Turns rows into Examples with the loss mask; counts what it rejects."""
 

@@ -204,8 +204,10 @@ class InProcess:
     embed_batch_size groups (`embed_rows`, the embedding actors' function), the epochs run on
     batches held in memory."""
 
-    def __init__(self, cfg: CarryOnConfig, progress: Progress = quiet):
+    def __init__(self, cfg: CarryOnConfig, progress: Progress = quiet,
+                 after_epoch: Callable[[Trainer, dict], None] | None = None):
         self.cfg, self.progress = cfg, progress
+        self.after_epoch = after_epoch  # e.g. the fine-tuning API's per-epoch checkpoint
         self.bases: list = []
 
     def data(self, reporter: Reporter) -> RunData:
@@ -259,7 +261,8 @@ class InProcess:
             feed.batches = self.progress(feed.batches, f"epoch {epoch + 1}/{plan.epochs}", len(train))
             return feed
 
-        trainer.fit(shown, val, general)
+        hook = self.after_epoch
+        trainer.fit(shown, val, general, after_epoch=(lambda metrics, _stats: hook(trainer, metrics)) if hook else None)
         return Fitted(cfg, calib, plan, trainer.state_dict())
 
     def heldout(self, cfg: CarryOnConfig, adapter_dir: Path) -> dict | None:

@@ -315,7 +315,7 @@ class Trainer:
             "epoch": self.epoch, "stage": stage, "step": self.step, "alpha": alpha, f"alpha_stage_{stage}": alpha,
             "val_loss": val_losses[alpha],
             "train_loss": float(np.mean(stats.losses)) if stats.losses else float("nan"),
-            "train_tokens_per_s": stats.tokens / el, "input_wait_fraction": stats.wait_s / el,
+            "train_tokens_per_s": stats.tokens / el, "train_tokens": stats.tokens, "input_wait_fraction": stats.wait_s / el,
             "epoch_seconds": stats.seconds, "first_batch_wait_s": stats.first_wait_s,
             "samples": len(stats.sample_ids), "from_cache": int(not stats.streamed), "peak_rss_mb": peak_rss_mb(),
             **{f"val_loss_alpha_{a:g}": v for a, v in val_losses.items()},

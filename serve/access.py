@@ -112,8 +112,9 @@ class TTLCache:
 
 
 class Catalog:
-    def __init__(self, cfg: ServeConfig):
+    def __init__(self, cfg: ServeConfig, finetune=None):
         self.cfg = cfg
+        self.finetune = finetune  # fine-tuned models (ft:...) come from its job records, never cached
         self.static = {a.name: a for a in cfg.adapters}
         reg = cfg.registry
         self._listing = TTLCache(1, reg.refresh_s)  # the registry's carryon models with their tags
@@ -148,8 +149,8 @@ class Catalog:
             while True:
                 self.registry_calls += 1
                 page = client.search_registered_models(max_results=1000, page_token=token)
-                for m in page:
-                    if valid_name(m.name) and m.name not in self.static:
+                for m in page:  # a fine-tuning job's model is served under its ft: name, not this one
+                    if valid_name(m.name) and m.name not in self.static and "carryon.finetune_job" not in m.tags:
                         models[m.name] = {"owner": m.tags.get("carryon.owner"),
                                           "shared": m.tags.get("carryon.shared") == "true"}
                 token = getattr(page, "token", None)
@@ -184,19 +185,41 @@ class Catalog:
         return shared or (owner is not None and owner == user and user != ANONYMOUS)
 
     def visible(self, user: str) -> list[str]:
-        """The adapter names `user` may call, sorted."""
+        """The adapter names `user` may call, sorted, then their fine-tuned models."""
+        tuned = self._finetuned(user) if user != ANONYMOUS else []
+        return sorted(self._names(user)) + tuned
+
+    def _names(self, user: str) -> frozenset[str]:
         names = self._visible.get(user)
         if names is None:
             names = {a.name for a in self.cfg.adapters if self._allowed(user, a.owner, a.shared)}
             names |= {n for n, m in self._registry_models().items() if self._allowed(user, m["owner"], m["shared"])}
             names = frozenset(names)
             self._visible.put(user, names)
-        return sorted(names)
+        return names
+
+    def _finetuned(self, user: str) -> list[str]:
+        if self.finetune is None:
+            return []
+        try:
+            return self.finetune.models(user)
+        except Exception as exc:  # noqa: BLE001 - the store unreachable is "unavailable", never "none"
+            raise CatalogUnavailable(f"fine-tuning store unavailable: {type(exc).__name__}") from None
 
     def resolve(self, user: str, name: str) -> Resolved | None:
         """The adapter `name` if `user` may call it; None when it does not exist or is not theirs
-        (the same work either way: the caller's visible set, then a membership test)."""
-        if not valid_name(name) or name not in self.visible(user):
+        (the same work either way: the caller's visible set, then a membership test). A fine-tuned
+        model (ft:...) is looked up by its job id in the job records: the owner's, once succeeded,
+        from the next request on."""
+        if name.startswith("ft:"):
+            if self.finetune is None or user == ANONYMOUS:
+                return None
+            try:
+                found = self.finetune.resolve(user, name)
+            except Exception as exc:  # noqa: BLE001
+                raise CatalogUnavailable(f"fine-tuning store unavailable: {type(exc).__name__}") from None
+            return None if found is None else Resolved(name, found[0], found[1])
+        if not valid_name(name) or name not in self._names(user):
             return None
         entry = self.static.get(name)
         if entry is not None:

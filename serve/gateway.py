@@ -2,49 +2,55 @@
 key may have in flight, decides which adapter the caller may use (access.py), and forwards a typed
 GenerateRequest to a model replica with the adapter as Serve's multiplexed model id."""
 
-# No `from __future__ import annotations` here: FastAPI reads the route methods' annotations
-# (Request, the body models) at runtime, after Serve has wrapped the class.
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations at runtime.
 import asyncio
 import json
 import logging
 import time
 
-from fastapi import Depends, Request
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import StreamingResponse
 from ray import serve
 
 from . import protocol as P
-from .access import Catalog, CatalogUnavailable, user_for
-from .http_api import ERRORS, RETRY_AFTER_S, json_error, prometheus_text, as_serve_error, swagger_assets, api, bearer
+from .access import Catalog, CatalogUnavailable
+from .http_api import RETRY_AFTER_S, as_serve_error, new_app, prometheus_text
 from .settings import ServeConfig
 
 
 log = logging.getLogger("carryon.serve")
+UPLOAD_OVERHEAD = 1 << 20  # multipart framing and form fields around an uploaded file
 
 
-# Serve's ingress captures the app (and the globals its routes use) when the class below is
-# defined: every helper the routes call must be defined above this line.
 @serve.deployment(name="Gateway")
-@serve.ingress(api)
+@serve.ingress()
 class Gateway:
+    """What every route needs: the config, the catalog, per-key slots, the model handle, the
+    fine-tuning service. serve/routes.py turns HTTP into calls on it; the app is built per replica
+    (`__serve_build_asgi_app__`), after this constructor, from this object's own state."""
+
     def __init__(self, model, settings: dict, key_digests: dict[str, str]):
         self.model = model
         self.cfg = ServeConfig.model_validate(settings)
         self.keys = key_digests
-        self.catalog = Catalog(self.cfg)
+        self.finetune = None
+        if self.cfg.finetune.enabled and self.cfg.finetune_tracking_uri:
+            from finetune.service import FinetuneService
+
+            self.finetune = FinetuneService(self.cfg)
+        self.catalog = Catalog(self.cfg, self.finetune)
         self.inflight: dict[str, int] = {}
-        api.state.keys, api.state.allow_anonymous = key_digests, self.cfg.auth.allow_anonymous  # for GatewayGuard
-        api.state.max_body_bytes = self.cfg.limits.max_body_bytes
+
+    def __serve_build_asgi_app__(self):
+        from .routes import build_routes
+
+        return build_routes(self, new_app(self.keys, self.cfg.auth.allow_anonymous, self.body_limit))
+
+    def body_limit(self, path: str) -> int:
+        if path == "/v1/files":
+            return self.cfg.finetune.max_file_bytes + UPLOAD_OVERHEAD
+        return self.cfg.limits.max_body_bytes
 
     # -- helpers ---------------------------------------------------------------------------------
-    def _user(self, request: Request) -> str:
-        user = user_for(self.keys, request.headers.get("authorization"), self.cfg.auth.allow_anonymous)
-        if user is None:
-            raise P.ServeError(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error",
-                               code="invalid_api_key")
-        return user
-
     async def _resolve(self, user: str, model: str) -> tuple[str, str | None]:
         """(mux id, source) of the model the caller names; 404 for missing and not-yours alike."""
         if model == self.cfg.model_id:
@@ -138,38 +144,11 @@ class Gateway:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    # -- routes ----------------------------------------------------------------------------------
-    @api.get("/healthz", summary="Liveness: the gateway answers")
-    async def healthz(self) -> dict:
-        return {"status": "ok", "base": self.cfg.model_id}
-
-    @api.get("/health", summary="Readiness: a model replica answers", responses={503: ERRORS[503]})
+    # -- what the routes answer (serve/routes.py) --------------------------------------------------
     async def health(self):
-        try:
-            info = await asyncio.wait_for(self.model.ready.remote(), timeout=5)
-        except Exception:  # noqa: BLE001 - no replica (starting, dead, unreachable)
-            return json_error(503, "no model replica is ready", "server_error", code="not_ready",
-                               retry_after=RETRY_AFTER_S)
-        return info
+        return await asyncio.wait_for(self.model.ready.remote(), timeout=5)
 
-    @api.get("/docs", include_in_schema=False)
-    async def docs(self) -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{api.title} API",
-                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
-                                   swagger_css_url="/docs/assets/swagger-ui.css",
-                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
-
-    @api.get("/docs/assets/{name}", include_in_schema=False)
-    async def docs_asset(self, name: str):
-        asset = swagger_assets().get(name)
-        if asset is None:
-            return json_error(404, "no such asset")
-        return Response(asset[0], media_type=asset[1], headers={"Cache-Control": "max-age=86400"})
-
-    @api.get("/v1/models", summary="Models this key may use: the base and the caller's adapters",
-             responses={k: ERRORS[k] for k in (401, 503)}, dependencies=[Depends(bearer)])
-    async def models(self, request: Request):
-        user = self._user(request)
+    async def models(self, user: str) -> dict:
         try:
             names = await asyncio.to_thread(self.catalog.visible, user)
         except CatalogUnavailable as exc:
@@ -177,31 +156,23 @@ class Gateway:
         data = [P.model_card(self.cfg.model_id)] + [P.model_card(n, self.cfg.model_id) for n in names]
         return {"object": "list", "data": data}
 
-    @api.get("/v1/models/{model_id}", summary="One model, if this key may use it",
-             responses={k: ERRORS[k] for k in (401, 404, 503)}, dependencies=[Depends(bearer)])
-    async def model(self, request: Request, model_id: str):
-        user = self._user(request)
+    async def model_card(self, user: str, model_id: str) -> dict:
         await self._resolve(user, model_id)
         return P.model_card(model_id, None if model_id == self.cfg.model_id else self.cfg.model_id)
 
-    @api.get("/v1/carryon/stats", summary="Engine counters of the model replica that answers (admins only)",
-             dependencies=[Depends(bearer)])
-    async def stats(self, request: Request):
-        if self._user(request) not in self.cfg.auth.admins:
-            return json_error(403, "statistics are for admin users", "permission_error")
+    def admin(self, user: str, what: str) -> None:
+        if user not in self.cfg.auth.admins:
+            raise P.ServeError(403, f"{what} are for admin users", "permission_error")
+
+    async def stats(self, user: str) -> dict:
+        self.admin(user, "statistics")
         return await self.model.info.remote()
 
-    @api.get("/metrics", summary="Prometheus text: the answering replica's engine (admins only)",
-             response_class=PlainTextResponse, dependencies=[Depends(bearer)])
-    async def metrics(self, request: Request):
-        if self._user(request) not in self.cfg.auth.admins:
-            return json_error(403, "metrics are for admin users", "permission_error")
-        return PlainTextResponse(prometheus_text(await self.model.info.remote()))
+    async def metrics(self, user: str) -> str:
+        self.admin(user, "metrics")
+        return prometheus_text(await self.model.info.remote())
 
-    @api.post("/v1/completions", summary="Text completion (OpenAI-compatible)", responses=ERRORS,
-              dependencies=[Depends(bearer)])
-    async def completions(self, request: Request, body: P.CompletionRequest):
-        user = self._user(request)
+    async def completions(self, user: str, body: P.CompletionRequest):
         prompts = body.prompts()
         lim = self.cfg.limits
         if not prompts or len(prompts) > lim.max_prompts:
@@ -226,10 +197,7 @@ class Gateway:
             return await self._stream(user, req, render, bool(body.stream_options and body.stream_options.include_usage))
         return P.completion_body(rid, body.model, await self._run(user, req))
 
-    @api.post("/v1/chat/completions", summary="Chat completion (OpenAI-compatible)", responses=ERRORS,
-              dependencies=[Depends(bearer)])
-    async def chat(self, request: Request, body: P.ChatCompletionRequest):
-        user = self._user(request)
+    async def chat(self, user: str, body: P.ChatCompletionRequest):
         messages = [{"role": m.template_role(), "content": m.text()} for m in body.messages]
         if sum(len(m["content"]) for m in messages) > self.cfg.limits.max_prompt_chars:
             raise P.ServeError(400, f"the messages are over {self.cfg.limits.max_prompt_chars} characters",
@@ -255,3 +223,17 @@ class Gateway:
 
             return await self._stream(user, req, render, bool(body.stream_options and body.stream_options.include_usage))
         return P.chat_body(rid, body.model, await self._run(user, req))
+
+    async def fine_tuning(self, method: str, *args, **kwargs):
+        """A FinetuneService call in a thread (MLflow's client blocks); its ApiError as an HTTP error."""
+        from finetune.jobs import ApiError
+
+        if self.finetune is None:
+            raise P.ServeError(404, "fine-tuning is not enabled on this server (finetune.enabled, and an MLflow "
+                               "tracking URI)", code="not_enabled")
+        try:
+            return await asyncio.to_thread(getattr(self.finetune, method), *args, **kwargs)
+        except ApiError as exc:
+            raise P.ServeError(exc.status, exc.message, "rate_limit_error" if exc.status == 429 else
+                               "invalid_request_error", exc.param, exc.code,
+                               retry_after=30 if exc.status == 429 else None) from None

@@ -11,7 +11,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from carryon_ray import __version__
@@ -28,15 +27,6 @@ RETRY_AFTER_S = 5  # what a client is told to wait after a replica was lost
 # HTTP ingress
 # ---------------------------------------------------------------------------------------------
 
-api = FastAPI(
-    title="carryon-ray",
-    version=__version__,
-    description="OpenAI-compatible completions over a frozen base LLM and per-user carry-on adapters. "
-    "Authenticate with `Authorization: Bearer <key>`.",
-    docs_url=None,  # served below from the installed swagger-ui-bundle, so /docs works offline
-    redoc_url=None,
-)
-bearer = HTTPBearer(auto_error=False, description="An API key from the server's keys file.")
 ERRORS = {status: {"model": P.ErrorResponse, "description": text} for status, text in {
     400: "Invalid request: the message names the field.",
     401: "Missing or invalid API key.",
@@ -70,7 +60,6 @@ def as_serve_error(exc: BaseException) -> P.ServeError | None:
     return None
 
 
-@api.exception_handler(RequestValidationError)
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     parts, param = [], None
     for e in exc.errors():
@@ -91,7 +80,6 @@ async def _validation_error(_request: Request, exc: RequestValidationError) -> J
     return json_error(400, "; ".join(dict.fromkeys(parts)) or "invalid request", param=param)
 
 
-@api.exception_handler(StarletteHTTPException)
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
     if exc.status_code == 400 and "parsing the body" in detail:
@@ -99,12 +87,10 @@ async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONRes
     return json_error(exc.status_code, detail)
 
 
-@api.exception_handler(P.ServeError)
 async def _serve_error_handler(_request: Request, exc: P.ServeError) -> JSONResponse:
     return _from_error(as_serve_error(exc) or exc)
 
 
-@api.exception_handler(Exception)
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     known = as_serve_error(exc)
     if known is not None:
@@ -113,23 +99,34 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     return json_error(500, "internal error", "server_error")
 
 
-class GatewayGuard:
-    """ASGI middleware: the key is checked before a request body is read (a request without a
-    valid key is answered 401 without reading a byte of it), and the body is read as it streams in
-    and refused with 413 at `limits.max_body_bytes`, chunked bodies included."""
+PUBLIC = ("/healthz", "/health", "/docs", "/openapi.json")
 
-    def __init__(self, app):
-        self.app = app
+
+class GatewayGuard:
+    """ASGI middleware, the gateway's one authentication path: every route but the public ones
+    (liveness, readiness, the docs) needs a valid key, checked before a byte of the body is read;
+    the caller's user is put on the request (`request.state.user`) for the routes. A body is read
+    as it streams in and refused with 413 over its path's limit (`limit_for(path)`), chunked bodies
+    included."""
+
+    def __init__(self, app, keys: dict[str, str], allow_anonymous: bool, limit_for):
+        self.app, self.keys, self.allow_anonymous, self.limit_for = app, keys, allow_anonymous, limit_for
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        state = scope["app"].state
+        path = scope.get("path", "")
+        if path in PUBLIC or path.startswith("/docs/"):
+            return await self.app(scope, receive, send)
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         auth = headers.get(b"authorization", b"").decode("latin-1") or None
-        if user_for(state.keys, auth, state.allow_anonymous) is None:
+        user = user_for(self.keys, auth, self.allow_anonymous)
+        if user is None:
             return await _send(send, _unauthorized())
-        limit = state.max_body_bytes
+        scope.setdefault("state", {})["user"] = user
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = self.limit_for(path)
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
             return await _send(send, json_error(413, f"request body over {limit} bytes"))
@@ -166,14 +163,29 @@ def _unauthorized() -> JSONResponse:
                        code="invalid_api_key")
 
 
-api.add_middleware(GatewayGuard)
+def new_app(keys: dict[str, str], allow_anonymous: bool, limit_for) -> FastAPI:
+    """A FastAPI app with the gateway's error bodies, its key guard and its OpenAPI document; the
+    routes are added by serve/routes.py. One per gateway replica (no module-global state)."""
+    app = FastAPI(
+        title="carryon-ray",
+        version=__version__,
+        description="OpenAI-compatible completions, chat and fine-tuning over a frozen base LLM and per-user "
+        "carry-on adapters. Authenticate with `Authorization: Bearer <key>`.",
+        docs_url=None,  # served from the installed swagger-ui-bundle, so /docs works offline
+        redoc_url=None,
+    )
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(P.ServeError, _serve_error_handler)
+    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(GatewayGuard, keys=keys, allow_anonymous=allow_anonymous, limit_for=limit_for)
+    _install_openapi(app)
+    return app
 
 
 def _install_openapi(app: FastAPI) -> None:
     """The generated document with the statuses the server really answers: 400 (never 422) and the
-    bearer scheme on every /v1 route. A closure over `app`: Serve ships the app to the gateway replica
-    by value, and the document must read that copy's routes (a module-level function would read the
-    replica's freshly imported module, whose app has none)."""
+    bearer scheme on every route the guard protects."""
 
     def openapi() -> dict:
         if app.openapi_schema:
@@ -185,13 +197,16 @@ def _install_openapi(app: FastAPI) -> None:
         schemas = spec.get("components", {}).get("schemas", {})
         schemas.pop("HTTPValidationError", None)
         schemas.pop("ValidationError", None)
+        spec.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "An API key from the server's keys file."}}
+        for path, ops in spec.get("paths", {}).items():
+            if path not in PUBLIC:
+                for op in ops.values():
+                    op["security"] = [{"bearer": []}]
         app.openapi_schema = spec
         return spec
 
     app.openapi = openapi
-
-
-_install_openapi(api)
 
 
 @functools.cache

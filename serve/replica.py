@@ -13,7 +13,7 @@ from ray import serve
 from carryon_ray.adapter import AdapterError
 
 from . import protocol as P
-from .async_engine import TTFT_BOUNDS, AsyncEngine, Generation
+from .async_engine import AsyncEngine, Generation
 from .settings import ServeConfig
 
 
@@ -40,7 +40,6 @@ class ModelServer:
         self.engine = AsyncEngine(bases, self.cfg.limits, self.cfg.engine)
         self._sources: dict[str, str] = {}
         self.load_ms: list[float] = []
-        self.metrics = _ReplicaMetrics()
 
         async def load(mux_id: str):
             t0 = time.perf_counter()
@@ -77,16 +76,13 @@ class ModelServer:
             for c in range(req.n):  # choices of one prompt: seed + c keeps them reproducible and distinct
                 seed = None if req.seed is None else req.seed + c
                 gens.append(self.engine.submit(req.model_copy(update={"seed": seed}), ids, adapter))
-        self.metrics.admitted(req.model, len(gens))
         return gens
 
     async def generate(self, req: P.GenerateRequest) -> list[P.GenerateResult]:
         gens: list[Generation] = []
         try:
             gens = await self._start(req)
-            results = await asyncio.gather(*(g.result() for g in gens))
-            self.metrics.finished(results, self.engine)
-            return results
+            return await asyncio.gather(*(g.result() for g in gens))
         finally:  # cancelled (client gone, gateway timeout) or failed: free the rows at the next step
             for g in gens:
                 g.cancel()
@@ -95,8 +91,6 @@ class ModelServer:
         gens = await self._start(req)  # one prompt, one choice (checked by the gateway)
         try:
             async for item in gens[0].stream():
-                if isinstance(item, P.GenerateResult):
-                    self.metrics.finished([item], self.engine)
                 yield item
         finally:
             gens[0].cancel()
@@ -109,32 +103,3 @@ class ModelServer:
                 "load_ms_p50": sorted(self.load_ms)[len(self.load_ms) // 2] if self.load_ms else None,
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "base": self.cfg.model_id,
                 "fingerprint": self.engine.base.fingerprint().to_dict()}
-
-
-class _ReplicaMetrics:
-    """Prometheus metrics through Ray's metrics pipeline (scraped from each node's metrics
-    export port, like Serve's own): queue, running rows, tokens, time to first token, per-adapter
-    requests."""
-
-    def __init__(self):
-        from ray.util import metrics
-
-        self.requests = metrics.Counter("carryon_requests", "Rows admitted, by model id.", tag_keys=("model",))
-        self.tokens = metrics.Counter("carryon_generated_tokens", "Completion tokens generated.")
-        self.running = metrics.Gauge("carryon_running_rows", "Rows in the decode engine.")
-        self.waiting = metrics.Gauge("carryon_waiting_rows", "Rows waiting for a place in the engine.")
-        self.ttft = metrics.Histogram("carryon_time_to_first_token_s", "Seconds from submission to the first token.",
-                                      boundaries=list(TTFT_BOUNDS))
-        self._ttft_seen = 0
-
-    def admitted(self, model: str, rows: int) -> None:
-        self.requests.inc(rows, tags={"model": model})
-
-    def finished(self, results, engine: AsyncEngine) -> None:
-        self.tokens.inc(sum(r.completion_tokens for r in results) or 0.0)
-        stats = engine.stats()
-        self.running.set(stats["running_rows"])
-        self.waiting.set(stats["waiting"])
-        for t in engine.ttft_since(self._ttft_seen):  # read the engine's record; never consume it
-            self.ttft.observe(t)
-        self._ttft_seen = stats["ttft_count"]

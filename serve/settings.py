@@ -147,6 +147,57 @@ class GatewayConfig(Strict):
     num_cpus: float = Field(0.1, ge=0, description="CPUs per ingress replica (it does no model work).")
 
 
+class FinetuneConfig(Strict):
+    """The OpenAI fine-tuning API on this deployment: files, jobs, events, checkpoints. Records live
+    in the MLflow tracking server (finetune/store.py says why); jobs run as detached Ray actors on
+    inference-class nodes, each running the customization pipeline once."""
+
+    enabled: bool = Field(True, description="Serve /v1/files and /v1/fine_tuning/jobs (needs an MLflow tracking URI).")
+    tracking_uri: str | None = Field(
+        None, description="MLflow server holding files, jobs and the fine-tuned adapters; default registry.tracking_uri, "
+        "then $MLFLOW_TRACKING_URI.")
+    max_file_bytes: int = Field(50_000_000, ge=1024, description="Largest uploaded file (413 over it).")
+    max_file_rows: int = Field(100_000, ge=1, description="Most rows in one uploaded file (413 over it).")
+    max_bad_fraction: float = Field(
+        0.1, ge=0, le=1, description="Share of rows an upload may have that cannot train (named by line in the "
+        "file's status_details; a job skips them); more answer 400 naming the first bad lines.")
+    max_active_jobs_per_user: int = Field(
+        2, ge=1, description="Jobs one user may have validating, queued or running; more answer 429 with Retry-After.")
+    max_job_rows: int = Field(
+        20_000, ge=1, description="Most training rows of one job: a job runs in one process on one inference-class "
+        "node (one base load; the Ray Data + Ray Train pipeline's start-up would dwarf jobs of this size). Larger "
+        "customizations go through `carryon customize` / ray job submit.")
+    job_cpus: float = Field(
+        1.0, ge=0, description="Logical CPUs a job's process asks for. With replicas.num_cpus, what lets a job run "
+        "beside serving: on a 2-CPU laptop, 0.5 per replica + 0.1 gateway + 1 job fit.")
+    job_gpus: float = Field(0.0, ge=0, description="GPUs a job's process asks for (its base forward runs on them).")
+    job_resource_units: float = Field(
+        0.01, ge=0, description="Units of replicas.resource per job: jobs run on inference-class nodes.")
+    defaults: dict[str, Any] = Field(
+        default_factory=lambda: {"carryon": {"kind": "mlp", "width": 64, "gate": True},
+                                 "head": {"kind": "inherited"}, "bridge": {"bits": 8},
+                                 "alpha": {"init": 0.5, "rule": "scale3"},
+                                 "train": {"epochs": 3, "batch_size": 8, "lr": 3.0e-3, "warmup_steps": 10}},
+        description="Job YAML sections every job starts from (a request's `carryon` object overrides them; "
+        "n_epochs, batch_size and learning_rate_multiplier override train.*). Default: the demo's gated MLP "
+        "carry-on on the final state, 3 epochs.")
+
+    @field_validator("defaults")
+    @classmethod
+    def _defaults(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from carryon_ray.config import CarryOnConfig
+
+        bad = sorted(set(v) - {"carryon", "head", "alpha", "bridge", "layers", "train", "data"})
+        if bad:
+            raise ValueError(f"sections {bad} are decided per job by the service (allowed: carryon, head, alpha, "
+                             "bridge, layers, train, data)")
+        try:
+            CarryOnConfig.model_validate({**v, "data": {**v.get("data", {}), "train": "rows.jsonl"}})
+        except ValidationError as exc:
+            raise ValueError(validation_message(exc, "finetune.defaults").replace("\n  ", " ")) from None
+        return v
+
+
 class ServeConfig(Strict):
     """Everything `serve.app:build` needs."""
 
@@ -165,6 +216,7 @@ class ServeConfig(Strict):
     engine: EngineConfig = Field(default_factory=EngineConfig, description="The replicas' decode engine.")
     replicas: ReplicaConfig = Field(default_factory=ReplicaConfig, description="Model replicas.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="HTTP ingress.")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="The fine-tuning API.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeConfig":
@@ -176,6 +228,12 @@ class ServeConfig(Strict):
         if self.model_id in names:
             raise ValueError(f"adapters: {self.model_id!r} is the base's model id; rename the adapter")
         return self
+
+    @property
+    def finetune_tracking_uri(self) -> str | None:
+        import os
+
+        return self.finetune.tracking_uri or self.registry.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
 
     @property
     def model_id(self) -> str:

@@ -1,0 +1,198 @@
+"""One fine-tuning job, run where the cluster places it: a detached Ray actor on an inference-class
+node that runs the customization story (carryon_ray.pipeline.customize, the one `carryon train`
+and `ray job submit ... jobs.customize` run) and writes the job's record as it goes.
+
+    setup     the record (queued -> running), the files downloaded from the store, the config
+    fit       customize(cfg, InProcess(...)): one base load, the rows embedded once, Trainer.fit;
+              after each epoch a checkpoint (the adapter at that epoch's alpha) in the store
+    save      the adapter logged and registered in MLflow (carryon_mlflow.tracking), then loaded
+              from the registry and run for one token before the job says `succeeded`
+
+The actor is detached: a gateway or model replica that dies mid-job takes nothing with it. It
+checks for a cancel request at every optimizer step and every embedding batch, and ends there with
+everything it held released (the actor exits). Failures end the record `failed` with an error
+{code, message, param} a user can act on.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import ray
+
+log = logging.getLogger("carryon.finetune")
+NAMESPACE = "carryon-finetune"
+
+
+class JobCancelled(Exception):
+    """A cancel request seen at a step boundary."""
+
+
+def actor_name(job_id: str) -> str:
+    return f"job-{job_id}"
+
+
+class JobWatch:
+    """The recipe's Reporter for a job: forwards metrics to the run, checks for a cancel request
+    (at most every `check_s`), keeps the record's progress and estimated finish current, and
+    emits a message event every `every_steps` steps."""
+
+    def __init__(self, store, job_id: str, inner, check_s: float = 1.0):
+        self.store, self.job_id, self.inner, self.check_s = store, job_id, inner, check_s
+        self._checked = 0.0
+        self._updated = 0.0
+        self.trained_tokens = 0
+        self.total_steps: int | None = None
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self._checked >= self.check_s:
+            self._checked = now
+            if self.store.cancel_requested(self.job_id):
+                raise JobCancelled()
+
+    def progress(self, items, desc: str = "", total: int | None = None):
+        """A `Progress` that checks for cancellation between embedding batches."""
+        for item in items:
+            self.check()
+            yield item
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        self.inner.metrics(values, step)
+        self.trained_tokens += int(values.get("train_tokens", 0))
+        now = time.monotonic()
+        if "eta_s" in values and now - self._updated > 5:
+            self._updated = now
+            self.store.update_job(self.job_id, estimated_finish=int(time.time() + values["eta_s"]),
+                                  progress={"step": step, "total_steps": self.total_steps})
+        if "train_loss_step" in values:
+            self.check()
+
+    def params(self, values: dict[str, object]) -> None:
+        self.inner.params(values)
+
+    def dataset(self, name: str, source: str, profile: list[dict], context: str) -> None:
+        self.inner.dataset(name, source, profile, context)
+
+
+def execute(job_id: str, settings: dict) -> str:
+    """Run the job to its end; returns the final status. Never raises for a job's own failure."""
+    from carryon_mlflow.tracking import Tracker, finish_run
+    from carryon_ray.config import ConfigError
+    from carryon_ray.data import DataError
+    from carryon_ray.pipeline import InProcess, customize
+    from serve.settings import ServeConfig
+
+    from .jobs import ApiError, JobCreate, checkpoint_name, job_config
+    from .store import JOBS_EXPERIMENT, Store
+
+    import mlflow
+
+    cfg_s = ServeConfig.model_validate(settings)
+    store = Store(cfg_s.finetune_tracking_uri)
+    mlflow.set_tracking_uri(store.uri)  # models:/ URIs (the servability check) resolve on this server
+    mlflow.set_registry_uri(store.uri)
+    rec = store.get_job(job_id)
+    if rec is None or rec.get("status") not in ("validating_files", "queued"):
+        return rec.get("status") if rec else "missing"
+    if rec["cancel_requested"]:
+        return finish(store, job_id, "cancelled", "The job was cancelled before it started")
+    store.update_job(job_id, status="running", started_at=int(time.time()))
+    store.add_event(job_id, "Fine-tuning job started")
+    t0 = time.time()
+    tracker = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="carryon-ft-") as tmp:
+            train = store.file_path(rec["training_file"], f"{tmp}/train")
+            val = store.file_path(rec["validation_file"], f"{tmp}/val") if rec.get("validation_file") else None
+            req = JobCreate.model_validate(rec["request"])
+            cfg = job_config(req, cfg_s.finetune.defaults, cfg_s.base.model_dump(), rec["seed"], str(train),
+                             str(val) if val else None, f"{tmp}/out", store.uri, JOBS_EXPERIMENT,
+                             rec["registered_name"], rec["user"])
+            tracker = Tracker(store.uri, JOBS_EXPERIMENT)
+            tracker.attach(rec["run_id"], cfg.model_dump(mode="json"))
+            watch = JobWatch(store, job_id, tracker.reporter)
+
+            def checkpoint(trainer, metrics: dict) -> None:
+                watch.total_steps = trainer.plan.total_steps
+                d = Path(tmp) / f"ckpt-{trainer.step}"
+                adapter = trainer.save(d, cfg.base.name)
+                m = {"step": trainer.step, "train_loss": metrics.get("train_loss"), "valid_loss": metrics.get("val_loss"),
+                     "full_valid_loss": metrics.get("val_loss")}
+                store.add_checkpoint(job_id, trainer.step, m, str(adapter))
+                store.add_event(job_id, f"Checkpoint created at step {trainer.step} (epoch {trainer.epoch}/"
+                                f"{trainer.plan.epochs}): validation loss {metrics['val_loss']:.4f} at alpha "
+                                f"{metrics['alpha']:g}", data={"step": trainer.step})
+                store.update_job(job_id, progress={"step": trainer.step, "total_steps": trainer.plan.total_steps,
+                                                   "epoch": trainer.epoch, "epochs": trainer.plan.epochs})
+
+            def register(trained_cfg, summary: dict) -> dict:
+                version = finish_run(tracker, trained_cfg, summary, summary["adapter"])
+                tracker.client.set_registered_model_tag(rec["registered_name"], "carryon.finetune_job", job_id)
+                source = f"models:/{rec['registered_name']}/{version}"
+                check_servable(source, backend.bases[0])
+                return {"model_version": version, "source": source}
+
+            backend = InProcess(cfg, watch.progress, after_epoch=checkpoint)
+            summary = customize(cfg, backend, watch, register)
+        name = rec["fine_tuned_model_pending"]
+        store.update_job(job_id, fine_tuned_model=name, source=summary["source"],
+                         trained_tokens=watch.trained_tokens, result={
+                             "val_loss_before": summary["val_loss_before"], "val_loss_after": summary["val_loss_after"],
+                             "alpha": summary["alpha"], "steps": summary["steps"], "wall_s": round(time.time() - t0, 1),
+                             "checkpoint_models": [checkpoint_name(name, c["step_number"])
+                                                   for c in (store.get_job(job_id) or {}).get("checkpoints", [])]})
+        tracker.end("FINISHED")
+        return finish(store, job_id, "succeeded", f"The job has successfully completed: {name} "
+                      f"(validation loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f})")
+    except JobCancelled:
+        if tracker is not None:
+            tracker.end("KILLED")
+        return finish(store, job_id, "cancelled", "The job was cancelled")
+    except (DataError, ConfigError, ApiError) as exc:
+        if tracker is not None:
+            tracker.end("FAILED")
+        param = "training_file" if isinstance(exc, DataError) else "carryon"
+        return finish(store, job_id, "failed", f"The job failed: {exc}", error={
+            "code": "invalid_training_file" if isinstance(exc, DataError) else "invalid_settings",
+            "message": str(exc)[:2000], "param": param})
+    except Exception as exc:  # noqa: BLE001 - the record must say the job failed, whatever failed
+        log.error("fine-tuning job %s failed:\n%s", job_id, traceback.format_exc())
+        if tracker is not None:
+            tracker.end("FAILED")
+        return finish(store, job_id, "failed", f"The job failed: {type(exc).__name__}: {str(exc)[:500]}", error={
+            "code": "server_error", "message": f"{type(exc).__name__}: {str(exc)[:1000]}", "param": None})
+
+
+def finish(store, job_id: str, status: str, message: str, error: dict | None = None) -> str:
+    store.update_job(job_id, status=status, finished_at=int(time.time()), error=error, estimated_finish=None)
+    store.add_event(job_id, message, level="error" if status == "failed" else "info")
+    return status
+
+
+def check_servable(source: str, base) -> None:
+    """`succeeded` means servable: the registered adapter downloads, loads on the base and decodes."""
+    from carryon_ray.adapter import resolve_adapter
+    from carryon_ray.generation import CarryOnModel
+
+    model = CarryOnModel.from_pretrained(base, resolve_adapter(source))
+    ids = base.tokenizer("Hello")["input_ids"]
+    out = model.generate([ids], 1, stop_at_eos=False)
+    if not out or len(out[0]) != 1:
+        raise RuntimeError("the registered adapter loaded but did not decode")
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class FinetuneJob:
+    """The process a job runs in (options at creation: resources, name, detached lifetime)."""
+
+    def run(self, job_id: str, settings: dict) -> str:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        try:
+            return execute(job_id, settings)
+        finally:
+            ray.actor.exit_actor()  # a job's process ends with its job: every resource it held is freed

@@ -1,0 +1,242 @@
+"""The OpenAI fine-tuning API on the Serve app: files, jobs, events, checkpoints, cancel, and the
+fine-tuned model answering its owner at once. A real local cluster (its own Ray head and MLflow
+server, started and stopped here), the real `carryon serve`, real HTTP and the official openai
+client; a tiny random-weight base so a job takes seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import yaml
+
+from carryon_ray.data import row_problem, topic_rows
+from conftest import ROOT
+from finetune.files import FileRejected, check_file
+from finetune.jobs import ApiError, JobCreate, checkpoint_name, job_config, model_name, page, parse_model_name, \
+    parse_request
+from jobs import local_cluster
+
+KEYS = {"alice": "ft-key-alice", "bob": "ft-key-bob", "carol": "ft-key-carol"}
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"].strip()}]}
+            for r in topic_rows(n, seed)]
+
+
+def jsonl(rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+# -- without a cluster ---------------------------------------------------------------------------------
+def test_an_uploaded_file_is_checked_line_by_line_naming_the_field():
+    rows = chat_rows(20)
+    bad = [dict(r) for r in rows]
+    bad[4] = {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]}
+    bad[11] = {"prompt": "only a prompt"}
+    content = jsonl(bad[:12]) + b"{not json\n" + jsonl(bad[12:])
+    with pytest.raises(FileRejected) as exc:
+        check_file(content, max_rows=100, max_bad_fraction=0.1)
+    assert exc.value.status == 400 and exc.value.code == "invalid_training_file"
+    msg = exc.value.message
+    assert "3 of 21 rows" in msg and "line 5: messages[1].role: must be one of system, user, assistant" in msg
+    assert "line 12: no known fields" in msg and "line 13: not valid JSON" in msg
+    ok = check_file(content, max_rows=100, max_bad_fraction=0.2)  # a few bad lines: kept, named in the record
+    assert ok.rows == 21 and [ln for ln, _ in ok.bad] == [5, 12, 13] and ok.formats == {"chat": 18}
+    with pytest.raises(FileRejected) as exc:
+        check_file(content, max_rows=20, max_bad_fraction=1)
+    assert exc.value.status == 413
+    with pytest.raises(FileRejected, match="mix formats"):
+        check_file(jsonl(chat_rows(3) + topic_rows(3)), 100, 0.1)
+    assert row_problem({"messages": [{"role": "user", "content": "q"}]}).startswith("messages[0]: the last message")
+    assert row_problem({"question": "q", "answer": 42}) is None
+    assert row_problem({"prompt": "p", "completion": " "}) == "completion: is empty (nothing to learn)"
+
+
+def test_a_job_request_maps_onto_the_job_yaml_schema_and_names_bad_fields():
+    defaults = {"carryon": {"kind": "mlp", "width": 64}, "train": {"epochs": 3, "lr": 3e-3}}
+    req = parse_request({"model": "b", "training_file": "file-1", "seed": 3, "suffix": "topics",
+                         "method": {"type": "supervised", "supervised": {"hyperparameters": {
+                             "n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5}}},
+                         "carryon": {"carryon": {"width": 16}}})
+    cfg = job_config(req, defaults, {"name": "tiny"}, 3, "/t.jsonl", None, "/out", "http://m", "exp", "reg", "alice")
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.seed) == (2, 4, 1.5e-3, 3)
+    assert (cfg.carryon.kind, cfg.carryon.width, cfg.data.train, cfg.mlflow.owner) == ("mlp", 16, "/t.jsonl", "alice")
+    legacy = parse_request({"model": "b", "training_file": "f", "hyperparameters": {"n_epochs": 5}})
+    assert job_config(legacy, defaults, {"name": "tiny"}, 1, "/t", None, "/o", None, "e", "r", "u").train.epochs == 5
+    for body, param in [({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+                        ({"method": {"type": "dpo"}}, "method.type"),
+                        ({"suffix": "x" * 65}, "suffix"),
+                        ({"integrations": [{"type": "wandb"}]}, "integrations"),
+                        ({"temperature": 1}, "temperature")]:
+        with pytest.raises(ApiError) as exc:
+            parse_request({"model": "b", "training_file": "f", **body})
+        assert exc.value.status == 400 and exc.value.param == param, (body, exc.value.message)
+    for ext, param, text in [({"carryon": {"width": 0}}, "carryon", "carryon.width: bad value 0"),
+                             ({"data": {"train": "/etc/passwd"}}, "carryon.data.train", "never from a path"),
+                             ({"output": {"dir": "/"}}, "carryon.output", "not settable")]:
+        with pytest.raises(ApiError) as exc:
+            job_config(JobCreate(model="b", training_file="f", carryon=ext), defaults, {"name": "t"}, 1, "/t", None,
+                       "/o", None, "e", "r", "u")
+        assert exc.value.param == param and text in exc.value.message, exc.value.message
+    name = model_name("tiny-base", "alice", "topics", "ftjob-abc123")
+    assert name == "ft:tiny-base:alice:topics:ftjob-abc123" and parse_model_name(name) == ("ftjob-abc123", None)
+    assert parse_model_name(checkpoint_name(name, 12)) == ("ftjob-abc123", 12)
+    assert parse_model_name(model_name("b", "u", None, "ftjob-1")) == ("ftjob-1", None)
+    assert parse_model_name("ft:a:b") is None and parse_model_name("ft:a:b:c:file-1") is None
+    items = [{"id": f"x{i}"} for i in range(5)]
+    assert page(items, "x1", 2) == {"object": "list", "data": items[2:4], "has_more": True, "first_id": "x2",
+                                    "last_id": "x3"}
+
+
+# -- on a real cluster ------------------------------------------------------------------------------------
+pytestmark_slow = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ft(tmp_path_factory, tiny_dir):
+    """`carryon serve` on a 2-CPU local cluster (as `make serve` makes it), fine-tuning on."""
+    tmp = tmp_path_factory.mktemp("ft")
+    keys_file = tmp / "keys.yaml"
+    keys_file.write_text(yaml.safe_dump({v: k for k, v in KEYS.items()}))
+    cfg = {"base": {"name": tiny_dir, "dtype": "float32"}, "base_model_id": "tiny-base",
+           "registry": {"refresh_s": 0}, "auth": {"keys_file": str(keys_file), "admins": ["alice"]},
+           "engine": {"max_rows": 8}, "replicas": {"num_cpus": 0.5, "max_adapters": 4},
+           "finetune": {"max_active_jobs_per_user": 2, "max_file_bytes": 200_000, "max_file_rows": 500,
+                        "defaults": {"carryon": {"kind": "mlp", "width": 16, "gate": True},
+                                     "head": {"kind": "inherited"}, "alpha": {"init": 0.5, "rule": "scale3"},
+                                     "train": {"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_steps": 2}}}}
+    (tmp / "serve.yaml").write_text(yaml.safe_dump(cfg))
+    state_dir = tmp / "cluster"
+    state = local_cluster.up(str(state_dir), num_cpus=2)
+    try:
+        port = local_cluster.free_port()
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        res = subprocess.run([sys.executable, "-m", "carryon_cli", "serve", str(tmp / "serve.yaml"),
+                              "--state-dir", str(state_dir), "--port", str(port)],
+                             capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        yield {"url": f"http://127.0.0.1:{port}", "state": state, "tiny": tiny_dir}
+    finally:
+        assert local_cluster.down(str(state_dir))
+
+
+def client(ft, user="alice"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=ft["url"] + "/v1", api_key=KEYS[user], max_retries=0, timeout=120)
+
+
+def api(ft, method, path, user="alice", **kw):
+    return httpx.request(method, ft["url"] + path, headers={"Authorization": f"Bearer {KEYS[user]}"}, timeout=120, **kw)
+
+
+def wait_job(c, job_id, statuses=("succeeded", "failed", "cancelled"), timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = c.fine_tuning.jobs.retrieve(job_id)
+        if job.status in statuses:
+            return job
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {job.status} after {timeout}s")
+
+
+def offline_chat(ft, source, messages, n):
+    """What CarryOnModel gives for the adapter registered under `source`, decoded greedily."""
+    import mlflow
+
+    from carryon_ray.adapter import resolve_adapter
+    from carryon_ray.base import FrozenBase
+    from carryon_ray.config import BaseModelConfig
+    from carryon_ray.generation import CarryOnModel
+
+    mlflow.set_tracking_uri(ft["state"]["mlflow_url"])
+    base = FrozenBase.load(BaseModelConfig(name=ft["tiny"], dtype="float32"))
+    m = CarryOnModel.from_pretrained(base, resolve_adapter(source) if source else None) if source else CarryOnModel([base])
+    ids = base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    out = m.generate([list(ids)], n)[0]
+    return base.tokenizer.decode([t for t in out if t != base.tokenizer.eos_token_id], skip_special_tokens=True,
+                                 clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.slow
+def test_the_openai_client_fine_tunes_and_the_model_answers_its_owner_at_once(ft):
+    from openai import NotFoundError
+
+    c = client(ft)
+    f = c.files.create(file=("topics.jsonl", jsonl(chat_rows(48))), purpose="fine-tune")
+    assert (f.status, f.purpose, f.filename, f.bytes) == ("processed", "fine-tune", "topics.jsonl", len(jsonl(chat_rows(48))))
+    assert c.files.retrieve(f.id).id == f.id and c.files.content(f.id).content == jsonl(chat_rows(48))
+    assert f.id in [x.id for x in c.files.list()]
+    t0 = time.time()
+    job = c.fine_tuning.jobs.create(model="tiny-base", training_file=f.id, suffix="topics", seed=7,
+                                    metadata={"team": "search"},
+                                    method={"type": "supervised", "supervised": {"hyperparameters": {
+                                        "n_epochs": 3, "learning_rate_multiplier": 10}}})
+    assert job.status in ("queued", "running") and job.seed == 7 and job.hyperparameters.n_epochs == 3
+    assert job.fine_tuned_model is None and job.metadata == {"team": "search"}
+    job = wait_job(c, job.id)
+    wall = time.time() - t0
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:tiny-base:alice:topics:{job.id}"
+    assert job.trained_tokens > 0 and job.finished_at >= job.created_at and job.error is None
+    # The model answers its owner on the very next request, streamed, equal to the registered adapter offline.
+    messages = [{"role": "user", "content": "Sentence: The striker scored twice.\nTopic:"}]
+    stream = c.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=6, temperature=0,
+                                       stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    record = api(ft, "GET", f"/v1/fine_tuning/jobs/{job.id}").json()
+    assert text == offline_chat(ft, record["carryon"]["mlflow_run_id"] and f"models:/{job.id}/1", messages, 6)
+    result = record["carryon"]["result"]
+    assert text != offline_chat(ft, None, messages, 6), result  # the adapter changes the base's answer
+    assert job.fine_tuned_model in [m.id for m in c.models.list()]
+    print(f"create -> succeeded {wall:.1f}s")
+    # Events: messages and per-step metrics, newest first; every step of the run is there.
+    events = list(c.fine_tuning.jobs.list_events(job.id, limit=1000))
+    kinds = {e.type for e in events}
+    assert kinds == {"message", "metrics"}
+    steps = sorted(e.data["step"] for e in events if e.type == "metrics")
+    total = events[[e.type for e in events].index("metrics")].data["total_steps"]
+    assert steps == list(range(1, total + 1))
+    assert [e.created_at for e in events] == sorted((e.created_at for e in events), reverse=True)
+    assert "successfully completed" in events[0].message
+    assert sum("valid_loss" in (e.data or {}) for e in events if e.type == "metrics") == 3  # one per epoch
+    first_page = c.fine_tuning.jobs.list_events(job.id, limit=3)
+    assert [e.id for e in first_page.data] == [e.id for e in events[:3]] and first_page.has_more
+    # Checkpoints: one per epoch, each servable under its own name.
+    ckpts = list(c.fine_tuning.jobs.checkpoints.list(job.id))
+    assert [k.step_number for k in ckpts] == [total, 2 * total // 3, total // 3]
+    assert ckpts[0].fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-{total}"
+    early = c.chat.completions.create(model=ckpts[-1].fine_tuned_model_checkpoint, messages=messages, max_tokens=4,
+                                      temperature=0)
+    assert early.choices[0].message.content is not None
+    # Listing and the record read the same through the list route; the metadata filter works.
+    listed = c.fine_tuning.jobs.list(limit=50)
+    assert job.id in [j.id for j in listed.data]
+    assert [j.id for j in c.fine_tuning.jobs.list(metadata={"team": "search"})] == [job.id]
+    # Everyone else: the model, the job, its events, checkpoints and the file answer 404, as missing ones do.
+    b = client(ft, "bob")
+    for call in (lambda: b.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=2),
+                 lambda: b.fine_tuning.jobs.retrieve(job.id), lambda: b.files.retrieve(f.id),
+                 lambda: b.fine_tuning.jobs.list_events(job.id), lambda: b.fine_tuning.jobs.checkpoints.list(job.id),
+                 lambda: b.files.content(f.id), lambda: b.files.delete(f.id)):
+        with pytest.raises(NotFoundError):
+            call()
+    assert job.fine_tuned_model not in [m.id for m in b.models.list()]
+    missing = api(ft, "POST", "/v1/chat/completions", user="bob",
+                  json={"model": job.fine_tuned_model.replace(job.id, "ftjob-0000"), "messages": messages})
+    theirs = api(ft, "POST", "/v1/chat/completions", user="bob", json={"model": job.fine_tuned_model, "messages": messages})
+    assert missing.status_code == theirs.status_code == 404
+    assert missing.json()["error"]["message"].replace("ftjob-0000", job.id) == theirs.json()["error"]["message"]
+    # A finished job cannot be cancelled; a deleted file is gone for its owner too.
+    bad = api(ft, "POST", f"/v1/fine_tuning/jobs/{job.id}/cancel")
+    assert bad.status_code == 400 and "already succeeded" in bad.json()["error"]["message"]
+    assert c.files.delete(f.id).deleted
+    with pytest.raises(NotFoundError):
+        c.files.retrieve(f.id)
