@@ -8,7 +8,7 @@ export CARRYON_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo serve test test-fast bench bench-full gpu-check gpu-wheels screenshots clean
+.PHONY: install demo serve finetune-demo test test-fast bench bench-full gpu-check gpu-wheels screenshots clean
 
 install: $(STAMP)
 
@@ -52,6 +52,11 @@ serve: $(STAMP)
 	$(BIN)/carryon serve serve/local.yaml --set auth.keys_file=$(CURDIR)/.carryon/api-keys.yaml
 	@printf '%s\n' "try: curl -s http://127.0.0.1:8000/v1/completions -H \"Authorization: Bearer $$(cut -d: -f1 .carryon/api-keys.yaml)\" \\" \
 	  "       -H 'Content-Type: application/json' -d '{\"model\": \"demo-topics\", \"prompt\": \"Sentence: Heavy rain flooded the harbor.\\nTopic:\", \"max_tokens\": 4, \"temperature\": 0}'"
+
+# The demo's customization through the fine-tuning API of `make serve` (started if needed): upload,
+# create, follow the events, then the new model's answers beside the base's.
+finetune-demo: serve
+	$(BIN)/python -m finetune.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -240,3 +240,151 @@ def test_the_openai_client_fine_tunes_and_the_model_answers_its_owner_at_once(ft
     assert c.files.delete(f.id).deleted
     with pytest.raises(NotFoundError):
         c.files.retrieve(f.id)
+
+
+@pytest.mark.slow
+def test_bad_requests_answer_4xx_naming_the_field_and_create_nothing(ft):
+    up = lambda user, content, purpose="fine-tune", name="d.jsonl": api(  # noqa: E731
+        ft, "POST", "/v1/files", user=user, files={"file": (name, content)}, data={"purpose": purpose})
+    before_files = {u: len(api(ft, "GET", "/v1/files", user=u).json()["data"]) for u in ("alice", "bob")}
+    before_jobs = len(api(ft, "GET", "/v1/fine_tuning/jobs", user="alice").json()["data"])
+    mostly_bad = jsonl(chat_rows(4)) + b"".join(b'{"messages": [{"role": "robot", "content": "x"}]}\n' for _ in range(6))
+    r = up("alice", mostly_bad)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_training_file"
+    assert "line 5: messages[0].role: must be one of" in r.json()["error"]["message"]
+    assert up("alice", b"x" * 200_001).status_code == 413  # over finetune.max_file_bytes
+    assert up("alice", jsonl(chat_rows(501))).status_code == 413  # over finetune.max_file_rows
+    assert up("alice", jsonl(chat_rows(4)), purpose="batch").json()["error"]["param"] == "purpose"
+    assert api(ft, "POST", "/v1/files", files={"file": ("d.jsonl", b"{}")}).json()["error"]["param"] == "purpose"
+    assert httpx.post(ft["url"] + "/v1/files", files={"file": ("d.jsonl", b"{}")}, data={"purpose": "fine-tune"}
+                      ).status_code == 401
+    mine = up("alice", jsonl(chat_rows(40))).json()["id"]
+    bobs = up("bob", jsonl(chat_rows(40))).json()["id"]
+    data_only = up("alice", jsonl(chat_rows(40)), purpose="user_data").json()["id"]
+    # 4 of 40 rows bad: the upload is kept (named in status_details); a job that allows fewer refuses it.
+    some_bad = up("alice", jsonl(chat_rows(36)) + b"".join(b'{"text": 5}\n' for _ in range(4))).json()
+    assert "4 of 40 rows will be skipped: line 37: text: must be a string" in some_bad["status_details"]
+    cases = [({"model": "gpt-4o-mini"}, "model"),
+             ({"training_file": bobs}, "training_file"),
+             ({"training_file": "file-doesnotexist"}, "training_file"),
+             ({"training_file": data_only}, "training_file"),
+             ({"validation_file": bobs}, "validation_file"),
+             ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": "many"}}}},
+              "method.supervised.hyperparameters.n_epochs"),
+             ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": -1}}}},
+              "method.supervised.hyperparameters.learning_rate_multiplier"),
+             ({"hyperparameters": {"batch_size": 0}}, "hyperparameters.batch_size"),
+             ({"suffix": "s" * 65}, "suffix"),
+             ({"suffix": "has:colon"}, "suffix"),
+             ({"carryon": {"carryon": {"kind": "lora"}}}, "carryon"),
+             ({"carryon": {"data": {"val": "/etc/hosts"}}}, "carryon.data.val"),
+             ({"training_file": some_bad["id"], "carryon": {"data": {"max_bad_fraction": 0.05}}}, "training_file")]
+    for extra, param in cases:
+        r = api(ft, "POST", "/v1/fine_tuning/jobs", json={"model": "tiny-base", "training_file": mine, **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+        assert r.json()["error"]["message"].startswith(param.split(".")[0]) or param == "training_file", r.text
+    assert "carryon.kind: bad value 'lora'; allowed: 'mlp', 'transformer' or 'recycled'" in api(
+        ft, "POST", "/v1/fine_tuning/jobs", json={"model": "tiny-base", "training_file": mine,
+                                                  "carryon": {"carryon": {"kind": "lora"}}}).json()["error"]["message"]
+    assert api(ft, "POST", "/v1/fine_tuning/jobs", content=b"{oops").status_code == 400
+    for path in ("/v1/fine_tuning/jobs/ftjob-nope", "/v1/fine_tuning/jobs/ftjob-nope/events", "/v1/files/file-nope"):
+        assert api(ft, "GET", path).status_code == 404
+    assert api(ft, "POST", "/v1/fine_tuning/jobs/ftjob-nope/cancel").status_code == 404
+    assert len(api(ft, "GET", "/v1/fine_tuning/jobs", user="alice").json()["data"]) == before_jobs  # nothing created
+    after = {u: len(api(ft, "GET", "/v1/files", user=u).json()["data"]) for u in ("alice", "bob")}
+    assert after == {"alice": before_files["alice"] + 3, "bob": before_files["bob"] + 1}  # the 4 good uploads only
+    assert api(ft, "GET", "/healthz").status_code == 200
+
+
+def _ray_env(ft) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), **local_cluster.client_env(ft["state"])}
+
+
+def _actor_alive(ft, job_id: str) -> bool:
+    code = ("import ray, sys; ray.init(address=sys.argv[1], namespace='carryon-finetune', logging_level='ERROR');"
+            "from finetune.runner import actor_name\n"
+            "try:\n  ray.get_actor(actor_name(sys.argv[2])); print('alive')\nexcept ValueError:\n  print('gone')")
+    out = subprocess.run([sys.executable, "-c", code, ft["state"]["ray_address"], job_id], capture_output=True,
+                         text=True, cwd=ROOT, env=_ray_env(ft), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().endswith("alive")
+
+
+@pytest.mark.slow
+def test_a_user_over_the_job_cap_gets_429_and_cancel_stops_a_job_at_a_step(ft):
+    c = client(ft, "carol")
+    f = c.files.create(file=("t.jsonl", jsonl(chat_rows(64))), purpose="fine-tune")
+    long = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 2}}}
+    first = c.fine_tuning.jobs.create(model="tiny-base", training_file=f.id, method=long)
+    second = c.fine_tuning.jobs.create(model="tiny-base", training_file=f.id, method=long)
+    over = api(ft, "POST", "/v1/fine_tuning/jobs", user="carol", json={"model": "tiny-base", "training_file": f.id})
+    assert over.status_code == 429 and over.headers["retry-after"] == "30"
+    assert "2 active fine-tuning jobs" in over.json()["error"]["message"]
+    # The first runs beside serving (2 CPUs: replica 0.5 + gateway 0.1 + job 1); cancel it once it trains.
+    deadline = time.time() + 240
+    while not any(e.type == "metrics" for e in c.fine_tuning.jobs.list_events(first.id, limit=5)):
+        assert time.time() < deadline, c.fine_tuning.jobs.retrieve(first.id)
+        time.sleep(1)
+    assert c.fine_tuning.jobs.cancel(first.id).status in ("running", "cancelled")
+    done = wait_job(c, first.id, timeout=120)
+    assert done.status == "cancelled" and done.fine_tuned_model is None and done.finished_at is not None
+    steps = [e.data["step"] for e in c.fine_tuning.jobs.list_events(first.id, limit=10000) if e.type == "metrics"]
+    assert 0 < max(steps) < done.hyperparameters.n_epochs * 32  # stopped mid-run, at a step
+    assert not _actor_alive(ft, first.id)  # its process (and all it held) is gone
+    # The second (queued behind the first, or running) is cancelled too; a new job is then accepted.
+    c.fine_tuning.jobs.cancel(second.id)
+    assert wait_job(c, second.id, timeout=120).status == "cancelled"
+    third = api(ft, "POST", "/v1/fine_tuning/jobs", user="carol", json={"model": "tiny-base", "training_file": f.id})
+    assert third.status_code == 200, third.text
+    c.fine_tuning.jobs.cancel(third.json()["id"])
+    assert wait_job(c, third.json()["id"], timeout=120).status == "cancelled"
+
+
+def _kill_serve_replicas(ft, deployment: str) -> int:
+    """ray.kill every live replica of a Serve deployment (Serve starts new ones); returns how many."""
+    code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR')\n"
+            "from ray.util.state import list_actors\n"
+            "found = [a for a in list_actors(filters=[('state', '=', 'ALIVE')], limit=1000)\n"
+            "         if a.class_name == 'ServeReplica:carryon:' + sys.argv[2]]\n"
+            "for a in found:\n  ray.kill(ray.get_actor(a.name, namespace='serve'), no_restart=True)\n"
+            "print(len(found))")
+    out = subprocess.run([sys.executable, "-c", code, ft["state"]["ray_address"], deployment], capture_output=True,
+                         text=True, cwd=ROOT, env=_ray_env(ft), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _until(fn, timeout=180):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001 - the service is coming back
+            if time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
+@pytest.mark.slow
+def test_killing_the_model_replica_and_the_gateway_mid_job_loses_nothing(ft):
+    c = client(ft)
+    f = c.files.create(file=("t.jsonl", jsonl(chat_rows(64))), purpose="fine-tune")
+    job = c.fine_tuning.jobs.create(model="tiny-base", training_file=f.id, suffix="survivor", method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 8, "batch_size": 2}}})
+    deadline = time.time() + 240
+    while not any(e.type == "metrics" for e in c.fine_tuning.jobs.list_events(job.id, limit=5)):
+        assert time.time() < deadline
+        time.sleep(1)
+    before = [e.id for e in c.fine_tuning.jobs.list_events(job.id, limit=10000)]
+    assert _kill_serve_replicas(ft, "ModelServer") == 1
+    assert _kill_serve_replicas(ft, "Gateway") == 1
+    done = _until(lambda: wait_job(client(ft), job.id, timeout=300))
+    assert done.status == "succeeded", done.error
+    events = list(c.fine_tuning.jobs.list_events(job.id, limit=10000))
+    assert set(before) <= {e.id for e in events}  # every event from before the kills is still there
+    metrics = [e.data for e in events if e.type == "metrics"]
+    assert sorted(m["step"] for m in metrics) == list(range(1, metrics[0]["total_steps"] + 1))  # every step
+    reply = _until(lambda: c.chat.completions.create(model=done.fine_tuned_model, max_tokens=3, temperature=0,
+                                                     messages=[{"role": "user", "content": "Topic:"}]))
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert c.files.retrieve(f.id).id == f.id  # the file too
