@@ -108,7 +108,8 @@ class EpochStats:
     sample_ids: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     kls: list[float] = field(default_factory=list)
-    tokens: int = 0
+    tokens: int = 0  # scored (target) tokens
+    seen_tokens: int = 0  # every real token the step read (what OpenAI bills as trained tokens)
     replay_rows: int = 0
     wait_s: float = 0.0
     first_wait_s: float = 0.0
@@ -279,6 +280,7 @@ class Trainer:
             stats.losses.append(out.loss)
             stats.kls.append(out.kl)
             stats.tokens += out.tokens
+            stats.seen_tokens += int(batch.attention_mask.sum())
             stats.replay_rows += out.replay_rows
             self.train_losses.append((self.step, out.loss))
             self.reporter.metrics({"train_loss_step": out.loss, "lr": self.sched.get_last_lr()[0]}, self.step)
@@ -315,7 +317,7 @@ class Trainer:
             "epoch": self.epoch, "stage": stage, "step": self.step, "alpha": alpha, f"alpha_stage_{stage}": alpha,
             "val_loss": val_losses[alpha],
             "train_loss": float(np.mean(stats.losses)) if stats.losses else float("nan"),
-            "train_tokens_per_s": stats.tokens / el, "train_tokens": stats.tokens, "input_wait_fraction": stats.wait_s / el,
+            "train_tokens_per_s": stats.tokens / el, "train_tokens": stats.seen_tokens, "input_wait_fraction": stats.wait_s / el,
             "epoch_seconds": stats.seconds, "first_batch_wait_s": stats.first_wait_s,
             "samples": len(stats.sample_ids), "from_cache": int(not stats.streamed), "peak_rss_mb": peak_rss_mb(),
             **{f"val_loss_alpha_{a:g}": v for a, v in val_losses.items()},

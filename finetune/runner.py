@@ -79,21 +79,21 @@ class JobWatch:
         self.inner.dataset(name, source, profile, context)
 
 
-def execute(job_id: str, settings: dict) -> str:
-    """Run the job to its end; returns the final status. Never raises for a job's own failure."""
+def execute(job_id: str, spec: dict) -> str:
+    """Run the job to its end; returns the final status. Never raises for a job's own failure.
+    `spec` is what the service decides for every job: {tracking_uri, base (the served base's
+    config), defaults (finetune.defaults)}."""
     from carryon_mlflow.tracking import Tracker, finish_run
     from carryon_ray.config import ConfigError
     from carryon_ray.data import DataError
     from carryon_ray.pipeline import InProcess, customize
-    from serve.settings import ServeConfig
 
     from .jobs import ApiError, JobCreate, checkpoint_name, job_config
     from .store import JOBS_EXPERIMENT, Store
 
     import mlflow
 
-    cfg_s = ServeConfig.model_validate(settings)
-    store = Store(cfg_s.finetune_tracking_uri)
+    store = Store(spec["tracking_uri"])
     mlflow.set_tracking_uri(store.uri)  # models:/ URIs (the servability check) resolve on this server
     mlflow.set_registry_uri(store.uri)
     rec = store.get_job(job_id)
@@ -110,7 +110,7 @@ def execute(job_id: str, settings: dict) -> str:
             train = store.file_path(rec["training_file"], f"{tmp}/train")
             val = store.file_path(rec["validation_file"], f"{tmp}/val") if rec.get("validation_file") else None
             req = JobCreate.model_validate(rec["request"])
-            cfg = job_config(req, cfg_s.finetune.defaults, cfg_s.base.model_dump(), rec["seed"], str(train),
+            cfg = job_config(req, spec["defaults"], spec["base"], rec["seed"], str(train),
                              str(val) if val else None, f"{tmp}/out", store.uri, JOBS_EXPERIMENT,
                              rec["registered_name"], rec["user"])
             tracker = Tracker(store.uri, JOBS_EXPERIMENT)
@@ -190,9 +190,9 @@ def check_servable(source: str, base) -> None:
 class FinetuneJob:
     """The process a job runs in (options at creation: resources, name, detached lifetime)."""
 
-    def run(self, job_id: str, settings: dict) -> str:
+    def run(self, job_id: str, spec: dict) -> str:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         try:
-            return execute(job_id, settings)
+            return execute(job_id, spec)
         finally:
             ray.actor.exit_actor()  # a job's process ends with its job: every resource it held is freed

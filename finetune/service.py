@@ -135,7 +135,8 @@ class FinetuneService:
                                     num_cpus=ft.job_cpus, num_gpus=ft.job_gpus, resources=resources).remote()
         self.store.update_job(job_id, status="queued")
         self.store.add_event(job_id, "Job queued: waiting for a place on an inference-class node")
-        actor.run.remote(job_id, self.cfg.model_dump())
+        actor.run.remote(job_id, {"tracking_uri": self.store.uri, "base": self.cfg.base.model_dump(mode="json"),
+                                  "defaults": self.ft.defaults})
 
     def _job(self, user: str, job_id: str) -> dict:
         rec = self.store.get_job(job_id, user)

@@ -6,17 +6,18 @@ Two deployments:
                the body in up to its limit, validates the request, bounds what one key may have in
                flight, decides which adapter the caller may use (see access.py), and forwards a
                typed GenerateRequest to a model replica with the adapter as Serve's multiplexed
-               model id, so requests for an adapter go to replicas that already hold it.
+               model id, so requests for an adapter go to replicas that already hold it. Also the
+               OpenAI fine-tuning API (finetune/): files and jobs, each job a detached Ray actor.
   ModelServer  pinned to the inference-class resource. Holds the base once, an LRU of adapters
                (`serve.multiplexed`), and one decode engine (serve/async_engine.py) that admits and
                retires rows at every decoding step: rows of every adapter share each step's base
                forward, no request waits for a batch-mate, and a request whose client went away
                frees its row at the next step.
 
-The modules: replica.py (ModelServer and its metrics), gateway.py (Gateway, the routes),
-http_api.py (the FastAPI app: key guard, error bodies, OpenAPI, offline docs, Prometheus text),
-engine.py (the replica's engine thread and text streams), protocol.py (wire formats); this file
-only builds the application.
+The modules: replica.py (ModelServer), gateway.py (Gateway: what each route does), routes.py
+(HTTP -> gateway calls; the app is built per gateway replica), http_api.py (the app factory: the
+one key guard, error bodies, OpenAPI, offline docs, Prometheus text), async_engine.py (the replica's
+engine thread and text streams), protocol.py (wire formats); this file only builds the application.
 
 Failures cross from replica to gateway as `ServeError` exceptions carrying their HTTP status; a
 replica that dies mid-request answers 503 with Retry-After. Run it with `carryon serve FILE`,

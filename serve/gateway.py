@@ -1,8 +1,9 @@
-"""The gateway deployment: the HTTP ingress. Checks the key, validates the request, bounds what one
-key may have in flight, decides which adapter the caller may use (access.py), and forwards a typed
-GenerateRequest to a model replica with the adapter as Serve's multiplexed model id."""
+"""The gateway deployment: the HTTP ingress. Validates the request, bounds what one key may have in
+flight, decides which adapter the caller may use (access.py), and forwards a typed GenerateRequest
+to a model replica with the adapter as Serve's multiplexed model id; the fine-tuning routes call
+the FinetuneService (finetune/service.py). The key was checked, and the user put on the request,
+by the guard (http_api.py); serve/routes.py turns HTTP into calls on this class."""
 
-# No `from __future__ import annotations`: FastAPI reads the routes' annotations at runtime.
 import asyncio
 import json
 import logging

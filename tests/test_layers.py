@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 
-PACKAGES = ["carryon_ray", "carryon_mlflow", "actors", "jobs", "serve", "carryon_cli"]
+PACKAGES = ["carryon_ray", "carryon_mlflow", "actors", "jobs", "serve", "finetune", "carryon_cli"]
 # package -> top-level modules it must never import
 FORBIDDEN = {
     "carryon_ray": {"ray", "mlflow", "carryon_mlflow", "actors", "jobs", "serve", "carryon_cli"},
@@ -22,6 +22,7 @@ FORBIDDEN = {
     "actors": {"mlflow", "carryon_mlflow", "jobs", "serve", "carryon_cli"},
     "jobs": {"serve", "carryon_cli"},
     "serve": {"jobs", "actors", "carryon_cli"},
+    "finetune": {"serve", "jobs", "actors", "carryon_cli"},  # the service on top of the core; serve hosts its routes
 }
 
 
