@@ -82,6 +82,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/recycled.py --n-train 48 --n-val 16 --steps 4 --depths 2 --extra "" --bridge-depths 2 \
 	  --out $(QUICK)/recycled.json
 	$(BIN)/python bench/gpu_check.py --smoke --out $(QUICK)/gpu_check.json
+	$(BIN)/python bench/finetune_api.py --quick --out $(QUICK)/finetune-api.json
 	$(BIN)/python bench/demo.py --out $(QUICK)/demo.json
 
 bench-full: $(STAMP)
@@ -95,6 +96,7 @@ bench-full: $(STAMP)
 	$(BIN)/python bench/replay_kl.py
 	$(BIN)/python bench/recycled.py
 	$(BIN)/python bench/paper_features.py
+	$(BIN)/python bench/finetune_api.py
 	$(BIN)/python bench/demo.py
 
 # GPU figures (bench/gpu_check.py): run on a machine with CUDA; writes bench/results/gpu_check.json.
