@@ -143,7 +143,7 @@ def cmd_export(args) -> int:
     from carryon_ray.export import export_peft
 
     try:
-        out = export_peft(resolve_adapter(args.adapter), args.out, args.base_path)
+        out = export_peft(resolve_adapter(args.adapter), args.out, args.base_path, args.with_base)
     except AdapterError as exc:
         raise SystemExit(f"error: {exc}") from None
     conf = json.loads((out / "adapter_config.json").read_text())
@@ -215,7 +215,10 @@ def add_commands(sub) -> None:
     x.add_argument("--format", choices=["peft"], default="peft", help="the output format")
     x.add_argument("adapter", help="adapter directory or models:/NAME@ALIAS (carryon.kind: recycled)")
     x.add_argument("out", help="directory to write the PEFT adapter into")
-    x.add_argument("--base-path", default=None, help="base_model_name_or_path to record (default: the adapter's)")
+    x.add_argument("--base-path", default=None, help="base_model_name_or_path to record: a Hugging Face directory or "
+                   "hub id with the adapter's weights (required when its base is a GGUF file or a local alias)")
+    x.add_argument("--with-base", default=None, metavar="DIR", help="also write the exact base the adapter was trained "
+                   "on (a GGUF dequantized to fp32 safetensors + tokenizer) to DIR and record it")
     x.set_defaults(func=cmd_export)
 
     c = sub.add_parser("config", help="print a validated config with every default filled in")

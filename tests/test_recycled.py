@@ -2,6 +2,8 @@
 trained on the cached state entering block L - k, served inside the base's forward, exported as PEFT LoRA."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from carryon_ray.config import ConfigError, resolve_tap
 from carryon_ray.generation import Adapter, CarryOnModel, generate_mixed
 from carryon_ray.train import build_carryon, evaluate, make_optimizer, train_step
-from conftest import make_config, make_tiny_base
+from conftest import ROOT, make_config, make_tiny_base
 
 PROMPTS = ["Question: Tom has 3 apples and buys 4 more. How many apples?\nAnswer:", "The capital of France is"]
 
@@ -215,3 +217,41 @@ def test_peft_export_gives_our_logits(tmp_path, deep_dir, deep_base):
     assert (ours[keep] - theirs[keep]).abs().max() <= 1e-4
     base_logits = deep_base.logits(ids, mask)
     assert (ours[keep] - base_logits[keep]).abs().max() > 1e-3  # the export carries a real change
+
+
+def test_peft_export_names_a_loadable_base_and_loads_from_its_directory_alone(tmp_path, smol_dir, smol_fp32):
+    """The bundled SmolLM2 is a Q4_1 GGUF: the export refuses to name the alias, and with --with-base
+    writes the exact dequantized base beside it, so peft loads the pair from the export alone."""
+    from peft import AutoPeftModelForCausalLM
+
+    from carryon_ray.adapter import AdapterError, save_adapter
+    from carryon_ray.base import SMOLLM2_ALIAS, positions_from_mask
+    from carryon_ray.bridge import Bridge
+    from carryon_ray.export import export_peft
+
+    _, m = recycled(smol_dir, smol_fp32, depth=2, rank=4, noise=0.05)
+    m.set_alpha(0.8)
+    path = save_adapter(tmp_path / "a", m, [[Bridge(0)]], [], [smol_fp32.fingerprint().to_dict()], SMOLLM2_ALIAS)
+    with pytest.raises(AdapterError, match="pass --with-base DIR"):
+        export_peft(path, tmp_path / "refused")
+    res = subprocess.run([sys.executable, "-m", "carryon_cli", "export", str(path), str(tmp_path / "cli")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode != 0 and "--base-path" in res.stderr
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+    out = export_peft(path, tmp_path / "peft", with_base=tmp_path / "base")
+    meta = json.loads((out / "carryon_export.json").read_text())
+    assert meta["base_model_name_or_path"] == str((tmp_path / "base").resolve()) and meta["trained_on"] == SMOLLM2_ALIAS
+    assert meta["base_fingerprint"] == smol_fp32.fingerprint().to_dict()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == meta["base_model_name_or_path"]
+    assert smol_fp32.fingerprint().to_dict()["head_sha"] in (out / "README.md").read_text()
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()  # the directory alone
+    ids, mask = batch(smol_fp32.tokenizer)
+    ours = CarryOnModel.from_pretrained(smol_fp32, path).logits(ids, mask)
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    keep = mask.bool()
+    assert (ours[keep] - theirs[keep]).abs().max() <= 1e-4
+    assert (ours[keep] - smol_fp32.logits(ids, mask)[keep]).abs().max() > 1e-3  # a real change, carried over
+    named = export_peft(path, tmp_path / "named", base_path="my-org/smollm2-q4_1-dequantized")
+    assert json.loads((named / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "my-org/smollm2-q4_1-dequantized"
