@@ -229,7 +229,7 @@ def job_object(rec: dict, mlflow_url: str | None) -> dict:
            "training_file": rec.get("training_file"), "validation_file": rec.get("validation_file"),
            "fine_tuned_model": rec.get("fine_tuned_model"), "finished_at": rec.get("finished_at"),
            "error": rec.get("error"), "hyperparameters": hp, "seed": rec.get("seed"),
-           "trained_tokens": rec.get("trained_tokens"), "result_files": [],
+           "trained_tokens": rec.get("trained_tokens"), "result_files": rec.get("result_files") or [],
            "estimated_finish": rec.get("estimated_finish") if rec.get("status") in ACTIVE else None,
            "integrations": [], "metadata": rec.get("metadata"), "suffix": rec.get("suffix"),
            "user_provided_suffix": rec.get("suffix"),

@@ -140,7 +140,9 @@ def execute(job_id: str, spec: dict) -> str:
             backend = InProcess(cfg, watch.progress, after_epoch=checkpoint)
             summary = customize(cfg, backend, watch, register)
         name = rec["fine_tuned_model_pending"]
-        store.update_job(job_id, fine_tuned_model=name, source=summary["source"],
+        results = store.create_file(rec["user"], "step_metrics.csv", "fine-tune-results", step_metrics_csv(store, job_id),
+                                    {"job": job_id})
+        store.update_job(job_id, fine_tuned_model=name, source=summary["source"], result_files=[results["id"]],
                          trained_tokens=watch.trained_tokens, result={
                              "val_loss_before": summary["val_loss_before"], "val_loss_after": summary["val_loss_after"],
                              "alpha": summary["alpha"], "steps": summary["steps"], "wall_s": round(time.time() - t0, 1),
@@ -166,6 +168,18 @@ def execute(job_id: str, spec: dict) -> str:
             tracker.end("FAILED")
         return finish(store, job_id, "failed", f"The job failed: {type(exc).__name__}: {str(exc)[:500]}", error={
             "code": "server_error", "message": f"{type(exc).__name__}: {str(exc)[:1000]}", "param": None})
+
+
+def step_metrics_csv(store, job_id: str) -> bytes:
+    """OpenAI's results file: one line per step (step, train_loss, train_accuracy, valid_loss,
+    valid_mean_token_accuracy); validation at each epoch's last step; accuracies are not measured."""
+    from carryon_mlflow.tracking import metric_name
+
+    train = {m.step: m.value for m in store.metric_history(job_id, metric_name("train_loss_step"))}
+    val = {m.step: m.value for m in store.metric_history(job_id, metric_name("val_loss"))}
+    lines = ["step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"]
+    lines += [f"{step},{train[step]:.6f},,{'' if step not in val else f'{val[step]:.6f}'}," for step in sorted(train)]
+    return ("\n".join(lines) + "\n").encode()
 
 
 def finish(store, job_id: str, status: str, message: str, error: dict | None = None) -> str:

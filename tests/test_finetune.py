@@ -186,6 +186,9 @@ def test_the_openai_client_fine_tunes_and_the_model_answers_its_owner_at_once(ft
     assert job.status == "succeeded", job.error
     assert job.fine_tuned_model == f"ft:tiny-base:alice:topics:{job.id}"
     assert job.trained_tokens > 0 and job.finished_at >= job.created_at and job.error is None
+    csv = c.files.content(job.result_files[0]).text.splitlines()  # OpenAI's results file: a line per step
+    assert csv[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert c.files.retrieve(job.result_files[0]).purpose == "fine-tune-results"
     # The model answers its owner on the very next request, streamed, equal to the registered adapter offline.
     messages = [{"role": "user", "content": "Sentence: The striker scored twice.\nTopic:"}]
     stream = c.chat.completions.create(model=job.fine_tuned_model, messages=messages, max_tokens=6, temperature=0,
@@ -203,7 +206,8 @@ def test_the_openai_client_fine_tunes_and_the_model_answers_its_owner_at_once(ft
     assert kinds == {"message", "metrics"}
     steps = sorted(e.data["step"] for e in events if e.type == "metrics")
     total = events[[e.type for e in events].index("metrics")].data["total_steps"]
-    assert steps == list(range(1, total + 1))
+    assert steps == list(range(1, total + 1)) and len(csv) == total + 1
+    assert sum(bool(line.split(",")[3]) for line in csv[1:]) == 3  # validation loss at each epoch's end
     assert [e.created_at for e in events] == sorted((e.created_at for e in events), reverse=True)
     assert "successfully completed" in events[0].message
     assert sum("valid_loss" in (e.data or {}) for e in events if e.type == "metrics") == 3  # one per epoch
