@@ -396,8 +396,9 @@ class ResourcesConfig(Strict):
     embed_actors_max: int = Field(2, ge=1, description="Maximum size of the embedding actor pool.")
     embed_batch_size: int = Field(8, gt=0, description="Sequences per base forward in an embedding actor.")
     tokenize_actors: int = Field(
-        2, ge=1, description="Most CPU actors tokenizing rows in the job's Ray Data pipeline (scaled from 1 up).")
-    tokenize_cpus: float = Field(0.5, gt=0, description="CPUs each tokenizing actor reserves.")
+        2, ge=1, description="Most tokenizing tasks at once in the job's Ray Data pipeline (each builds the "
+        "tokenizer once per worker process).")
+    tokenize_cpus: float = Field(0.5, gt=0, description="CPUs each tokenizing task reserves.")
     embed_cpus: float = Field(1.0, gt=0, description="CPUs each embedding actor reserves.")
     embed_gpus: float = Field(0.0, ge=0, description="GPUs each embedding actor reserves.")
     pool_per_base: bool = Field(

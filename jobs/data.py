@@ -226,12 +226,32 @@ def _reason_counts(batch: dict) -> dict:
     return columns({"reason": list(counts), "rows": list(counts.values())}, ("reason",))
 
 
+_TOKENIZERS: dict[str, TokenizeRows] = {}  # per worker process: one tokenizer per (base, data) config
+
+
+def tokenize_batch(batch: dict, base: dict, data: dict) -> dict:
+    """Ray Data task: TokenizeRows on one batch, its tokenizer built once per worker process.
+
+    Tasks, not an actor pool: an actor pool's constructor arguments travel through the object store,
+    and Ray's core logs an error line for every such actor with restarts ("has constructor arguments
+    in the object store and max_restarts > 0") that a user reads as a failure; a tokenizer is cheap
+    to build once per worker process, which Ray reuses across tasks."""
+    key = json.dumps([base, data], sort_keys=True, default=str)
+    tok = _TOKENIZERS.get(key)
+    if tok is None:
+        tok = _TOKENIZERS[key] = TokenizeRows(base, data)
+    return tok(batch)
+
+
 def _tokenized(source: str, cfg: CarryOnConfig, data: DataConfig, role: str, seed: int, limit: int | None = None):
     """(materialized token dataset of good rows, DataReport) for one source."""
+    from ray.data import TaskPoolStrategy
+
     r = cfg.resources
     ds = read_source(source, data, seed, limit).map_batches(
-        TokenizeRows, fn_constructor_args=(cfg.base.model_dump(), data.model_dump()), batch_size=256,
-        batch_format="numpy", compute=ray_pool(1, r.tokenize_actors), num_cpus=r.tokenize_cpus,
+        tokenize_batch, fn_kwargs={"base": cfg.base.model_dump(mode="json"), "data": data.model_dump(mode="json")},
+        batch_size=256, batch_format="numpy", compute=TaskPoolStrategy(size=r.tokenize_actors),
+        num_cpus=r.tokenize_cpus,
     ).materialize()
     counts: dict[str, int] = {}
     for part in ds.map_batches(_reason_counts, batch_format="numpy", batch_size=4096).take_all():
@@ -316,12 +336,6 @@ def _through_core(ds, cfg: CarryOnConfig, rule: str, data: DataConfig):
     task = ray.remote(num_returns="streaming", num_cpus=cfg.resources.tokenize_cpus)(_rule_rows)
     refs = list(task.remote(ds, cfg.model_dump(mode="json"), rule, data.model_dump(mode="json")))
     return ray.data.from_arrow_refs(refs).materialize() if refs else ds.limit(0)
-
-
-def ray_pool(lo: int, hi: int):
-    from ray.data import ActorPoolStrategy
-
-    return ActorPoolStrategy(min_size=lo, max_size=max(lo, hi))
 
 
 def _ordered(ds, plan: RowPlan, replay: bool):

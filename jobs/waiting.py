@@ -19,7 +19,7 @@ log = logging.getLogger("carryon.job")
 
 # What pending work is, in the config's words: the class or task name -> (what it is, the field to lower).
 KNOWN = {
-    "TokenizeRows": ("the tokenize actors", "resources.tokenize_cpus"),
+    "tokenize_batch": ("the tokenize tasks", "resources.tokenize_cpus"),
     "EmbeddingProducer": ("the embedding actors", "resources.embed_cpus / embed_gpus"),
     "calibrate": ("the calibration task", "resources.embed_cpus / embed_gpus"),
     "RayTrainWorker": ("the training workers", "resources.train_cpus / train_gpus"),

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -149,16 +150,19 @@ def wait_job(c, job_id, statuses=("succeeded", "failed", "cancelled"), timeout=3
 
 def offline_chat(ft, source, messages, n):
     """What CarryOnModel gives for the adapter registered under `source`, decoded greedily."""
-    import mlflow
-
     from carryon_ray.adapter import resolve_adapter
     from carryon_ray.base import FrozenBase
     from carryon_ray.config import BaseModelConfig
     from carryon_ray.generation import CarryOnModel
 
-    mlflow.set_tracking_uri(ft["state"]["mlflow_url"])
     base = FrozenBase.load(BaseModelConfig(name=ft["tiny"], dtype="float32"))
-    m = CarryOnModel.from_pretrained(base, resolve_adapter(source) if source else None) if source else CarryOnModel([base])
+    # The environment, restored after: mlflow.set_tracking_uri would outlive this module's server and
+    # send later tests' registry calls (MlflowClient's default registry URI) to a stopped one.
+    os.environ["MLFLOW_TRACKING_URI"] = ft["state"]["mlflow_url"]
+    try:
+        m = CarryOnModel.from_pretrained(base, resolve_adapter(source)) if source else CarryOnModel([base])
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
     ids = base.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     out = m.generate([list(ids)], n)[0]
     return base.tokenizer.decode([t for t in out if t != base.tokenizer.eos_token_id], skip_special_tokens=True,
@@ -175,6 +179,9 @@ def test_the_openai_client_fine_tunes_and_the_model_answers_its_owner_at_once(ft
     assert c.files.retrieve(f.id).id == f.id and c.files.content(f.id).content == jsonl(chat_rows(48))
     assert f.id in [x.id for x in c.files.list()]
     t0 = time.time()
+    # A second job of another kind (recycled top block, rank 4), queued beside the first: served side by side after.
+    other = c.fine_tuning.jobs.create(model="tiny-base", training_file=f.id, suffix="recycled", extra_body={
+        "carryon": {"carryon": {"kind": "recycled", "depth": 1, "rank": 4}, "train": {"lr": 1e-2}}})
     job = c.fine_tuning.jobs.create(model="tiny-base", training_file=f.id, suffix="topics", seed=7,
                                     metadata={"team": "search"},
                                     method={"type": "supervised", "supervised": {"hyperparameters": {
@@ -200,6 +207,19 @@ def test_the_openai_client_fine_tunes_and_the_model_answers_its_owner_at_once(ft
     assert text != offline_chat(ft, None, messages, 6), result  # the adapter changes the base's answer
     assert job.fine_tuned_model in [m.id for m in c.models.list()]
     print(f"create -> succeeded {wall:.1f}s")
+    # Mixed tenants: the base, the MLP job's model and the recycled job's, in flight at once, each as alone.
+    other = wait_job(c, other.id)
+    assert other.status == "succeeded", other.error
+    names = ["tiny-base", job.fine_tuned_model, other.fine_tuned_model] * 3
+
+    def ask(name):
+        return c.chat.completions.create(model=name, messages=messages, max_tokens=8, temperature=0,
+                                         extra_body={"ignore_eos": True}).choices[0].message.content
+
+    alone = {name: ask(name) for name in names[:3]}
+    with ThreadPoolExecutor(len(names)) as pool:
+        together = list(pool.map(ask, names))
+    assert together == [alone[n] for n in names] and len(set(alone.values())) >= 2
     # Events: messages and per-step metrics, newest first; every step of the run is there.
     events = list(c.fine_tuning.jobs.list_events(job.id, limit=1000))
     kinds = {e.type for e in events}
