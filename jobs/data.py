@@ -115,19 +115,21 @@ def _table_rows(batch) -> dict:
     return columns({"raw": raws, "reason": [""] * len(raws)}, ("raw", "reason"))
 
 
-def read_source(source: str, cfg: DataConfig, seed: int, limit: int | None = None):
-    """The raw rows of one source as a lazy Ray Dataset (nothing is read on the driver)."""
+def read_source(source: str, cfg: DataConfig, seed: int, limit: int | None = None) -> tuple[object, int]:
+    """(the raw rows of one source as a lazy Ray Dataset, the least number of blocks it reads as):
+    nothing is read on the driver. A built-in is one block; files are at least one block each."""
     import ray.data
 
     if source in BUILTINS:  # generated on a worker, not here
         n = min(cfg.builtin_size, limit or cfg.builtin_size)
         ds = ray.data.range(1).flat_map(lambda _: [{"raw": json.dumps(r), "reason": ""}
                                                    for r in BUILTINS[source](n, seed)])
-        return ds
+        return ds, 1
     if source.startswith("builtin:"):
         raise DataError(f"unknown built-in dataset {source!r}; available: {', '.join(sorted(BUILTINS))}")
-    parts = []
+    parts, blocks = [], 0
     for fmt, files in resolve_files(source).items():
+        blocks += len(files)
         if fmt in ("jsonl", "text"):
             parts.append(ray.data.read_binary_files(files, include_paths=True).map_batches(_lines, batch_format="numpy"))
         elif fmt == "arrow":
@@ -135,7 +137,7 @@ def read_source(source: str, cfg: DataConfig, seed: int, limit: int | None = Non
         else:
             parts.append(ray.data.read_parquet(files).map_batches(_table_rows, batch_format="pyarrow"))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return ds.limit(limit) if limit else ds
+    return (ds.limit(limit) if limit else ds), blocks
 
 
 def columns(out: dict[str, list], objects: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -248,9 +250,11 @@ def _tokenized(source: str, cfg: CarryOnConfig, data: DataConfig, role: str, see
     from ray.data import TaskPoolStrategy
 
     r = cfg.resources
-    ds = read_source(source, data, seed, limit).map_batches(
+    raw, blocks = read_source(source, data, seed, limit)
+    # No more concurrent tasks than input blocks: a cap above them only earns a Ray Data warning.
+    ds = raw.map_batches(
         tokenize_batch, fn_kwargs={"base": cfg.base.model_dump(mode="json"), "data": data.model_dump(mode="json")},
-        batch_size=256, batch_format="numpy", compute=TaskPoolStrategy(size=r.tokenize_actors),
+        batch_size=256, batch_format="numpy", compute=TaskPoolStrategy(size=max(1, min(r.tokenize_actors, blocks))),
         num_cpus=r.tokenize_cpus,
     ).materialize()
     counts: dict[str, int] = {}
