@@ -52,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     brief = {k: v for k, v in summary.items() if k not in ("history", "train_losses", "last_epoch", "heldout")}
     if summary.get("heldout"):
         brief["heldout"] = {k: v for k, v in summary["heldout"].items() if k != "examples"}
-    print("RESULT " + json.dumps(brief))  # the whole summary is summary.json in output.dir
-    before, after = summary["val_loss_before"], summary["val_loss_after"]
-    if before is not None and after is not None:
-        print(f"validation loss {before:.4f} -> {after:.4f} at alpha {summary['alpha']:g}; adapter at {summary['adapter']}")
+    print("RESULT " + json.dumps(brief))  # the whole summary is summary.json in output.dir (the story logs the losses)
     return 0
 
 
