@@ -146,8 +146,7 @@ def _merge(into: dict, extra: dict) -> dict:
 
 
 def job_config(req: JobCreate, defaults: dict, base: dict, seed: int, train_path: str, val_path: str | None,
-               out_dir: str, tracking_uri: str | None, experiment: str, register_as: str, user: str,
-               rows: int | None = None) -> CarryOnConfig:
+               out_dir: str, tracking_uri: str | None, experiment: str, register_as: str, user: str) -> CarryOnConfig:
     """The CarryOnConfig a job runs with: the service's defaults, the request's `carryon` settings,
     its hyperparameters, then what only the service decides (base, data files, tracking, output)."""
     ext = req.carryon or {}
@@ -173,10 +172,7 @@ def job_config(req: JobCreate, defaults: dict, base: dict, seed: int, train_path
         train["lr"] = lr * h.learning_rate_multiplier
     train["seed"] = seed
     train.setdefault("progress_s", 10.0)
-    d = data.setdefault("data", {})
-    d.update({"train": train_path, "val": val_path})
-    if rows is not None and val_path is None:  # keep at least one validation row on tiny files
-        d.setdefault("val_fraction", 0.1)
+    data.setdefault("data", {}).update({"train": train_path, "val": val_path})
     data.update({"base": base, "output": {"dir": out_dir}, "eval": {"heldout": None},
                  "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment, "register_as": register_as,
                             "owner": user, "shared": False, "alias": "current"}})

@@ -98,7 +98,7 @@ class FinetuneService:
         train_info = files["training_file"]["info"]
         cfg = job_config(req, self.ft.defaults, self.cfg.base.model_dump(), seed, "train.jsonl",
                          "val.jsonl" if req.validation_file else None, "out", None, JOBS_EXPERIMENT, "check",
-                         user, rows=train_info["rows"])
+                         user)
         if train_info["rows"] > self.ft.max_job_rows:
             raise ApiError(400, f"training_file: {train_info['rows']} rows; jobs through this API take at most "
                            f"{self.ft.max_job_rows} (finetune.max_job_rows): run larger ones with `carryon customize`",

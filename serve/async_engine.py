@@ -303,11 +303,6 @@ class AsyncEngine:
                     "ttft_count": self.ttft_count, "ttft_sum_s": round(self.ttft_sum, 6),
                     "ttft_buckets": dict(zip([*map(str, TTFT_BOUNDS), "+Inf"], itertools.accumulate(self.ttft_buckets)))}
 
-    def ttft_since(self, count: int) -> list[float]:
-        """TTFTs of the requests after the first `count` (as many as are still held)."""
-        new = self.ttft_count - count
-        return list(self.ttft)[-new:] if new > 0 else []
-
     def close(self) -> None:
         self._stop = True
         self._wake.set()
