@@ -57,6 +57,9 @@ def cmd_serve(args) -> int:
     print(f"serving {health['base']} with {len(cfg.adapters)} listed adapter(s) "
           f"(registry {'on' if cfg.registry.enabled else 'off'}) at {url}/v1  [{time.time() - t0:.1f}s]")
     print(f"API keys: {keys_summary(keys)}; OpenAPI document at {url}/docs")
+    if cfg.finetune.enabled and cfg.finetune_tracking_uri:
+        print(f"fine-tuning API: {url}/v1/files and {url}/v1/fine_tuning/jobs (records in MLflow at "
+              f"{cfg.finetune_tracking_uri}; `make finetune-demo` tries it)")
     return 0
 
 
