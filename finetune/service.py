@@ -6,7 +6,9 @@ that can fail runs before anything is written, so a refused request leaves nothi
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 
 from .files import PURPOSES, FileRejected, check_file
 from .jobs import (ACTIVE, ApiError, TERMINAL, checkpoint_name, effective_hyperparameters, file_object, job_config,
@@ -32,6 +34,10 @@ class FinetuneService:
         self.cfg, self.ft = cfg, cfg.finetune
         self.store = Store(uri)
         self.mlflow_url = uri if uri.startswith("http") else None
+        # (user, name) -> (source, mux id) of models that resolved: a succeeded job and its checkpoints
+        # never change, so a hit skips the store on every later request (misses are never kept).
+        self._resolved: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
+        self._lock = threading.Lock()
 
     # -- files ------------------------------------------------------------------------------------
     def upload(self, user: str, filename: str, purpose: str, content: bytes) -> dict:
@@ -230,6 +236,20 @@ class FinetuneService:
     def resolve(self, user: str, name: str) -> tuple[str, str] | None:
         """(source, multiplexing id) of a fine-tuned model or checkpoint `user` may call; None when it
         does not exist, is not theirs, or has not finished (the same answer for each)."""
+        with self._lock:
+            hit = self._resolved.get((user, name))
+            if hit is not None:
+                self._resolved.move_to_end((user, name))
+                return hit
+        found = self._lookup(user, name)
+        if found is not None:
+            with self._lock:
+                self._resolved[(user, name)] = found
+                while len(self._resolved) > 4096:
+                    self._resolved.popitem(last=False)
+        return found
+
+    def _lookup(self, user: str, name: str) -> tuple[str, str] | None:
         parsed = parse_model_name(name)
         if parsed is None:
             return None
