@@ -363,15 +363,33 @@ def _sums(ds, fn, batch_size: int | None = 4096) -> dict[str, int]:
     return total
 
 
-def _padding(ds, batch_size: int) -> float:
-    """Padding share of `ds`'s rows batched in order. Each worker sums over 512 training batches at
-    a time, so one record per 512 batches reaches the driver."""
+def _padding(ds, batch_size: int) -> tuple[float, int]:
+    """(padding share of `ds`'s rows batched in order, their tokens). Each worker sums over 512
+    training batches at a time, so one record per 512 batches reaches the driver."""
     def stats(batch: dict) -> dict:
         lengths = [int(n) for n in batch["length"]]
         return {"real": [sum(lengths)], "padded": [padded_tokens(lengths, batch_size)]}
 
     s = _sums(ds, stats, batch_size * 512)
-    return 1 - s.get("real", 0) / max(s.get("padded", 0), 1)
+    return 1 - s.get("real", 0) / max(s.get("padded", 0), 1), s.get("real", 0)
+
+
+# Ray Data's distributed sort runs three rounds of tasks (sample, map, reduce): about 6 s on a
+# 2-core machine whatever the size, most of a small job's data stage. Below this size one task
+# sorts the whole dataset as one block instead (the same order: the keys are distinct).
+SORT_IN_ONE_TASK_BYTES = 256 * 1024**2
+
+
+def _sort_block(table):
+    return table.sort_by("order")
+
+
+def _in_order(ds):
+    """`ds` materialized in the order of its `order` column."""
+    ds = ds.materialize()
+    if (ds.size_bytes() or 0) > SORT_IN_ONE_TASK_BYTES:
+        return ds.sort("order").materialize()
+    return ds.repartition(1).map_batches(_sort_block, batch_size=None, batch_format="pyarrow").materialize()
 
 
 def _profile(ds) -> list[dict]:
@@ -408,8 +426,8 @@ def ingest(cfg: CarryOnConfig) -> Ingested:
         n_replay = replay.count()
         profiles["replay"] = (str(d.replay), _profile(replay), "training")
         parts.append(_ordered(replay, plan, True))
-    ordered = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).sort("order")
-    unpacked = _padding(ordered, cfg.train.batch_size)
+    ordered = _in_order(parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0])
+    unpacked, tokens = _padding(ordered, cfg.train.batch_size)
     if d.pack_examples:  # one streaming pass in training order, by the core's rule
         ordered = _through_core(ordered, cfg, "packed", d)
     columns = [ROW_ID, ROW_REPLAY, ROW_INPUT_IDS, ROW_LABELS, "key", "length"] + ([ROW_SEGMENTS] if d.pack_examples
@@ -417,15 +435,16 @@ def ingest(cfg: CarryOnConfig) -> Ingested:
     per_block, actors = cfg.resources.embed_batch_size, cfg.resources.embed_actors_max
     ordered = _blocks(ordered.select_columns(columns), per_block, actors)
     row_columns = [ROW_ID, ROW_REPLAY, ROW_INPUT_IDS, ROW_LABELS, "key", "length"]
-    val = _blocks(_ordered(val, plan, False).sort("order").select_columns(row_columns), per_block, actors)
+    val = _blocks(_in_order(_ordered(val, plan, False)).select_columns(row_columns), per_block, actors)
     if general is not None:
         general = _blocks(_ordered(general, plan, False).select_columns(row_columns), per_block, actors)
     profiles["train"] = (str(d.train), _profile(train), "training")
     profiles["val"] = (str(d.val or f"{d.train} (validation split)"), _profile(val), "validation")
     if general is not None:
         profiles["general"] = (str(d.general_val), _profile(general), "evaluation")
-    now = _padding(ordered, cfg.train.batch_size)
-    tokens = _sums(ordered, lambda b: {"tokens": [int(np.sum(b["length"]))]}).get("tokens", 0)
+    now = unpacked
+    if d.pack_examples:  # packing made new sequences: measure them again
+        now, tokens = _padding(ordered, cfg.train.batch_size)
     return Ingested(ordered, val, general, ordered.count(), n_custom, n_replay, val.count(), tokens, reports,
                     profiles, (now, unpacked))
 
