@@ -182,6 +182,21 @@ class Trainer:
         self.ddp = self.wrap(self.model)
 
     # -- checkpoints ------------------------------------------------------------------------------
+    # One format, one file: Ray Train's checkpoints (jobs/train_loop.py) and Tune's trials
+    # (jobs/tune.py) both write and read the recipe's state through these two.
+    STATE_FILE = "state.pt"
+
+    def save_state(self, directory: str | Path) -> Path:
+        """Write the recipe's state into `directory` (a checkpoint's folder)."""
+        path = Path(directory) / self.STATE_FILE
+        torch.save(self.state_dict(), path)
+        return path
+
+    @classmethod
+    def read_state(cls, directory: str | Path) -> dict:
+        """The state `save_state` wrote (tensors and plain data only: weights_only, nothing unpickled)."""
+        return torch.load(Path(directory) / cls.STATE_FILE, weights_only=True)
+
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict(), "alpha": self.search.current,

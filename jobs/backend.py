@@ -19,6 +19,8 @@ import time
 import uuid
 from pathlib import Path
 
+from .local_cluster import SINGLE_MACHINE_ENV
+
 log = logging.getLogger("carryon.job")
 
 # Ray Train V2 waits for worker health checks between reports; the default interval makes each
@@ -68,7 +70,7 @@ def connect_ray(cfg) -> None:
         r = cfg.resources
         env = {k: os.environ[k] for k in ("CARRYON_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
         ray.init(resources={r.inference_resource: 100, r.training_resource: 100},
-                 runtime_env={"env_vars": {**env, **QUIET_ENV}}, logging_level=logging.WARNING)
+                 runtime_env={"env_vars": {**env, **QUIET_ENV, **SINGLE_MACHINE_ENV}}, logging_level=logging.WARNING)
 
 
 def embed_pipeline(cfg, ds, calib):
@@ -320,6 +322,17 @@ def check_base(cfg) -> None:
     check_tokenizers(cfg, tok)
 
 
+def ingest_options():
+    """Ray Data options for the trainers' datasets: the driver's (preserve_order is
+    resources.deterministic), given explicitly. Train's default copies every option, the
+    deprecated `exclude_resources` among them, and Ray Data warns about it on every run."""
+    from ray.data import DataContext, ExecutionOptions
+
+    now = DataContext.get_current().execution_options
+    return ExecutionOptions(resource_limits=now.resource_limits, preserve_order=now.preserve_order,
+                            verbose_progress=now.verbose_progress)
+
+
 def train_on_cluster(cfg, calib, plan, datasets, cache, cache_mode, cache_dir, out_dir, tracker, run_name) -> dict:
     """TorchTrainer over training-class workers, each running the Trainer's epochs (jobs/train_loop.py);
     returns the Trainer's state from the last checkpoint."""
@@ -355,7 +368,7 @@ def train_on_cluster(cfg, calib, plan, datasets, cache, cache_mode, cache_dir, o
             worker_runtime_env={"env_vars": worker_env()},
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest_options()),
     )
     result = trainer.fit()
     if result.error:

@@ -53,6 +53,12 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, what: str, log:
     raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f}s; see {log}")
 
 
+# One machine is never drained or preempted, so Ray Train's preemption watcher has nothing to
+# watch; off, it also stops Ray core logging its creation as an error line on every job (its
+# constructor takes actor handles: ray-project/ray#53727). Clusters keep it (cluster.yaml).
+SINGLE_MACHINE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node", training_resource: str = "training_node",
        node_class_units: int = 100, num_cpus: int | None = None, ray_port: int | None = None,
        dashboard_port: int | None = None, mlflow_port: int | None = None, with_mlflow: bool = True) -> dict:
@@ -83,7 +89,7 @@ def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node
                    stderr=subprocess.DEVNULL, check=True)
     # Token auth on (Ray's default for new local clusters since 2.59, made explicit): clients on this
     # machine read the token from ~/.ray/auth_token and need RAY_AUTH_MODE=token (see client_env).
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", **SINGLE_MACHINE_ENV}
     # Job entrypoints run `python ...`: make that this interpreter (the venv with the project).
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     ray_proc = subprocess.Popen(cmd, stdout=ray_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -38,9 +37,6 @@ from .cache import get_batch, put_batch
 
 log = logging.getLogger("carryon.train")
 
-STATE_FILE = "state.pt"
-
-
 @dataclass
 class TrainLoopConfig:
     """Everything a Train worker is handed by the job (one typed object, not a free dict)."""
@@ -60,7 +56,7 @@ class TrainLoopConfig:
 def load_state(checkpoint) -> dict:
     """The recipe state saved in a checkpoint (tensors and plain data only: weights_only)."""
     with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / STATE_FILE, weights_only=True)
+        return Trainer.read_state(d)
 
 
 def _stream(shard, layout, batch_size: int):
@@ -167,7 +163,7 @@ def train_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
-                torch.save(trainer.state_dict(), os.path.join(d, STATE_FILE))
+                trainer.save_state(d)
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
 

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import ray
-import torch
 
 from carryon_ray.config import CarryOnConfig, apply_overrides, validate_config
 from carryon_ray.embedding import Calibration, EncodedBatch, from_rows
@@ -35,7 +32,6 @@ from carryon_mlflow.tracking import MlflowReporter, flatten, log_params
 from .cache import get_batch, put_batch
 
 log = logging.getLogger("carryon.job")
-STATE_FILE = "state.pt"
 
 
 @ray.remote
@@ -118,7 +114,7 @@ def run_trial(overrides: dict, ctx: SearchContext) -> None:
 
     def report(metrics: dict, stats) -> None:  # an epoch per Tune report, with the recipe's state
         with tempfile.TemporaryDirectory() as d:
-            torch.save(trainer.state_dict(), os.path.join(d, STATE_FILE))
+            trainer.save_state(d)
             tune.report({**metrics, "mlflow_run_id": run_id or ""}, checkpoint=tune.Checkpoint.from_directory(d))
 
     try:
@@ -202,7 +198,7 @@ def search(cfg: CarryOnConfig, ctx: SearchContext, storage_path: str, name: str)
         raise RuntimeError(f"every tune trial failed ({len(failed)} errors); first: {failed[0].error if failed else '?'}")
     best_trial, best_res = min(done, key=lambda p: p[0].val_loss)
     with best_res.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, weights_only=True)
+        state = Trainer.read_state(d)
     early = sum(1 for tr in trials if not tr.error and tr.epochs < max_epochs)
     log.info("tune: %d trials (%d stopped early, %d failed) in %.0fs; best %s: val loss %.4f at alpha %s",
              len(trials), early, len(failed), time.perf_counter() - t0, best_trial.overrides, best_trial.val_loss,

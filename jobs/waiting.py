@@ -27,6 +27,9 @@ KNOWN = {
 }
 
 
+LIMIT = 10_000  # the state API's rows per listing (its default, 100, misses most of a busy cluster)
+
+
 def _real(res: dict) -> dict:
     """The resources a user asks for: no placement-group shadows (CPU_group_...), no node: labels."""
     return {k: v for k, v in res.items() if v and "_group" not in k and not k.startswith(("node:", "bundle_group"))}
@@ -41,14 +44,18 @@ def pending_demands(job_id: str | None = None) -> list[tuple[str, dict]]:
     from ray.util.state import list_actors, list_placement_groups, list_tasks
 
     out = []
-    for a in list_actors(filters=[("state", "=", "PENDING_CREATION")], detail=True, raise_on_missing_output=False):
+    for a in list_actors(filters=[("state", "=", "PENDING_CREATION")], detail=True, raise_on_missing_output=False,
+                         limit=LIMIT):
+        if a.pid:  # placed: its worker process runs the constructor (loading a base can take minutes)
+            continue
         if (job_id is None or a.job_id == job_id) and _real(a.required_resources or {}):
             out.append((a.class_name, _real(a.required_resources)))
-    for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], detail=True,
+    for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], detail=True, limit=LIMIT,
                         raise_on_missing_output=False):
         if (job_id is None or t.job_id == job_id) and t.type == "NORMAL_TASK" and _real(t.required_resources or {}):
             out.append((t.func_or_class_name or t.name, _real(t.required_resources)))
-    for pg in list_placement_groups(filters=[("state", "=", "PENDING")], detail=True, raise_on_missing_output=False):
+    for pg in list_placement_groups(filters=[("state", "=", "PENDING")], detail=True, raise_on_missing_output=False,
+                                    limit=LIMIT):
         if job_id is not None and pg.creator_job_id != job_id:
             continue
         total: dict = {}
@@ -60,22 +67,30 @@ def pending_demands(job_id: str | None = None) -> list[tuple[str, dict]]:
     return out
 
 
-def running_work(job_id: str | None = None) -> int:
-    """How many tasks of the job run now on resources it holds: its plain tasks, and the method calls
-    of its live actors (an embedding or training actor at work). Idle actors do not count."""
+def kind(name: str) -> str:
+    """The stage a pending or live actor or task belongs to: its KNOWN key, else its own name."""
+    return next((k for k in KNOWN if k in name), name)
+
+
+def split_pending(pending: list[tuple[str, dict]], live: set[str]) -> tuple[list, list]:
+    """(blocked, partial): pending demands of stages with nothing placed, and of stages that run
+    but cannot grow."""
+    return [p for p in pending if kind(p[0]) not in live], [p for p in pending if kind(p[0]) in live]
+
+
+def live_stages(job_id: str | None = None) -> set[str]:
+    """The stages of the job that have something placed: a live actor (an embedding actor or a
+    training worker, idle or not, or one still in its constructor) or a task running now."""
     from ray.util.state import list_actors, list_tasks
 
-    alive = {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True,
-                                             raise_on_missing_output=False)
-             if (job_id is None or a.job_id == job_id) and _real(a.required_resources or {})}
-    n = 0
-    for t in list_tasks(filters=[("state", "=", "RUNNING")], detail=True, raise_on_missing_output=False):
-        if job_id is not None and t.job_id != job_id:
-            continue
-        if (t.type == "NORMAL_TASK" and _real(t.required_resources or {})) or (t.type == "ACTOR_TASK"
-                                                                                and t.actor_id in alive):
-            n += 1
-    return n
+    live = {kind(a.class_name) for a in list_actors(detail=True, raise_on_missing_output=False, limit=LIMIT)
+            if (a.state == "ALIVE" or (a.state == "PENDING_CREATION" and a.pid))  # placed, maybe constructing
+            and (job_id is None or a.job_id == job_id)}
+    for t in list_tasks(filters=[("state", "=", "RUNNING")], detail=True, raise_on_missing_output=False,
+                        limit=LIMIT):
+        if (job_id is None or t.job_id == job_id) and t.type == "NORMAL_TASK" and _real(t.required_resources or {}):
+            live.add(kind(t.func_or_class_name or t.name))
+    return live
 
 
 def holders() -> list[tuple[str, dict]]:
@@ -84,7 +99,8 @@ def holders() -> list[tuple[str, dict]]:
 
     serve: dict = {}
     out = []
-    for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False):
+    for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False,
+                         limit=LIMIT):
         res = _real(a.required_resources or {})
         if not res:
             continue
@@ -115,10 +131,13 @@ def describe(pending: list[tuple[str, dict]]) -> str:
 
 
 class ResourceWatch(threading.Thread):
-    """Logs every `interval_s` what this job waits for while the job as a whole is blocked (something
-    of it is pending and nothing of it runs); after `timeout_s` of that it interrupts the driver's main
-    thread, which raises `WaitTimeout` (see `check`). Pending work beside running work (an elastic
-    pool that cannot add its next actor) is no warning: it is kept in `partial` for the job's stats."""
+    """Logs every `interval_s` what this job waits for while it is blocked: a stage of it is pending
+    with nothing of that stage placed (no embedding actor at all, no training worker, no tokenize
+    task running); after `timeout_s` of that it interrupts the driver's main thread, which raises
+    `WaitTimeout` (see `check`). A stage that cannot grow (an elastic pool that cannot add its next
+    actor, Train that cannot add a worker) is no warning: it is counted in `partial` for the job's
+    stats. Whether work runs at the moment of a look says nothing: a pool waits on backpressure
+    while the trainer works, and a short task is over before the state API sees it."""
 
     def __init__(self, interval_s: float = 30.0, timeout_s: float | None = 600.0, job_id: str | None = None):
         super().__init__(name="carryon-resource-watch", daemon=True)
@@ -132,15 +151,15 @@ class ResourceWatch(threading.Thread):
         while not self._done.wait(self.interval_s):
             try:
                 pending = pending_demands(self.job_id)
-                busy = bool(pending) and running_work(self.job_id) > 0
+                live = live_stages(self.job_id) if pending else set()
             except Exception as exc:  # noqa: BLE001 - the state API needs the dashboard; never break the job
                 log.debug("resource watch: state API unavailable (%s)", exc)
                 continue
-            if busy:  # the job progresses; what waits is capacity it could use, not a stall
-                for name, _ in pending:
-                    what = next((w for k, (w, _) in KNOWN.items() if k in name), name)
-                    self.partial[what] = self.partial.get(what, 0) + 1
-            if not pending or busy:
+            pending, partial = split_pending(pending, live)
+            for name, _ in partial:  # capacity the stage could use, not a stall
+                what = KNOWN[kind(name)][0] if kind(name) in KNOWN else name
+                self.partial[what] = self.partial.get(what, 0) + 1
+            if not pending:
                 since = None
                 continue
             if since is None:  # seen once: actors and workers are pending for a moment while they start

@@ -604,89 +604,67 @@ def _start_job(cluster, tiny_dir, out: Path, *sets) -> subprocess.Popen:
     return _started[-1]
 
 
-def _watch(proc: subprocess.Popen, lines: list[str], trigger: str, action) -> threading.Thread:
-    """Collect the job's output; call `action()` once when a line contains `trigger`."""
+def _watch(proc: subprocess.Popen, lines: list[str], triggers: dict) -> threading.Thread:
+    """Collect the job's output; call each `action()` of {trigger: action} once, in its own thread,
+    when a line first contains its trigger."""
+    waiting = dict(triggers)
 
     def run():
-        fired = False
         for line in proc.stdout:
             lines.append(line)
-            if not fired and trigger in line:
-                fired = True
-                threading.Thread(target=action, daemon=True).start()
+            for trigger in [t for t in waiting if t in line]:
+                threading.Thread(target=waiting.pop(trigger), daemon=True).start()
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
 
 
-def test_killed_embedding_actor_loses_and_duplicates_nothing(cluster, tiny_dir, tmp_path):
-    out = tmp_path / "run"
-    proc = _start_job(cluster, tiny_dir, out, "--set", "data.builtin_size=320", "--set", "resources.embed_batch_size=2",
-                      "--set", "train.epochs=1", "--set", "resources.embed_actors_max=2")
-    killed: list[tuple[int, float]] = []
-
-    def kill_one():
-        time.sleep(1.0)  # let the pool get going on the training set
-        for _ in range(100):
-            pids = _actor_pids(cluster, "EmbeddingProducer")
-            if pids:
-                pid = pids[0]
-                os.kill(pid, signal.SIGKILL)
-                killed.append((pid, time.time()))
-                return
-            time.sleep(0.2)
-
-    lines: list[str] = []
-    watcher = _watch(proc, lines, "epoch 0: streaming embeddings", kill_one)
-    assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
-    watcher.join(10)
-    assert killed, "no embedding actor was found to kill"
-    audit = json.loads((out / "samples-epoch0-rank0.json").read_text())
-    n_train = json.loads((out / "summary.json").read_text())["train_sequences"]
-    ids = audit["ids"]
-    print(f"killed embedding actor pid {killed[0][0]}; trainer consumed {len(ids)} samples")
-    assert audit["started"] < killed[0][1] < audit["finished"]  # the kill landed mid-epoch
-    assert len(ids) == len(set(ids)) == n_train  # every sample exactly once
-    # This job ran without MLflow (no tracking URI): results travel with the run, not the tracker.
-    text = "".join(lines)
-    summary = json.loads((out / "summary.json").read_text())
-    assert "MLflow tracking off" in text and summary["run_id"] is None
-    assert summary["val_loss_after"] < summary["val_loss_before"]
-    assert f"validation loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}" in text
-
-
-def test_killed_training_worker_restores_from_checkpoint(cluster, tiny_dir, tmp_path):
-    """A training worker killed in epoch 1 restarts from the epoch-0 checkpoint and the embedding
-    cache, and the run ends where an uninterrupted one does. The uninterrupted reference is the
-    in-process backend on the same config: the parity tests above show the two backends train the
-    same sequences with the same per-step losses (1e-5), and it costs seconds instead of a job."""
+def test_killed_embedding_actor_and_training_worker_lose_nothing(cluster, tiny_dir, tmp_path):
+    """One job, two faults. An embedding actor killed while epoch 0 streams: Ray Data restarts it
+    and re-runs its unfinished batches, so the trainer sees every sample exactly once. A training
+    worker killed in epoch 1: it restarts from the epoch-0 checkpoint and the embedding cache, and
+    the run ends where an uninterrupted one does. The uninterrupted reference is the in-process
+    backend on the same config: the parity tests above show the two backends train the same
+    sequences with the same per-step losses (1e-5), and it costs seconds instead of a job."""
     from carryon_ray.config import load_config
     from carryon_ray.pipeline import fit_in_process
 
-    overrides = {"train.epochs": 3, "data.builtin_size": 160, "train.progress_s": 0}  # a line every step
+    # Small embedding batches and two actors: epoch 0 streams long enough for the kill to land in it.
+    overrides = {"train.epochs": 3, "data.builtin_size": 160, "train.progress_s": 0,  # a line every step
+                 "resources.embed_batch_size": 2, "resources.embed_actors_max": 2}
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     baseline = fit_in_process(load_config(ROOT / TINY_CONFIG, {"base.name": tiny_dir, **overrides,
                                                                 "output.dir": str(tmp_path / "ref")}))
-
     out = tmp_path / "killed"
-    killed: list[int] = []
+    killed: dict[str, tuple[int, float]] = {}
 
-    def kill_worker():
-        pids = _actor_pids(cluster, "RayTrainWorker")
-        assert pids
-        os.kill(pids[0], signal.SIGKILL)
-        killed.append(pids[0])
+    def kill(title: str, wait_s: float):
+        time.sleep(wait_s)
+        for _ in range(100):
+            pids = _actor_pids(cluster, title)
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed[title] = (pids[0], time.time())
+                return
+            time.sleep(0.2)
 
     proc = _start_job(cluster, tiny_dir, out, *sets)
     lines: list[str] = []
-    # Kill a few steps into epoch 1, once the epoch-0 checkpoint has certainly been recorded.
-    watcher = _watch(proc, lines, "training: epoch 1, step 20/", kill_worker)
+    triggers = {"epoch 0: streaming embeddings": lambda: kill("EmbeddingProducer", 1.0),  # the pool at work
+                # a few steps into epoch 1, once the epoch-0 checkpoint has certainly been recorded
+                "training: epoch 1, step 20/": lambda: kill("RayTrainWorker", 0.0)}
+    watcher = _watch(proc, lines, triggers)
     assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
     watcher.join(10)
     text = "".join(lines)
-    assert killed and "resumed from checkpoint after epoch 0" in text
+    assert set(killed) == {"EmbeddingProducer", "RayTrainWorker"}, killed
     summary = json.loads((out / "summary.json").read_text())
+    audit = json.loads((out / "samples-epoch0-rank0.json").read_text())
+    print(f"killed embedding actor pid {killed['EmbeddingProducer'][0]}; trainer consumed {len(audit['ids'])} samples")
+    assert audit["started"] < killed["EmbeddingProducer"][1] < audit["finished"]  # the kill landed mid-epoch
+    assert len(audit["ids"]) == len(set(audit["ids"])) == summary["train_sequences"]  # every sample exactly once
+    assert "resumed from checkpoint after epoch 0" in text
     assert summary["epochs"] == 3 and summary["steps"] == baseline["steps"]
     audit = json.loads((out / "samples-epoch1-rank0.json").read_text())
     assert sorted(audit["ids"]) == sorted(set(audit["ids"]))  # the cache holds each batch once
@@ -694,3 +672,6 @@ def test_killed_training_worker_restores_from_checkpoint(cluster, tiny_dir, tmp_
     # final validation loss matches the uninterrupted run up to float noise.
     print(f"final val loss: uninterrupted {baseline['val_loss_after']:.5f}, killed {summary['val_loss_after']:.5f}")
     assert summary["val_loss_after"] == pytest.approx(baseline["val_loss_after"], rel=1e-3)
+    # This job ran without MLflow (no tracking URI): results travel with the run, not the tracker.
+    assert "MLflow tracking off" in text and summary["run_id"] is None
+    assert f"validation loss {summary['val_loss_before']:.4f} -> {summary['val_loss_after']:.4f}" in text

@@ -61,7 +61,7 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
                     "--set", f"output.storage_path=file://{tmp_path / 'shared-storage'}")
         lines: list[str] = []
         streaming, cached = threading.Event(), threading.Event()
-        watcher = _watch(proc, lines, "training: epoch 0, step 5/", streaming.set)
+        watcher = _watch(proc, lines, {"training: epoch 0, step 5/": streaming.set})
         assert streaming.wait(timeout=600), "".join(lines[-60:])  # both actors are producing by now
         t_remove = time.time()
         c.remove_node(inf2, allow_graceful=False)  # Cluster changes must run on the main thread
