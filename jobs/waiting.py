@@ -39,23 +39,23 @@ def _fmt(res: dict) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in sorted(_real(res).items()))
 
 
-def pending_demands(job_id: str | None = None) -> list[tuple[str, dict]]:
+def pending_demands(job_id: str | None = None, address: str | None = None) -> list[tuple[str, dict]]:
     """(name, resources) of every actor, task and placement group still waiting for resources."""
     from ray.util.state import list_actors, list_placement_groups, list_tasks
 
     out = []
-    for a in list_actors(filters=[("state", "=", "PENDING_CREATION")], detail=True, raise_on_missing_output=False,
-                         limit=LIMIT):
+    for a in list_actors(address=address, filters=[("state", "=", "PENDING_CREATION")], detail=True, limit=LIMIT,
+                         raise_on_missing_output=False):
         if a.pid:  # placed: its worker process runs the constructor (loading a base can take minutes)
             continue
         if (job_id is None or a.job_id == job_id) and _real(a.required_resources or {}):
             out.append((a.class_name, _real(a.required_resources)))
-    for t in list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], detail=True, limit=LIMIT,
-                        raise_on_missing_output=False):
+    for t in list_tasks(address=address, filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], detail=True,
+                        limit=LIMIT, raise_on_missing_output=False):
         if (job_id is None or t.job_id == job_id) and t.type == "NORMAL_TASK" and _real(t.required_resources or {}):
             out.append((t.func_or_class_name or t.name, _real(t.required_resources)))
-    for pg in list_placement_groups(filters=[("state", "=", "PENDING")], detail=True, raise_on_missing_output=False,
-                                    limit=LIMIT):
+    for pg in list_placement_groups(address=address, filters=[("state", "=", "PENDING")], detail=True, limit=LIMIT,
+                                    raise_on_missing_output=False):
         if job_id is not None and pg.creator_job_id != job_id:
             continue
         total: dict = {}
@@ -78,29 +78,30 @@ def split_pending(pending: list[tuple[str, dict]], live: set[str]) -> tuple[list
     return [p for p in pending if kind(p[0]) not in live], [p for p in pending if kind(p[0]) in live]
 
 
-def live_stages(job_id: str | None = None) -> set[str]:
+def live_stages(job_id: str | None = None, address: str | None = None) -> set[str]:
     """The stages of the job that have something placed: a live actor (an embedding actor or a
     training worker, idle or not, or one still in its constructor) or a task running now."""
     from ray.util.state import list_actors, list_tasks
 
-    live = {kind(a.class_name) for a in list_actors(detail=True, raise_on_missing_output=False, limit=LIMIT)
+    live = {kind(a.class_name) for a in list_actors(address=address, detail=True, limit=LIMIT,
+                                                    raise_on_missing_output=False)
             if (a.state == "ALIVE" or (a.state == "PENDING_CREATION" and a.pid))  # placed, maybe constructing
             and (job_id is None or a.job_id == job_id)}
-    for t in list_tasks(filters=[("state", "=", "RUNNING")], detail=True, raise_on_missing_output=False,
-                        limit=LIMIT):
+    for t in list_tasks(address=address, filters=[("state", "=", "RUNNING")], detail=True, limit=LIMIT,
+                        raise_on_missing_output=False):
         if (job_id is None or t.job_id == job_id) and t.type == "NORMAL_TASK" and _real(t.required_resources or {}):
             live.add(kind(t.func_or_class_name or t.name))
     return live
 
 
-def holders() -> list[tuple[str, dict]]:
+def holders(address: str | None = None) -> list[tuple[str, dict]]:
     """(what, resources) held by live actors, Serve replicas summed as one entry."""
     from ray.util.state import list_actors
 
     serve: dict = {}
     out = []
-    for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, raise_on_missing_output=False,
-                         limit=LIMIT):
+    for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True, limit=LIMIT,
+                         raise_on_missing_output=False):
         res = _real(a.required_resources or {})
         if not res:
             continue
@@ -114,7 +115,7 @@ def holders() -> list[tuple[str, dict]]:
     return out
 
 
-def describe(pending: list[tuple[str, dict]]) -> str:
+def describe(pending: list[tuple[str, dict]], address: str | None = None) -> str:
     """One message: what waits for what, what is free, who holds the rest, what to change."""
     import ray
 
@@ -125,7 +126,7 @@ def describe(pending: list[tuple[str, dict]]) -> str:
         short = _real(res)
         have = ", ".join(f"{free.get(k, 0):g} of {total.get(k, 0):g} {k} free" for k in sorted(short))
         lines.append(f"waiting for {_fmt(short)} for {what} ({have}); lower {field}, or free the cluster")
-    held = "; ".join(f"{w} hold {_fmt(r)}" for w, r in holders()[:6])
+    held = "; ".join(f"{w} hold {_fmt(r)}" for w, r in holders(address)[:6])
     return "\n".join(lines) + (f"\n  held: {held}" if held else "") + (
         "\n  (stop serving with `carryon serve --stop`, or add nodes; an autoscaling cluster adds them itself)")
 
@@ -142,6 +143,9 @@ class ResourceWatch(threading.Thread):
     def __init__(self, interval_s: float = 30.0, timeout_s: float | None = 600.0, job_id: str | None = None):
         super().__init__(name="carryon-resource-watch", daemon=True)
         self.interval_s, self.timeout_s, self.job_id = interval_s, timeout_s, job_id
+        # The cluster to ask, by its GCS address (set with job_id once connected): without it the
+        # state API guesses, and fails when another Ray runs on the machine.
+        self.address: str | None = None
         self.message: str | None = None  # set when the timeout fired
         self.partial: dict[str, int] = {}  # what waited while other work of the job ran -> times seen
         self._done = threading.Event()
@@ -150,8 +154,8 @@ class ResourceWatch(threading.Thread):
         since = None
         while not self._done.wait(self.interval_s):
             try:
-                pending = pending_demands(self.job_id)
-                live = live_stages(self.job_id) if pending else set()
+                pending = pending_demands(self.job_id, self.address)
+                live = live_stages(self.job_id, self.address) if pending else set()
             except Exception as exc:  # noqa: BLE001 - the state API needs the dashboard; never break the job
                 log.debug("resource watch: state API unavailable (%s)", exc)
                 continue
@@ -165,7 +169,7 @@ class ResourceWatch(threading.Thread):
             if since is None:  # seen once: actors and workers are pending for a moment while they start
                 since = time.monotonic()
                 continue
-            msg = describe(pending)
+            msg = describe(pending, self.address)
             waited = time.monotonic() - since
             log.warning("%s (waiting %.0fs)", msg, waited)
             if self.timeout_s is not None and waited >= self.timeout_s:

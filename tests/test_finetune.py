@@ -368,7 +368,7 @@ def _kill_serve_replicas(ft, deployment: str) -> int:
     """ray.kill every live replica of a Serve deployment (Serve starts new ones); returns how many."""
     code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR')\n"
             "from ray.util.state import list_actors\n"
-            "found = [a for a in list_actors(filters=[('state', '=', 'ALIVE')], limit=1000)\n"
+            "found = [a for a in list_actors(address=sys.argv[1], filters=[('state', '=', 'ALIVE')], limit=1000)\n"
             "         if a.class_name == 'ServeReplica:carryon:' + sys.argv[2]]\n"
             "for a in found:\n  ray.kill(ray.get_actor(a.name, namespace='serve'), no_restart=True)\n"
             "print(len(found))")
