@@ -61,8 +61,12 @@ serve: $(STAMP)
 finetune-demo: serve
 	$(BIN)/python -m finetune.demo
 
+# Two pytest workers, a test file at a time each (--dist loadfile: a module's cluster fixture stays
+# in one process). The suite waits on process starts and Ray scheduling as much as it computes, so
+# two workers on two cores finish sooner than one; the heaviest files go first (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests

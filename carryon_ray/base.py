@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -111,7 +112,13 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-    tmp.rename(out)  # atomic: concurrent loaders never see a half-written cache
+    try:
+        tmp.rename(out)  # atomic: concurrent loaders never see a half-written cache
+    except OSError:
+        if not (out / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first: use that copy
+        return out
     log.warning("first run: converted %s to safetensors at %s in %.0f s (later loads read the copy)",
                 gguf.name, out, time.monotonic() - t0)
     return out

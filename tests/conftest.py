@@ -19,6 +19,19 @@ from carryon_ray.base import FrozenBase, resolve_base_path  # noqa: E402
 from carryon_ray.config import BaseModelConfig, CarryOnConfig, validate_config  # noqa: E402
 
 
+# The slowest files first (bench/results/test-durations.json), so that with `make test`'s two
+# workers the long ones start at once and the short ones fill in around them.
+HEAVY_FIRST = ["test_job.py", "test_multinode.py", "test_serve.py", "test_finetune.py", "test_train.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
+
+    items.sort(key=rank)  # stable: each file's own order is kept
+
+
 @pytest.fixture(scope="session")
 def smol_dir() -> str:
     """Directory of the converted SmolLM2-135M-Instruct safetensors cache."""
