@@ -12,6 +12,12 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("CARRYON_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under `make test`'s pytest workers, each worker's torch (and what it starts: CLI runs, job
+# drivers, clusters) gets its share of the cores. Two workers at two threads each on two cores
+# spin-wait on each other: a 6 s test took 56 s in the first two-worker run.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import torch  # noqa: E402
 
