@@ -101,9 +101,14 @@ def cmd_customize(args) -> int:
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(Path.cwd()), "env_vars": env})
     print(f"submitted {job_id} to {address}: {entrypoint}", flush=True)
 
+    # The job supervisor opens every log with its own two lines (runtime env setup, the entrypoint):
+    # the line above already says both. Everything the job itself prints is shown as it comes.
+    preamble = (f"Running entrypoint for job {job_id}:", "job_manager.py:")
+
     async def tail():
         async for lines in client.tail_job_logs(job_id):
-            print(lines, end="", flush=True)
+            kept = [ln for ln in lines.splitlines(keepends=True) if not any(p in ln[:120] for p in preamble)]
+            print("".join(kept), end="", flush=True)
 
     asyncio.run(tail())
     info = client.get_job_info(job_id)

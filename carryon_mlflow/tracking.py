@@ -185,7 +185,9 @@ class Tracker:
         import yaml
 
         self.text(yaml.safe_dump(params, sort_keys=False), "config.yaml")
-        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, self.uri)
+        page = (f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+                if self.uri.startswith(("http://", "https://")) else self.uri)
+        log.info("MLflow run %s in experiment %r: %s", self.run_id, self.experiment, page)
         return self.run_id
 
     @property

@@ -128,7 +128,7 @@ def report_heldout(result: dict | None, cfg: CarryOnConfig, reporter: Reporter) 
 
 def report_padding(now: float, unpacked: float, sequences: int, reporter: Reporter) -> None:
     """The padding share of the training batches as trained and as they would be unpacked."""
-    log.info("padding share of the training batches: %.1f %% (%.1f %% unpacked; %d sequences)", 100 * now,
+    log.debug("padding share of the training batches: %.1f %% (%.1f %% unpacked; %d sequences)", 100 * now,
              100 * unpacked, sequences)
     reporter.metrics({"padding_share": now, "padding_share_unpacked": unpacked, "train_sequences": sequences}, 0)
 

@@ -40,6 +40,7 @@ QUIET_ENV = {
     "RAY_DATA_LOGGING_CONFIG": str(RAY_DATA_LOGGING),
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # the run's page is in the job's first line
 }
 
 
@@ -283,7 +284,7 @@ class RayBackend:
         cache_dir = (f"{cfg.output.storage_path.rstrip('/')}/embedding-cache/{run_name}" if cfg.output.storage_path
                      else str(self.out_dir / "embedding-cache"))
         where = "object store" if cache_mode == "memory" else cache_dir
-        log.info("embedding cache: %s at %s (%.1f MB of bridge codes for %d tokens at %.0f bytes/token)",
+        log.debug("embedding cache: %s at %s (%.1f MB of bridge codes for %d tokens at %.0f bytes/token)",
                  cache_mode, where, n_tokens * bpt / 1e6, n_tokens, bpt)
         reporter.params({"cache_mode": cache_mode, "cache_location": where, "cache_mb": f"{n_tokens * bpt / 1e6:.1f}"})
         # The cache lives on the driver's node: the job cannot outlive that node anyway, while any
