@@ -23,12 +23,13 @@ TINY_CONFIG = "configs/tiny-test.yaml"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    state_dir = tmp_path_factory.mktemp("carryon-cluster")
-    state = local_cluster.up(str(state_dir), num_cpus=2)
-    yield state
-    assert local_cluster.down(str(state_dir))
-    assert not local_cluster._stragglers(state["ray_temp_dir"])  # nothing of ours left running
+def cluster(tmp_path_factory, job_clusters):
+    with job_clusters:
+        state_dir = tmp_path_factory.mktemp("carryon-cluster")
+        state = local_cluster.up(str(state_dir), num_cpus=2)
+        yield state
+        assert local_cluster.down(str(state_dir))
+        assert not local_cluster._stragglers(state["ray_temp_dir"])  # nothing of ours left running
 
 
 def client_env(state: dict) -> dict:
@@ -487,7 +488,7 @@ def test_the_driver_holds_datasets_not_rows(tmp_path, tiny_dir):
     from jobs.data import Ingested, ingest
 
     sizes = {}
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",  # never another test's
              runtime_env={"env_vars": {"CARRYON_CACHE": os.environ["CARRYON_CACHE"], "HF_HUB_OFFLINE": "1"}})
     try:
         for n in (1_000, 10_000):
