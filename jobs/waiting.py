@@ -72,6 +72,11 @@ def kind(name: str) -> str:
     return next((k for k in KNOWN if k in name), name)
 
 
+def stage(name: str) -> tuple[str, str]:
+    """(what the stage is, the config field to lower) in the config's words."""
+    return KNOWN.get(kind(name), (name, "resources.*"))
+
+
 def split_pending(pending: list[tuple[str, dict]], live: set[str]) -> tuple[list, list]:
     """(blocked, partial): pending demands of stages with nothing placed, and of stages that run
     but cannot grow."""
@@ -122,7 +127,7 @@ def describe(pending: list[tuple[str, dict]], address: str | None = None) -> str
     free, total = ray.available_resources(), ray.cluster_resources()
     lines = []
     for name, res in pending:
-        what, field = next(((w, f) for k, (w, f) in KNOWN.items() if k in name), (name, "resources.*"))
+        what, field = stage(name)
         short = _real(res)
         have = ", ".join(f"{free.get(k, 0):g} of {total.get(k, 0):g} {k} free" for k in sorted(short))
         lines.append(f"waiting for {_fmt(short)} for {what} ({have}); lower {field}, or free the cluster")
@@ -161,7 +166,7 @@ class ResourceWatch(threading.Thread):
                 continue
             pending, partial = split_pending(pending, live)
             for name, _ in partial:  # capacity the stage could use, not a stall
-                what = KNOWN[kind(name)][0] if kind(name) in KNOWN else name
+                what = stage(name)[0]
                 self.partial[what] = self.partial.get(what, 0) + 1
             if not pending:
                 since = None
