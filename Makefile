@@ -90,6 +90,7 @@ bench: $(STAMP)
 	  --out $(QUICK)/recycled.json
 	$(BIN)/python bench/gpu_check.py --smoke --out $(QUICK)/gpu_check.json
 	$(BIN)/python bench/finetune_api.py --quick --out $(QUICK)/finetune-api.json
+	$(BIN)/python bench/shared_producers.py --quick --out $(QUICK)/shared-producers.json
 	$(BIN)/python bench/demo.py --out $(QUICK)/demo.json
 
 bench-full: $(STAMP)
@@ -104,6 +105,7 @@ bench-full: $(STAMP)
 	$(BIN)/python bench/recycled.py
 	$(BIN)/python bench/paper_features.py
 	$(BIN)/python bench/finetune_api.py
+	$(BIN)/python bench/shared_producers.py
 	$(BIN)/python bench/demo.py
 
 # GPU figures (bench/gpu_check.py): run on a machine with CUDA; writes bench/results/gpu_check.json.

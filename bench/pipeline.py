@@ -59,11 +59,13 @@ def rows_of(examples):
 
 
 def calibrated_producer(cfg, base, splits):
-    """(EmbeddingProducer, bridges, dims): the actor's callable, bridge fitted on 16 training rows."""
-    from actors.embedder import EmbeddingProducer
+    """(a producer's embed of one request, bridges, dims): what the actor runs, bridge fitted on 16 training rows."""
+    from actors.embedder import Producer, Request
 
     calib = calibrate([base], cfg.bridge, [], token_rows(splits.train[:16]))
-    producer = EmbeddingProducer([cfg.base.model_dump()], calib)
+    core = Producer([cfg.base.model_dump()])
+    core.add_job("bench", calib)
+    producer = lambda batch: core.embed([Request("bench", batch)])[0]  # noqa: E731 - what the actor runs per request
     return producer, calib.bridges(), calib.dims
 
 

@@ -25,6 +25,111 @@ def cmd_up(args) -> int:
     if "mlflow_url" in state:
         print(f"MLflow UI     {state['mlflow_url']}")
     print(f"state         {Path(args.state_dir).resolve() / 'cluster.json'}  (stop with `carryon down`)")
+    if args.producers:
+        args.config, args.set, args.address = args.producers, [], None
+        return cmd_producers_start(args)
+    return 0
+
+
+def _connect(args) -> bool:
+    """A driver on the recorded cluster (or RAY_ADDRESS / --address) that can start detached actors:
+    the project's code travels as the working directory (.gitignore'd paths stay here)."""
+    import logging
+
+    state = local_cluster.status(args.state_dir) or {}
+    address = getattr(args, "address", None) or os.environ.get("RAY_ADDRESS") or state.get("ray_address")
+    if not address:
+        print("error: no Ray cluster: run `carryon up`, set RAY_ADDRESS, or pass --address", file=sys.stderr)
+        return False
+    if address == state.get("ray_address"):
+        os.environ.update(local_cluster.client_env(state))  # before Ray reads it
+    import ray
+
+    from actors.service import NAMESPACE
+    for name in ["ray", *[n for n in logging.root.manager.loggerDict if n.startswith("ray.")]]:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    env = {k: os.environ[k] for k in ("CARRYON_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
+    from jobs.backend import QUIET_ENV
+
+    root = Path(__file__).resolve().parent.parent
+    # A submitted job (`ray job submit ... -- carryon producers start`) already runs with its own
+    # working directory and environment; a driver here brings the project's code along.
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False,
+             runtime_env=None if in_job else {"working_dir": str(root), "env_vars": {**env, **QUIET_ENV}})
+    return True
+
+
+def cmd_producers_start(args) -> int:
+    """Start the cluster's shared producer service for a config's base(s) and wait until its first
+    producers have loaded their base."""
+    from carryon_ray.config import ConfigError, load_config, parse_overrides
+
+    try:
+        cfg = load_config(args.config, parse_overrides(args.set))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    connected, running = _shared_service(args)  # connects before Ray is imported here (it reads the auth mode)
+    if not connected:
+        return 2
+    import ray
+
+    from actors.service import SHARED_NAME, start_shared
+
+    if running is not None:
+        seen = ray.get(running.describe.remote())
+        print(f"producer service {SHARED_NAME} already runs for {seen['bases']} ({seen['producers']} producers); "
+              "stop it first with `carryon producers stop`", file=sys.stderr)
+        return 1
+    service = start_shared(cfg)
+    ray.get(service.wait_ready.remote(args.timeout_s))
+    seen = ray.get(service.describe.remote())
+    r = cfg.resources
+    print(f"producers     {SHARED_NAME}: {seen['producers']} of {r.embed_actors_min}..{r.embed_actors_max} for "
+          f"base {cfg.base.name} (jobs with the same base embed through them; stop with `carryon producers stop`)")
+    return 0
+
+
+def _shared_service(args) -> tuple[bool, object]:
+    """(connected to the cluster, its running shared producer service or None)."""
+    if not _connect(args):
+        return False, None
+    import ray
+
+    from actors.service import NAMESPACE, SHARED_NAME
+
+    try:
+        return True, ray.get_actor(SHARED_NAME, namespace=NAMESPACE)
+    except ValueError:
+        return True, None
+
+
+def cmd_producers_stop(args) -> int:
+    connected, service = _shared_service(args)
+    if not connected:
+        return 2
+    if service is None:
+        print("no producer service runs")
+        return 0
+    import ray
+
+    ray.get(service.stop.remote())
+    ray.kill(service, no_restart=True)
+    print("stopped the producer service")
+    return 0
+
+
+def cmd_producers_status(args) -> int:
+    connected, service = _shared_service(args)
+    if not connected:
+        return 2
+    if service is None:
+        print("no producer service runs")
+        return 1
+    import ray
+
+    print(json.dumps(ray.get(service.describe.remote()), indent=2))
     return 0
 
 
@@ -135,7 +240,23 @@ def add_commands(sub) -> None:
     p.add_argument("--mlflow-port", type=int, default=5000)
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--reuse", action="store_true", help="do nothing if a recorded cluster is already running")
+    p.add_argument("--producers", metavar="CONFIG", help="also start the shared producer service for CONFIG's base "
+                   "(see `carryon producers start`)")
+    p.add_argument("--timeout-s", type=float, default=600, help="how long --producers waits for its base to load")
     p.set_defaults(func=cmd_up)
+    p = sub.add_parser("producers", help="the cluster's shared embedding producers: start, stop, status")
+    psub = p.add_subparsers(dest="action", required=True)
+    for action, fn, text in (("start", cmd_producers_start, "start them for a config's base(s)"),
+                             ("stop", cmd_producers_stop, "stop them (jobs then start their own)"),
+                             ("status", cmd_producers_status, "producers, calls, forwards shared by several jobs")):
+        q = psub.add_parser(action, help=text)
+        with_state(q)
+        q.add_argument("--address", help="Ray address (default: RAY_ADDRESS or `carryon up`'s)")
+        if action == "start":
+            q.add_argument("--config", required=True, help="a job config: its base(s) and resources.embed_* fields")
+            q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+            q.add_argument("--timeout-s", type=float, default=600, help="how long to wait for the bases to load")
+        q.set_defaults(func=fn)
     p = sub.add_parser("down", help="stop exactly the processes `carryon up` started")
     with_state(p)
     p.set_defaults(func=cmd_down)

@@ -394,7 +394,16 @@ class ResourcesConfig(Strict):
     training_resource: str = Field("training_node", description="Custom resource of training-class nodes.")
     embed_actors_min: int = Field(1, ge=1, description="Minimum size of the embedding actor pool.")
     embed_actors_max: int = Field(2, ge=1, description="Maximum size of the embedding actor pool.")
-    embed_batch_size: int = Field(8, gt=0, description="Sequences per base forward in an embedding actor.")
+    embed_batch_size: int = Field(8, gt=0, description="Sequences per request a job sends an embedding producer.")
+    embed_max_batch_tokens: int = Field(
+        4096, gt=0, description="Padded tokens per base forward in a producer: queued requests (of any jobs) "
+        "are joined into one forward up to this many (a request larger than it runs alone).")
+    producers: Literal["auto", "coserve", "shared", "job"] = Field(
+        "auto", description="Which embedding producers a job uses: 'coserve' = the model replicas of the Serve app "
+        "coserve_app (they embed between decode steps; no second base copy), 'shared' = the cluster's producer "
+        "service (`carryon up --producers`), 'job' = its own producers for its lifetime; 'auto' = the first of "
+        "those that runs the job's bases. 'coserve' and 'shared' fail the job when nothing serves its bases.")
+    coserve_app: str = Field("carryon", description="The Serve application whose replicas co-serve (producers).")
     tokenize_actors: int = Field(
         2, ge=1, description="Most tokenizing tasks at once in the job's Ray Data pipeline (each builds the "
         "tokenizer once per worker process).")
@@ -402,8 +411,10 @@ class ResourcesConfig(Strict):
     embed_cpus: float = Field(1.0, gt=0, description="CPUs each embedding actor reserves.")
     embed_gpus: float = Field(0.0, ge=0, description="GPUs each embedding actor reserves.")
     pool_per_base: bool = Field(
-        True, description="Model mixing: one embedding actor pool per base (each of embed_actors_min..max "
-        "actors), chained, so each base is placed and scaled on its own; False = one pool runs all bases."
+        False, description="Model mixing with the job's own producers: True = a group of producers per base "
+        "(each of embed_actors_min..max), chained, so each base is placed and scaled on its own (the cluster "
+        "needs room for one producer per base beside the trainers at once); False = every producer runs all "
+        "bases. The cluster's shared producers always run all their bases."
     )
     train_workers_min: int = Field(1, ge=1, description="Minimum Ray Train workers.")
     train_workers_max: int = Field(1, ge=1, description="Maximum Ray Train workers.")

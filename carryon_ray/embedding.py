@@ -267,12 +267,29 @@ def embed_batch(
     """Run every base on one padded token batch; return bridge-encoded sources (on CPU). Packed
     batches pass their `position_ids` and 4D `attn_mask` (see `packed_layout`); `tap` makes the
     deep source the state entering that block (Calibration.tap)."""
-    out: dict[str, torch.Tensor] = {}
-    for b, base in enumerate(bases):
+    states = base_states(bases, input_ids, attention_mask, shallow, position_ids, attn_mask, tap)
+    return encode_states(bridges, states)
+
+
+def base_states(bases: list[FrozenBase], input_ids: torch.Tensor, attention_mask: torch.Tensor, shallow: list[int],
+                position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                tap: int | None = None) -> list[list[torch.Tensor]]:
+    """[base][source] hidden states of one padded batch: the forward half of `embed_batch`."""
+    out = []
+    for base in bases:
         mask = attention_mask if attn_mask is None else base.prepare_mask(attn_mask.to(base.device))
         states, _ = base.hidden_states(input_ids, mask, shallow, position_ids=position_ids, tap=tap)
-        for i, s in enumerate(states):
-            for part, t in bridges[b][i].encode(s).items():
+        out.append(states)
+    return out
+
+
+def encode_states(bridges: Bridges, states: list[list[torch.Tensor]], rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+    """The bridge codes of `states`' rows `rows` (every bridge encodes each token on its own, so a
+    slice of a shared batch encodes as that slice alone would)."""
+    out: dict[str, torch.Tensor] = {}
+    for b, per_base in enumerate(states):
+        for i, s in enumerate(per_base):
+            for part, t in bridges[b][i].encode(s[rows]).items():
                 out[source_key(b, i, part)] = t.cpu()
     return out
 
@@ -282,30 +299,55 @@ def embed_rows(bases: list[FrozenBase], bridges: Bridges, batch: dict, shallow: 
     """What an embedding producer does to a batch of token rows: collate, run the base(s), encode,
     split per sample. Returns embedding-row columns (codes named by the run's base index
     `base_ids[b]`, labels as bytes, id, replay flag, length, timing, node)."""
+    return embed_many(bases, [(bridges, batch)], shallow, base_ids, node, tap)[0]
+
+
+def embed_many(bases: list[FrozenBase], jobs: list[tuple[Bridges, dict]], shallow: list[int],
+               base_ids: list[int] | None = None, node: str = "", tap: int | None = None) -> list[dict[str, np.ndarray]]:
+    """`embed_rows` for several jobs' batches in one forward: their token rows are padded into one
+    batch and run through the base(s) once; each job's rows are then encoded with that job's own
+    bridges. The jobs must share the forward's shape (`shallow` layers, `tap`, bases); each gets
+    its embedding-row columns back, as `embed_rows` would return them for its batch alone."""
     t0 = time.perf_counter()
     base_ids = base_ids or list(range(len(bases)))
-    padded = collate_rows(batch, bases[0].tokenizer.pad_token_id)
-    enc = embed_batch(bases, bridges, padded["input_ids"], padded["attention_mask"], shallow,
-                      padded.get("position_ids"), padded.get("attn_mask"), tap)
-    # embed_batch numbers its bases from 0; name the columns by the run's base index.
-    enc = {str(key._replace(base=base_ids[key.base])): v for key, v in ((SourceKey.parse(k), v) for k, v in enc.items())}
-    lengths = padded["attention_mask"].sum(-1).tolist()
-    out: dict[str, np.ndarray] = {
-        ROW_ID: np.asarray(batch[ROW_ID], dtype=np.int64),
-        ROW_REPLAY: np.asarray(batch[ROW_REPLAY], dtype=bool),
-        ROW_LENGTH: np.asarray(lengths, dtype=np.int64),
-        ROW_LABELS: _object([_to_bytes(padded["labels"][j, :n].to(torch.int32)) for j, n in enumerate(lengths)]),
-        ROW_SEGMENTS: _object([_to_bytes(torch.tensor(list(map(int, s)), dtype=torch.int32))
-                               for s in batch.get(ROW_SEGMENTS, [()] * len(lengths))]),
-    }
-    for k, t in enc.items():
-        out[k] = _object([_to_bytes(t[j, :n]) for j, n in enumerate(lengths)])
-    # Producer throughput travels with the data: each row carries its share of the seconds this
-    # batch took (by token count), so trainers can sum tokens and seconds over any rows.
-    share = np.asarray(lengths, dtype=np.float64) / max(sum(lengths), 1)
-    out[ROW_SECONDS] = (time.perf_counter() - t0) * share
-    out[ROW_NODES] = _object([node] * len(lengths))
-    return out
+    merged = {k: [x for _, batch in jobs for x in batch[k]] for k in (ROW_INPUT_IDS, ROW_LABELS)}
+    if any(ROW_SEGMENTS in batch for _, batch in jobs):
+        merged[ROW_SEGMENTS] = [x for _, b in jobs for x in b.get(ROW_SEGMENTS, [()] * len(b[ROW_INPUT_IDS]))]
+    padded = collate_rows(merged, bases[0].tokenizer.pad_token_id)
+    states = base_states(bases, padded["input_ids"], padded["attention_mask"], shallow, padded.get("position_ids"),
+                         padded.get("attn_mask"), tap)
+    lengths_all = padded["attention_mask"].sum(-1).tolist()
+    seconds = time.perf_counter() - t0
+    total = max(sum(lengths_all), 1)
+    outs, at = [], 0
+    for bridges, batch in jobs:
+        n_rows = len(batch[ROW_INPUT_IDS])
+        rows = slice(at, at + n_rows)
+        t1 = time.perf_counter()
+        enc = encode_states(bridges, states, rows)
+        # encode numbers its bases from 0; name the columns by the run's base index.
+        enc = {str(key._replace(base=base_ids[key.base])): v for key, v in ((SourceKey.parse(k), v) for k, v in enc.items())}
+        lengths = lengths_all[rows]
+        labels = padded["labels"][rows]
+        out: dict[str, np.ndarray] = {
+            ROW_ID: np.asarray(batch[ROW_ID], dtype=np.int64),
+            ROW_REPLAY: np.asarray(batch[ROW_REPLAY], dtype=bool),
+            ROW_LENGTH: np.asarray(lengths, dtype=np.int64),
+            ROW_LABELS: _object([_to_bytes(labels[j, :n].to(torch.int32)) for j, n in enumerate(lengths)]),
+            ROW_SEGMENTS: _object([_to_bytes(torch.tensor(list(map(int, s)), dtype=torch.int32))
+                                   for s in batch.get(ROW_SEGMENTS, [()] * len(lengths))]),
+        }
+        for k, t in enc.items():
+            out[k] = _object([_to_bytes(t[j, :n]) for j, n in enumerate(lengths)])
+        # Producer throughput travels with the data: each row carries its share of the seconds its
+        # forward took (by token count, over every job's rows in it) plus its job's encoding, so
+        # trainers can sum tokens and seconds over any rows.
+        share = np.asarray(lengths, dtype=np.float64)
+        out[ROW_SECONDS] = seconds * share / total + (time.perf_counter() - t1) * share / max(share.sum(), 1)
+        out[ROW_NODES] = _object([node] * len(lengths))
+        outs.append(out)
+        at += n_rows
+    return outs
 
 
 def _object(values: list) -> np.ndarray:

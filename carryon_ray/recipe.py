@@ -152,6 +152,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def embedded(stats) -> str:
+    """The embedding pass so far, for an epoch's progress line: rows, tokens and the producers' rate."""
+    rate = (f" at {stats.produced_tokens / stats.produced_seconds:,.0f} tokens/s of producer time"
+            if stats.produced_seconds > 0 else "")
+    return f", embedded {len(stats.sample_ids)} rows, {stats.produced_tokens:,} tokens{rate}"
+
+
 class Trainer:
     """One carry-on being fitted: model, optimizer, schedule, alpha search, history."""
 
@@ -302,7 +309,7 @@ class Trainer:
             line = pace.due(self.step)  # the first step, then every ~30 s, with the rate and an ETA
             if line:
                 log.info("training: epoch %d, step %s, loss %.4f%s", self.epoch, line, out.loss,
-                         f", tokens embedded {stats.produced_tokens}" if streamed else "")
+                         embedded(stats) if streamed else "")
             if self.step % 5 == 0:  # metrics for long runs every 5 steps
                 el = time.perf_counter() - t0
                 eta = el / i * max(0, self.plan.total_steps - self.step)

@@ -3,8 +3,9 @@ each step of a run happens on a Ray cluster.
 
     data       Ray Data reads, tokenizes, splits, orders and packs by the run's RowPlan (jobs/data.py)
     calibrate  one task on an inference-class node
-    fit        Ray Data's EmbeddingProducer actor pool (elastic, inference-class) streaming bridge
-               codes through the object store into TorchTrainer workers on training-class nodes
+    fit        embedding producers (actors/service.py: the cluster's shared service, or the job's
+               own; elastic, inference-class) streaming bridge codes through the object store
+               into TorchTrainer workers on training-class nodes
                (each runs Trainer.fit: jobs/train_loop.py), or a Tune search over a cache filled
                once (jobs/tune.py); the Trainer's state comes back in the last checkpoint
     heldout    one task on an inference-class node
@@ -74,33 +75,118 @@ def connect_ray(cfg) -> None:
                  runtime_env={"env_vars": {**env, **QUIET_ENV, **SINGLE_MACHINE_ENV}}, logging_level=logging.WARNING)
 
 
-def embed_pipeline(cfg, ds, calib):
-    """A lazy Ray Dataset: token rows (a Dataset from jobs/data.py) -> embedding rows from an elastic
-    pool of embedding actors."""
-    from ray.data import ActorPoolStrategy
+class Producers:
+    """The embedding producers a job embeds through (actors/service.py), by resources.producers:
+    the model replicas of the Serve app that runs the job's bases (co-serving), else the cluster's
+    shared producer service for them, else the job's own service, started here and stopped by
+    `close` (before held-out scoring needs the node). `kind` says which: coserve, shared, job."""
 
-    from actors.embedder import EmbeddingProducer
+    def __init__(self, cfg, job: str, scheduling=None):
+        import ray
 
-    r = cfg.resources
-    bases = [b.model_dump() for b in [cfg.base, *cfg.extra_bases]]
-    # `ds` is already in blocks of a few batches (jobs/data.py: _blocks), so nothing but the
-    # embedding actors runs here: no CPU task can queue behind actors holding every CPU.
-    # One pool running every base, or (model mixing) one pool per base chained: each base is
-    # placed and scaled on its own and the bases run concurrently on different batches.
-    pools = [None] if len(bases) == 1 or not r.pool_per_base else list(range(len(bases)))
-    for i, only in enumerate(pools):
-        ds = ds.map_batches(
-            EmbeddingProducer,
-            fn_constructor_kwargs=dict(base_cfgs=bases, calibration=calib, only=only, last=i == len(pools) - 1),
-            batch_size=r.embed_batch_size,
-            compute=ActorPoolStrategy(min_size=r.embed_actors_min, max_size=r.embed_actors_max),
-            num_cpus=r.embed_cpus,
-            num_gpus=r.embed_gpus,
-            resources={r.inference_resource: 1},
-            # Ray Data restarts a dead pool actor and re-runs its unfinished batches (measured in
-            # tests/test_job.py, the fault tests: no sample lost or duplicated).
-        )
-    return ds
+        from actors.service import COSERVE, SHARED_NAME, find_coserving, find_shared, start_for_job
+
+        self.cfg, self.job, self.own, self.kind = cfg, job, None, "job"
+        mode, r = cfg.resources.producers, cfg.resources
+        coserving = find_coserving(cfg) if mode in ("auto", "coserve") else None
+        shared = find_shared(cfg) if coserving is None and mode in ("auto", "shared") else None
+        if mode == "coserve" and coserving is None:
+            raise JobError(f"resources.producers is 'coserve' but the Serve app {r.coserve_app!r} does not run base "
+                           f"{cfg.base.name!r}: deploy it (`carryon serve`) with the same base, set "
+                           "resources.coserve_app to the app that does, or set resources.producers=auto")
+        if mode == "shared" and shared is None:
+            raise JobError(f"resources.producers is 'shared' but no producer service runs for base {cfg.base.name!r} "
+                           "on this cluster: start one with `carryon up --producers CONFIG` (the same base), or "
+                           "set resources.producers=auto to use the job's own producers")
+        if coserving is not None:
+            self.name, self.groups, self.kind = f"{COSERVE}{r.coserve_app}", [None], "coserve"
+            self.replicas = coserving
+            log.info("embedding through the model replicas of the Serve app %r (co-serving)", r.coserve_app)
+        elif shared is not None:
+            self.name, self.groups, self.kind = SHARED_NAME, [None], "shared"
+            log.info("embedding through the cluster's shared producers (%s)", SHARED_NAME)
+        else:
+            self.own = start_for_job(cfg, job, scheduling)
+            self.name = f"carryon-producers-{job}"
+            self.groups = ray.get(self.own.__ray_call__.remote(lambda s: s.groups))
+        self.calibration = None
+        self.seen: dict | None = None
+
+    def pipeline(self, ds, calib):
+        """A lazy Ray Dataset: token rows (a Dataset from jobs/data.py) -> embedding rows. One
+        stage per producer group (model mixing with a pool per base chains them: each base is
+        placed and scaled on its own and the bases run concurrently on different blocks)."""
+        import ray
+        from ray.data import TaskPoolStrategy
+
+        from actors.service import embed_through_producers
+
+        if self.calibration is None:
+            self.calibration = ray.put(calib)  # one copy; each producer fetches it once per job
+        r = self.cfg.resources
+        for i, group in enumerate(self.groups):
+            # `ds` is in blocks of a few requests each (jobs/data.py: _blocks); a task sends its
+            # block's requests at once and waits (no CPU); at most embed_actors_max blocks of this
+            # job are in flight: its backpressure, and few worker processes to start.
+            ds = ds.map_batches(
+                embed_through_producers,
+                fn_kwargs=dict(service=self.name, job=self.job, calibration=[self.calibration], group=group,
+                               last=i == len(self.groups) - 1, rows=r.embed_batch_size),
+                batch_size=None, batch_format="numpy",
+                compute=TaskPoolStrategy(size=max(2, r.embed_actors_max)), num_cpus=0,
+            )
+        return ds
+
+    def calibrate(self, data):
+        """The job's bridges fitted on a producer that has the base(s) loaded (no base load of its
+        own), or None when the producers each run one base of several (model mixing)."""
+        import ray
+
+        from actors.service import NAMESPACE
+
+        if self.groups != [None]:
+            return None
+        cfg = self.cfg
+        if self.kind == "coserve":
+            return self.replicas.calibrate.remote(cfg.bridge.model_dump(), cfg.layers.shallow, data.calibration_rows,
+                                                  cfg.tap_spec()).result()
+        service = ray.get_actor(self.name, namespace=NAMESPACE)
+        for _ in range(3):  # a producer lost meanwhile: Ray restarts it; ask again
+            i, producer = ray.get(service.acquire.remote(None))
+            try:
+                calib = ray.get(producer.calibrate.remote(cfg.bridge.model_dump(), cfg.layers.shallow,
+                                                          data.calibration_rows, cfg.tap_spec()))
+            except ray.exceptions.RayActorError:
+                service.release.remote(None, i, failed=True)
+                continue
+            service.release.remote(None, i)
+            return calib
+        return None
+
+    def describe(self) -> dict:
+        import ray
+        from actors.service import NAMESPACE
+
+        try:
+            if self.kind == "coserve":  # one replica's engine (Serve picks which)
+                info = self.replicas.info.remote().result(timeout_s=30)
+                return {"owner": "coserve", "replica": {k: info.get(k) for k in ("beside_done", "beside_waiting",
+                                                                                 "steps", "node_id", "pid")}}
+            return ray.get(ray.get_actor(self.name, namespace=NAMESPACE).describe.remote(), timeout=30)
+        except Exception as exc:  # noqa: BLE001 - a description is best effort
+            return {"error": str(exc)}
+
+    def close(self) -> None:
+        import ray
+
+        if self.own is not None:
+            self.seen = self.describe()  # what the job's own producers did, before they go
+            try:
+                ray.get(self.own.stop.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - killing it below ends its producers too
+                pass
+            ray.kill(self.own, no_restart=True)
+            self.own = None
 
 
 def check_tokenizers(cfg, tok) -> None:
@@ -133,9 +219,11 @@ def choose_cache(cfg, n_tokens: int, bytes_per_token: float) -> str:
     return "memory" if need < 0.25 * store else "disk"
 
 
-def tune_search(cfg, data, datasets, calib, cache_mode, cache_dir, beside_driver, tracker, out_dir, run_name):
-    """The search path of the job (jobs/tune.py): embed once into caches, run the trials, return the
-    best trial's (config, calibration, recipe state) and a summary of every trial."""
+def tune_search(cfg, data, datasets, calib, cache_mode, cache_dir, beside_driver, tracker, out_dir, run_name,
+                embedded_all=lambda: None):
+    """The search path of the job (jobs/tune.py): embed once into caches (then `embedded_all()`:
+    the job's own producers are done), run the trials, return the best trial's (config,
+    calibration, recipe state) and a summary of every trial."""
     import ray
 
     from carryon_ray.embedding import part_layout
@@ -155,6 +243,7 @@ def tune_search(cfg, data, datasets, calib, cache_mode, cache_dir, beside_driver
         log.info("tune: embedded %s once: %d rows in %d batches, %d tokens", name, counts["rows"], counts["batches"],
                  counts["tokens"])
     tracker.metrics({"tune_embed_seconds": time.perf_counter() - t0})
+    embedded_all()  # the trials read the caches: free the producers' capacity for them
     exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id if tracker.run_id else None
     ctx = SearchContext(cfg.model_dump(mode="json", exclude={"tune"}), calib, caches, data.n_train, tracker.uri,
                         tracker.run_id, exp_id)
@@ -195,8 +284,8 @@ class RayBackend:
       data       Ray Data reads, tokenizes, splits, orders and packs by the RowPlan (jobs/data.py);
                  the driver holds datasets, counts and reports, never the rows
       calibrate  one remote task on an inference-class node
-      fit        the embedding pipeline (an elastic actor pool on inference-class nodes streaming
-                 bridge codes through the object store) into TorchTrainer workers on training-class
+      fit        the embedding pipeline (producers on inference-class nodes, shared or the job's
+                 own, streaming bridge codes through the object store) into TorchTrainer workers on training-class
                  nodes (each runs Trainer.fit: jobs/train_loop.py), or a Tune search over a cache
                  filled once (jobs/tune.py); the Trainer's state comes back in the last checkpoint
       heldout    one remote task on an inference-class node
@@ -211,6 +300,7 @@ class RayBackend:
         self.cfg, self.tracker = cfg, tracker
         self.out_dir = Path(cfg.output.dir).resolve()
         self.watch = ResourceWatch(cfg.resources.wait_log_s, cfg.resources.wait_timeout_s)
+        self._producers: Producers | None = None
 
     def __enter__(self) -> "RayBackend":
         import ray
@@ -225,6 +315,8 @@ class RayBackend:
 
     def __exit__(self, kind, exc, tb) -> None:
         self.watch.stop()
+        if self._producers is not None:
+            self._producers.close()
         if self.watch.partial:  # an elastic pool that could not grow to its max: capacity, not a stall
             log.info("ran below its maximum: %s could not all be placed while the rest worked (checks: %s)",
                      ", ".join(self.watch.partial), ", ".join(map(str, self.watch.partial.values())))
@@ -254,12 +346,26 @@ class RayBackend:
         return RunData(data.reports, data.profiles, data.n_train, data.n_custom, data.n_replay, data.padding,
                        first_rows(data.train, calibration_rows(self.cfg)), data)
 
+    def producers(self) -> Producers:
+        """The job's embedding producers, from calibration until the job ends."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if self._producers is None:
+            # The job's own producer service lives on the driver's node, as the cache does (below).
+            beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self._producers = Producers(self.cfg, f"job-{uuid.uuid4().hex[:8]}", beside_driver)
+        return self._producers
+
     def calibrate(self, data):
         import ray
 
         from actors.embedder import calibrate
 
         cfg = self.cfg
+        calib = self.producers().calibrate(data)
+        if calib is not None:
+            return calib
         return ray.get(self._remote(calibrate).remote(
             [b.model_dump() for b in [cfg.base, *cfg.extra_bases]], cfg.bridge.model_dump(), cfg.layers.shallow,
             data.calibration_rows, cfg.tap_spec()))
@@ -268,18 +374,33 @@ class RayBackend:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+        run_name = f"carryon-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        # The cache lives on the driver's node: the job cannot outlive that node anyway, while any
+        # worker node (an inference node, a spot training node) may vanish mid-run and take an
+        # unpinned zero-CPU actor, and the object-store copies it owns, with it.
+        beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        producers = self.producers()
+        reporter.params({"producers": producers.kind})
+        try:
+            return self._fit(data, calib, reporter, producers, run_name, beside_driver)
+        finally:
+            seen = producers.seen or producers.describe()
+            self.tracker.text(json.dumps(seen, indent=2, default=str), "producers.json")
+            log.debug("producers: %s", seen)
+            producers.close()  # the job's own: their node is free for held-out scoring
+
+    def _fit(self, data, calib, reporter, producers, run_name, beside_driver):
         from carryon_ray.pipeline import Fitted
         from carryon_ray.recipe import RunPlan
 
         from .cache import EmbeddingCache
 
         cfg, tracker, rows = self.cfg, self.tracker, data.rows
-        datasets = {"train": embed_pipeline(cfg, rows.train, calib), "val": embed_pipeline(cfg, rows.val, calib)}
+        datasets = {"train": producers.pipeline(rows.train, calib), "val": producers.pipeline(rows.val, calib)}
         if rows.general is not None:
-            datasets["general"] = embed_pipeline(cfg, rows.general, calib)
+            datasets["general"] = producers.pipeline(rows.general, calib)
         bpt, n_tokens = calib.bytes_per_token(), rows.train_tokens
         cache_mode = choose_cache(cfg, n_tokens, bpt)
-        run_name = f"carryon-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         # Shared storage (s3://, gs://, file://...) when configured: trainers on several nodes read one cache.
         cache_dir = (f"{cfg.output.storage_path.rstrip('/')}/embedding-cache/{run_name}" if cfg.output.storage_path
                      else str(self.out_dir / "embedding-cache"))
@@ -287,14 +408,11 @@ class RayBackend:
         log.debug("embedding cache: %s at %s (%.1f MB of bridge codes for %d tokens at %.0f bytes/token)",
                  cache_mode, where, n_tokens * bpt / 1e6, n_tokens, bpt)
         reporter.params({"cache_mode": cache_mode, "cache_location": where, "cache_mb": f"{n_tokens * bpt / 1e6:.1f}"})
-        # The cache lives on the driver's node: the job cannot outlive that node anyway, while any
-        # worker node (an inference node, a spot training node) may vanish mid-run and take an
-        # unpinned zero-CPU actor, and the object-store copies it owns, with it.
-        beside_driver = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        extra = {"cache": cache_mode, "cache_location": where, "tune": None}
+        extra = {"cache": cache_mode, "cache_location": where, "tune": None, "producers": producers.kind}
         if cfg.tune.trials:  # a search: the base forward runs once, every trial reads the cache
             best_cfg, best_calib, state, extra["tune"] = tune_search(cfg, data, datasets, calib, cache_mode, cache_dir,
-                                                                    beside_driver, tracker, self.out_dir, run_name)
+                                                                    beside_driver, tracker, self.out_dir, run_name,
+                                                                    producers.close)
             return Fitted(best_cfg, best_calib, RunPlan.of(best_cfg, data.n_train), state, extra)
         cache = EmbeddingCache.options(name=f"carryon-cache-{uuid.uuid4().hex[:8]}",
                                        scheduling_strategy=beside_driver).remote(cache_mode, cache_dir)

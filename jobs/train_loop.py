@@ -137,7 +137,7 @@ def train_loop(config: dict) -> None:
             ray.get(cache.clear.remote())
         if world > 1:
             torch.distributed.barrier()
-        log.info("epoch %d: streaming embeddings from the actor pool", epoch)
+        log.info("epoch %d: streaming embeddings from the producers", epoch)
 
         def on_batch(i: int, batch: EncodedBatch) -> None:
             put_batch(cache, batch, loop.cache_mode, loop.cache_dir, rank, i)

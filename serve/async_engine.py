@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import itertools
 import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from carryon_ray.adapter import AdapterError
 from carryon_ray.base import FrozenBase
@@ -151,6 +153,10 @@ class AsyncEngine:
         self.ttft_count = 0  # every request's, ever (readers keep their own position: nobody empties ttft)
         self.ttft_buckets = [0] * (len(TTFT_BOUNDS) + 1)  # cumulative histogram since start (Prometheus style)
         self.ttft_sum = 0.0
+        # Prompt-only work beside the users' rows (co-serving: jobs' embedding chunks): run on the
+        # engine thread, one item after each decode step, back to back only when no row waits or runs.
+        self._beside: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self.beside_done = 0
         self._thread = threading.Thread(target=self._loop, name="carryon-engine", daemon=True)
         self._thread.start()
 
@@ -263,9 +269,31 @@ class AsyncEngine:
         gen.push(GenerateResult(text=text.out, finish_reason=reason, prompt_tokens=len(seq.request.prompt),
                                 completion_tokens=text.count, logprobs=logprobs))
 
+    def run_beside(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """`fn()` on the engine thread at the lowest priority: after a decode step, never inside
+        one, so a user's row waits for at most one such item (keep each small: the caller sizes
+        it by EngineConfig.embed_tokens). The model is the engine's; only this thread runs it."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._beside.append((fn, fut))
+        self._wake.set()
+        return asyncio.wrap_future(fut)
+
+    def _run_beside(self) -> None:
+        fn, fut = self._beside.popleft()
+        if not fut.set_running_or_notify_cancel():  # its caller gave up
+            return
+        try:
+            fut.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - the caller gets it; the engine goes on
+            fut.set_exception(exc)
+        self.beside_done += 1
+
     def _loop(self) -> None:
         while not self._stop:
             if not self.engine.has_work():
+                if self._beside:
+                    self._run_beside()
+                    continue
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
@@ -286,6 +314,8 @@ class AsyncEngine:
                         text.stopped = True
             for seq in step.finished:
                 self._deliver(seq)
+            if self._beside:  # one item of prompt-only work per step: users' tokens come first
+                self._run_beside()
 
     def stats(self) -> dict:
         """The one snapshot of this replica's engine: /v1/carryon/stats and the Prometheus metrics
@@ -299,6 +329,7 @@ class AsyncEngine:
                     "generated_tokens": e.stats.tokens, "prompt_tokens": e.stats.prompt_tokens,
                     "finished": dict(e.stats.finished), "adapter_rows": dict(e.stats.adapter_rows),
                     "kv_bytes": e.kv_bytes(), "max_rows": e.max_rows,
+                    "beside_waiting": len(self._beside), "beside_done": self.beside_done,
                     "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None,
                     "ttft_count": self.ttft_count, "ttft_sum_s": round(self.ttft_sum, 6),
                     "ttft_buckets": dict(zip([*map(str, TTFT_BOUNDS), "+Inf"], itertools.accumulate(self.ttft_buckets)))}

@@ -98,6 +98,43 @@ class ModelServer:
     async def ready(self) -> dict:
         return {"status": "ok", "base": self.cfg.model_id}
 
+    # -- co-serving: this replica is also an embedding producer (actors/service.py) --------------
+    def base_configs(self) -> list[dict]:
+        """The bases this replica runs, as a job's config names them (a job co-serves only here)."""
+        return [b.model_dump(mode="json") for b in [self.cfg.base, *self.cfg.extra_bases]]
+
+    def _producer(self):
+        from actors.embedder import Producer
+
+        if getattr(self, "_embedder", None) is None:
+            self._embedder = Producer(self.base_configs(), None, ray.get_runtime_context().get_node_id(),
+                                      bases=self.engine.bases)
+        return self._embedder
+
+    async def embed(self, job: str, calibration: list, batch: dict, last: bool = True) -> dict:
+        """A job's token rows -> embedding rows on this replica's base, no second copy: chunks of
+        at most engine.embed_tokens padded tokens, each run between two decode steps."""
+        from actors.embedder import Request
+        from carryon_ray.embedding import ROW_INPUT_IDS, concat_rows
+
+        producer = self._producer()
+        if not producer.knows(job):
+            calib = calibration[0]
+            producer.register(job, calib if not isinstance(calib, ray.ObjectRef) else await calib)
+        ids = batch[ROW_INPUT_IDS]
+        width = max((len(x) for x in ids), default=1)
+        per = max(1, self.cfg.engine.embed_tokens // max(width, 1))
+        outs = []
+        for at in range(0, len(ids), per):
+            chunk = {k: v[at : at + per] for k, v in batch.items()}
+            outs.append(await self.engine.run_beside(lambda c=chunk: producer.embed([Request(job, c, last)])[0]))
+        return concat_rows(outs)
+
+    async def calibrate(self, bridge_cfg: dict, shallow: list[int], rows: list[dict],
+                        tap_spec: tuple[int, int | None] = (0, None)):
+        producer = self._producer()
+        return await self.engine.run_beside(lambda: producer.calibrate(bridge_cfg, shallow, rows, tap_spec))
+
     def info(self) -> dict:
         return {**self.engine.stats(), "adapter_loads": len(self.load_ms),
                 "load_ms_p50": sorted(self.load_ms)[len(self.load_ms) // 2] if self.load_ms else None,

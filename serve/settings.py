@@ -121,6 +121,10 @@ class EngineConfig(Strict):
         "padded: Hugging Face's forward, one padded batch for decode rows and one for prompt chunks.")
     max_waiting: int = Field(
         512, ge=0, description="Requests queued for a row beyond max_rows; more answer 503 with Retry-After.")
+    embed_tokens: int = Field(
+        256, ge=1, description="Co-serving: padded tokens of one chunk of a job's embedding rows, run between decode "
+        "steps (one chunk per step while rows decode): each chunk delays the running rows' next token by its "
+        "forward, so this bounds what jobs cost the users.")
 
 
 class ReplicaConfig(Strict):

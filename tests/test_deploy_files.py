@@ -152,6 +152,21 @@ def test_kuberay_rayjob_runs_a_valid_config_on_that_cluster():
     assert {cfg.resources.inference_resource, cfg.resources.training_resource} <= units
 
 
+def test_kuberay_producers_job_starts_the_shared_service_for_a_valid_config():
+    from carryon_cli import build_parser
+
+    (job,) = kube("producers.yaml")
+    (rc,) = kube("raycluster.yaml")
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == rc["metadata"]["name"]
+    words = job["spec"]["entrypoint"].split()
+    assert words[:3] == ["python", "-m", "carryon_cli"]
+    args = build_parser().parse_args(words[3:])  # the command line the CLI accepts
+    assert (args.cmd, args.action) == ("producers", "start")
+    cfg = load_config(ROOT / args.config)
+    units = {k for g in groups(rc["spec"]).values() for k in g["resources"]}
+    assert cfg.resources.inference_resource in units
+
+
 def test_kuberay_rayservice_serves_the_deploy_config_on_the_same_groups():
     from ray.serve.schema import ServeDeploySchema
 

@@ -334,7 +334,7 @@ def test_mostly_bad_data_stops_with_a_clear_error(cluster, tiny_dir, tmp_path):
 def test_growing_moe_carryon_over_two_bases_on_packed_text(cluster, tiny_dir, tmp_path, smol_dir):
     """Issue 6 through `jobs.customize`: continued pretraining on packed plain text, a transformer
     carry-on with routed experts and latent attention, grown in two stages, over two different
-    bases (widths 64 and 48) each run by its own embedding actor pool."""
+    bases (widths 64 and 48), both run by each embedding producer."""
     from mlflow.tracking import MlflowClient
 
     from carryon_ray.data import arithmetic_problems
@@ -361,7 +361,7 @@ def test_growing_moe_carryon_over_two_bases_on_packed_text(cluster, tiny_dir, tm
     plans = [line for f in Path(cluster["ray_temp_dir"]).rglob("ray-data*.log")
              for line in f.read_text(errors="ignore").splitlines() if "Execution plan" in line]
     plans += [line for line in (res.stdout + res.stderr).splitlines() if "Execution plan" in line]
-    assert any(p.count("MapBatches(EmbeddingProducer)") == 2 for p in plans), plans[-5:]  # a pool per base
+    assert any(p.count("MapBatches(embed_through_producers)") == 1 for p in plans), plans[-5:]  # producers run both
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stages"] == 2 and len(summary["alphas"]) == 2
     assert summary["val_loss_after"] < summary["val_loss_before"]
@@ -622,8 +622,8 @@ def _watch(proc: subprocess.Popen, lines: list[str], triggers: dict) -> threadin
 
 
 def test_killed_embedding_actor_and_training_worker_lose_nothing(cluster, tiny_dir, tmp_path):
-    """One job, two faults. An embedding actor killed while epoch 0 streams: Ray Data restarts it
-    and re-runs its unfinished batches, so the trainer sees every sample exactly once. A training
+    """One job, two faults. An embedding producer killed while epoch 0 streams: Ray restarts it
+    and its unfinished blocks are sent again, so the trainer sees every sample exactly once. A training
     worker killed in epoch 1: it restarts from the epoch-0 checkpoint and the embedding cache, and
     the run ends where an uninterrupted one does. The uninterrupted reference is the in-process
     backend on the same config: the parity tests above show the two backends train the same

@@ -594,6 +594,62 @@ def test_openapi_health_and_offline_docs(served):
     assert stats["forward"] == "flat" and stats["base_forwards"] <= stats["steps"]
 
 
+COSERVE_DRIVER = """
+import json, sys, types
+import numpy as np, ray, ray.data
+from actors.embedder import Producer, Request
+from carryon_ray.config import load_config
+from carryon_ray.embedding import ROW_ID, ROW_INPUT_IDS, ROW_REPLAY, decode_sources, from_rows, part_layout, row_batches
+from jobs.backend import Producers, connect_ray
+tiny = sys.argv[1]
+cfg = load_config("configs/tiny-test.yaml", {"base.name": tiny, "base.dtype": "float32", "resources.producers": "coserve"})
+connect_ray(cfg)
+rows = [{ROW_ID: i, ROW_REPLAY: False, ROW_INPUT_IDS: [5 + (11 * i + j) % 300 for j in range(4 + i % 9)]} for i in range(40)]
+for r in rows:
+    r["labels"] = r[ROW_INPUT_IDS]
+producers = Producers(cfg, "job-coserve-test")
+calib = producers.calibrate(types.SimpleNamespace(calibration_rows=rows[:8]))
+got = sorted(producers.pipeline(ray.data.from_items(rows), calib).take_all(), key=lambda r: int(r[ROW_ID]))
+seen = producers.describe()
+from carryon_ray.base import FrozenBase
+from carryon_ray.config import BaseModelConfig
+base = FrozenBase.load(BaseModelConfig(name=tiny, dtype="float32"))
+mine = Producer([{}], None, bases=[base]); mine.register("j", calib)
+want = mine.embed([Request("j", {k: [r[k] for r in rows] for k in rows[0]})])[0]
+bridges, dims = calib.bridges(), calib.dims
+layout = part_layout(bridges, dims, calib.base_dtype)
+def states(cols):
+    (b,) = row_batches(cols, len(cols[ROW_ID]))
+    e = from_rows(b, layout)
+    return decode_sources(bridges, e.enc, dims)[0][0][e.attention_mask.bool()], e.sample_ids
+g_cols = {k: np.array([r[k] for r in got], dtype=object) if isinstance(got[0][k], bytes) else np.array([r[k] for r in got]) for k in got[0]}
+g, g_ids = states(g_cols)
+w, w_ids = states(want)
+print("RESULT " + json.dumps({"kind": producers.kind, "ids": g_ids, "want_ids": w_ids,
+                              "max_diff": float((g - w).abs().max()), "scale": float(w.abs().max()), "seen": seen}))
+"""
+
+
+def test_a_job_embeds_through_the_model_replica_beside_users(served, tiny_dir):
+    """Co-serving: a job's producers, found by its base in the running app (resources.producers:
+    coserve), are the model replica itself: calibration and the rows' embedding run on its engine
+    between decode steps (a user's request is served meanwhile), and the rows equal those of a
+    producer of the job's own."""
+    env = {**os.environ, **local_cluster.client_env(served["state"]), "RAY_ADDRESS": served["state"]["ray_address"],
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", COSERVE_DRIVER, tiny_dir], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    r = post(served, "/v1/completions", {"model": "bob-b", "prompt": "x", "max_tokens": 8})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    assert r.status_code == 200
+    res = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    assert res["kind"] == "coserve"
+    assert sorted(res["ids"]) == res["want_ids"] == list(range(40)) and len(res["ids"]) == 40
+    assert res["max_diff"] <= 0.05 * res["scale"], res  # the same rows, up to float rounding of other batches
+    assert res["seen"]["replica"]["beside_done"] >= 1, res["seen"]
+
+
 def test_a_lost_replica_answers_503_with_retry_after_and_health_follows(served):
     """kill -9 of the model replica mid-request: the request answers 503 + Retry-After, /health
     reports not ready until Serve has restarted the replica, then requests succeed again."""

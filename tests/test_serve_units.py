@@ -3,6 +3,7 @@ API keys and the adapter catalog's access rules, and the serving engine's thread
 
 import hashlib
 
+import numpy as np
 import pytest
 
 from carryon_ray.config import ConfigError
@@ -216,3 +217,57 @@ def test_a_row_whose_text_cannot_be_made_fails_alone_with_its_reason(tiny_base):
         asyncio.run(main())
     finally:
         eng.close()
+
+
+def test_jobs_embedding_beside_users_rows_waits_its_turn_and_changes_no_token(tiny_base):
+    """Co-serving on one replica's engine: a job's embedding chunks (run_beside) go between decode
+    steps, at most one per step while users' rows decode; the users' tokens are those of the same
+    requests without the job, and the job's rows are those a producer of its own makes."""
+    import asyncio
+
+    from actors.embedder import Producer, Request
+    from carryon_ray.config import BridgeConfig
+    from carryon_ray.embedding import ROW_ID, ROW_INPUT_IDS, ROW_REPLAY, calibrate
+
+    rows = [[5 + (7 * i + j) % 400 for j in range(6 + i % 5)] for i in range(24)]
+    batch = {ROW_ID: list(range(24)), ROW_REPLAY: [False] * 24, ROW_INPUT_IDS: rows, "labels": rows}
+    calib = calibrate([tiny_base], BridgeConfig(bits=8), [], [{k: batch[k][i] for k in batch} for i in range(8)])
+    own = Producer([{}], None, bases=[tiny_base])
+    own.register("job", calib)
+    parts = [own.embed([Request("job", {k: v[at : at + 4] for k, v in batch.items()})])[0] for at in range(0, 24, 4)]
+    want = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def decode(eng, with_job: bool):
+        async def main():
+            ids = [eng.encode(f"user {i} says hello") for i in range(3)]
+            gens = [eng.submit(_request(max_tokens=12), x, None) for x in ids]
+            chunks, steps_at = [], []
+            if with_job:
+                shared = Producer([{}], None, bases=[tiny_base])
+                shared.register("job", calib)
+
+                def chunk(at):
+                    steps_at.append((eng.engine.stats.steps, eng.engine.has_work()))
+                    return shared.embed([Request("job", {k: v[at : at + 4] for k, v in batch.items()})])[0]
+
+                chunks = [eng.run_beside(lambda at=at: chunk(at)) for at in range(0, 24, 4)]
+            results = [await g.result() for g in gens]
+            return [r.text for r in results], await asyncio.gather(*chunks), steps_at
+
+        return asyncio.run(main())
+
+    eng = AsyncEngine([tiny_base], LimitsConfig(), EngineConfig(max_rows=4))
+    try:
+        alone, _, _ = decode(eng, False)
+        texts, outs, steps_at = decode(eng, True)
+    finally:
+        eng.close()
+    assert texts == alone  # greedy: the job changed no user's token
+    got = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    assert got[ROW_ID].tolist() == want[ROW_ID].tolist()
+    for k in want:
+        if k.startswith("s0_"):  # the bridge codes, row by row
+            assert [bytes(x) for x in got[k]] == [bytes(x) for x in want[k]], k
+    # while users' rows were waiting or running, the next chunk came only after another decode step
+    busy = [(a, b) for (a, users), (b, _) in zip(steps_at, steps_at[1:]) if users]
+    assert len(busy) >= 2 and all(b > a for a, b in busy), steps_at

@@ -1,0 +1,280 @@
+"""Many customizations, one base per node (issue 33): N demo-size jobs through the cluster's shared
+producer service at once, against the same N jobs one after another, each with its own producers
+(the path every job took before the service existed).
+
+On one fresh local cluster (`carryon up`, --cpus logical CPUs on this machine) this script:
+  1. runs the N jobs one after another with `resources.producers=job`: each starts its own
+     producers, which load the base, and stops them when its embedding ends;
+  2. starts the shared service (`carryon producers start`, one producer) and submits the N jobs at
+     once with `resources.producers=shared`;
+  3. meanwhile samples the cluster every second: base copies held = live EmbeddingProducer actors
+     plus running tasks that load the base themselves (calibrate, held-out scoring);
+  4. (coserve) deploys `carryon serve serve/local.yaml` and runs 16 closed-loop chat clients
+     (max_tokens 32) alone, then while --coserve-jobs jobs embed through its replica
+     (`resources.producers=coserve`): latency p50 / p99 of requests in flight while the replica
+     ran job chunks, against the clients alone.
+Both runs use the same cluster, the same config (configs/demo.yaml with the overrides below) and the
+same logical CPUs. Writes bench/results/shared-producers.json: `concurrent_over_sequential`,
+`base_copies_per_node` (peak during the concurrent run; one node here) and the absolute figures.
+`--quick` (make bench) runs 2 jobs of a tiny random-weight base. Run alone.
+
+    python bench/shared_producers.py [--jobs 8] [--cpus 8] [--quick] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("CARRYON_CACHE", str(ROOT / ".cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Every job: the demo's carry-on and data, no MLflow (tracking off), no registry.
+COMMON = ["mlflow.register_as=null", "resources.train_cpus=0.5", "resources.embed_actors_min=1",
+          "resources.embed_actors_max=1"]
+LOADS_BASE = ("calibrate", "score_heldout_remote")  # tasks that load a base copy of their own
+
+
+class Sampler(threading.Thread):
+    """Peak base copies on the cluster, sampled every second through Ray's state API."""
+
+    def __init__(self, address: str):
+        super().__init__(daemon=True)
+        self.address, self.peak, self.samples, self.stop_flag = address, 0, [], threading.Event()
+
+    def run(self) -> None:
+        from ray.util.state import list_actors, list_tasks
+
+        while not self.stop_flag.is_set():
+            try:
+                actors = list_actors(address=self.address, filters=[("state", "=", "ALIVE")], limit=10_000,
+                                     raise_on_missing_output=False)
+                tasks = list_tasks(address=self.address, filters=[("state", "=", "RUNNING")], limit=10_000,
+                                   raise_on_missing_output=False)
+                n = (sum(a.class_name == "EmbeddingProducer" for a in actors)
+                     + sum(any(k in (t.name or "") for k in LOADS_BASE) for t in tasks))
+                self.samples.append(n)
+                self.peak = max(self.peak, n)
+            except Exception:  # noqa: BLE001 - a missed sample is not a result
+                pass
+            self.stop_flag.wait(1.0)
+
+
+def job(env: dict, config: str, out: Path, sets: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "jobs.customize", "--config", config, "--set", f"output.dir={out}"]
+    cmd += [a for s in COMMON + sets for a in ("--set", s)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> dict:
+    text, _ = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"a job failed:\n{text[-4000:]}")
+    result = next(line for line in text.splitlines() if line.startswith("RESULT "))
+    return json.loads(result[len("RESULT "):])
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3) if xs else None
+
+
+def coserve(args, tmp: str, state: dict, env: dict, sets: list[str], n_jobs: int) -> dict:
+    """16 closed-loop chat clients (max_tokens 32) on the Serve app's one replica: first alone, then
+    while `n_jobs` jobs embed through that replica (resources.producers=coserve). A request counts
+    as "under embedding" when the replica ran job chunks while it was in flight (its stats' beside_done
+    moved)."""
+    import httpx
+
+    from jobs import local_cluster
+
+    key = "bench-key"
+    (Path(tmp) / "keys.yaml").write_text(f"{key}: demo\n")
+    port = local_cluster.free_port()
+    serve_sets = [a for s in sets if s.startswith("base.") for a in ("--set", s)]
+    res = subprocess.run([sys.executable, "-m", "carryon_cli", "serve", "serve/local.yaml", "--set",
+                          f"auth.keys_file={tmp}/keys.yaml", "--set", "registry.enabled=false", *serve_sets, "--state-dir", f"{tmp}/cluster", "--port",
+                          str(port)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    if res.returncode != 0:
+        raise SystemExit(f"serve did not start:\n{res.stdout[-2000:]}{res.stderr[-3000:]}")
+    url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+    model = httpx.get(f"{url}/v1/models", headers=headers, timeout=60).json()["data"][0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": "Write one sentence about the sea."}],
+            "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+
+    def clients(seconds: float | None, stop: threading.Event) -> list[tuple[float, float, int]]:
+        done: list[tuple[float, float, int]] = []
+
+        def loop():
+            with httpx.Client(timeout=600) as c:
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    r = c.post(f"{url}/v1/chat/completions", json=body, headers=headers)
+                    done.append((t0, time.perf_counter(), r.status_code))
+
+        threads = [threading.Thread(target=loop, daemon=True) for _ in range(16)]
+        for t in threads:
+            t.start()
+        if seconds is not None:
+            time.sleep(seconds)
+            stop.set()
+        return done, threads
+
+    def beside() -> int:
+        return httpx.get(f"{url}/v1/carryon/stats", headers=headers, timeout=60).json().get("beside_done", 0)
+
+    warm = threading.Event()
+    _, threads = clients(5 if args.quick else 15, warm)  # warm-up: first requests compile and allocate
+    for t in threads:
+        t.join()
+    stop = threading.Event()
+    idle, threads = clients(args.idle_s, stop)
+    for t in threads:
+        t.join()
+    idle_lat = [b - a for a, b, code in idle if code == 200]
+    marks: list[tuple[float, int]] = [(time.perf_counter(), beside())]
+    stop = threading.Event()
+    busy, threads = clients(None, stop)
+    t0 = time.perf_counter()
+    procs = [job(env, "configs/demo.yaml", Path(tmp) / f"cos-{i}", sets + ["resources.producers=coserve"])
+             for i in range(n_jobs)]
+    while any(p.poll() is None for p in procs):
+        marks.append((time.perf_counter(), beside()))
+        time.sleep(0.5)
+    jobs_wall = time.perf_counter() - t0
+    marks.append((time.perf_counter(), beside()))
+    stop.set()
+    for t in threads:
+        t.join()
+    results = [finish(p, 60) for p in procs]
+
+    def embedding(a: float, b: float) -> bool:  # did the replica run job chunks while [a, b] was in flight?
+        before = max((n for t, n in marks if t <= a), default=marks[0][1])
+        after = min((n for t, n in marks if t >= b), default=marks[-1][1])
+        return after > before
+
+    under = [b - a for a, b, code in busy if code == 200 and embedding(a, b)]
+    out = {"clients": 16, "max_tokens": 32, "jobs": n_jobs, "idle_requests": len(idle_lat),
+           "idle_p50_s": pct(idle_lat, 0.5), "idle_p99_s": pct(idle_lat, 0.99),
+           "under_embedding_requests": len(under), "under_embedding_p50_s": pct(under, 0.5),
+           "under_embedding_p99_s": pct(under, 0.99), "errors": sum(code != 200 for _, _, code in idle + busy),
+           "chunks_run_by_replica": marks[-1][1] - marks[0][1], "jobs_wall_s": round(jobs_wall, 1),
+           "job_producers": sorted({r.get("producers") for r in results}),
+           "job_val_loss_after": [round(r["val_loss_after"], 4) for r in results]}
+    subprocess.run([sys.executable, "-m", "carryon_cli", "serve", "--stop", "--state-dir", f"{tmp}/cluster"],
+                   capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    return out
+
+
+def main() -> None:
+    from jobs import local_cluster
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--jobs", type=int, default=8)
+    p.add_argument("--cpus", type=int, default=8, help="logical CPUs the bench cluster advertises")
+    p.add_argument("--quick", action="store_true", help="2 jobs on a tiny random-weight base")
+    p.add_argument("--out", default=str(ROOT / "bench/results/shared-producers.json"))
+    p.add_argument("--parts", default="shared,coserve", help="which measurements: shared, coserve")
+    p.add_argument("--coserve-jobs", type=int, default=4)
+    p.add_argument("--idle-s", type=float, default=60.0, help="seconds of the clients alone")
+    args = p.parse_args()
+    parts = set(args.parts.split(","))
+    if args.quick:
+        args.idle_s, args.coserve_jobs = 10.0, 1
+    n = 2 if args.quick else args.jobs
+    with tempfile.TemporaryDirectory(prefix="bench-shared-") as tmp:
+        sets = []
+        if args.quick:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from conftest import make_tiny_base
+
+            from carryon_ray.base import resolve_base_path
+            from carryon_ray.config import BaseModelConfig
+
+            smol, _ = resolve_base_path(BaseModelConfig(name="smollm2-135m-instruct"))
+            sets = [f"base.name={make_tiny_base(Path(tmp) / 'tiny', smol)}", "data.builtin_size=96"]
+        state = local_cluster.up(f"{tmp}/cluster", num_cpus=args.cpus, with_mlflow=False)
+        env = {**os.environ, **local_cluster.client_env(state), "RAY_ADDRESS": state["ray_address"],
+               "PYTHONPATH": str(ROOT)}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        os.environ.update(local_cluster.client_env(state))
+        gcs = state["ray_address"]
+        out: dict = {"jobs": n, "quick": args.quick, "config": "configs/demo.yaml", "overrides": COMMON + sets,
+                     "machine": {"cpus": os.cpu_count(), "logical_cpus": args.cpus}, "nodes": 1}
+        try:
+            if "shared" in parts:
+                # 1. one after another, each job with its own producers (today's path)
+                sampler = Sampler(gcs)
+                sampler.start()
+                t0, walls = time.perf_counter(), []
+                for i in range(n):
+                    t1 = time.perf_counter()
+                    finish(job(env, "configs/demo.yaml", Path(tmp) / f"seq-{i}", sets + ["resources.producers=job"]),
+                           1800)
+                    walls.append(round(time.perf_counter() - t1, 1))
+                    print(f"sequential job {i + 1}/{n}: {walls[-1]} s", flush=True)
+                sequential = time.perf_counter() - t0
+                sampler.stop_flag.set()
+                sampler.join()
+                out["sequential"] = {"wall_s": round(sequential, 1), "job_wall_s": walls,
+                                     "base_copies_peak": sampler.peak}
+                # 2. the shared service, then all jobs at once
+                t1 = time.perf_counter()
+                res = subprocess.run([sys.executable, "-m", "carryon_cli", "producers", "start", "--state-dir",
+                                      f"{tmp}/cluster", "--config", "configs/demo.yaml",
+                                      *[a for s in COMMON + sets for a in ("--set", s)]],
+                                     capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+                if res.returncode != 0:
+                    raise SystemExit(f"producers did not start:\n{res.stdout[-2000:]}{res.stderr[-3000:]}")
+                start_s = time.perf_counter() - t1
+                print(f"shared producers ready in {start_s:.1f} s", flush=True)
+                sampler = Sampler(gcs)
+                sampler.start()
+                t0 = time.perf_counter()
+                procs = [job(env, "configs/demo.yaml", Path(tmp) / f"con-{i}", sets + ["resources.producers=shared"])
+                         for i in range(n)]
+                results = [finish(proc, 3600) for proc in procs]
+                concurrent = time.perf_counter() - t0
+                sampler.stop_flag.set()
+                sampler.join()
+                status = subprocess.run([sys.executable, "-m", "carryon_cli", "producers", "status", "--state-dir",
+                                         f"{tmp}/cluster"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+                seen = json.loads(status.stdout) if status.returncode == 0 else {"error": status.stderr[-500:]}
+                per = seen.get("per_producer", [])
+                out["concurrent"] = {
+                    "wall_s": round(concurrent, 1), "service_start_s": round(start_s, 1),
+                    "job_wall_s": [r["wall_seconds"] for r in results], "base_copies_peak": sampler.peak,
+                    "producers": seen.get("producers"), "producer_calls": seen.get("calls"),
+                    "forwards": sum(p.get("forwards", 0) for p in per),
+                    "forwards_shared_by_jobs": sum(p.get("shared_forwards", 0) for p in per),
+                    "jobs_seen_by_producers": sum(p.get("jobs", 0) for p in per),
+                    "val_loss_after": [round(r["val_loss_after"], 4) for r in results]}
+                out["concurrent_over_sequential"] = round(concurrent / sequential, 3)
+                out["concurrent_with_service_start_over_sequential"] = round((concurrent + start_s) / sequential, 3)
+                out["base_copies_per_node"] = sampler.peak
+                out["sequential_base_copies_per_node"] = out["sequential"]["base_copies_peak"]
+            if "coserve" in parts:
+                out["coserve"] = cos = coserve(args, tmp, state, env, sets, args.coserve_jobs)
+                if cos["idle_p50_s"] and cos["under_embedding_p50_s"]:
+                    out["coserve_p50_over_idle"] = round(cos["under_embedding_p50_s"] / cos["idle_p50_s"], 3)
+                    out["coserve_p99_over_idle"] = round(cos["under_embedding_p99_s"] / cos["idle_p99_s"], 3)
+        finally:
+            local_cluster.down(f"{tmp}/cluster")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    if Path(args.out).exists() and parts != {"shared", "coserve"}:  # one part rerun: keep the other's figures
+        out = {**json.loads(Path(args.out).read_text()), **out}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

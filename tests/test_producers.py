@@ -1,0 +1,150 @@
+"""The producer service (actors/service.py, actors/embedder.py): jobs' rows share base forwards,
+each job gets exactly its rows back, encoded with its own bridges, whatever dies or misbehaves."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from carryon_ray.bridge import Bridge
+from carryon_ray.config import BridgeConfig
+from carryon_ray.embedding import (ROW_ID, ROW_INPUT_IDS, ROW_LENGTH, ROW_REPLAY, Calibration, calibrate, decode_sources,
+                                   embed_many, embed_rows, from_rows, part_layout, row_batches)
+
+
+def _rows(seed: int, n: int, first_id: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 24, (n,), generator=g).tolist()
+    ids = [torch.randint(5, 500, (k,), generator=g).tolist() for k in lengths]
+    return {ROW_ID: list(range(first_id, first_id + n)), ROW_REPLAY: [False] * n, ROW_INPUT_IDS: ids,
+            "labels": [[-100] + x[1:] for x in ids]}
+
+
+def _decoded(out: dict, bridges, dims) -> torch.Tensor:
+    (batch,) = row_batches(out, len(out[ROW_ID]))
+    got = from_rows(batch, part_layout(bridges, dims, torch.float32))
+    return decode_sources(bridges, got.enc, dims)[0][0][got.attention_mask.bool()]
+
+
+def test_jobs_sharing_a_forward_get_what_each_would_get_alone(tiny_base):
+    """Two jobs with different bridges (8 bits and none) in one base forward: each job's rows come
+    back with its ids, lengths and codes as its batch alone gives them."""
+    torch.manual_seed(0)
+    a = [[Bridge.from_config(BridgeConfig(bits=8), torch.randn(256, 64))]]
+    b = [[Bridge.from_config(BridgeConfig(bits=0), torch.randn(256, 64))]]
+    rows_a, rows_b = _rows(1, 5), _rows(2, 3, first_id=100)
+    shared = embed_many([tiny_base], [(a, rows_a), (b, rows_b)], [])
+    for bridges, rows, out in ((a, rows_a, shared[0]), (b, rows_b, shared[1])):
+        alone = embed_rows([tiny_base], bridges, rows, [])
+        assert out[ROW_ID].tolist() == rows[ROW_ID]
+        assert out[ROW_LENGTH].tolist() == [len(x) for x in rows[ROW_INPUT_IDS]]
+        got, want = _decoded(out, bridges, [[64]]), _decoded(alone, bridges, [[64]])
+        assert got.shape == want.shape
+        # a padded batch of other rows moves a state by float rounding at most: an 8-bit code by a step
+        torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
+
+
+def test_queued_requests_of_several_jobs_share_one_forward_under_the_token_budget(tiny_dir, tiny_base):
+    """The producer actor's loop (run here without Ray): requests of two jobs queued together go
+    through one forward up to max_batch_tokens; the next request waits for the next forward; a
+    job whose bridges do not fit the base fails alone and the others get their rows."""
+    import asyncio
+
+    from actors.embedder import EmbeddingProducer
+
+    calib_rows = [{ROW_ID: i, ROW_REPLAY: False, ROW_INPUT_IDS: x, "labels": x}
+                  for i, x in enumerate(_rows(9, 8)[ROW_INPUT_IDS])]
+    calibs = {job: calibrate([tiny_base], BridgeConfig(bits=bits), [], calib_rows) for job, bits in (("a", 8), ("b", 4))}
+    calibs["bad"] = _misfit(calibrate([tiny_base], BridgeConfig(bits=8), [], calib_rows))
+    producer = EmbeddingProducer([{"name": tiny_dir, "dtype": "float32"}], None, max_batch_tokens=3 * 4 * 23)
+    batches = [("a", _rows(1, 4)), ("b", _rows(2, 4, 100)), ("bad", _rows(3, 4, 200)), ("a", _rows(4, 4, 300))]
+
+    async def main():
+        return await asyncio.gather(*(producer.embed(job, [calibs[job]], rows) for job, rows in batches),
+                                    return_exceptions=True)
+
+    outs = asyncio.run(main())
+    for (job, rows), out in zip(batches, outs):
+        if job == "bad":
+            assert isinstance(out, Exception), out
+        else:
+            assert out[ROW_ID].tolist() == rows[ROW_ID], job
+    # three requests of at most 4 x 23 padded tokens fit the budget: a, b and bad shared the first
+    # forward (which raised, so each ran again alone); the fourth came in the next
+    assert producer.stats["shared_forwards"] >= 1 and producer.stats["requests"] >= 4, producer.stats
+
+
+def _misfit(calib: Calibration) -> Calibration:
+    """A calibration whose bridges expect states twice the base's width."""
+    calib.bridge_tensors = {k: np.concatenate([v, v], axis=-1) if v.ndim else v for k, v in calib.bridge_tensors.items()}
+    calib.hidden_sizes = [2 * h for h in calib.hidden_sizes]
+    return calib
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, resources={"inference_node": 4}, include_dashboard=False,
+             logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def test_two_jobs_through_one_service_lose_and_duplicate_nothing(ray_local, tiny_dir, tiny_base):
+    """Two jobs embed at once through one service while its producers are killed mid-run: each job
+    gets every row exactly once, in order, and a third job whose calibration does not fit the base
+    fails alone."""
+    import ray
+
+    from actors.service import NAMESPACE, ProducerService, embed_through_producers
+
+    torch.manual_seed(0)
+    calib_rows = [{ROW_ID: i, ROW_REPLAY: False, ROW_INPUT_IDS: x, "labels": x}
+                  for i, x in enumerate(_rows(9, 8)[ROW_INPUT_IDS])]
+    base_cfg = {"name": tiny_dir, "dtype": "float32"}
+    calibs = {job: calibrate([tiny_base], BridgeConfig(bits=bits), [], calib_rows) for job, bits in (("a", 8), ("b", 4))}
+    calibs["bad"] = _misfit(calibrate([tiny_base], BridgeConfig(bits=8), [], calib_rows))
+    refs = {job: ray.put(c) for job, c in calibs.items()}
+    service = ray.remote(ProducerService).options(name="test-producers", namespace=NAMESPACE, num_cpus=0,
+                                                  max_concurrency=64).remote(
+        [base_cfg], [None], 1, 2, {"num_cpus": 0.5, "num_gpus": 0, "resources": {"inference_node": 1}}, 512, "test")
+    task = ray.remote(num_cpus=0)(embed_through_producers)
+    blocks = {job: [_rows(10 * k + i, 4, first_id=1000 * k + 4 * i) for i in range(24)]
+              for k, job in enumerate(("a", "b"), start=1)}
+    outs: dict[str, list] = {}
+
+    def run(job):  # what a job's Ray Data stage does: a few blocks in flight, results in block order
+        refs_, window = [], []
+        for blk in blocks[job]:
+            if len(window) == 3:
+                _, window = ray.wait(window, num_returns=1)
+            refs_.append(task.remote(blk, "test-producers", job, [refs[job]], None, True, 2))
+            window.append(refs_[-1])
+        outs[job] = ray.get(refs_, timeout=300)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in blocks]
+    for t in threads:
+        t.start()
+    bad = task.remote(_rows(77, 4), "test-producers", "bad", [refs["bad"]], None, True, 2)
+    while ray.get(service.describe.remote())["calls"] < 12:  # producers warm, most blocks still to come
+        time.sleep(0.2)
+    for victim in ray.get(service.__ray_call__.remote(lambda s: s.producers[None])):  # every producer, mid-call
+        ray.kill(victim, no_restart=False)
+    for t in threads:
+        t.join()
+    for job in blocks:
+        ids = [int(x) for out in outs[job] for x in out[ROW_ID]]
+        want = [x for blk in blocks[job] for x in blk[ROW_ID]]
+        assert sorted(ids) == sorted(want) and len(ids) == len(set(ids)), job  # none lost, none twice
+        assert ids == want  # and each block's rows in its order
+    with pytest.raises(ray.exceptions.RayTaskError):
+        ray.get(bad, timeout=120)
+    seen = ray.get(service.describe.remote())
+    assert seen["failures"] >= 1, seen  # the kill landed on calls in flight
+    ray.get(service.stop.remote())
+    ray.kill(service)
