@@ -70,13 +70,20 @@ class Sampler(threading.Thread):
 
 
 def job(env: dict, config: str, out: Path, sets: list[str]) -> subprocess.Popen:
+    """A job driver whose output goes to a file beside its outputs (a pipe nobody reads while the
+    job runs would fill and stop it)."""
     cmd = [sys.executable, "-m", "jobs.customize", "--config", config, "--set", f"output.dir={out}"]
     cmd += [a for s in COMMON + sets for a in ("--set", s)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(cmd, stdout=open(out / "job.log", "w"), stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=ROOT)
+    proc.log = out / "job.log"
+    return proc
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> dict:
-    text, _ = proc.communicate(timeout=timeout)
+    proc.wait(timeout=timeout)
+    text = proc.log.read_text()
     if proc.returncode != 0:
         raise SystemExit(f"a job failed:\n{text[-4000:]}")
     result = next(line for line in text.splitlines() if line.startswith("RESULT "))
