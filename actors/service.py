@@ -37,6 +37,7 @@ NAMESPACE = "carryon"
 SHARED_NAME = "carryon-producers"
 ATTEMPTS = 20  # calls of one block before its task fails (each producer death costs one)
 BUSY = 2  # requests in flight at which a producer counts as busy (one forward running, one queued)
+WAIT_CHECK_S = 15.0  # a block waiting this long on a producer asks whether that producer still runs
 ROOM_CHECK_S = 5.0  # how often a busy group may ask the cluster whether another producer fits
 
 
@@ -132,6 +133,21 @@ class ProducerService:
             for g in self.groups:
                 self.ready[g] = [True if r in refs else r for r in self.ready[g]]
         return sum(len(v) for v in self.ready.values())
+
+    def alive(self, group: int | None, i: int) -> bool:
+        """Whether producer i runs now (Ray's state API): one that waits to be restarted, e.g.
+        after its node went away, holds its callers' requests until it can be placed again."""
+        from ray.util.state import get_actor
+
+        try:
+            state = get_actor(self.producers[group][i]._actor_id.hex())
+        except Exception:  # noqa: BLE001 - the state API unreachable: assume it runs
+            return True
+        ok = state is not None and state.state == "ALIVE"
+        if not ok:
+            with self.lock:
+                self.ready[group][i] = self.producers[group][i].ready.remote()  # not ready until it answers
+        return ok
 
     def release(self, group: int | None, i: int, failed: bool = False) -> None:
         with self.lock:
@@ -267,6 +283,10 @@ def _through_replicas(app: str, job: str, calibration: list, batch: dict, last: 
     raise RuntimeError(f"{ATTEMPTS} tries of the replicas of {app} failed while embedding one batch of job {job}")
 
 
+class ProducerLost(RuntimeError):
+    """A producer that holds a block but is not running (Ray waits for room to restart it)."""
+
+
 _SERVICES: dict[str, object] = {}  # per worker process: service name -> handle
 
 
@@ -290,7 +310,7 @@ def _through_service(parts: list[dict], service: str, job: str, calibration: lis
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
     from carryon_ray.embedding import concat_rows
-    lost = (RayActorError, ActorDiedError, ActorUnavailableError)
+    lost = (RayActorError, ActorDiedError, ActorUnavailableError, ProducerLost)
     for attempt in range(ATTEMPTS):
         svc = _SERVICES.get(service)
         if svc is None:  # one lookup per worker process: the task runs once per batch of rows
@@ -302,7 +322,20 @@ def _through_service(parts: list[dict], service: str, job: str, calibration: lis
             time.sleep(min(5.0, 0.5 * (attempt + 1)))
             continue
         try:
-            out = concat_rows(ray.get([producer.embed.remote(job, calibration, part, last) for part in parts]))
+            refs = [producer.embed.remote(job, calibration, part, last) for part in parts]
+            while True:  # a producer waiting for a node to restart on would hold the block forever
+                done, waiting = ray.wait(refs, num_returns=len(refs), timeout=WAIT_CHECK_S)
+                if not waiting or ray.get(svc.alive.remote(group, i)):
+                    if not waiting:
+                        break
+                    continue
+                for ref in waiting:
+                    try:
+                        ray.cancel(ref)
+                    except Exception:  # noqa: BLE001 - it is being given up either way
+                        pass
+                raise ProducerLost("the producer is not running (waiting to be restarted)")
+            out = concat_rows(ray.get(refs))
         except lost as exc:
             svc.release.remote(group, i, failed=True)
             if attempt == 0:  # one line per block; Ray restarts the producer meanwhile

@@ -60,7 +60,7 @@ def rows_of(examples):
 
 def calibrated_producer(cfg, base, splits):
     """(a producer's embed of one request, bridges, dims): what the actor runs, bridge fitted on 16 training rows."""
-    from actors.embedder import Producer, Request
+    from carryon_ray.producer import Producer, Request
 
     calib = calibrate([base], cfg.bridge, [], token_rows(splits.train[:16]))
     core = Producer([cfg.base.model_dump()])

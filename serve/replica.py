@@ -104,7 +104,7 @@ class ModelServer:
         return [b.model_dump(mode="json") for b in [self.cfg.base, *self.cfg.extra_bases]]
 
     def _producer(self):
-        from actors.embedder import Producer
+        from carryon_ray.producer import Producer
 
         if getattr(self, "_embedder", None) is None:
             self._embedder = Producer(self.base_configs(), None, ray.get_runtime_context().get_node_id(),
@@ -114,7 +114,7 @@ class ModelServer:
     async def embed(self, job: str, calibration: list, batch: dict, last: bool = True) -> dict:
         """A job's token rows -> embedding rows on this replica's base, no second copy: chunks of
         at most engine.embed_tokens padded tokens, each run between two decode steps."""
-        from actors.embedder import Request
+        from carryon_ray.producer import Request
         from carryon_ray.embedding import ROW_INPUT_IDS, concat_rows
 
         producer = self._producer()

@@ -133,7 +133,11 @@ def test_two_jobs_through_one_service_lose_and_duplicate_nothing(ray_local, tiny
     bad = task.remote(_rows(77, 4), "test-producers", "bad", [refs["bad"]], None, True, 2)
     while ray.get(service.describe.remote())["calls"] < 12:  # producers warm, most blocks still to come
         time.sleep(0.2)
-    for victim in ray.get(service.__ray_call__.remote(lambda s: s.producers[None])):  # every producer, mid-call
+    victims = ray.get(service.__ray_call__.remote(lambda s: s.producers[None]))
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(ray.get(v.describe.remote())["queued"] for v in victims):
+        time.sleep(0.05)  # until some request waits in a producer: the kill lands on calls in flight
+    for victim in victims:  # every producer, mid-call
         ray.kill(victim, no_restart=False)
     for t in threads:
         t.join()

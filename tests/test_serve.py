@@ -597,7 +597,7 @@ def test_openapi_health_and_offline_docs(served):
 COSERVE_DRIVER = """
 import json, sys, types
 import numpy as np, ray, ray.data
-from actors.embedder import Producer, Request
+from carryon_ray.producer import Producer, Request
 from carryon_ray.config import load_config
 from carryon_ray.embedding import ROW_ID, ROW_INPUT_IDS, ROW_REPLAY, decode_sources, from_rows, part_layout, row_batches
 from jobs.backend import Producers, connect_ray
@@ -639,7 +639,7 @@ def test_a_job_embeds_through_the_model_replica_beside_users(served, tiny_dir):
            "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", COSERVE_DRIVER, tiny_dir], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-    r = post(served, "/v1/completions", {"model": "bob-b", "prompt": "x", "max_tokens": 8})
+    r = post(served, "/v1/completions", {"model": "bob-b", "prompt": "x", "max_tokens": 8}, key="bob")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
     assert r.status_code == 200

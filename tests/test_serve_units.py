@@ -225,7 +225,7 @@ def test_jobs_embedding_beside_users_rows_waits_its_turn_and_changes_no_token(ti
     requests without the job, and the job's rows are those a producer of its own makes."""
     import asyncio
 
-    from actors.embedder import Producer, Request
+    from carryon_ray.producer import Producer, Request
     from carryon_ray.config import BridgeConfig
     from carryon_ray.embedding import ROW_ID, ROW_INPUT_IDS, ROW_REPLAY, calibrate
 

@@ -1,0 +1,112 @@
+"""A producer's model-side logic, free of Ray: the base(s) loaded once, every job known by its
+Calibration, a list of requests (any jobs) embedded with one base forward per shape
+(`carryon_ray.embedding.embed_many`). The producer actor (actors/embedder.py), a Serve model
+replica that co-serves (serve/replica.py) and the benchmarks all run this class.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import FrozenBase
+from .config import BaseModelConfig, BridgeConfig
+from .embedding import ROW_INPUT_IDS, ROW_NODES, ROW_SECONDS, Calibration, calibrate as fit, embed_many, is_code
+
+JOBS_KEPT = 256  # calibrations a producer keeps (least recently used go first; a job re-sends its own)
+
+
+def load_bases(base_cfgs: list[dict]) -> list[FrozenBase]:
+    return [FrozenBase.load(BaseModelConfig(**c)) for c in base_cfgs]
+
+
+@dataclass
+class Request:
+    """One job's batch of token rows. `last`: the producer of the job's last base turns the rows
+    into embedding rows; an earlier one (model mixing, a group per base) adds its base's codes and
+    passes the token rows on."""
+
+    job: str
+    batch: dict
+    last: bool = True
+
+    def tokens(self) -> int:
+        ids = self.batch[ROW_INPUT_IDS]
+        return len(ids) * max((len(i) for i in ids), default=0)  # padded: what the forward costs
+
+
+@dataclass
+class _Job:
+    bridges: list
+    shallow: tuple[int, ...]
+    tap: int | None
+
+
+class Producer:
+    """The base(s) of one producer and what it knows of each job. With `only=b` it loads and runs
+    base b alone (model mixing with a group of producers per base)."""
+
+    def __init__(self, base_cfgs: list[dict], only: int | None = None, node: str = "",
+                 bases: list[FrozenBase] | None = None):
+        self.indices = list(range(len(base_cfgs))) if only is None else [only]
+        # `bases`: already loaded (a Serve replica's, co-serving), else loaded here
+        self.bases = bases if bases is not None else load_bases([base_cfgs[i] for i in self.indices])
+        self.node = node
+        self.jobs: OrderedDict[str, _Job] = OrderedDict()
+
+    def knows(self, job: str) -> bool:
+        if job in self.jobs:
+            self.jobs.move_to_end(job)
+            return True
+        return False
+
+    def add_job(self, job: str, calibration: Calibration) -> None:
+        bridges = calibration.bridges()
+        self.jobs[job] = _Job([bridges[i] for i in self.indices], tuple(calibration.shallow), calibration.tap)
+        while len(self.jobs) > JOBS_KEPT:
+            self.jobs.popitem(last=False)
+
+    def register(self, job: str, calibration) -> None:
+        if not self.knows(job):
+            self.add_job(job, calibration)
+
+    def calibrate(self, bridge_cfg: dict, shallow: list[int], rows: list[dict],
+                  tap_spec: tuple[int, int | None] = (0, None)) -> Calibration:
+        """`calibrate` on this producer's loaded base(s): a job's calibration costs no base load."""
+        if self.indices != list(range(len(self.bases))):
+            raise ValueError("a producer of one base among several cannot calibrate the job's bridges")
+        return fit(self.bases, BridgeConfig(**bridge_cfg), shallow, rows, tuple(tap_spec))
+
+    def shape(self, req: Request) -> tuple:
+        """What requests must share to share a forward: the layers it returns and where it stops."""
+        j = self.jobs[req.job]
+        return j.shallow, j.tap
+
+    def embed(self, requests: list[Request]) -> list[dict]:
+        """Each request's output rows, one base forward per shape among them."""
+        out: list[dict | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault(self.shape(r), []).append(i)
+        for (shallow, tap), idx in groups.items():
+            embedded = embed_many(self.bases, [(self.jobs[requests[i].job].bridges, requests[i].batch) for i in idx],
+                                  list(shallow), self.indices, self.node, tap)
+            for i, mine in zip(idx, embedded):
+                out[i] = self._rows(requests[i], mine)
+        return out
+
+    def _rows(self, req: Request, mine: dict) -> dict:
+        batch = req.batch
+        seconds = mine[ROW_SECONDS] + np.asarray(batch.get(ROW_SECONDS, 0.0))  # time of earlier producers too
+        if ROW_NODES in batch:
+            mine[ROW_NODES] = np.array([f"{prev},{self.node}" for prev in batch[ROW_NODES]], dtype=object)
+        if req.last:  # what the trainers read: embedding rows with the codes of every base
+            out = {k: v for k, v in batch.items() if is_code(k)}
+            out.update(mine)
+        else:  # pass the token rows on to the next base's producers, with this base's codes
+            out = dict(batch)
+            out.update({k: v for k, v in mine.items() if is_code(k) or k == ROW_NODES})
+        out[ROW_SECONDS] = seconds
+        return out
