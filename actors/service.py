@@ -50,6 +50,7 @@ class ProducerService:
         self.producers: dict[int | None, list] = {g: [] for g in self.groups}
         self.ready: dict[int | None, list] = {g: [] for g in self.groups}
         self.load: dict[int | None, list[int]] = {g: [] for g in self.groups}
+        self.uses: dict[int | None, list[int]] = {g: [] for g in self.groups}
         self.created = 0
         self.calls = 0
         self.failures = 0
@@ -73,6 +74,7 @@ class ProducerService:
         self.producers[group].append(actor)
         self.ready[group].append(actor.ready.remote())
         self.load[group].append(0)
+        self.uses[group].append(0)
         self.created += 1
 
     def _ensure(self, group: int | None) -> None:
@@ -114,7 +116,10 @@ class ProducerService:
             if (min(load) >= BUSY and len(load) < self.max_size) and self._room():
                 self._add(group)
                 load = self.load[group]
-            i = min(range(len(load)), key=lambda k: (not self._is_ready(group, k), load[k]))
+            # ready first, then least loaded, then least used: with one block in flight at a time
+            # every block would otherwise go to the first producer and the others idle
+            i = min(range(len(load)), key=lambda k: (not self._is_ready(group, k), load[k], self.uses[group][k]))
+            self.uses[group][i] += 1
             load[i] += 1
             self.calls += 1
             return i, self.producers[group][i]
