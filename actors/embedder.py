@@ -51,6 +51,7 @@ class EmbeddingProducer:
         # One thread runs the forwards: torch uses the actor's cores inside it.
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.stats = {"forwards": 0, "requests": 0, "rows": 0, "tokens": 0, "shared_forwards": 0, "jobs": 0}
+        self.in_flight = 0  # embed calls not yet answered: queued, in a forward, or fetching a calibration
 
     def ready(self) -> str:
         return self.producer.node
@@ -58,6 +59,13 @@ class EmbeddingProducer:
     async def embed(self, job: str, calibration: list, batch: dict, last: bool = True) -> dict:
         """`batch`'s rows embedded for `job`. `calibration` is [an ObjectRef of the job's
         Calibration], fetched the first time this producer sees the job."""
+        self.in_flight += 1
+        try:
+            return await self._embed(job, calibration, batch, last)
+        finally:
+            self.in_flight -= 1
+
+    async def _embed(self, job: str, calibration: list, batch: dict, last: bool) -> dict:
         if not self.producer.knows(job):
             if job not in self.arriving:  # the job's first call fetches its calibration; others wait on it
                 self.arriving[job] = asyncio.ensure_future(self._fetch(calibration[0]))
@@ -135,4 +143,5 @@ class EmbeddingProducer:
                         fut.set_exception(exc)
 
     def describe(self) -> dict:
-        return {**self.stats, "node": self.producer.node, "queued": len(self.queue)}
+        return {**self.stats, "node": self.producer.node, "queued": len(self.queue),
+                "in_flight": self.in_flight}

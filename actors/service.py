@@ -177,6 +177,7 @@ class ProducerService:
                     per.append({"group": g, "error": type(exc).__name__})
         return {"owner": self.owner, "bases": [c.get("name") for c in self.base_cfgs], "producers": len(per),
                 "created": self.created, "calls": self.calls, "failures": self.failures,
+                "in_use": sum(sum(v) for v in self.load.values()),
                 "uptime_s": round(time.time() - self.started, 1), "per_producer": per}
 
     def stop(self) -> None:
@@ -348,6 +349,9 @@ def _through_service(parts: list[dict], service: str, job: str, calibration: lis
                             type(exc).__name__)
             time.sleep(min(5.0, 0.5 * (attempt + 1)))
             continue
+        except BaseException:  # the job's own error (a calibration that does not fit): not the producer's load
+            svc.release.remote(group, i)
+            raise
         svc.release.remote(group, i)
         return out
     raise RuntimeError(f"{ATTEMPTS} producers of {service} died while embedding one batch of job {job}")

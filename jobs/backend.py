@@ -123,6 +123,8 @@ class Producers:
 
         if self.calibration is None:
             self.calibration = ray.put(calib)  # one copy; each producer fetches it once per job
+            if self.own is not None:  # as an actor pool does: its first embed_actors_min producers up before
+                ray.get(self.own.wait_ready.remote())  # streaming, else the first one takes every block
         r = self.cfg.resources
         for i, group in enumerate(self.groups):
             # `ds` is in blocks of a few requests each (jobs/data.py: _blocks); a task sends its

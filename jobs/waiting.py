@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import _thread
 import logging
+import os
+import sys
 import threading
 import time
+import traceback
 
 log = logging.getLogger("carryon.job")
 
@@ -27,6 +30,7 @@ KNOWN = {
 }
 
 
+INTERRUPT_GRACE_S = 30.0  # how long the driver has to answer the watch's interrupt before the watch ends it
 LIMIT = 10_000  # the state API's rows per listing (its default, 100, misses most of a busy cluster)
 
 
@@ -145,9 +149,10 @@ class ResourceWatch(threading.Thread):
     stats. Whether work runs at the moment of a look says nothing: a pool waits on backpressure
     while the trainer works, and a short task is over before the state API sees it."""
 
-    def __init__(self, interval_s: float = 30.0, timeout_s: float | None = 600.0, job_id: str | None = None):
+    def __init__(self, interval_s: float = 30.0, timeout_s: float | None = 600.0, job_id: str | None = None,
+                 grace_s: float = INTERRUPT_GRACE_S):
         super().__init__(name="carryon-resource-watch", daemon=True)
-        self.interval_s, self.timeout_s, self.job_id = interval_s, timeout_s, job_id
+        self.interval_s, self.timeout_s, self.job_id, self.grace_s = interval_s, timeout_s, job_id, grace_s
         # The cluster to ask, by its GCS address (set with job_id once connected): without it the
         # state API guesses, and fails when another Ray runs on the machine.
         self.address: str | None = None
@@ -181,7 +186,22 @@ class ResourceWatch(threading.Thread):
                 self.message = (f"the job could not be scheduled for {waited:.0f}s (resources.wait_timeout_s = "
                                 f"{self.timeout_s:g}):\n  {msg}")
                 _thread.interrupt_main()
+                self._force_exit()
                 return
+
+    def _force_exit(self) -> None:
+        """The interrupt reaches the main thread only when it runs Python code: a wait inside a
+        library that never polls for signals would hold the job forever. If the driver has not
+        ended the job within `grace_s`, this thread does, with the same message."""
+        if self._done.wait(self.grace_s):
+            return  # the driver answered the interrupt (RayBackend.__exit__ stops this watch)
+        main = sys._current_frames().get(threading.main_thread().ident)
+        where = traceback.extract_stack(main)[-1] if main is not None else None
+        log.warning("the driver did not answer the interrupt in %gs (its main thread waited at %s); ending the job",
+                    self.grace_s, where)
+        print(f"error: {self.message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
 
     def stop(self) -> None:
         self._done.set()

@@ -26,34 +26,17 @@ from carryon_ray.config import BaseModelConfig, CarryOnConfig, validate_config  
 
 
 # The slowest files first (bench/results/test-durations.json), so that with `make test`'s two
-# workers the long ones start at once and the short ones fill in around them. The multinode test
-# goes last and never beside the job tests (see `job_clusters`).
-HEAVY_FIRST = ["test_job.py", "test_serve.py", "test_finetune.py", "test_train.py"]
-LAST = ["test_multinode.py"]
+# workers the two longest (the job tests' cluster and the multinode cluster) start at once on
+# different workers and the short files fill in around them.
+HEAVY_FIRST = ["test_job.py", "test_multinode.py", "test_serve.py", "test_finetune.py", "test_train.py"]
 
 
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
         name = item.path.name
-        if name in LAST:
-            return len(HEAVY_FIRST) + 1 + LAST.index(name)
         return HEAVY_FIRST.index(name) if name in HEAVY_FIRST else len(HEAVY_FIRST)
 
     items.sort(key=rank)  # stable: each file's own order is kept
-
-
-@pytest.fixture(scope="session")
-def job_clusters(tmp_path_factory):
-    """A lock the job tests' cluster and the multinode test hold while they run, across `make
-    test`'s workers: both time embedding actors against node loss and worker kills, and beside
-    each other on two cores the second actor of a pool came up after the first had embedded the
-    whole epoch (the removed node then held no work)."""
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the workers' common temp root
-    return FileLock(str(root / "job-clusters.lock"))
 
 
 @pytest.fixture(scope="session")

@@ -23,13 +23,12 @@ TINY_CONFIG = "configs/tiny-test.yaml"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, job_clusters):
-    with job_clusters:
-        state_dir = tmp_path_factory.mktemp("carryon-cluster")
-        state = local_cluster.up(str(state_dir), num_cpus=2)
-        yield state
-        assert local_cluster.down(str(state_dir))
-        assert not local_cluster._stragglers(state["ray_temp_dir"])  # nothing of ours left running
+def cluster(tmp_path_factory):
+    state_dir = tmp_path_factory.mktemp("carryon-cluster")
+    state = local_cluster.up(str(state_dir), num_cpus=2)
+    yield state
+    assert local_cluster.down(str(state_dir))
+    assert not local_cluster._stragglers(state["ray_temp_dir"])  # nothing of ours left running
 
 
 def client_env(state: dict) -> dict:

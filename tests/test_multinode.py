@@ -39,12 +39,7 @@ def _audits(out: Path) -> dict[str, dict]:
 
 
 @pytest.mark.timeout(1200)  # three jobs and a Serve app: ~4 min alone, twice that on a busy machine
-def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_path, job_clusters):
-    with job_clusters:  # never beside the job tests' cluster (tests/conftest.py)
-        _node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_path)
-
-
-def _node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_path):
+def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_path):
     from ray.cluster_utils import Cluster
 
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})  # the head: drivers only, no node class

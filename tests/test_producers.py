@@ -117,10 +117,13 @@ def test_two_jobs_through_one_service_lose_and_duplicate_nothing(ray_local, tiny
     blocks = {job: [_rows(10 * k + i, 4, first_id=1000 * k + 4 * i) for i in range(24)]
               for k, job in enumerate(("a", "b"), start=1)}
     outs: dict[str, list] = {}
+    more = threading.Event()  # the jobs send their first 6 blocks, then wait for the producers to be busy
 
     def run(job):  # what a job's Ray Data stage does: a few blocks in flight, results in block order
         refs_, window = [], []
-        for blk in blocks[job]:
+        for k, blk in enumerate(blocks[job]):
+            if k == 6:
+                more.wait(120)
             if len(window) == 3:
                 _, window = ray.wait(window, num_returns=1)
             refs_.append(task.remote(blk, "test-producers", job, [refs[job]], None, True, 2))
@@ -134,13 +137,23 @@ def test_two_jobs_through_one_service_lose_and_duplicate_nothing(ray_local, tiny
     while ray.get(service.describe.remote())["calls"] < 12:  # producers warm, most blocks still to come
         time.sleep(0.2)
     victims = ray.get(service.__ray_call__.remote(lambda s: s.producers[None]))
+    # Each producer's one forward thread is kept busy by a long calibration (about a second), so
+    # the jobs' next requests wait in the producers when the kill lands: it always hits calls in
+    # flight, however fast the tiny base embeds.
+    long_rows = [{ROW_ID: i, ROW_REPLAY: False, ROW_INPUT_IDS: list(range(5, 133)), "labels": list(range(5, 133))}
+                 for i in range(1000)]
+    busy = [v.calibrate.remote({"bits": 8}, [], long_rows) for v in victims]
+    more.set()
     deadline = time.time() + 60
-    while time.time() < deadline and not any(ray.get(v.describe.remote())["queued"] for v in victims):
-        time.sleep(0.05)  # until some request waits in a producer: the kill lands on calls in flight
+    while time.time() < deadline and not any(ray.get(v.describe.remote())["in_flight"] for v in victims):
+        time.sleep(0.01)  # until a producer holds a call (queued behind the calibration): the kill lands on it
+    assert time.time() < deadline, "no call was ever in flight"
     for victim in victims:  # every producer, mid-call
         ray.kill(victim, no_restart=False)
     for t in threads:
         t.join()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(busy, timeout=60)  # the calibrations died with their producers
     for job in blocks:
         ids = [int(x) for out in outs[job] for x in out[ROW_ID]]
         want = [x for blk in blocks[job] for x in blk[ROW_ID]]
@@ -148,7 +161,9 @@ def test_two_jobs_through_one_service_lose_and_duplicate_nothing(ray_local, tiny
         assert ids == want  # and each block's rows in its order
     with pytest.raises(ray.exceptions.RayTaskError):
         ray.get(bad, timeout=120)
+    time.sleep(1.0)  # the tasks' release calls reach the service on their own (fire and forget)
     seen = ray.get(service.describe.remote())
     assert seen["failures"] >= 1, seen  # the kill landed on calls in flight
+    assert seen["in_use"] == 0, seen  # every call released its producer, the bad job's failed ones too
     ray.get(service.stop.remote())
     ray.kill(service)
