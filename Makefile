@@ -63,10 +63,12 @@ finetune-demo: serve
 
 # Two pytest workers, a test file at a time each (--dist loadfile: a module's cluster fixture stays
 # in one process). The suite waits on process starts and Ray scheduling as much as it computes, so
-# two workers on two cores finish sooner than one; the heaviest files go first (tests/conftest.py).
+# two workers on two cores finish sooner than one; the heaviest files go first (tests/conftest.py;
+# --no-loadscope-reorder: xdist would otherwise order the files by their test counts, and the
+# one-test multinode file started last, beside nothing).
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests

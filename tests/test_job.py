@@ -516,12 +516,12 @@ def test_a_tune_search_embeds_once_stops_weak_trials_and_registers_the_best(clus
     out = tmp_path / "run"
     space = {"carryon.width": [8, 32], "train.lr": [1e-5, 3e-3, 1e-2]}
     res, _ = _job(cluster, tiny_dir, "--set", f"output.dir={out}", "--set", "mlflow.experiment=tune-test",
-                  "--set", "tune.trials=6", "--set", f"tune.space={json.dumps(space)}", "--set", "tune.max_concurrent=1",
+                  "--set", "tune.trials=4", "--set", f"tune.space={json.dumps(space)}", "--set", "tune.max_concurrent=1",
                   "--set", "train.epochs=2", "--set", "mlflow.register_as=tuned-tiny", timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     tune = summary["tune"]
-    assert len(tune["trials"]) == 6 and tune["failed"] == 0
+    assert len(tune["trials"]) == 4 and tune["failed"] == 0
     assert tune["embedded_rows"]["train"] == summary["train_sequences"]  # once, not once per trial
     assert tune["stopped_early"] >= 1  # ASHA cut at least one trailing trial after its first epoch
     best = min((t for t in tune["trials"] if t["val_loss"] is not None), key=lambda t: t["val_loss"])
@@ -529,7 +529,7 @@ def test_a_tune_search_embeds_once_stops_weak_trials_and_registers_the_best(clus
     client = MlflowClient(cluster["mlflow_url"])
     children = client.search_runs([client.get_run(summary["run_id"]).info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}'")
-    assert len(children) == 6 and {c.data.params["trial"] for c in children} == {c.info.run_name for c in children}
+    assert len(children) == 4 and {c.data.params["trial"] for c in children} == {c.info.run_name for c in children}
     mv = client.get_model_version_by_alias("tuned-tiny", "current")
     assert mv.run_id == summary["run_id"]
     saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
