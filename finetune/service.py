@@ -17,6 +17,7 @@ from .runner import NAMESPACE, FinetuneJob, actor_name
 from .store import JOBS_EXPERIMENT, Store, run_id_of
 
 log = logging.getLogger("carryon.finetune")
+KILL_WAIT_S = 10  # how long a cancel waits for a queued job's process to be gone
 LOST_AFTER_S = 120  # an active job whose actor is gone this long after creation failed with its process
 RETRY_AFTER_S = 30
 
@@ -188,17 +189,31 @@ class FinetuneService:
             self.store.request_cancel(job_id)
             self.store.add_event(job_id, "Cancellation requested: the job stops at its next step")
         if rec.get("status") in ("validating_files", "queued"):  # not started: nothing to stop at a step
-            import ray
-
-            try:
-                ray.kill(ray.get_actor(actor_name(job_id), namespace=NAMESPACE))
-            except ValueError:
-                pass
-            fresh = self.store.get_job(job_id)
-            if fresh.get("status") in ("validating_files", "queued"):
-                self.store.update_job(job_id, status="cancelled", finished_at=int(time.time()))
-                self.store.add_event(job_id, "The job was cancelled before it started")
+            self._cancel_unstarted(job_id)
         return self.get_job(user, job_id)
+
+    def _cancel_unstarted(self, job_id: str) -> None:
+        """A queued job's process is ended, and once it is gone the record says `cancelled`. The
+        process may have started between our read and the kill and written `running`: nobody will
+        write after it, so any active status is ours to end (without the wait, such a job was
+        later reaped as lost, `failed`)."""
+        import ray
+
+        try:
+            ray.kill(ray.get_actor(actor_name(job_id), namespace=NAMESPACE), no_restart=True)
+        except ValueError:
+            pass
+        deadline = time.time() + KILL_WAIT_S  # ray.kill only asks: wait until the name is released
+        while time.time() < deadline:
+            try:
+                ray.get_actor(actor_name(job_id), namespace=NAMESPACE)
+            except ValueError:
+                break
+            time.sleep(0.2)
+        fresh = self.store.get_job(job_id)
+        if fresh.get("status") in ACTIVE:
+            self.store.update_job(job_id, status="cancelled", finished_at=int(time.time()), estimated_finish=None)
+            self.store.add_event(job_id, "The job was cancelled before it started")
 
     def events(self, user: str, job_id: str, after: str | None, limit: int) -> dict:
         from carryon_mlflow.tracking import metric_name

@@ -351,17 +351,19 @@ def test_a_user_over_the_job_cap_gets_429_and_cancel_stops_a_job_at_a_step(ft):
         time.sleep(1)
     assert c.fine_tuning.jobs.cancel(first.id).status in ("running", "cancelled")
     done = wait_job(c, first.id, timeout=120)
-    assert done.status == "cancelled" and done.fine_tuned_model is None and done.finished_at is not None
+    assert done.status == "cancelled" and done.fine_tuned_model is None and done.finished_at is not None, done
     steps = [e.data["step"] for e in c.fine_tuning.jobs.list_events(first.id, limit=10000) if e.type == "metrics"]
     assert 0 < max(steps) < done.hyperparameters.n_epochs * 32  # stopped mid-run, at a step
     assert not _actor_alive(ft, first.id)  # its process (and all it held) is gone
     # The second (queued behind the first, or running) is cancelled too; a new job is then accepted.
     c.fine_tuning.jobs.cancel(second.id)
-    assert wait_job(c, second.id, timeout=120).status == "cancelled"
+    done2 = wait_job(c, second.id, timeout=120)
+    assert done2.status == "cancelled", done2
     third = api(ft, "POST", "/v1/fine_tuning/jobs", user="carol", json={"model": "tiny-base", "training_file": f.id})
     assert third.status_code == 200, third.text
     c.fine_tuning.jobs.cancel(third.json()["id"])
-    assert wait_job(c, third.json()["id"], timeout=120).status == "cancelled"
+    done3 = wait_job(c, third.json()["id"], timeout=120)
+    assert done3.status == "cancelled", done3
 
 
 def _kill_serve_replicas(ft, deployment: str) -> int:

@@ -42,6 +42,7 @@ def _audits(out: Path) -> dict[str, dict]:
 def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_path):
     from ray.cluster_utils import Cluster
 
+    t_start = time.time()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})  # the head: drivers only, no node class
     inf1 = c.add_node(num_cpus=1, resources={"inference_node": 1})
     inf2 = c.add_node(num_cpus=1, resources={"inference_node": 1})
@@ -84,7 +85,7 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
         # The cache sits beside the driver, so losing a worker node (here inf2) cannot take it away.
         assert {a["cache_node"] for a in audits.values()} == {c.head_node.node_id}
         worlds = {name: a["world"] for name, a in audits.items()}
-        print(f"training workers per epoch audit: {worlds}")
+        print(f"training workers per epoch audit: {worlds}; part 1 done at {time.time() - t_start:.0f}s")
         assert worlds["samples-epoch0-rank0.json"] == 1 and 2 in worlds.values()  # grew from 1 to 2 workers
         last = EPOCHS - 1
         assert f"samples-epoch{last}-rank1.json" in audits
@@ -103,8 +104,16 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
         out2 = tmp_path / "colocated"
         proc = _job(c.address, "configs/colocated.yaml", tiny_dir, out2, "--set", "data.builtin_size=64",
                     "--set", "train.epochs=1", "--set", "carryon.width=16", "--set", "data.max_length=128")
-        text, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, text[-4000:]
+        lines2: list[str] = []
+        watcher = _watch(proc, lines2, {})
+        try:  # well inside the test's timeout, so a stuck job fails with its own log
+            code = proc.wait(timeout=420)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = None
+        watcher.join(10)
+        assert code == 0, f"colocated job exit {code}:\n" + "".join(lines2[-120:])
+        print(f"parts 1-2 done at {time.time() - t_start:.0f}s")
         co = _audits(out2)["samples-epoch0-rank0.json"]
         inference = {inf1.node_id, inf3.node_id}
         assert co["node"] in inference and set(co["producer_nodes"]) <= inference
