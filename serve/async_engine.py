@@ -38,6 +38,64 @@ log = logging.getLogger("carryon.serve")
 TTFT_BOUNDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
+class BesideBudget:
+    """How much of a replica's time prompt-only work (a co-serving job's embedding chunks) may take
+    while users' rows decode: `share` of the decode steps' time, measured, not guessed.
+
+    A token bucket: every decode step adds `share` x its duration as credit (at most two steps'
+    worth is kept, so an idle spell never buys a burst); an item runs when the credit covers its
+    expected cost (its tokens x the measured seconds per token) and then pays what it actually
+    took. Over any stretch of decoding the users lose at most about `share` of their step rate
+    (0.5: each token at most 1.5x as slow), whatever the machine, base or batch. The chunk size
+    follows too: about one step's share of tokens, between one row and `max_tokens`."""
+
+    def __init__(self, share: float, max_tokens: int, decay: float = 0.8):
+        self.share, self.max_tokens, self.decay = share, max_tokens, decay
+        self.step_s: float | None = None  # moving average of a decode step
+        self.s_per_token: float | None = None  # moving average of prompt-only seconds per token
+        self.credit = 0.0
+        self.busy_s = 0.0  # decode steps' time, and prompt-only time run while rows decoded
+        self.beside_s = 0.0
+
+    @staticmethod
+    def _avg(old: float | None, new: float, decay: float) -> float:
+        return new if old is None else decay * old + (1 - decay) * new
+
+    def stepped(self, seconds: float) -> None:
+        self.step_s = self._avg(self.step_s, seconds, self.decay)
+        self.credit = min(self.credit + self.share * seconds, self._cap())
+        self.busy_s += seconds
+
+    def _cap(self) -> float:
+        return 2 * self.share * (self.step_s or 0.0)
+
+    def allows(self, tokens: int) -> bool:
+        """May an item of `tokens` run after this step? Unknown costs run, to be measured; an item
+        dearer than the most credit kept runs at that most and leaves a debt the next steps repay
+        (one row cannot be split, and a job must not starve while users decode)."""
+        if self.s_per_token is None:
+            return True
+        return self.credit >= min(tokens * self.s_per_token, self._cap())
+
+    def spent(self, seconds: float, tokens: int, after_step: bool) -> None:
+        """An item took `seconds`; `after_step`: it ran between decode steps (the users paid for
+        it), not on an idle engine."""
+        if tokens > 0:
+            self.s_per_token = self._avg(self.s_per_token, seconds / tokens, self.decay)
+        if after_step:
+            self.credit -= seconds
+            self.beside_s += seconds
+
+    def chunk_tokens(self, busy: bool) -> int:
+        if not busy or self.step_s is None or self.s_per_token is None:
+            return self.max_tokens
+        return int(max(1, min(self.max_tokens, self.share * self.step_s / self.s_per_token)))
+
+    def share_used(self) -> float:
+        """Prompt-only time run after decode steps over the decode steps' time, so far."""
+        return self.beside_s / self.busy_s if self.busy_s else 0.0
+
+
 class TextStream:
     """Token ids -> text deltas, with stop strings. `out` is exactly what was sent.
 
@@ -155,8 +213,9 @@ class AsyncEngine:
         self.ttft_sum = 0.0
         # Prompt-only work beside the users' rows (co-serving: jobs' embedding chunks): run on the
         # engine thread, one item after each decode step, back to back only when no row waits or runs.
-        self._beside: deque[tuple[Callable[[], Any], concurrent.futures.Future]] = deque()
+        self._beside: deque[tuple[Callable[[], Any], concurrent.futures.Future, int]] = deque()
         self.beside_done = 0
+        self.budget = BesideBudget(engine.embed_share, engine.embed_tokens)
         self._thread = threading.Thread(target=self._loop, name="carryon-engine", daemon=True)
         self._thread.start()
 
@@ -269,34 +328,48 @@ class AsyncEngine:
         gen.push(GenerateResult(text=text.out, finish_reason=reason, prompt_tokens=len(seq.request.prompt),
                                 completion_tokens=text.count, logprobs=logprobs))
 
-    def run_beside(self, fn: Callable[[], Any]) -> asyncio.Future:
+    def run_beside(self, fn: Callable[[], Any], tokens: int = 0) -> asyncio.Future:
         """`fn()` on the engine thread at the lowest priority: after a decode step, never inside
-        one, so a user's row waits for at most one such item (keep each small: the caller sizes
-        it by EngineConfig.embed_tokens). The model is the engine's; only this thread runs it."""
+        one, and while rows decode only as the step-time budget allows (BesideBudget), so users
+        pay at most EngineConfig.embed_share of each step for it. `tokens`: the padded tokens `fn`
+        runs through the base (how its cost is learned; size chunks by `beside_chunk_tokens`).
+        The model is the engine's; only this thread runs it."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._beside.append((fn, fut))
+        self._beside.append((fn, fut, tokens))
         self._wake.set()
         return asyncio.wrap_future(fut)
 
-    def _run_beside(self) -> None:
-        fn, fut = self._beside.popleft()
+    def beside_chunk_tokens(self) -> int:
+        """Padded tokens for the next chunk of prompt-only work: about one step's share while
+        rows decode, EngineConfig.embed_tokens when the engine is idle."""
+        return self.budget.chunk_tokens(busy=self.engine.has_work())
+
+    def _run_beside(self, after_step: bool) -> None:
+        fn, fut, tokens = self._beside.popleft()
         if not fut.set_running_or_notify_cancel():  # its caller gave up
             return
+        t0 = time.perf_counter()
         try:
-            fut.set_result(fn())
+            result, error = fn(), None
         except BaseException as exc:  # noqa: BLE001 - the caller gets it; the engine goes on
-            fut.set_exception(exc)
-        self.beside_done += 1
+            result, error = None, exc
+        self.budget.spent(time.perf_counter() - t0, tokens, after_step)
+        self.beside_done += 1  # counted before the caller wakes
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
 
     def _loop(self) -> None:
         while not self._stop:
             if not self.engine.has_work():
                 if self._beside:
-                    self._run_beside()
+                    self._run_beside(after_step=False)
                     continue
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
+            t_step = time.perf_counter()
             try:
                 step = self.engine.step()
             except Exception:  # noqa: BLE001 - a failed step fails the rows in it; the replica stays up
@@ -314,8 +387,11 @@ class AsyncEngine:
                         text.stopped = True
             for seq in step.finished:
                 self._deliver(seq)
-            if self._beside:  # one item of prompt-only work per step: users' tokens come first
-                self._run_beside()
+            self.budget.stepped(time.perf_counter() - t_step)
+            # Users' tokens come first: at most one item of prompt-only work after a step, and only
+            # when the steps' accumulated share covers its expected cost.
+            if self._beside and self.budget.allows(self._beside[0][2]):
+                self._run_beside(after_step=True)
 
     def stats(self) -> dict:
         """The one snapshot of this replica's engine: /v1/carryon/stats and the Prometheus metrics
@@ -330,6 +406,7 @@ class AsyncEngine:
                     "finished": dict(e.stats.finished), "adapter_rows": dict(e.stats.adapter_rows),
                     "kv_bytes": e.kv_bytes(), "max_rows": e.max_rows,
                     "beside_waiting": len(self._beside), "beside_done": self.beside_done,
+                    "beside_share": round(self.budget.share_used(), 4),
                     "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None,
                     "ttft_count": self.ttft_count, "ttft_sum_s": round(self.ttft_sum, 6),
                     "ttft_buckets": dict(zip([*map(str, TTFT_BOUNDS), "+Inf"], itertools.accumulate(self.ttft_buckets)))}

@@ -122,12 +122,15 @@ class ModelServer:
             calib = calibration[0]
             producer.register(job, calib if not isinstance(calib, ray.ObjectRef) else await calib)
         ids = batch[ROW_INPUT_IDS]
-        width = max((len(x) for x in ids), default=1)
-        per = max(1, self.cfg.engine.embed_tokens // max(width, 1))
-        outs = []
-        for at in range(0, len(ids), per):
+        width = max(max((len(x) for x in ids), default=1), 1)
+        outs, at = [], 0
+        while at < len(ids):  # each chunk sized when it is queued: about one decode step's share
+            per = max(1, self.engine.beside_chunk_tokens() // width)
             chunk = {k: v[at : at + per] for k, v in batch.items()}
-            outs.append(await self.engine.run_beside(lambda c=chunk: producer.embed([Request(job, c, last)])[0]))
+            n = len(chunk[ROW_INPUT_IDS])
+            outs.append(await self.engine.run_beside(lambda c=chunk: producer.embed([Request(job, c, last)])[0],
+                                                     tokens=n * width))
+            at += n
         return concat_rows(outs)
 
     async def calibrate(self, bridge_cfg: dict, shallow: list[int], rows: list[dict],

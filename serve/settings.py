@@ -122,9 +122,12 @@ class EngineConfig(Strict):
     max_waiting: int = Field(
         512, ge=0, description="Requests queued for a row beyond max_rows; more answer 503 with Retry-After.")
     embed_tokens: int = Field(
-        256, ge=1, description="Co-serving: padded tokens of one chunk of a job's embedding rows, run between decode "
-        "steps (one chunk per step while rows decode): each chunk delays the running rows' next token by its "
-        "forward, so this bounds what jobs cost the users.")
+        256, ge=1, description="Co-serving: the most padded tokens in one chunk of a job's embedding rows (the size "
+        "used while no user row decodes; while rows decode, chunks shrink to about embed_share of a step).")
+    embed_share: float = Field(
+        0.5, gt=0, le=4, description="Co-serving: while users' rows decode, jobs' embedding chunks take at most this "
+        "fraction of the decode steps' measured time (0.5: each user token at most about 1.5x as slow). Lower "
+        "favours users, higher the jobs.")
 
 
 class ReplicaConfig(Strict):

@@ -2,6 +2,7 @@
 API keys and the adapter catalog's access rules, and the serving engine's thread and limits."""
 
 import hashlib
+import time
 
 import numpy as np
 import pytest
@@ -271,3 +272,64 @@ def test_jobs_embedding_beside_users_rows_waits_its_turn_and_changes_no_token(ti
     # while users' rows were waiting or running, the next chunk came only after another decode step
     busy = [(a, b) for (a, users), (b, _) in zip(steps_at, steps_at[1:]) if users]
     assert len(busy) >= 2 and all(b > a for a, b in busy), steps_at
+
+
+def test_beside_budget_keeps_jobs_to_their_share_of_the_decode_steps():
+    """The co-serving budget without a model: steps of 20 ms, items costing 2 ms per token. The
+    items' time after steps stays within `share` of the steps' time (one item's overshoot at
+    most), no item waits for ever, the chunk size follows the measured times, and an idle engine
+    takes whole chunks."""
+    from serve.async_engine import BesideBudget
+
+    for share in (0.25, 0.5, 1.0):
+        b = BesideBudget(share, max_tokens=256)
+        assert b.chunk_tokens(busy=True) == 256 and b.allows(64)  # nothing measured yet: run and learn
+        b.spent(64 * 0.002, 64, after_step=False)  # learned on an idle engine: the users paid nothing
+        assert b.share_used() == 0.0
+        ran, steps_since = 0, 0
+        for _ in range(500):
+            b.stepped(0.020)
+            steps_since += 1
+            tokens = b.chunk_tokens(busy=True)
+            if b.allows(tokens):
+                b.spent(tokens * 0.002, tokens, after_step=True)
+                ran, steps_since = ran + 1, 0
+            assert steps_since <= int(1 / share) + 2  # a job never starves while users decode
+        assert b.chunk_tokens(busy=True) == int(share * 0.020 / 0.002)  # about one step's share
+        assert ran > 100 and b.share_used() <= share * 1.02 + 0.002 / 10, (share, b.share_used())
+    # A row dearer than two steps' credit still runs, and the debt it leaves is repaid first.
+    b = BesideBudget(0.5, max_tokens=256)
+    b.spent(0.002 * 100, 100, after_step=False)
+    b.stepped(0.010)
+    while not b.allows(100):
+        b.stepped(0.010)
+    b.spent(0.200, 100, after_step=True)
+    assert b.credit < 0 and not b.allows(1)
+    assert b.chunk_tokens(busy=False) == 256
+
+
+def test_the_engine_holds_jobs_to_their_share_while_users_decode(tiny_base):
+    """A real engine decoding users' rows beside a queue of prompt-only items (each a fixed 10 ms
+    of work reported as 32 tokens): after the first few steps (the costs are learned), the items'
+    time stays near embed_share of the decode steps' time, every item still completes, and the
+    items run back to back once no row decodes."""
+    import asyncio
+
+    for share in (0.25, 1.0):
+        eng = AsyncEngine([tiny_base], LimitsConfig(), EngineConfig(max_rows=4, embed_share=share))
+        try:
+            async def main():
+                gens = [eng.submit(_request(max_tokens=60), eng.encode(f"user {i} says hello"), None)
+                        for i in range(3)]
+                items = [eng.run_beside(lambda: time.sleep(0.01), tokens=32) for _ in range(400)]
+                await asyncio.gather(*[g.result() for g in gens])
+                during = eng.stats()
+                await asyncio.gather(*items)
+                return during
+
+            during = asyncio.run(main())
+        finally:
+            eng.close()
+        assert 0 < during["beside_done"] < 400  # the users finished first; the rest ran after
+        assert during["beside_share"] <= share * 1.15 + 0.02, (share, during)
+        assert eng.beside_done == 400
