@@ -91,6 +91,11 @@ class EmbeddingProducer:
         return await loop.run_in_executor(self.pool, lambda: self.producer.calibrate(bridge_cfg, shallow, rows,
                                                                                      tap_spec))
 
+    async def score_heldout(self, cfg_json: dict, files: dict[str, bytes]) -> dict | None:
+        """Producer.score_heldout in the forward thread, between forwards."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, lambda: self.producer.score_heldout(cfg_json, files))
+
     @staticmethod
     async def _fetch(ref) -> Calibration:
         return ref if isinstance(ref, Calibration) else await ref

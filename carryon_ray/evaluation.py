@@ -142,6 +142,22 @@ def score_heldout(bases, adapter_dir, cfg) -> dict | None:
                               cfg.eval.max_new_tokens)
 
 
+def score_heldout_files(bases, cfg_json: dict, files: dict[str, bytes]) -> dict | None:
+    """score_heldout for an adapter that travelled as its files' bytes (safetensors + JSON), on
+    bases already loaded wherever this runs (a producer, a task): no filesystem shared with the
+    driver, and nothing in `files` is executed."""
+    import tempfile
+    from pathlib import Path
+
+    from .config import CarryOnConfig
+
+    cfg = CarryOnConfig.model_validate(cfg_json)
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in files.items():
+            (Path(d) / Path(name).name).write_bytes(data)
+        return score_heldout(bases, d, cfg)
+
+
 def side_by_side(result: dict, show: int) -> str:
     """The first `show` held-out answers of base and adapter, one row each, and both accuracies, as text."""
     def cell(text: str, width: int) -> str:

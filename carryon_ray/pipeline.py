@@ -122,7 +122,7 @@ def report_heldout(result: dict | None, cfg: CarryOnConfig, reporter: Reporter) 
     reporter.metrics({"heldout_accuracy_base": result["base_accuracy"],
                       "heldout_accuracy_adapter": result["adapter_accuracy"], "heldout_rows": result["rows"]}, 0)
     print("\n" + side_by_side(result, cfg.eval.show), flush=True)
-    return {k: result[k] for k in ("rows", "base_accuracy", "adapter_accuracy")} | {
+    return {k: result[k] for k in ("rows", "base_accuracy", "adapter_accuracy", "scored_on") if k in result} | {
         "examples": result["records"][: max(cfg.eval.show, 20)]}
 
 
@@ -268,7 +268,8 @@ class InProcess:
     def heldout(self, cfg: CarryOnConfig, adapter_dir: Path) -> dict | None:
         from .evaluation import score_heldout
 
-        return score_heldout(self.bases, adapter_dir, cfg)
+        out = score_heldout(self.bases, adapter_dir, cfg)
+        return None if out is None else {**out, "scored_on": "in process"}
 
 
 def fit_in_process(cfg: CarryOnConfig, reporter: Reporter | None = None, progress: Progress = quiet,

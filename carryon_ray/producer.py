@@ -79,6 +79,14 @@ class Producer:
             raise ValueError("a producer of one base among several cannot calibrate the job's bridges")
         return fit(self.bases, BridgeConfig(**bridge_cfg), shallow, rows, tuple(tap_spec))
 
+    def score_heldout(self, cfg_json: dict, files: dict[str, bytes]) -> dict | None:
+        """A job's held-out comparison on this producer's loaded base(s): no base load of its own."""
+        from .evaluation import score_heldout_files
+
+        if self.indices != list(range(len(self.bases))):
+            raise ValueError("a producer of one base among several cannot score a mixed-base adapter")
+        return score_heldout_files(self.bases, cfg_json, files)
+
     def shape(self, req: Request) -> tuple:
         """What requests must share to share a forward: the layers it returns and where it stops."""
         j = self.jobs[req.job]

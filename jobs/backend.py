@@ -142,27 +142,43 @@ class Producers:
     def calibrate(self, data):
         """The job's bridges fitted on a producer that has the base(s) loaded (no base load of its
         own), or None when the producers each run one base of several (model mixing)."""
-        import ray
-
-        from actors.service import NAMESPACE
-
         if self.groups != [None]:
             return None
         cfg = self.cfg
         if self.kind == "coserve":
             return self.replicas.calibrate.remote(cfg.bridge.model_dump(), cfg.layers.shallow, data.calibration_rows,
                                                   cfg.tap_spec()).result()
+        return self._on_a_producer(lambda p: p.calibrate.remote(cfg.bridge.model_dump(), cfg.layers.shallow,
+                                                                data.calibration_rows, cfg.tap_spec()))
+
+    def score_heldout(self, cfg_json: dict, files: dict[str, bytes]) -> dict | None:
+        """The held-out comparison on a producer that has the base(s) loaded (the job's own or the
+        shared ones), or None when none can: co-serving (a whole decode run would hold the
+        replica's engine), one base per producer, or the job's own producers already stopped."""
+        if self.groups != [None] or self.kind == "coserve" or (self.kind == "job" and self.own is None):
+            return None
+        return self._on_a_producer(lambda p: p.score_heldout.remote(cfg_json, files))
+
+    def _on_a_producer(self, call):
+        """`call(producer)`'s result on one producer taken from the service (least loaded), or None
+        when three in a row were lost meanwhile (Ray restarts them). The producer is released
+        whatever happens; an error of the call itself (the job's input) is the job's."""
+        import ray
+
+        from actors.service import NAMESPACE
+
         service = ray.get_actor(self.name, namespace=NAMESPACE)
-        for _ in range(3):  # a producer lost meanwhile: Ray restarts it; ask again
+        for _ in range(3):
             i, producer = ray.get(service.acquire.remote(None))
+            failed = True
             try:
-                calib = ray.get(producer.calibrate.remote(cfg.bridge.model_dump(), cfg.layers.shallow,
-                                                          data.calibration_rows, cfg.tap_spec()))
+                out = ray.get(call(producer))
+                failed = False
+                return out
             except ray.exceptions.RayActorError:
-                service.release.remote(None, i, failed=True)
                 continue
-            service.release.remote(None, i)
-            return calib
+            finally:
+                service.release.remote(None, i, failed=failed)
         return None
 
     def describe(self) -> dict:
@@ -266,18 +282,12 @@ def tune_search(cfg, data, datasets, calib, cache_mode, cache_dir, beside_driver
 def score_heldout_remote(cfg_json: dict, files: dict[str, bytes]) -> dict | None:
     """On an inference-class node: the held-out comparison of base and base + adapter (the adapter
     travels as its files' bytes, so the node needs no shared filesystem with the driver)."""
-    import tempfile
-
     from carryon_ray.base import FrozenBase
     from carryon_ray.config import CarryOnConfig
-    from carryon_ray.evaluation import score_heldout
+    from carryon_ray.evaluation import score_heldout_files
 
     cfg = CarryOnConfig.model_validate(cfg_json)
-    with tempfile.TemporaryDirectory() as d:
-        for name, data in files.items():
-            (Path(d) / name).write_bytes(data)
-        bases = [FrozenBase.load(b) for b in [cfg.base, *cfg.extra_bases]]
-        return score_heldout(bases, d, cfg)
+    return score_heldout_files([FrozenBase.load(b) for b in [cfg.base, *cfg.extra_bases]], cfg_json, files)
 
 
 class RayBackend:
@@ -389,7 +399,8 @@ class RayBackend:
             seen = producers.seen or producers.describe()
             self.tracker.text(json.dumps(seen, indent=2, default=str), "producers.json")
             log.debug("producers: %s", seen)
-            producers.close()  # the job's own: their node is free for held-out scoring
+            if not self.cfg.eval.heldout:  # else they score it (heldout below), then stop
+                producers.close()
 
     def _fit(self, data, calib, reporter, producers, run_name, beside_driver):
         from carryon_ray.pipeline import Fitted
@@ -424,10 +435,21 @@ class RayBackend:
         return Fitted(cfg, calib, plan, state, extra)
 
     def heldout(self, cfg, adapter_dir):
+        """On a producer that already holds the base (no base load), else one task on an
+        inference-class node that loads it. The result says which (`scored_on`)."""
         import ray
 
+        if not cfg.eval.heldout:
+            return None
         files = {p.name: p.read_bytes() for p in Path(adapter_dir).iterdir() if p.is_file()}
-        return ray.get(self._remote(score_heldout_remote).remote(cfg.model_dump(mode="json"), files))
+        cfg_json = cfg.model_dump(mode="json")
+        producers = self._producers
+        if producers is not None:
+            out = producers.score_heldout(cfg_json, files)
+            producers.close()  # the job's own: done with the node
+            if out is not None:
+                return {**out, "scored_on": f"{producers.kind} producer"}
+        return {**ray.get(self._remote(score_heldout_remote).remote(cfg_json, files)), "scored_on": "task"}
 
 
 def check_base(cfg) -> None:

@@ -69,6 +69,7 @@ def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, submitted):
     assert summary["val_loss_after"] < summary["val_loss_before"]
     # Held-out prompts answered by base and adapter on an inference node, printed side by side.
     assert summary["heldout"]["rows"] == 6 and len(summary["heldout"]["examples"]) == 6
+    assert summary["heldout"]["scored_on"] == "job producer"  # on the base the job's producer holds: no load
     assert "held-out accuracy on 6 prompts: base" in res.stdout
 
     client = MlflowClient(cluster["mlflow_url"])
@@ -608,10 +609,11 @@ def _watch(proc: subprocess.Popen, lines: list[str], triggers: dict) -> threadin
     """Collect the job's output; call each `action()` of {trigger: action} once, in its own thread,
     when a line first contains its trigger."""
     waiting = dict(triggers)
+    t0 = time.time()
 
     def run():
         for line in proc.stdout:
-            lines.append(line)
+            lines.append(f"[{time.time() - t0:7.1f}s] {line}")  # when each line came: a slow stage shows
             for trigger in [t for t in waiting if t in line]:
                 threading.Thread(target=waiting.pop(trigger), daemon=True).start()
 
