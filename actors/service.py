@@ -103,9 +103,15 @@ class ProducerService:
         if ref is True:
             return True
         done, _ = ray.wait([ref], timeout=0)
-        if done:
-            self.ready[group][i] = True
-        return bool(done)
+        if not done:
+            return False
+        try:  # finished is not ready: the call fails while the producer is dead or waits for a node
+            ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - ask again; the producer is not chosen before it answers
+            self.ready[group][i] = self.producers[group][i].ready.remote()
+            return False
+        self.ready[group][i] = True
+        return True
 
     def acquire(self, group: int | None = None) -> tuple[int, object]:
         """(index, handle) of the least loaded producer of `group`, ready ones first; grows the
