@@ -633,7 +633,7 @@ def test_killed_embedding_actor_and_training_worker_lose_nothing(cluster, tiny_d
     from carryon_ray.pipeline import fit_in_process
 
     # Small embedding batches and two actors: epoch 0 streams long enough for the kill to land in it.
-    overrides = {"train.epochs": 3, "data.builtin_size": 160, "train.progress_s": 0,  # a line every step
+    overrides = {"train.epochs": 2, "data.builtin_size": 160, "train.progress_s": 0,  # a line every step
                  "resources.embed_batch_size": 2, "resources.embed_actors_max": 2}
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     baseline = fit_in_process(load_config(ROOT / TINY_CONFIG, {"base.name": tiny_dir, **overrides,
@@ -654,7 +654,8 @@ def test_killed_embedding_actor_and_training_worker_lose_nothing(cluster, tiny_d
     proc = _start_job(cluster, tiny_dir, out, *sets)
     lines: list[str] = []
     triggers = {"epoch 0: streaming embeddings": lambda: kill("EmbeddingProducer", 1.0),  # the pool at work
-                # a few steps into epoch 1, once the epoch-0 checkpoint has certainly been recorded
+                # a few steps into epoch 1 (steps 16-30, the last), once the epoch-0 checkpoint has
+                # certainly been recorded: the run must resume and finish it
                 "training: epoch 1, step 20/": lambda: kill("RayTrainWorker", 0.0)}
     watcher = _watch(proc, lines, triggers)
     assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
@@ -667,7 +668,7 @@ def test_killed_embedding_actor_and_training_worker_lose_nothing(cluster, tiny_d
     assert audit["started"] < killed["EmbeddingProducer"][1] < audit["finished"]  # the kill landed mid-epoch
     assert len(audit["ids"]) == len(set(audit["ids"])) == summary["train_sequences"]  # every sample exactly once
     assert "resumed from checkpoint after epoch 0" in text
-    assert summary["epochs"] == 3 and summary["steps"] == baseline["steps"]
+    assert summary["epochs"] == 2 and summary["steps"] == baseline["steps"]
     audit = json.loads((out / "samples-epoch1-rank0.json").read_text())
     assert sorted(audit["ids"]) == sorted(set(audit["ids"]))  # the cache holds each batch once
     # The restarted worker resumes from the epoch-0 checkpoint and the object-store cache, so the
