@@ -163,6 +163,7 @@ def coserve(args, tmp: str, state: dict, env: dict, sets: list[str], n_jobs: int
     for t in threads:
         t.join()
     results = [finish(p, 60) for p in procs]
+    stats = httpx.get(f"{url}/v1/carryon/stats", headers=headers, timeout=60).json()
 
     def embedding(a: float, b: float) -> bool:  # did the replica run job chunks while [a, b] was in flight?
         before = max((n for t, n in marks if t <= a), default=marks[0][1])
@@ -175,6 +176,10 @@ def coserve(args, tmp: str, state: dict, env: dict, sets: list[str], n_jobs: int
            "under_embedding_requests": len(under), "under_embedding_p50_s": pct(under, 0.5),
            "under_embedding_p99_s": pct(under, 0.99), "errors": sum(code != 200 for _, _, code in idle + busy),
            "chunks_run_by_replica": marks[-1][1] - marks[0][1], "jobs_wall_s": round(jobs_wall, 1),
+           # the replica's own account: time in job chunks run after decode steps over the steps'
+           # time (engine.embed_share bounds it); the rest of the slowdown is the jobs' processes
+           # sharing the cores with the replica
+           "replica_beside_share": stats.get("beside_share"),
            "job_producers": sorted({r.get("producers") for r in results}),
            "job_val_loss_after": [round(r["val_loss_after"], 4) for r in results]}
     subprocess.run([sys.executable, "-m", "carryon_cli", "serve", "--stop", "--state-dir", f"{tmp}/cluster"],
