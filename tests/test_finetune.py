@@ -280,8 +280,8 @@ def test_bad_requests_answer_4xx_naming_the_field_and_create_nothing(ft):
     assert up("alice", jsonl(chat_rows(501))).status_code == 413  # over finetune.max_file_rows
     assert up("alice", jsonl(chat_rows(4)), purpose="batch").json()["error"]["param"] == "purpose"
     assert api(ft, "POST", "/v1/files", files={"file": ("d.jsonl", b"{}")}).json()["error"]["param"] == "purpose"
-    assert httpx.post(ft["url"] + "/v1/files", files={"file": ("d.jsonl", b"{}")}, data={"purpose": "fine-tune"}
-                      ).status_code == 401
+    assert httpx.post(ft["url"] + "/v1/files", files={"file": ("d.jsonl", b"{}")}, data={"purpose": "fine-tune"},
+                      timeout=60).status_code == 401
     mine = up("alice", jsonl(chat_rows(40))).json()["id"]
     bobs = up("bob", jsonl(chat_rows(40))).json()["id"]
     data_only = up("alice", jsonl(chat_rows(40)), purpose="user_data").json()["id"]

@@ -190,7 +190,7 @@ def test_api_generation_equals_carryon_model_generate(served):
 
 
 def stats(served) -> dict:
-    r = httpx.get(served["url"] + "/v1/carryon/stats", headers={"Authorization": f"Bearer {KEYS['alice']}"})
+    r = httpx.get(served["url"] + "/v1/carryon/stats", headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -251,19 +251,19 @@ def test_access_control(served):
         assert post(served, "/v1/completions", {"model": name, "prompt": "x"}).status_code == 404
     assert post(served, "/v1/completions", {"model": "alice-a", "prompt": "x"}, key=None).status_code == 401
     r = httpx.post(served["url"] + "/v1/completions", json={"model": "alice-a", "prompt": "x"},
-                   headers={"Authorization": "Bearer not-a-key"})
+                   headers={"Authorization": "Bearer not-a-key"}, timeout=60)
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-    assert httpx.get(served["url"] + "/v1/carryon/stats", headers={"Authorization": f"Bearer {KEYS['bob']}"}).status_code == 403
+    assert httpx.get(served["url"] + "/v1/carryon/stats", headers={"Authorization": f"Bearer {KEYS['bob']}"}, timeout=60).status_code == 403
 
     def models(key):
-        r = httpx.get(served["url"] + "/v1/models", headers={"Authorization": f"Bearer {KEYS[key]}"})
+        r = httpx.get(served["url"] + "/v1/models", headers={"Authorization": f"Bearer {KEYS[key]}"}, timeout=60)
         assert r.status_code == 200
         return {m["id"] for m in r.json()["data"]}
 
     assert models("alice") == {"tiny-base", "alice-a", "alice-broken", "shared-s", "reg-alice", "alice-r4", "alice-r8"}
     assert models("bob") == {"tiny-base", "bob-b", "shared-s"}
     assert models("carol") == {"tiny-base", "shared-s"}
-    spec = httpx.get(served["url"] + "/openapi.json").json()  # FastAPI's generated document
+    spec = httpx.get(served["url"] + "/openapi.json", timeout=60).json()  # FastAPI's generated document
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/healthz"} <= set(spec["paths"])
     assert "CompletionRequest" in json.dumps(spec["paths"]["/v1/completions"]["post"]["requestBody"])
     # The registry adapter serves its owner only, and equals the adapter it was registered from.
@@ -569,23 +569,23 @@ def test_openai_compatibility_cases(served):
 
 
 def test_openapi_health_and_offline_docs(served):
-    spec = httpx.get(served["url"] + "/openapi.json").json()
+    spec = httpx.get(served["url"] + "/openapi.json", timeout=60).json()
     op = spec["paths"]["/v1/completions"]["post"]
     assert {"400", "401", "404", "413", "429", "503"} <= set(op["responses"]) and "422" not in op["responses"]
     assert any(s.get("scheme") == "bearer" for s in spec["components"]["securitySchemes"].values())
     assert op.get("security")
     assert "/v1/models/{model_id}" in spec["paths"]
-    docs = httpx.get(served["url"] + "/docs")
+    docs = httpx.get(served["url"] + "/docs", timeout=60)
     assert docs.status_code == 200 and "cdn" not in docs.text.lower()
-    js = httpx.get(served["url"] + "/docs/assets/swagger-ui-bundle.js")
+    js = httpx.get(served["url"] + "/docs/assets/swagger-ui-bundle.js", timeout=60)
     assert js.status_code == 200 and len(js.content) > 100_000
-    health = httpx.get(served["url"] + "/health")
+    health = httpx.get(served["url"] + "/health", timeout=60)
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    metrics = httpx.get(served["url"] + "/metrics", headers={"Authorization": f"Bearer {KEYS['alice']}"})
+    metrics = httpx.get(served["url"] + "/metrics", headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=60)
     assert metrics.status_code == 200 and "carryon_running_rows" in metrics.text
     assert 'carryon_requests_total{model="alice-a"}' in metrics.text
     # time to first token: one record (the engine's snapshot) behind /metrics and /v1/carryon/stats
-    stats = httpx.get(served["url"] + "/v1/carryon/stats", headers={"Authorization": f"Bearer {KEYS['alice']}"}).json()
+    stats = httpx.get(served["url"] + "/v1/carryon/stats", headers={"Authorization": f"Bearer {KEYS['alice']}"}, timeout=60).json()
     count = int(re.search(r"^carryon_time_to_first_token_seconds_count (\d+)$", metrics.text, re.M).group(1))
     inf = int(re.search(r'^carryon_time_to_first_token_seconds_bucket\{le="\+Inf"\} (\d+)$', metrics.text, re.M).group(1))
     assert count >= 10 and inf == count and stats["ttft_count"] >= count  # earlier tests made real requests
