@@ -39,7 +39,8 @@ RAY_ERROR = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,.]+ E \d+ ")
 
 def alarming(line: str) -> bool:
     """A line a newcomer reads as a failure (issue 31): Ray core errors, warnings, "waiting", tracebacks."""
-    return bool(RAY_ERROR.search(line)) or "Warning" in line or "waiting for" in line or "Traceback" in line
+    return (bool(RAY_ERROR.search(line)) or "warning" in line.lower() or "waiting for" in line
+            or "Traceback" in line)
 
 
 def used_mb() -> float:
