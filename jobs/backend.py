@@ -246,7 +246,7 @@ def tune_search(cfg, data, datasets, calib, cache_mode, cache_dir, beside_driver
 
     from carryon_ray.embedding import part_layout
 
-    from .cache import EmbeddingCache
+    from .cache import EmbeddingCache, set_dir
     from .tune import SearchContext, fill_cache, search
 
     layout = part_layout(calib.bridges(), calib.dims, calib.base_dtype)
@@ -254,9 +254,10 @@ def tune_search(cfg, data, datasets, calib, cache_mode, cache_dir, beside_driver
     for name in ("val", "general", "train"):  # one embedding pool at a time on a small cluster
         if name not in datasets:
             continue
-        caches[name] = EmbeddingCache.options(scheduling_strategy=beside_driver).remote(cache_mode, f"{cache_dir}/{name}")
+        caches[name] = EmbeddingCache.options(scheduling_strategy=beside_driver).remote(cache_mode,
+                                                                                      set_dir(cache_dir, name))
         counts = ray.get(fill_cache.options(num_cpus=0, scheduling_strategy=beside_driver).remote(
-            datasets[name], caches[name], layout, cfg.train.batch_size, cache_mode, f"{cache_dir}/{name}"))
+            datasets[name], caches[name], layout, cfg.train.batch_size, cache_mode, set_dir(cache_dir, name)))
         embedded[name] = counts["rows"]
         log.info("tune: embedded %s once: %d rows in %d batches, %d tokens", name, counts["rows"], counts["batches"],
                  counts["tokens"])
@@ -406,7 +407,7 @@ class RayBackend:
         from carryon_ray.pipeline import Fitted
         from carryon_ray.recipe import RunPlan
 
-        from .cache import EmbeddingCache
+        from .cache import EmbeddingCache, set_dir
 
         cfg, tracker, rows = self.cfg, self.tracker, data.rows
         datasets = {"train": producers.pipeline(rows.train, calib), "val": producers.pipeline(rows.val, calib)}
@@ -427,10 +428,13 @@ class RayBackend:
                                                                     beside_driver, tracker, self.out_dir, run_name,
                                                                     producers.close)
             return Fitted(best_cfg, best_calib, RunPlan.of(best_cfg, data.n_train), state, extra)
-        cache = EmbeddingCache.options(name=f"carryon-cache-{uuid.uuid4().hex[:8]}",
-                                       scheduling_strategy=beside_driver).remote(cache_mode, cache_dir)
+        # One cache per dataset: the training set's epochs after the first, and the validation sets
+        # for every worker life after the first (a restart or a resize reads them, no re-stream).
+        tag = uuid.uuid4().hex[:8]
+        caches = {name: EmbeddingCache.options(name=f"carryon-cache-{tag}-{name}", scheduling_strategy=beside_driver)
+                  .remote(cache_mode, set_dir(cache_dir, name)) for name in datasets}
         plan = RunPlan.of(cfg, data.n_train, cfg.resources.train_workers_min)
-        state = train_on_cluster(cfg, calib, plan, datasets, cache, cache_mode, cache_dir, self.out_dir, tracker,
+        state = train_on_cluster(cfg, calib, plan, datasets, caches, cache_mode, cache_dir, self.out_dir, tracker,
                                  run_name)
         return Fitted(cfg, calib, plan, state, extra)
 
@@ -477,7 +481,7 @@ def ingest_options():
                             verbose_progress=now.verbose_progress)
 
 
-def train_on_cluster(cfg, calib, plan, datasets, cache, cache_mode, cache_dir, out_dir, tracker, run_name) -> dict:
+def train_on_cluster(cfg, calib, plan, datasets, caches, cache_mode, cache_dir, out_dir, tracker, run_name) -> dict:
     """TorchTrainer over training-class workers, each running the Trainer's epochs (jobs/train_loop.py);
     returns the Trainer's state from the last checkpoint."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -486,7 +490,7 @@ def train_on_cluster(cfg, calib, plan, datasets, cache, cache_mode, cache_dir, o
     from .train_loop import TrainLoopConfig, load_state, train_loop
 
     r = cfg.resources
-    loop = TrainLoopConfig(cfg=cfg.model_dump(mode="json"), calibration=calib, plan=plan, cache=cache,
+    loop = TrainLoopConfig(cfg=cfg.model_dump(mode="json"), calibration=calib, plan=plan, caches=caches,
                            cache_mode=cache_mode, cache_dir=cache_dir, out_dir=str(out_dir),
                            eval_sets=[k for k in datasets if k != "train"], mlflow_uri=tracker.uri,
                            run_id=tracker.run_id)

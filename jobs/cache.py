@@ -13,7 +13,10 @@ Trainers stream epoch 0 from the embedding actors and hand each consumed trainin
   trainers on several nodes read one cache.
 
 The cache is "complete" once every trainer has finished epoch 0; an incomplete cache (a failure
-in the middle of epoch 0) is cleared and the epoch re-streamed.
+in the middle of epoch 0) is cleared and the epoch re-streamed. A job keeps one cache per dataset
+("train", "val", "general"), each under its own directory (`set_dir`): validation sets stream once
+per job, and a worker group that restarts or resizes reads them back instead of asking the
+producers again.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ def storage(location: str):
     if "://" in location:
         return pafs.FileSystem.from_uri(location)
     return pafs.LocalFileSystem(), location
+
+
+def set_dir(cache_dir: str, name: str) -> str:
+    """Where the cache of one dataset ("train", "val", "general") keeps its files in disk mode."""
+    return f"{cache_dir.rstrip('/')}/{name}"
 
 
 def put_batch(cache, batch: EncodedBatch, mode: str, directory: str | None, rank: int, index: int) -> None:

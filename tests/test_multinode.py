@@ -34,6 +34,18 @@ def _job(address: str, config: str, tiny_dir: str, out: Path, *sets: str) -> sub
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
 
 
+def _finish(proc: subprocess.Popen, watcher: threading.Thread, lines: list[str], deadline: float, what: str) -> None:
+    """Wait for a job until `deadline` (inside the test's timeout), so a stuck job fails with its
+    own timestamped log rather than a bare pytest-timeout."""
+    try:
+        code = proc.wait(timeout=max(1.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = None
+    watcher.join(10)
+    assert code == 0, f"{what}: exit {code} (None: still running at its deadline)\n" + "".join(lines[-150:])
+
+
 def _audits(out: Path) -> dict[str, dict]:
     return {p.name: json.loads(p.read_text()) for p in sorted(out.glob("samples-epoch*-rank*.json"))}
 
@@ -63,14 +75,16 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
         lines: list[str] = []
         streaming, cached = threading.Event(), threading.Event()
         watcher = _watch(proc, lines, {"training: epoch 0, step 5/": streaming.set})
+        part1_deadline = t_start + 800  # parts 2 and 3 need ~2 min alone: a stuck part 1 fails with its log
         assert streaming.wait(timeout=600), "".join(lines[-60:])  # both actors are producing by now
         t_remove = time.time()
         c.remove_node(inf2, allow_graceful=False)  # Cluster changes must run on the main thread
         while not any("epoch 1: reading cached embeddings" in ln for ln in lines) and proc.poll() is None:
+            assert time.time() < part1_deadline, "no cached epoch 1 by the deadline:\n" + "".join(lines[-150:])
             time.sleep(0.2)
         trn2 = c.add_node(num_cpus=1, resources={"training_node": 1})
-        assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
-        watcher.join(10)
+        _finish(proc, watcher, lines, part1_deadline, "the elastic job")
+        print("".join(lines))  # its timeline, shown with -s or when a later assertion fails
         audits = _audits(out)
         epoch0 = audits["samples-epoch0-rank0.json"]
         n_train = json.loads((out / "summary.json").read_text())["train_sequences"]
@@ -105,14 +119,7 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
         proc = _job(c.address, "configs/colocated.yaml", tiny_dir, out2, "--set", "data.builtin_size=64",
                     "--set", "train.epochs=1", "--set", "carryon.width=16", "--set", "data.max_length=128")
         lines2: list[str] = []
-        watcher = _watch(proc, lines2, {})
-        try:  # well inside the test's timeout, so a stuck job fails with its own log
-            code = proc.wait(timeout=420)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = None
-        watcher.join(10)
-        assert code == 0, f"colocated job exit {code}:\n" + "".join(lines2[-120:])
+        _finish(proc, _watch(proc, lines2, {}), lines2, min(time.time() + 420, t_start + 1080), "the colocated job")
         print(f"parts 1-2 done at {time.time() - t_start:.0f}s")
         co = _audits(out2)["samples-epoch0-rank0.json"]
         inference = {inf1.node_id, inf3.node_id}
@@ -126,7 +133,8 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
         env = {**os.environ, "PYTHONPATH": str(ROOT), "CARRYON_API_KEYS": "ops-key=ops", "RAY_ADDRESS": c.address}
         res = subprocess.run([sys.executable, "-m", "carryon_cli", "serve", str(tmp_path / "serve.yaml"),
                               "--address", c.address, "--port", str(port), "--state-dir", str(tmp_path / "none")],
-                             capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+                             capture_output=True, text=True, env=env, cwd=ROOT,
+                             timeout=max(30, t_start + 1180 - time.time()))
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         stats = httpx.get(f"http://127.0.0.1:{port}/v1/carryon/stats", headers={"Authorization": "Bearer ops-key"},
                           timeout=60).json()
