@@ -13,10 +13,10 @@ Trainers stream epoch 0 from the embedding actors and hand each consumed trainin
   trainers on several nodes read one cache.
 
 The cache is "complete" once every trainer has finished epoch 0; an incomplete cache (a failure
-in the middle of epoch 0) is cleared and the epoch re-streamed. A job keeps one cache per dataset
-("train", "val", "general"), each under its own directory (`set_dir`): validation sets stream once
-per job, and a worker group that restarts or resizes reads them back instead of asking the
-producers again.
+in the middle of epoch 0) is cleared and the epoch re-streamed. One cache actor per job holds a
+set per dataset ("train", "val", "general"), each complete or not on its own and, on disk, under
+its own directory (`set_dir`): validation sets stream once per job, and a worker group that
+restarts or resizes reads them back instead of asking the producers again.
 """
 
 from __future__ import annotations
@@ -43,18 +43,19 @@ def set_dir(cache_dir: str, name: str) -> str:
     return f"{cache_dir.rstrip('/')}/{name}"
 
 
-def put_batch(cache, batch: EncodedBatch, mode: str, directory: str | None, rank: int, index: int) -> None:
-    """Called on a trainer: store one batch in the cache."""
+def put_batch(cache, batch: EncodedBatch, mode: str, directory: str | None, rank: int, index: int,
+              name: str = "train") -> None:
+    """Called on a trainer: store one batch in set `name` of the cache (`directory`: the cache's)."""
     tensors = {k: v.contiguous() for k, v in batch.tensors().items()}
     if mode == "memory":
-        ray.get(cache.put.remote(tensors))
+        ray.get(cache.put.remote(tensors, name))
     else:
-        location = f"{directory.rstrip('/')}/rank{rank:03d}-{index:06d}.safetensors"
+        location = f"{set_dir(directory, name)}/rank{rank:03d}-{index:06d}.safetensors"
         fs, path = storage(location)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as out:
             out.write(save_bytes(tensors))
-        ray.get(cache.add.remote([location]))
+        ray.get(cache.add.remote([location], name))
 
 
 def get_batch(item) -> EncodedBatch:
@@ -71,33 +72,37 @@ def get_batch(item) -> EncodedBatch:
 class EmbeddingCache:
     def __init__(self, mode: str, directory: str | None = None):
         self.mode, self.directory = mode, directory
-        self.items: list = []
-        self.complete = False
+        self.sets: dict[str, dict] = {}  # name -> {"items": [...], "complete": bool}
 
-    def add(self, items: list) -> int:
-        self.items.extend(items)
-        return len(self.items)
+    def _set(self, name: str) -> dict:
+        return self.sets.setdefault(name, {"items": [], "complete": False})
 
-    def put(self, batch: dict) -> int:
-        self.items.append(ray.put(batch))  # owned by this actor
-        return len(self.items)
+    def add(self, items: list, name: str = "train") -> int:
+        self._set(name)["items"].extend(items)
+        return len(self.sets[name]["items"])
 
-    def mark_complete(self) -> None:
-        self.complete = True
+    def put(self, batch: dict, name: str = "train") -> int:
+        self._set(name)["items"].append(ray.put(batch))  # owned by this actor
+        return len(self.sets[name]["items"])
 
-    def status(self) -> dict:
-        return {"mode": self.mode, "complete": self.complete, "batches": len(self.items),
+    def mark_complete(self, name: str = "train") -> None:
+        self._set(name)["complete"] = True
+
+    def status(self, name: str = "train") -> dict:
+        s = self._set(name)
+        return {"mode": self.mode, "complete": s["complete"], "batches": len(s["items"]),
                 "node": ray.get_runtime_context().get_node_id()}
 
-    def items_for(self, rank: int, world: int) -> list:
+    def items_for(self, rank: int, world: int, name: str = "train") -> list:
         """This rank's share; every rank gets the same count (DDP steps in lockstep)."""
-        per = len(self.items) // world
-        return self.items[rank::world][:per]
+        items = self._set(name)["items"]
+        per = len(items) // world
+        return items[rank::world][:per]
 
-    def clear(self) -> None:
-        self.items, self.complete = [], False
+    def clear(self, name: str = "train") -> None:
+        self.sets[name] = {"items": [], "complete": False}
         if self.mode == "disk" and self.directory:
-            fs, path = storage(self.directory)
+            fs, path = storage(set_dir(self.directory, name))
             try:
                 fs.delete_dir(path)
             except (FileNotFoundError, OSError):

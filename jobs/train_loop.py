@@ -6,7 +6,7 @@ cluster needs:
 
   - batches: epoch 0 (or a re-stream after a restart that lost the cache) from the streaming
     dataset shard the embedding actors feed; later epochs from the embedding cache, in the
-    recipe's epoch order; validation sets stream once per job into their own caches, so a worker
+    recipe's epoch order; validation sets stream once per job into the cache (a set each), so a worker
     group that restarts or grows reads them instead of asking the producers again;
   - DDP across workers (the recipe wraps the carry-on), barriers around the shared cache;
   - a checkpoint per epoch holding the recipe's state (model, optimizer, schedule, alpha search,
@@ -34,7 +34,7 @@ from carryon_ray.embedding import Calibration, EncodedBatch, from_rows
 from carryon_ray.recipe import EpochInput, NullReporter, RunPlan, Trainer, epoch_order
 from carryon_mlflow.tracking import MlflowReporter
 
-from .cache import get_batch, put_batch, set_dir
+from .cache import get_batch, put_batch
 
 log = logging.getLogger("carryon.train")
 
@@ -45,9 +45,9 @@ class TrainLoopConfig:
     cfg: dict  # the CarryOnConfig, as JSON-able data
     calibration: Calibration
     plan: RunPlan
-    caches: dict  # dataset name ("train", "val", "general") -> its EmbeddingCache actor handle
+    cache: object  # the job's EmbeddingCache actor: a set per dataset ("train", "val", "general")
     cache_mode: str  # "memory" or "disk"
-    cache_dir: str  # each dataset's files under set_dir(cache_dir, name) in disk mode
+    cache_dir: str  # each set's files under set_dir(cache_dir, name) in disk mode
     out_dir: str
     eval_sets: list[str]  # dataset names besides "train": "val", and "general" when configured
     mlflow_uri: str | None = None
@@ -109,27 +109,26 @@ def train_loop(config: dict) -> None:
     out_dir = Path(loop.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bs = cfg.train.batch_size
-    cache, train_dir = loop.caches["train"], set_dir(loop.cache_dir, "train")
+    cache = loop.cache
     eval_sets: dict[str, list] = {}
 
     def eval_batches(name: str):
         """A validation set streams from the producers once per job (every rank reads all of it;
         rank 0 keeps it in its cache); a later worker life, after a restart or a resize, reads the
         cache. A stream cut short leaves the cache incomplete, and the next life streams again."""
-        store = loop.caches[name]
-        if ray.get(store.status.remote())["complete"]:
-            items = ray.get(store.items_for.remote(0, 1))
+        if ray.get(cache.status.remote(name))["complete"]:
+            items = ray.get(cache.items_for.remote(0, 1, name))
             log.info("%s set: reading cached embeddings (%d batches)", name, len(items))
             yield from (get_batch(item) for item in items)
             return
         if rank == 0:
-            ray.get(store.clear.remote())
+            ray.get(cache.clear.remote(name))
         for i, batch in enumerate(_stream(ray.train.get_dataset_shard(name), trainer.layout, bs)):
             if rank == 0:
-                put_batch(store, batch, loop.cache_mode, set_dir(loop.cache_dir, name), 0, i)
+                put_batch(cache, batch, loop.cache_mode, loop.cache_dir, 0, i, name)
             yield batch
         if rank == 0:
-            ray.get(store.mark_complete.remote())
+            ray.get(cache.mark_complete.remote(name))
 
     def eval_set(name: str):
         if name not in eval_sets:  # decoded once per worker life, then kept here
@@ -160,7 +159,7 @@ def train_loop(config: dict) -> None:
         log.info("epoch %d: streaming embeddings from the producers", epoch)
 
         def on_batch(i: int, batch: EncodedBatch) -> None:
-            put_batch(cache, batch, loop.cache_mode, train_dir, rank, i)
+            put_batch(cache, batch, loop.cache_mode, loop.cache_dir, rank, i)
 
         def finish(stats) -> None:
             if world > 1:

@@ -35,27 +35,28 @@ log = logging.getLogger("carryon.job")
 
 
 @ray.remote
-def fill_cache(ds, cache, layout: dict, batch_size: int, mode: str, directory: str | None) -> dict:
-    """Stream an embedding dataset into a cache, batch by batch (the search's one base forward).
+def fill_cache(ds, cache, layout: dict, batch_size: int, mode: str, directory: str | None, name: str) -> dict:
+    """Stream an embedding dataset into set `name` of the cache, batch by batch (the search's one base forward).
     Returns the producer's counts for the job log."""
     tokens, seconds, batches, n = 0, 0.0, 0, 0
     for i, rows in enumerate(ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2)):
         batch = from_rows(rows, layout)
-        put_batch(cache, batch, mode, directory, 0, i)
+        put_batch(cache, batch, mode, directory, 0, i, name)
         tokens, seconds, batches = tokens + batch.produced_tokens, seconds + batch.produced_seconds, batches + 1
         n += len(batch.sample_ids)
-    ray.get(cache.mark_complete.remote())
+    ray.get(cache.mark_complete.remote(name))
     return {"rows": n, "batches": batches, "tokens": tokens, "producer_seconds": seconds}
 
 
 @dataclass
 class SearchContext:
-    """What every trial is handed: the job's config, the calibration, the filled caches (actor
-    handles) and where to record. Small: the data stays in the caches."""
+    """What every trial is handed: the job's config, the calibration, the filled cache (an actor
+    handle) and where to record. Small: the data stays in the cache."""
 
     cfg: dict
     calibration: Calibration
-    caches: dict  # "train", "val" (and "general") -> EmbeddingCache handle
+    cache: object  # the EmbeddingCache actor
+    sets: list  # its filled sets: "train", "val" (and "general")
     n_train: int
     mlflow_uri: str | None
     parent_run_id: str | None
@@ -104,12 +105,12 @@ def run_trial(overrides: dict, ctx: SearchContext) -> None:
     trainer = Trainer(cfg, calib, RunPlan.of(cfg, ctx.n_train), head_w, head_b, reporter)
 
     def cached(name: str) -> list[EncodedBatch]:
-        items = ray.get(ctx.caches[name].items_for.remote(0, 1))
+        items = ray.get(ctx.cache.items_for.remote(0, 1, name))
         return [calib.select(get_batch(item)) for item in items]
 
     train = cached("train")
     val = trainer.eval_set(cached("val"))
-    general = trainer.eval_set(cached("general")) if "general" in ctx.caches else None
+    general = trainer.eval_set(cached("general")) if "general" in ctx.sets else None
     status = "FINISHED"
 
     def report(metrics: dict, stats) -> None:  # an epoch per Tune report, with the recipe's state
