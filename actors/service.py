@@ -279,20 +279,26 @@ def _retryable() -> tuple:
             ReplicaUnavailableError)
 
 
-def _through_replicas(app: str, job: str, calibration: list, batch: dict, last: bool) -> dict:
-    """Co-serving: the block goes to one of the app's model replicas (Serve picks it), which embeds
-    it between its decode steps; a replica lost mid-call is retried on whichever Serve picks next."""
+def replica_call(app: str, method: str, *args, what: str = "a call"):
+    """`method(*args)` on one of the model replicas of Serve app `app` (Serve picks it); a replica
+    lost mid-call is retried on whichever Serve picks next (Serve restarts the lost one)."""
     handle = replicas(app)
     if handle is None:
-        raise RuntimeError(f"the Serve application {app!r} that job {job} embeds through no longer runs")
+        raise RuntimeError(f"the Serve application {app!r} that {what} needs no longer runs")
     for attempt in range(ATTEMPTS):
         try:
-            return handle.embed.remote(job, calibration, batch, last).result()
+            return getattr(handle, method).remote(*args).result()
         except _retryable() as exc:
             if attempt == 0:
-                log.warning("a replica of %s was lost mid-batch (%s); sending the batch again", app, type(exc).__name__)
+                log.warning("a replica of %s was lost during %s (%s); sending it again", app, what, type(exc).__name__)
             time.sleep(min(5.0, 0.5 * (attempt + 1)))
-    raise RuntimeError(f"{ATTEMPTS} tries of the replicas of {app} failed while embedding one batch of job {job}")
+    raise RuntimeError(f"{ATTEMPTS} tries of the replicas of {app} failed during {what}")
+
+
+def _through_replicas(app: str, job: str, calibration: list, batch: dict, last: bool) -> dict:
+    """Co-serving: the block goes to one of the app's model replicas, which embeds it between its
+    decode steps."""
+    return replica_call(app, "embed", job, calibration, batch, last, what=f"one batch of job {job}")
 
 
 class ProducerLost(RuntimeError):

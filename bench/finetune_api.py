@@ -9,8 +9,12 @@ On one fresh local cluster (`carryon up`, all of this machine's CPUs) this scrip
   3. scores the new model and the base on 40 held-out prompts through the API;
   4. (full size) stops Serve and runs the same rows as today's Ray job, `carryon customize
      configs/demo.yaml` (no held-out pass, so both do the same work), timing submission -> exit.
+  5. (full size) the same job again with the service told to run each job's base forward in the
+     job's own process (`finetune.defaults.resources.producers=job`, the behaviour before jobs
+     co-served): the job process's peak memory and create -> first token, beside the co-serving run.
 Writes bench/results/finetune-api.json (`create_to_first_token_s`, `job_path_wall_s` and their
-ratio). Run alone: the machine is shared by every process it starts.
+ratio; `job_peak_rss_mb` and `own_base.job_peak_rss_mb`, sampled from the job's actor process).
+Run alone: the machine is shared by every process it starts.
 
     python bench/finetune_api.py [--quick] [--out FILE]
 """
@@ -23,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -37,6 +42,71 @@ def carryon(*args, env=None, timeout=1800) -> tuple[subprocess.CompletedProcess,
     res = subprocess.run([sys.executable, "-m", "carryon_cli", *args], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=timeout)
     return res, time.perf_counter() - t0
+
+
+class PeakRss(threading.Thread):
+    """Peak resident memory of the fine-tuning jobs' actor processes and of the model replica,
+    sampled twice a second (their pids from Ray's state API)."""
+
+    def __init__(self, address: str):
+        super().__init__(daemon=True)
+        self.address, self.peak, self.stop_flag = address, {"job": 0, "replica": 0}, threading.Event()
+
+    def run(self) -> None:
+        import psutil
+        from ray.util.state import list_actors
+
+        pids: dict[int, str] = {}
+        last_look = 0.0
+        while not self.stop_flag.is_set():
+            if time.monotonic() - last_look > 2:
+                last_look = time.monotonic()
+                try:
+                    for a in list_actors(address=self.address, filters=[("state", "=", "ALIVE")], limit=10_000,
+                                         raise_on_missing_output=False):
+                        if a.class_name == "FinetuneJob" or a.class_name.endswith(":ModelServer"):
+                            pids[a.pid] = "job" if a.class_name == "FinetuneJob" else "replica"
+                except Exception:  # noqa: BLE001 - a missed look is not a result
+                    pass
+            for pid, kind in list(pids.items()):
+                try:
+                    self.peak[kind] = max(self.peak[kind], psutil.Process(pid).memory_info().rss)
+                except psutil.Error:
+                    pids.pop(pid)
+            self.stop_flag.wait(0.5)
+
+    def result(self) -> dict:
+        self.stop_flag.set()
+        self.join(5)
+        return {"job_peak_rss_mb": round(self.peak["job"] / 2**20), "replica_peak_rss_mb": round(self.peak["replica"] / 2**20)}
+
+
+def run_job(client, base: str, file_id: str, address: str) -> dict:
+    """Create a job, wait for it, stream the first completion of its model: the timings and the
+    job process's peak memory."""
+    sampler = PeakRss(address)
+    sampler.start()
+    t0 = time.perf_counter()
+    job = client.fine_tuning.jobs.create(model=base, training_file=file_id, suffix="topics", seed=0)
+    while job.status not in ("succeeded", "failed", "cancelled"):
+        time.sleep(0.5)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    t_done = time.perf_counter() - t0
+    assert job.status == "succeeded", job.error
+    stream = client.completions.create(model=job.fine_tuned_model, prompt="Sentence: Heavy rain flooded "
+                                       "the harbor.\nTopic:", max_tokens=4, temperature=0, stream=True)
+    first = None
+    text = ""
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].text:
+            first = time.perf_counter() - t0
+        text += chunk.choices[0].text if chunk.choices else ""
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=10000))
+    record = client.get(f"/fine_tuning/jobs/{job.id}", cast_to=object)
+    return {"create_to_first_token_s": round(first, 1), "create_to_succeeded_s": round(t_done, 1),
+            "first_answer": text, "fine_tuned_model": job.fine_tuned_model, "trained_tokens": job.trained_tokens,
+            "job_result": record["carryon"]["result"], **sampler.result(),
+            "messages": [e.message for e in reversed(events) if e.type == "message"]}
 
 
 def main() -> None:
@@ -66,29 +136,13 @@ def main() -> None:
             base = client.models.list().data[0].id
             data = "".join(json.dumps(r) + "\n" for r in topic_rows(rows, seed=0)).encode()
             f = client.files.create(file=("topics.jsonl", data), purpose="fine-tune")
-            t0 = time.perf_counter()
-            job = client.fine_tuning.jobs.create(model=base, training_file=f.id, suffix="topics", seed=0)
-            while job.status not in ("succeeded", "failed", "cancelled"):
-                time.sleep(0.5)
-                job = client.fine_tuning.jobs.retrieve(job.id)
-            t_done = time.perf_counter() - t0
-            assert job.status == "succeeded", job.error
-            stream = client.completions.create(model=job.fine_tuned_model, prompt="Sentence: Heavy rain flooded "
-                                               "the harbor.\nTopic:", max_tokens=4, temperature=0, stream=True)
-            first = None
-            text = ""
-            for chunk in stream:
-                if first is None and chunk.choices and chunk.choices[0].text:
-                    first = time.perf_counter() - t0
-                text += chunk.choices[0].text if chunk.choices else ""
-            events = list(client.fine_tuning.jobs.list_events(job.id, limit=10000))
-            record = client.get(f"/fine_tuning/jobs/{job.id}", cast_to=object)
-            out.update({"create_to_first_token_s": round(first, 1), "create_to_succeeded_s": round(t_done, 1),
-                        "first_answer": text, "fine_tuned_model": job.fine_tuned_model,
-                        "trained_tokens": job.trained_tokens, "job_result": record["carryon"]["result"],
-                        "messages": [e.message for e in reversed(events) if e.type == "message"]})
+            import ray
+
+            os.environ.update(local_cluster.client_env(state))
+            ray.init(address=state["ray_address"], logging_level="ERROR")  # the state API's address
+            out.update(run_job(client, base, f.id, state["ray_address"]))
             heldout = topic_rows(40, seed=0, split="heldout")
-            for name, model in (("base", base), ("fine_tuned", job.fine_tuned_model)):
+            for name, model in (("base", base), ("fine_tuned", out["fine_tuned_model"])):
                 right = 0
                 for i in range(0, len(heldout), 8):
                     group = heldout[i:i + 8]
@@ -97,6 +151,15 @@ def main() -> None:
                     for choice in r.choices:
                         right += choice.text.strip().lower().startswith(group[choice.index]["completion"].strip())
                 out[f"heldout_accuracy_{name}"] = right / len(heldout)
+            if not args.quick:  # each job's base forward in its own process, as before jobs co-served
+                res, _ = carryon("serve", "serve/local.yaml", "--set", f"auth.keys_file={tmp}/keys.yaml",
+                                 "--set", "finetune.defaults.resources.producers=job", "--state-dir", state_dir,
+                                 "--port", str(port))
+                assert res.returncode == 0, res.stderr[-3000:]
+                own = run_job(client, base, f.id, state["ray_address"])
+                out["own_base"] = {k: v for k, v in own.items() if k != "messages"}
+                out["own_base"]["said"] = next(m for m in own["messages"] if m.startswith("Base forward"))
+                out["job_peak_rss_over_own_base"] = round(out["job_peak_rss_mb"] / own["job_peak_rss_mb"], 3)
             if not args.quick:  # today's path for the same rows, on the same cluster with Serve stopped
                 carryon("serve", "--stop", "--state-dir", state_dir)
                 res, wall = carryon("customize", "configs/demo.yaml", "--state-dir", state_dir,
@@ -106,7 +169,7 @@ def main() -> None:
                 line = next(ln for ln in res.stdout.splitlines() if ln.startswith("RESULT "))
                 out.update({"job_path_wall_s": round(wall, 1),
                             "job_path_job_wall_s": json.loads(line[len("RESULT "):])["wall_seconds"],
-                            "create_to_first_token_over_job_path": round(first / wall, 3)})
+                            "create_to_first_token_over_job_path": round(out["create_to_first_token_s"] / wall, 3)})
         finally:
             local_cluster.down(state_dir)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

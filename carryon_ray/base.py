@@ -189,6 +189,22 @@ def _tensor_sha(t: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def load_tokenizer(cfg: BaseModelConfig):
+    """The base's tokenizer alone (a caller whose base forward runs elsewhere: a fine-tuning job
+    embedding through the serving replicas). FrozenBase.load uses the same rule."""
+    from transformers import AutoTokenizer
+
+    path, gguf_file = resolve_base_path(cfg)
+    try:
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    except (OSError, ValueError) as exc:
+        raise BaseLoadError(f"could not load the tokenizer of base {cfg.name!r}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 class FrozenBase(nn.Module):
     """A frozen causal LM plus its tokenizer, exposing hidden states and the output head."""
 
@@ -210,7 +226,7 @@ class FrozenBase(nn.Module):
     # -- loading ----------------------------------------------------------------------------
     @classmethod
     def load(cls, cfg: BaseModelConfig | str) -> "FrozenBase":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         if isinstance(cfg, str):
             cfg = BaseModelConfig(name=cfg)
@@ -230,13 +246,11 @@ class FrozenBase(nn.Module):
         try:
             with quiet_loading():
                 model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, **kwargs)
-                tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
         except (OSError, ValueError) as exc:
             raise BaseLoadError(f"could not load base {cfg.name!r}: {exc}") from exc
+        tokenizer = load_tokenizer(cfg)
         if cfg.quantization == "none":
             model = model.to(device)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
         return cls(model, tokenizer, name=cfg.name)
 
     # -- properties ---------------------------------------------------------------------------

@@ -199,27 +199,58 @@ def encoded_batches(calib: Calibration, rows: dict, batch_size: int) -> list:
     return [from_rows(g, layout) for g in row_batches(rows, batch_size)]
 
 
+class RemoteProducers(Protocol):
+    """Producers that already hold the base elsewhere (jobs/backend.py: Producers.running, the
+    serving replicas or the cluster's shared service): the in-process backend embeds through them
+    instead of loading the base itself."""
+
+    kind: str
+
+    def calibrate(self, data: RunData) -> Calibration | None: ...
+
+    def embed_rows(self, calib: Calibration, rows: list[dict], progress: Progress, what: str) -> dict: ...
+
+    def score_heldout(self, cfg_json: dict, files: dict[str, bytes]) -> dict | None: ...
+
+
 class InProcess:
     """Every step in this process: the rows are lists, the base forward runs here in
     embed_batch_size groups (`embed_rows`, the embedding actors' function), the epochs run on
-    batches held in memory."""
+    batches held in memory. Given `producers`, the base forward runs on them instead and this
+    process loads only the tokenizer (and the output head for an inherited head): a fine-tuning
+    job beside the serving replicas holds no second copy of the base."""
 
     def __init__(self, cfg: CarryOnConfig, progress: Progress = quiet,
-                 after_epoch: Callable[[Trainer, dict], None] | None = None):
+                 after_epoch: Callable[[Trainer, dict], None] | None = None,
+                 producers: RemoteProducers | None = None):
         self.cfg, self.progress = cfg, progress
         self.after_epoch = after_epoch  # e.g. the fine-tuning API's per-epoch checkpoint
-        self.bases: list = []
+        self.producers = producers
+        self._bases: list = []
+
+    @property
+    def bases(self) -> list:
+        """The base(s) in this process, loaded on first use (never, when producers embed)."""
+        from .base import FrozenBase
+
+        if not self._bases:
+            self._bases = [FrozenBase.load(b) for b in [self.cfg.base, *self.cfg.extra_bases]]
+            base = self._bases[0]
+            log.info("base %s: %d layers, hidden %d, vocab %d", self.cfg.base.name, base.num_layers,
+                     base.hidden_size, base.vocab_size)
+        return self._bases
 
     def data(self, reporter: Reporter) -> RunData:
-        from .base import FrozenBase
+        from .base import load_tokenizer
         from .embedding import calibration_rows, training_rows
 
         cfg = self.cfg
-        self.bases = [FrozenBase.load(b) for b in [cfg.base, *cfg.extra_bases]]
-        base = self.bases[0]
-        log.info("base %s: %d layers, hidden %d, vocab %d", cfg.base.name, base.num_layers, base.hidden_size,
-                 base.vocab_size)
-        splits = load_splits(base.tokenizer, cfg.data, seed=cfg.train.seed)
+        if self.producers is not None:
+            tokenizer = load_tokenizer(cfg.base)
+            log.info("base forward on the %s producers; this process loads only the tokenizer", self.producers.kind)
+        else:
+            tokenizer = self.bases[0].tokenizer
+        splits = load_splits(tokenizer, cfg.data, seed=cfg.train.seed)
         rows = training_rows(splits, cfg)
         plan, bs = RowPlan(cfg.data, cfg.train.seed), cfg.train.batch_size
         unpacked = sorted([*splits.train, *(splits.replay or [])], key=lambda e: plan.order(e.key))  # training order
@@ -232,11 +263,27 @@ class InProcess:
         from .embedding import calibrate
 
         cfg = self.cfg
+        if self.producers is not None:
+            calib = self.producers.calibrate(data)
+            if calib is not None:
+                return calib
         return calibrate(self.bases, cfg.bridge, cfg.layers.shallow, data.calibration_rows, cfg.tap_spec())
 
     def _embedded(self, calib: Calibration, rows: list[dict], what: str) -> list:
-        done = embed_token_rows(self.bases, calib, rows, self.cfg.resources.embed_batch_size, self.progress, what)
+        if self.producers is not None:
+            done = self.producers.embed_rows(calib, rows, self.progress, what)
+        else:
+            done = embed_token_rows(self.bases, calib, rows, self.cfg.resources.embed_batch_size, self.progress, what)
         return encoded_batches(calib, done, self.cfg.train.batch_size)
+
+    def _head(self):
+        from .base import load_head
+
+        if self.cfg.head.kind != "inherited":
+            return None, None
+        if self.producers is not None:
+            return load_head(self.cfg.base)  # the head's tensors only, from the checkpoint files
+        return self.bases[0].head_weight, self.bases[0].head_bias
 
     def fit(self, data: RunData, calib: Calibration, reporter: Reporter) -> Fitted:
         from .embedding import token_rows
@@ -247,8 +294,7 @@ class InProcess:
         train = self._embedded(calib, rows, "training rows")
         log.info("embedded %d training rows in %.1fs (bridge %d bits, %.0f bytes/token)", len(rows),
                  time.perf_counter() - t0, cfg.bridge.bits, calib.bytes_per_token())
-        head_w, head_b = ((self.bases[0].head_weight, self.bases[0].head_bias) if cfg.head.kind == "inherited"
-                          else (None, None))
+        head_w, head_b = self._head()
         plan = RunPlan.of(cfg, len(rows))
         trainer = Trainer(cfg, calib, plan, head_w, head_b, reporter)
         val = trainer.eval_set(self._embedded(calib, token_rows(splits.val), "validation"))
@@ -263,11 +309,19 @@ class InProcess:
 
         hook = self.after_epoch
         trainer.fit(shown, val, general, after_epoch=(lambda metrics, _stats: hook(trainer, metrics)) if hook else None)
-        return Fitted(cfg, calib, plan, trainer.state_dict())
+        return Fitted(cfg, calib, plan, trainer.state_dict(), {"producers": self.producers.kind}
+                      if self.producers is not None else {})
 
     def heldout(self, cfg: CarryOnConfig, adapter_dir: Path) -> dict | None:
         from .evaluation import score_heldout
 
+        if not cfg.eval.heldout:
+            return None
+        if self.producers is not None:
+            files = {p.name: p.read_bytes() for p in Path(adapter_dir).iterdir() if p.is_file()}
+            out = self.producers.score_heldout(cfg.model_dump(mode="json"), files)
+            if out is not None:
+                return {**out, "scored_on": f"{self.producers.kind} producer"}
         out = score_heldout(self.bases, adapter_dir, cfg)
         return None if out is None else {**out, "scored_on": "in process"}
 

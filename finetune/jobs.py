@@ -146,9 +146,11 @@ def _merge(into: dict, extra: dict) -> dict:
 
 
 def job_config(req: JobCreate, defaults: dict, base: dict, seed: int, train_path: str, val_path: str | None,
-               out_dir: str, tracking_uri: str | None, experiment: str, register_as: str, user: str) -> CarryOnConfig:
+               out_dir: str, tracking_uri: str | None, experiment: str, register_as: str, user: str,
+               coserve_app: str | None = None) -> CarryOnConfig:
     """The CarryOnConfig a job runs with: the service's defaults, the request's `carryon` settings,
-    its hyperparameters, then what only the service decides (base, data files, tracking, output)."""
+    its hyperparameters, then what only the service decides (base, data files, tracking, output,
+    and the Serve application whose replicas run its base forward)."""
     ext = req.carryon or {}
     for section, value in ext.items():
         if section not in EXTENSION_SECTIONS:
@@ -173,6 +175,8 @@ def job_config(req: JobCreate, defaults: dict, base: dict, seed: int, train_path
     train["seed"] = seed
     train.setdefault("progress_s", 10.0)
     data.setdefault("data", {}).update({"train": train_path, "val": val_path})
+    if coserve_app is not None:
+        data.setdefault("resources", {})["coserve_app"] = coserve_app
     data.update({"base": base, "output": {"dir": out_dir}, "eval": {"heldout": None},
                  "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment, "register_as": register_as,
                             "owner": user, "shared": False, "alias": "current"}})

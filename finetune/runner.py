@@ -3,10 +3,14 @@ node that runs the customization story (carryon_ray.pipeline.customize, the one 
 and `ray job submit ... jobs.customize` run) and writes the job's record as it goes.
 
     setup     the record (queued -> running), the files downloaded from the store, the config
-    fit       customize(cfg, InProcess(...)): one base load, the rows embedded once, Trainer.fit;
-              after each epoch a checkpoint (the adapter at that epoch's alpha) in the store
+    fit       customize(cfg, InProcess(...)): the rows embedded once, Trainer.fit; after each epoch
+              a checkpoint (the adapter at that epoch's alpha) in the store. The base forward runs
+              on the serving replicas of the service's own Serve app (co-serving, between their
+              decode steps), else on the cluster's shared producers, else here (one base load)
     save      the adapter logged and registered in MLflow (carryon_mlflow.tracking), then loaded
-              from the registry and run for one token before the job says `succeeded`
+              from the registry and run for one token before the job says `succeeded`: on a
+              serving replica when co-serving (the adapter is then warm there: the model answers
+              its first request without a load), else here
 
 The actor is detached: a gateway or model replica that dies mid-job takes nothing with it. It
 checks for a cancel request at every optimizer step and every embedding batch, and ends there with
@@ -82,7 +86,7 @@ class JobWatch:
 def execute(job_id: str, spec: dict) -> str:
     """Run the job to its end; returns the final status. Never raises for a job's own failure.
     `spec` is what the service decides for every job: {tracking_uri, base (the served base's
-    config), defaults (finetune.defaults)}."""
+    config), defaults (finetune.defaults), coserve_app (its Serve application, or None)}."""
     from carryon_mlflow.tracking import Tracker, finish_run
     from carryon_ray.config import ConfigError
     from carryon_ray.data import DataError
@@ -112,7 +116,7 @@ def execute(job_id: str, spec: dict) -> str:
             req = JobCreate.model_validate(rec["request"])
             cfg = job_config(req, spec["defaults"], spec["base"], rec["seed"], str(train),
                              str(val) if val else None, f"{tmp}/out", store.uri, JOBS_EXPERIMENT,
-                             rec["registered_name"], rec["user"])
+                             rec["registered_name"], rec["user"], spec.get("coserve_app"))
             tracker = Tracker(store.uri, JOBS_EXPERIMENT)
             tracker.attach(rec["run_id"], cfg.model_dump(mode="json"))
             watch = JobWatch(store, job_id, tracker.reporter)
@@ -134,10 +138,11 @@ def execute(job_id: str, spec: dict) -> str:
                 version = finish_run(tracker, trained_cfg, summary, summary["adapter"])
                 tracker.client.set_registered_model_tag(rec["registered_name"], "carryon.finetune_job", job_id)
                 source = f"models:/{rec['registered_name']}/{version}"
-                check_servable(source, backend.bases[0])
+                check_servable(source, producers, backend, job_id)
                 return {"model_version": version, "source": source}
 
-            backend = InProcess(cfg, watch.progress, after_epoch=checkpoint)
+            producers = embedding_producers(cfg, job_id, store)
+            backend = InProcess(cfg, watch.progress, after_epoch=checkpoint, producers=producers)
             summary = customize(cfg, backend, watch, register)
         name = rec["fine_tuned_model_pending"]
         results = store.create_file(rec["user"], "step_metrics.csv", "fine-tune-results", step_metrics_csv(store, job_id),
@@ -188,11 +193,35 @@ def finish(store, job_id: str, status: str, message: str, error: dict | None = N
     return status
 
 
-def check_servable(source: str, base) -> None:
-    """`succeeded` means servable: the registered adapter downloads, loads on the base and decodes."""
+def embedding_producers(cfg, job_id: str, store):
+    """Where the job's base forward runs: the producers that already hold the base (the serving
+    replicas of the service's app, else the cluster's shared ones), or None (this process loads
+    it). Said in the job's events."""
+    from jobs.backend import Producers
+
+    producers = Producers.running(cfg, f"ft-{job_id}")
+    where = {"coserve": f"the model replicas of Serve app {cfg.resources.coserve_app!r}, between their decode steps",
+             "shared": "the cluster's shared embedding producers"}
+    store.add_event(job_id, f"Base forward on {where[producers.kind]}" if producers is not None
+                    else "Base forward in the job's own process (no serving replica or shared producer runs this base)")
+    return producers
+
+
+def check_servable(source: str, producers, backend, mux_id: str) -> None:
+    """`succeeded` means servable: the registered adapter downloads, loads on the base and decodes.
+    Co-serving, a serving replica does it under the model's multiplexing id (`mux_id`), so the
+    adapter is already loaded there when its owner's first request comes; else this process does."""
     from carryon_ray.adapter import resolve_adapter
     from carryon_ray.generation import CarryOnModel
 
+    if producers is not None and producers.kind == "coserve":
+        from actors.service import replica_call
+
+        if replica_call(producers.cfg.resources.coserve_app, "check_adapter", source, mux_id,
+                        what=f"the servability check of job {mux_id}") != 1:
+            raise RuntimeError("the registered adapter loaded on a serving replica but did not decode")
+        return
+    base = backend.bases[0]
     model = CarryOnModel.from_pretrained(base, resolve_adapter(source))
     ids = base.tokenizer("Hello")["input_ids"]
     out = model.generate([ids], 1, stop_at_eos=False)
@@ -209,4 +238,9 @@ class FinetuneJob:
         try:
             return execute(job_id, spec)
         finally:
-            ray.actor.exit_actor()  # a job's process ends with its job: every resource it held is freed
+            # A job's process ends with its job: every resource it held is freed. Killed, not asked
+            # to exit: a graceful exit waits for the process's threads, and a job that talked to the
+            # serving replicas holds a Serve handle whose threads kept the process alive (measured:
+            # still alive a minute after its record ended). The record is final by now.
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+            ray.actor.exit_actor()

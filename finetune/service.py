@@ -26,6 +26,17 @@ def not_found(what: str, obj_id: str, param: str | None = None) -> ApiError:
     return ApiError(404, f"no {what} {obj_id!r} for this key", param, f"{what.replace(' ', '_')}_not_found")
 
 
+def serve_app() -> str | None:
+    """The Serve application this gateway runs in (its model replicas embed for the jobs), or None
+    outside Serve."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - not in a Serve replica
+        return None
+
+
 class FinetuneService:
     def __init__(self, cfg):
         uri = cfg.finetune_tracking_uri
@@ -143,7 +154,7 @@ class FinetuneService:
         self.store.update_job(job_id, status="queued")
         self.store.add_event(job_id, "Job queued: waiting for a place on an inference-class node")
         actor.run.remote(job_id, {"tracking_uri": self.store.uri, "base": self.cfg.base.model_dump(mode="json"),
-                                  "defaults": self.ft.defaults})
+                                  "defaults": self.ft.defaults, "coserve_app": serve_app()})
 
     def _job(self, user: str, job_id: str) -> dict:
         rec = self.store.get_job(job_id, user)

@@ -81,7 +81,7 @@ class Producers:
     shared producer service for them, else the job's own service, started here and stopped by
     `close` (before held-out scoring needs the node). `kind` says which: coserve, shared, job."""
 
-    def __init__(self, cfg, job: str, scheduling=None):
+    def __init__(self, cfg, job: str, scheduling=None, start_own: bool = True):
         import ray
 
         from actors.service import COSERVE, SHARED_NAME, find_coserving, find_shared, start_for_job
@@ -105,12 +105,49 @@ class Producers:
         elif shared is not None:
             self.name, self.groups, self.kind = SHARED_NAME, [None], "shared"
             log.info("embedding through the cluster's shared producers (%s)", SHARED_NAME)
+        elif not start_own:
+            raise LookupError(f"no co-serving replicas or shared producers run base {cfg.base.name!r}")
         else:
             self.own = start_for_job(cfg, job, scheduling)
             self.name = f"carryon-producers-{job}"
             self.groups = ray.get(self.own.__ray_call__.remote(lambda s: s.groups))
         self.calibration = None
         self.seen: dict | None = None
+
+    @classmethod
+    def running(cls, cfg, job: str) -> "Producers | None":
+        """The producers that already run `cfg`'s bases (the co-serving replicas, else the shared
+        service), or None: nothing is started. What a fine-tuning job's actor embeds through."""
+        try:
+            return cls(cfg, job, start_own=False)
+        except LookupError:
+            return None
+
+    def _calibration_ref(self, calib):
+        import ray
+
+        if self.calibration is None:
+            self.calibration = ray.put(calib)  # one copy; each producer fetches it once per job
+        return self.calibration
+
+    def embed_rows(self, calib, rows: list[dict], progress, what: str) -> dict:
+        """For a caller without Ray Data (the in-process backend of a fine-tuning job): token rows ->
+        embedding rows, in order, through these producers; blocks of a few requests each, every
+        block passed through `progress` (which checks for a cancel between them)."""
+        from actors.service import embed_through_producers
+        from carryon_ray.embedding import concat_rows
+
+        r, ref = self.cfg.resources, [self._calibration_ref(calib)]
+        per = r.embed_batch_size * max(2, r.embed_actors_max)
+        starts = range(0, len(rows), per)
+        outs = []
+        for at in progress(starts, f"base forward ({what}, {self.kind} producers)", len(starts)):
+            block = {k: [row[k] for row in rows[at : at + per]] for k in rows[0]}
+            for i, group in enumerate(self.groups):
+                block = embed_through_producers(block, self.name, self.job, ref, group, i == len(self.groups) - 1,
+                                                r.embed_batch_size)
+            outs.append(block)
+        return concat_rows(outs)
 
     def pipeline(self, ds, calib):
         """A lazy Ray Dataset: token rows (a Dataset from jobs/data.py) -> embedding rows. One
@@ -122,7 +159,7 @@ class Producers:
         from actors.service import embed_through_producers
 
         if self.calibration is None:
-            self.calibration = ray.put(calib)  # one copy; each producer fetches it once per job
+            self._calibration_ref(calib)
             if self.own is not None:  # as an actor pool does: its first embed_actors_min producers up before
                 ray.get(self.own.wait_ready.remote())  # streaming, else the first one takes every block
         r = self.cfg.resources
@@ -146,8 +183,10 @@ class Producers:
             return None
         cfg = self.cfg
         if self.kind == "coserve":
-            return self.replicas.calibrate.remote(cfg.bridge.model_dump(), cfg.layers.shallow, data.calibration_rows,
-                                                  cfg.tap_spec()).result()
+            from actors.service import replica_call
+
+            return replica_call(cfg.resources.coserve_app, "calibrate", cfg.bridge.model_dump(), cfg.layers.shallow,
+                                data.calibration_rows, cfg.tap_spec(), what=f"the calibration of job {self.job}")
         return self._on_a_producer(lambda p: p.calibrate.remote(cfg.bridge.model_dump(), cfg.layers.shallow,
                                                                 data.calibration_rows, cfg.tap_spec()))
 
@@ -239,33 +278,32 @@ def choose_cache(cfg, n_tokens: int, bytes_per_token: float) -> str:
 
 def tune_search(cfg, data, datasets, calib, cache_mode, cache_dir, beside_driver, tracker, out_dir, run_name,
                 embedded_all=lambda: None):
-    """The search path of the job (jobs/tune.py): embed once into caches (then `embedded_all()`:
+    """The search path of the job (jobs/tune.py): embed once into the cache's sets (then `embedded_all()`:
     the job's own producers are done), run the trials, return the best trial's (config,
     calibration, recipe state) and a summary of every trial."""
     import ray
 
     from carryon_ray.embedding import part_layout
 
-    from .cache import EmbeddingCache, set_dir
+    from .cache import EmbeddingCache
     from .tune import SearchContext, fill_cache, search
 
     layout = part_layout(calib.bridges(), calib.dims, calib.base_dtype)
-    caches, embedded, t0 = {}, {}, time.perf_counter()
+    cache = EmbeddingCache.options(scheduling_strategy=beside_driver).remote(cache_mode, cache_dir)
+    embedded, t0 = {}, time.perf_counter()
     for name in ("val", "general", "train"):  # one embedding pool at a time on a small cluster
         if name not in datasets:
             continue
-        caches[name] = EmbeddingCache.options(scheduling_strategy=beside_driver).remote(cache_mode,
-                                                                                      set_dir(cache_dir, name))
         counts = ray.get(fill_cache.options(num_cpus=0, scheduling_strategy=beside_driver).remote(
-            datasets[name], caches[name], layout, cfg.train.batch_size, cache_mode, set_dir(cache_dir, name)))
+            datasets[name], cache, layout, cfg.train.batch_size, cache_mode, cache_dir, name))
         embedded[name] = counts["rows"]
         log.info("tune: embedded %s once: %d rows in %d batches, %d tokens", name, counts["rows"], counts["batches"],
                  counts["tokens"])
     tracker.metrics({"tune_embed_seconds": time.perf_counter() - t0})
-    embedded_all()  # the trials read the caches: free the producers' capacity for them
+    embedded_all()  # the trials read the cache: free the producers' capacity for them
     exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id if tracker.run_id else None
-    ctx = SearchContext(cfg.model_dump(mode="json", exclude={"tune"}), calib, caches, data.n_train, tracker.uri,
-                        tracker.run_id, exp_id)
+    ctx = SearchContext(cfg.model_dump(mode="json", exclude={"tune"}), calib, cache, sorted(embedded), data.n_train,
+                        tracker.uri, tracker.run_id, exp_id)
     try:
         found = search(cfg, ctx, cfg.output.storage_path or str(out_dir / "ray-tune"), run_name)
     except RuntimeError as exc:
@@ -407,7 +445,7 @@ class RayBackend:
         from carryon_ray.pipeline import Fitted
         from carryon_ray.recipe import RunPlan
 
-        from .cache import EmbeddingCache, set_dir
+        from .cache import EmbeddingCache
 
         cfg, tracker, rows = self.cfg, self.tracker, data.rows
         datasets = {"train": producers.pipeline(rows.train, calib), "val": producers.pipeline(rows.val, calib)}
@@ -428,13 +466,12 @@ class RayBackend:
                                                                     beside_driver, tracker, self.out_dir, run_name,
                                                                     producers.close)
             return Fitted(best_cfg, best_calib, RunPlan.of(best_cfg, data.n_train), state, extra)
-        # One cache per dataset: the training set's epochs after the first, and the validation sets
-        # for every worker life after the first (a restart or a resize reads them, no re-stream).
-        tag = uuid.uuid4().hex[:8]
-        caches = {name: EmbeddingCache.options(name=f"carryon-cache-{tag}-{name}", scheduling_strategy=beside_driver)
-                  .remote(cache_mode, set_dir(cache_dir, name)) for name in datasets}
+        # One cache, a set per dataset: the training set's epochs after the first, and the validation
+        # sets for every worker life after the first (a restart or a resize reads them, no re-stream).
+        cache = EmbeddingCache.options(name=f"carryon-cache-{uuid.uuid4().hex[:8]}",
+                                       scheduling_strategy=beside_driver).remote(cache_mode, cache_dir)
         plan = RunPlan.of(cfg, data.n_train, cfg.resources.train_workers_min)
-        state = train_on_cluster(cfg, calib, plan, datasets, caches, cache_mode, cache_dir, self.out_dir, tracker,
+        state = train_on_cluster(cfg, calib, plan, datasets, cache, cache_mode, cache_dir, self.out_dir, tracker,
                                  run_name)
         return Fitted(cfg, calib, plan, state, extra)
 
@@ -481,7 +518,7 @@ def ingest_options():
                             verbose_progress=now.verbose_progress)
 
 
-def train_on_cluster(cfg, calib, plan, datasets, caches, cache_mode, cache_dir, out_dir, tracker, run_name) -> dict:
+def train_on_cluster(cfg, calib, plan, datasets, cache, cache_mode, cache_dir, out_dir, tracker, run_name) -> dict:
     """TorchTrainer over training-class workers, each running the Trainer's epochs (jobs/train_loop.py);
     returns the Trainer's state from the last checkpoint."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -490,7 +527,7 @@ def train_on_cluster(cfg, calib, plan, datasets, caches, cache_mode, cache_dir, 
     from .train_loop import TrainLoopConfig, load_state, train_loop
 
     r = cfg.resources
-    loop = TrainLoopConfig(cfg=cfg.model_dump(mode="json"), calibration=calib, plan=plan, caches=caches,
+    loop = TrainLoopConfig(cfg=cfg.model_dump(mode="json"), calibration=calib, plan=plan, cache=cache,
                            cache_mode=cache_mode, cache_dir=cache_dir, out_dir=str(out_dir),
                            eval_sets=[k for k in datasets if k != "train"], mlflow_uri=tracker.uri,
                            run_id=tracker.run_id)

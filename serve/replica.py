@@ -95,6 +95,15 @@ class ModelServer:
         finally:
             gens[0].cancel()
 
+    async def check_adapter(self, source: str, mux_id: str) -> int:
+        """A fine-tuning job's servability check, on a replica that serves it: the adapter loads into
+        this replica's LRU under its multiplexing id (so its first request needs no load) and decodes
+        one token; returns the tokens decoded (1). Load failures raise as a request's would."""
+        self._sources[mux_id] = source
+        req = P.GenerateRequest(model=mux_id, prompts=["Hello"], max_tokens=1, temperature=0.0, top_p=1.0,
+                                ignore_eos=True, mux_id=mux_id, source=source)
+        return (await self.generate(req))[0].completion_tokens
+
     async def ready(self) -> dict:
         return {"status": "ok", "base": self.cfg.model_id}
 
