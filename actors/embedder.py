@@ -5,8 +5,9 @@ bridge-compressed hidden states for any number of jobs at once.
                         job by its Calibration and embeds a list of requests, one base forward
                         per shape among them.
     EmbeddingProducer   the Ray actor around a Producer (actors/service.py creates them): requests
-                        from every job queue up; each forward takes as many as fit a padded-token
-                        budget, so rows of different jobs share forward batches.
+                        from every job queue up, fair across jobs (producer.FairQueue); each
+                        forward takes as many as fit a padded-token budget, so rows of different
+                        jobs share forward batches.
 
 `calibrate` is a one-off remote task on the same node class that fits the bridges on a calibration
 batch and reports the bases' fingerprints (a `Calibration`).
@@ -20,7 +21,7 @@ import logging
 
 from carryon_ray.config import BridgeConfig
 from carryon_ray.embedding import ROW_INPUT_IDS, Calibration, calibrate as fit
-from carryon_ray.producer import Producer, Request, load_bases
+from carryon_ray.producer import FairQueue, Producer, Request, load_bases
 
 log = logging.getLogger("carryon.producer")
 
@@ -32,12 +33,18 @@ def calibrate(base_cfgs: list[dict], bridge_cfg: dict, shallow: list[int], rows:
     return fit(load_bases(base_cfgs), BridgeConfig(**bridge_cfg), shallow, rows, tuple(tap_spec))
 
 
+class JobForgotten(RuntimeError):
+    """A request of a job that ended while it waited."""
+
+
 class EmbeddingProducer:
     """A Producer as a Ray actor (async: many callers wait at once, one forward runs at a time).
 
     Every `embed` call queues; the forward loop takes the queue's head and whatever follows it that
     fits `max_batch_tokens` padded tokens, from any jobs, and runs them as one forward (by shape).
-    A request that raises is retried alone, so one job's bad batch fails only that job's call."""
+    The queue is fair across jobs (a job's backlog never holds another job's first request for
+    long); a job that ends is forgotten, its waiting requests dropped. A request that raises is
+    retried alone, so one job's bad batch fails only that job's call."""
 
     def __init__(self, base_cfgs: list[dict], only: int | None = None, max_batch_tokens: int = 4096):
         import ray
@@ -45,12 +52,13 @@ class EmbeddingProducer:
         node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.producer = Producer(base_cfgs, only, node)
         self.max_batch_tokens = max_batch_tokens
-        self.queue: list[tuple[Request, asyncio.Future]] = []
+        self.queue = FairQueue()  # of (Request, Future)
         self.wake: asyncio.Event | None = None
         self.arriving: dict[str, asyncio.Future] = {}
         # One thread runs the forwards: torch uses the actor's cores inside it.
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self.stats = {"forwards": 0, "requests": 0, "rows": 0, "tokens": 0, "shared_forwards": 0, "jobs": 0}
+        self.stats = {"forwards": 0, "requests": 0, "rows": 0, "tokens": 0, "shared_forwards": 0, "jobs": 0,
+                      "forgotten": 0}
         self.in_flight = 0  # embed calls not yet answered: queued, in a forward, or fetching a calibration
 
     def ready(self) -> str:
@@ -80,9 +88,21 @@ class EmbeddingProducer:
             self.wake = asyncio.Event()
             asyncio.get_running_loop().create_task(self._forwards())
         done = asyncio.get_running_loop().create_future()
-        self.queue.append((Request(job, batch, last), done))
+        req = Request(job, batch, last)
+        self.queue.push(job, req.tokens(), (req, done))
         self.wake.set()
         return await done
+
+    def forget(self, job: str) -> int:
+        """`job` ended (or was cancelled): its waiting requests fail at once instead of running, and
+        its calibration goes. Returns how many requests were dropped."""
+        dropped = self.queue.forget(job)
+        for _, fut in dropped:
+            if not fut.done():
+                fut.set_exception(JobForgotten(f"job {job} ended; its queued request was dropped"))
+        self.producer.forget(job)
+        self.stats["forgotten"] += len(dropped)
+        return len(dropped)
 
     async def calibrate(self, bridge_cfg: dict, shallow: list[int], rows: list[dict],
                         tap_spec: tuple[int, int | None] = (0, None)) -> Calibration:
@@ -101,17 +121,7 @@ class EmbeddingProducer:
         return ref if isinstance(ref, Calibration) else await ref
 
     def _take(self) -> list[tuple[Request, asyncio.Future]]:
-        taken, tokens = [], 0
-        while self.queue:
-            req, fut = self.queue[0]
-            if fut.cancelled():  # its caller is gone
-                self.queue.pop(0)
-                continue
-            if taken and tokens + req.tokens() > self.max_batch_tokens:
-                break
-            taken.append(self.queue.pop(0))
-            tokens += req.tokens()
-        return taken
+        return self.queue.take(self.max_batch_tokens, keep=lambda item: not item[1].done())  # done: caller gone
 
     async def _forwards(self) -> None:
         loop = asyncio.get_running_loop()

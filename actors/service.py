@@ -167,6 +167,14 @@ class ProducerService:
                 self.failures += 1
                 self.ready[group][i] = self.producers[group][i].ready.remote()  # restarting: not ready yet
 
+    def forget(self, job: str) -> None:
+        """`job` ended or was cancelled: every producer drops the job's waiting requests (their
+        callers get an error at once) and its calibration, instead of running work nobody reads."""
+        with self.lock:
+            actors = [a for group in self.producers.values() for a in group]
+        for a in actors:
+            a.forget.remote(job)
+
     # -- what it is -------------------------------------------------------------------------------
     def serves(self, base_cfgs: list[dict]) -> bool:
         return base_cfgs == self.base_cfgs

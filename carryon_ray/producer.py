@@ -6,8 +6,10 @@ replica that co-serves (serve/replica.py) and the benchmarks all run this class.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,6 +39,65 @@ class Request:
         return len(ids) * max((len(i) for i in ids), default=0)  # padded: what the forward costs
 
 
+@dataclass(order=True)
+class _Queued:
+    start: float
+    seq: int
+    job: str = field(compare=False)
+    tokens: int = field(compare=False)
+    payload: object = field(compare=False)
+
+
+class FairQueue:
+    """The producer's waiting requests, fair across jobs (start-time fair queuing, by padded tokens).
+
+    A request's start tag is max(the queue's virtual time, where its job's previous request ends);
+    forwards take requests in tag order. So a job that queues a thousand requests gets its share and
+    no more: a job arriving later is served within about one request of each job already waiting,
+    not after the backlog, and a job that was idle gets no credit for the time it waited. Each job's
+    own requests keep their order. Free of asyncio and Ray: the actor holds one, the tests drive it."""
+
+    def __init__(self):
+        self.items: list[_Queued] = []  # sorted by (start, seq)
+        self.v = 0.0  # virtual time: the start tag of the last request taken
+        self.ends: dict[str, float] = {}  # job -> where its last queued request ends
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def push(self, job: str, tokens: int, payload) -> None:
+        start = max(self.v, self.ends.get(job, 0.0))
+        self.ends[job] = start + max(1, tokens)
+        bisect.insort(self.items, _Queued(start, next(self._seq), job, tokens, payload))
+        if len(self.ends) > 4096:  # jobs whose last request ended before now carry no state worth keeping
+            self.ends = {j: e for j, e in self.ends.items() if e > self.v}
+
+    def take(self, budget: int, keep=lambda payload: True) -> list:
+        """The next forward's payloads: in tag order while they fit `budget` tokens (the first one
+        always); a payload `keep` refuses (its caller is gone) is dropped on the way."""
+        taken, tokens = [], 0
+        while self.items:
+            head = self.items[0]
+            if not keep(head.payload):
+                self.items.pop(0)
+                continue
+            if taken and tokens + head.tokens > budget:
+                break
+            self.items.pop(0)
+            self.v = head.start
+            taken.append(head.payload)
+            tokens += head.tokens
+        return taken
+
+    def forget(self, job: str) -> list:
+        """Drop `job`'s waiting requests (it ended or was cancelled); returns their payloads."""
+        mine = [q.payload for q in self.items if q.job == job]
+        self.items = [q for q in self.items if q.job != job]
+        self.ends.pop(job, None)
+        return mine
+
+
 @dataclass
 class _Job:
     bridges: list
@@ -55,6 +116,9 @@ class Producer:
         self.bases = bases if bases is not None else load_bases([base_cfgs[i] for i in self.indices])
         self.node = node
         self.jobs: OrderedDict[str, _Job] = OrderedDict()
+
+    def forget(self, job: str) -> None:
+        self.jobs.pop(job, None)
 
     def knows(self, job: str) -> bool:
         if job in self.jobs:

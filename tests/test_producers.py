@@ -78,6 +78,82 @@ def test_queued_requests_of_several_jobs_share_one_forward_under_the_token_budge
     assert producer.stats["shared_forwards"] >= 1 and producer.stats["requests"] >= 4, producer.stats
 
 
+def test_the_queue_is_fair_across_jobs_and_keeps_each_jobs_order():
+    """Start-time fair queuing, without a model: a job arriving behind another's backlog is served
+    within one request, not after it; a job's own requests keep their order; equal shares of
+    tokens, not of requests, when sizes differ; an idle job earns no credit; a forgotten job's
+    requests leave the queue."""
+    from carryon_ray.producer import FairQueue
+
+    q = FairQueue()
+    for i in range(6):
+        q.push("big", 100, ("big", i))
+    q.push("small", 100, ("small", 0))
+    order = [q.take(100)[0] for _ in range(7)]  # one request per forward
+    assert order.index(("small", 0)) <= 1, order
+    assert [x for x in order if x[0] == "big"] == [("big", i) for i in range(6)]
+    # By tokens: a job of 50-token requests gets two for each 100-token request of the other.
+    for i in range(4):
+        q.push("wide", 100, ("wide", i))
+    for i in range(8):
+        q.push("narrow", 50, ("narrow", i))
+    taken = [q.take(1)[0][0] for _ in range(12)]
+    assert taken[:6].count("narrow") == 4 and taken[:6].count("wide") == 2, taken
+    # Idle credit: "late" sat idle while "busy" ran 10 forwards; it is served next, then they alternate.
+    for i in range(10):
+        q.push("busy", 10, ("busy", i))
+    for _ in range(5):
+        q.take(10)
+    q.push("late", 10, ("late", 0))
+    q.push("late", 10, ("late", 1))
+    nxt = [q.take(10)[0][0] for _ in range(4)]
+    assert nxt.count("late") == 2 and nxt.count("busy") == 2, nxt
+    # Budget: several requests per forward while they fit; the first always, even when larger.
+    q = FairQueue()
+    q.push("x", 300, "x0")
+    q.push("y", 30, "y0")
+    q.push("y", 30, "y1")
+    assert q.take(100) == ["x0"] and q.take(100) == ["y0", "y1"]
+    # forget: a job's waiting requests go, the others stay in their order.
+    q = FairQueue()
+    for job in ("a", "b", "a", "b"):
+        q.push(job, 10, job)
+    assert q.forget("a") == ["a", "a"] and q.take(1000) == ["b", "b"] and len(q) == 0
+
+
+def test_a_forgotten_job_s_waiting_requests_fail_at_once_and_others_run(tiny_dir, tiny_base):
+    """The producer actor's loop (without Ray): a job that ends while its requests wait behind a
+    forward is forgotten; its callers get JobForgotten instead of rows, the other job gets its rows."""
+    import asyncio
+
+    from actors.embedder import EmbeddingProducer, JobForgotten
+
+    calib_rows = [{ROW_ID: i, ROW_REPLAY: False, ROW_INPUT_IDS: x, "labels": x}
+                  for i, x in enumerate(_rows(9, 8)[ROW_INPUT_IDS])]
+    calib = calibrate([tiny_base], BridgeConfig(bits=8), [], calib_rows)
+    producer = EmbeddingProducer([{"name": tiny_dir, "dtype": "float32"}], None, max_batch_tokens=1)  # one per forward
+
+    hold = threading.Event()
+    producer.pool.submit(hold.wait)  # the forward thread is busy: one request is taken, the rest wait
+
+    async def main():
+        keep = [asyncio.ensure_future(producer.embed("keep", [calib], _rows(i, 2, 10 * i))) for i in range(2)]
+        gone = [asyncio.ensure_future(producer.embed("gone", [calib], _rows(5 + i, 2))) for i in range(4)]
+        for _ in range(500):
+            if len(producer.queue) == 5:
+                break
+            await asyncio.sleep(0.01)
+        dropped = producer.forget("gone")
+        hold.set()
+        return dropped, await asyncio.gather(*keep, *gone, return_exceptions=True)
+
+    dropped, outs = asyncio.run(main())
+    assert dropped >= 3 and producer.stats["forgotten"] == dropped
+    assert all(isinstance(o, dict) for o in outs[:2]), outs[:2]
+    assert sum(isinstance(o, JobForgotten) for o in outs[2:]) == dropped
+    assert not producer.producer.knows("gone")
+
+
 def _misfit(calib: Calibration) -> Calibration:
     """A calibration whose bridges expect states twice the base's width."""
     calib.bridge_tensors = {k: np.concatenate([v, v], axis=-1) if v.ndim else v for k, v in calib.bridge_tensors.items()}
