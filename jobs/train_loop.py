@@ -55,9 +55,23 @@ class TrainLoopConfig:
 
 
 def load_state(checkpoint) -> dict:
-    """The recipe state saved in a checkpoint (tensors and plain data only: weights_only)."""
+    """The recipe state saved in a checkpoint (tensors and plain data only: weights_only). Ray
+    Train's and Ray Tune's checkpoints are the same class: the job, a resumed worker and the search
+    all read with this."""
     with checkpoint.as_directory() as d:
         return Trainer.read_state(d)
+
+
+def report_state(lib, trainer: Trainer | None, metrics: dict) -> None:
+    """`lib.report(metrics, checkpoint=...)` (lib: ray.train or ray.tune, each with its own
+    Checkpoint class) with the recipe's state as the checkpoint; `trainer` None: a rank that
+    reports metrics only."""
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if trainer is not None:
+            trainer.save_state(d)
+            ckpt = lib.Checkpoint.from_directory(d)
+        lib.report(metrics, checkpoint=ckpt)
 
 
 def _stream(shard, layout, batch_size: int):
@@ -179,11 +193,6 @@ def train_loop(config: dict) -> None:
 
     def checkpoint(metrics: dict, stats) -> None:
         """The recipe's state after each epoch; the job reads the run's results from the last one."""
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                trainer.save_state(d)
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
+        report_state(ray.train, trainer if rank == 0 else None, metrics)
 
     trainer.fit(epoch_input, lambda: eval_set("val"), general, after_epoch=checkpoint)

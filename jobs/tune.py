@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -30,6 +29,7 @@ from carryon_ray.recipe import NullReporter, RunPlan, Trainer, cached_epochs
 from carryon_mlflow.tracking import MlflowReporter, flatten, log_params
 
 from .cache import get_batch, put_batch
+from .train_loop import load_state, report_state
 
 log = logging.getLogger("carryon.job")
 
@@ -114,9 +114,7 @@ def run_trial(overrides: dict, ctx: SearchContext) -> None:
     status = "FINISHED"
 
     def report(metrics: dict, stats) -> None:  # an epoch per Tune report, with the recipe's state
-        with tempfile.TemporaryDirectory() as d:
-            trainer.save_state(d)
-            tune.report({**metrics, "mlflow_run_id": run_id or ""}, checkpoint=tune.Checkpoint.from_directory(d))
+        report_state(tune, trainer, {**metrics, "mlflow_run_id": run_id or ""})
 
     try:
         trainer.fit(cached_epochs(train, cfg.train.seed, first_streamed=False), val, general, after_epoch=report)
@@ -198,8 +196,7 @@ def search(cfg: CarryOnConfig, ctx: SearchContext, storage_path: str, name: str)
     if not done:
         raise RuntimeError(f"every tune trial failed ({len(failed)} errors); first: {failed[0].error if failed else '?'}")
     best_trial, best_res = min(done, key=lambda p: p[0].val_loss)
-    with best_res.checkpoint.as_directory() as d:
-        state = Trainer.read_state(d)
+    state = load_state(best_res.checkpoint)
     early = sum(1 for tr in trials if not tr.error and tr.epochs < max_epochs)
     log.info("tune: %d trials (%d stopped early, %d failed) in %.0fs; best %s: val loss %.4f at alpha %s",
              len(trials), early, len(failed), time.perf_counter() - t0, best_trial.overrides, best_trial.val_loss,
