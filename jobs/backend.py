@@ -236,6 +236,13 @@ class Producers:
     def close(self) -> None:
         import ray
 
+        if self.kind == "shared":  # the service outlives the job: it drops what the job left queued
+            from actors.service import NAMESPACE
+
+            try:
+                ray.get_actor(self.name, namespace=NAMESPACE).forget.remote(self.job)
+            except Exception:  # noqa: BLE001 - best effort: a queued request of a gone job only costs time
+                pass
         if self.own is not None:
             self.seen = self.describe()  # what the job's own producers did, before they go
             try:
