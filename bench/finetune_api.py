@@ -10,7 +10,7 @@ On one fresh local cluster (`carryon up`, all of this machine's CPUs) this scrip
   4. (full size) stops Serve and runs the same rows as today's Ray job, `carryon customize
      configs/demo.yaml` (no held-out pass, so both do the same work), timing submission -> exit.
   5. (full size) the same job again with the service told to run each job's base forward in the
-     job's own process (`finetune.defaults.resources.producers=job`, the behaviour before jobs
+     job's own process (`finetune.producers=job`, the behaviour before jobs
      co-served): the job process's peak memory and create -> first token, beside the co-serving run.
 Writes bench/results/finetune-api.json (`create_to_first_token_s`, `job_path_wall_s` and their
 ratio; `job_peak_rss_mb` and `own_base.job_peak_rss_mb`, sampled from the job's actor process).
@@ -116,7 +116,7 @@ def main() -> None:
     from jobs import local_cluster
 
     p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true", help="80 rows, no job-path baseline")
+    p.add_argument("--quick", action="store_true", help="80 rows, neither baseline (own-base job, Ray job path)")
     p.add_argument("--out", default=str(ROOT / "bench/results/finetune-api.json"))
     args = p.parse_args()
     rows = 80 if args.quick else 240
@@ -136,10 +136,7 @@ def main() -> None:
             base = client.models.list().data[0].id
             data = "".join(json.dumps(r) + "\n" for r in topic_rows(rows, seed=0)).encode()
             f = client.files.create(file=("topics.jsonl", data), purpose="fine-tune")
-            import ray
-
-            os.environ.update(local_cluster.client_env(state))
-            ray.init(address=state["ray_address"], logging_level="ERROR")  # the state API's address
+            os.environ.update(local_cluster.client_env(state))  # the state API's calls (PeakRss)
             out.update(run_job(client, base, f.id, state["ray_address"]))
             heldout = topic_rows(40, seed=0, split="heldout")
             for name, model in (("base", base), ("fine_tuned", out["fine_tuned_model"])):
@@ -153,7 +150,7 @@ def main() -> None:
                 out[f"heldout_accuracy_{name}"] = right / len(heldout)
             if not args.quick:  # each job's base forward in its own process, as before jobs co-served
                 res, _ = carryon("serve", "serve/local.yaml", "--set", f"auth.keys_file={tmp}/keys.yaml",
-                                 "--set", "finetune.defaults.resources.producers=job", "--state-dir", state_dir,
+                                 "--set", "finetune.producers=job", "--state-dir", state_dir,
                                  "--port", str(port))
                 assert res.returncode == 0, res.stderr[-3000:]
                 own = run_job(client, base, f.id, state["ray_address"])

@@ -86,7 +86,8 @@ class JobWatch:
 def execute(job_id: str, spec: dict) -> str:
     """Run the job to its end; returns the final status. Never raises for a job's own failure.
     `spec` is what the service decides for every job: {tracking_uri, base (the served base's
-    config), defaults (finetune.defaults), coserve_app (its Serve application, or None)}."""
+    config), defaults (finetune.defaults), coserve_app (its Serve application, or None), producers
+    (finetune.producers)}."""
     from carryon_mlflow.tracking import Tracker, finish_run
     from carryon_ray.config import ConfigError
     from carryon_ray.data import DataError
@@ -141,7 +142,7 @@ def execute(job_id: str, spec: dict) -> str:
                 check_servable(source, producers, backend, job_id)
                 return {"model_version": version, "source": source}
 
-            producers = embedding_producers(cfg, job_id, store)
+            producers = embedding_producers(cfg, job_id, store, spec.get("producers", "auto"))
             backend = InProcess(cfg, watch.progress, after_epoch=checkpoint, producers=producers)
             summary = customize(cfg, backend, watch, register)
         name = rec["fine_tuned_model_pending"]
@@ -193,17 +194,20 @@ def finish(store, job_id: str, status: str, message: str, error: dict | None = N
     return status
 
 
-def embedding_producers(cfg, job_id: str, store):
-    """Where the job's base forward runs: the producers that already hold the base (the serving
-    replicas of the service's app, else the cluster's shared ones), or None (this process loads
-    it). Said in the job's events."""
+def embedding_producers(cfg, job_id: str, store, mode: str = "auto"):
+    """Where the job's base forward runs (finetune.producers): the producers that already hold the
+    base (the serving replicas of the service's app, else the cluster's shared ones), or None (this
+    process loads it). Said in the job's events."""
     from jobs.backend import Producers
 
-    producers = Producers.running(cfg, f"ft-{job_id}")
-    where = {"coserve": f"the model replicas of Serve app {cfg.resources.coserve_app!r}, between their decode steps",
-             "shared": "the cluster's shared embedding producers"}
-    store.add_event(job_id, f"Base forward on {where[producers.kind]}" if producers is not None
-                    else "Base forward in the job's own process (no serving replica or shared producer runs this base)")
+    producers = Producers.running(cfg, f"ft-{job_id}") if mode == "auto" else None
+    if producers is not None:
+        where = {"coserve": f"on the model replicas of Serve app {cfg.resources.coserve_app!r}, between their "
+                            "decode steps", "shared": "on the cluster's shared embedding producers"}[producers.kind]
+    else:
+        why = "finetune.producers is 'job'" if mode == "job" else "no serving replica or shared producer runs this base"
+        where = f"in the job's own process ({why})"
+    store.add_event(job_id, f"Base forward {where}")
     return producers
 
 

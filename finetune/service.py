@@ -154,7 +154,8 @@ class FinetuneService:
         self.store.update_job(job_id, status="queued")
         self.store.add_event(job_id, "Job queued: waiting for a place on an inference-class node")
         actor.run.remote(job_id, {"tracking_uri": self.store.uri, "base": self.cfg.base.model_dump(mode="json"),
-                                  "defaults": self.ft.defaults, "coserve_app": serve_app()})
+                                  "defaults": self.ft.defaults, "coserve_app": serve_app(),
+                                  "producers": self.ft.producers})
 
     def _job(self, user: str, job_id: str) -> dict:
         rec = self.store.get_job(job_id, user)

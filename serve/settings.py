@@ -177,7 +177,11 @@ class FinetuneConfig(Strict):
     job_cpus: float = Field(
         1.0, ge=0, description="Logical CPUs a job's process asks for. With replicas.num_cpus, what lets a job run "
         "beside serving: on a 2-CPU laptop, 0.5 per replica + 0.1 gateway + 1 job fit.")
-    job_gpus: float = Field(0.0, ge=0, description="GPUs a job's process asks for (its base forward runs on them).")
+    job_gpus: float = Field(0.0, ge=0, description="GPUs a job's process asks for (when its base forward runs there).")
+    producers: Literal["auto", "job"] = Field(
+        "auto", description="Where a job's base forward runs. 'auto': on this app's model replicas, between their "
+        "decode steps (engine.embed_share), else on the cluster's shared producers, else in the job's process; "
+        "'job': always in the job's process (a base copy per running job, no job work on the replicas).")
     job_resource_units: float = Field(
         0.01, ge=0, description="Units of replicas.resource per job: jobs run on inference-class nodes.")
     defaults: dict[str, Any] = Field(
