@@ -200,7 +200,7 @@ def encoded_batches(calib: Calibration, rows: dict, batch_size: int) -> list:
 
 
 class RemoteProducers(Protocol):
-    """Producers that already hold the base elsewhere (jobs/backend.py: Producers.running, the
+    """Producers that already hold the base elsewhere (actors/client.py: Producers.running, the
     serving replicas or the cluster's shared service): the in-process backend embeds through them
     instead of loading the base itself."""
 

@@ -198,7 +198,7 @@ def embedding_producers(cfg, job_id: str, store, mode: str = "auto"):
     """Where the job's base forward runs (finetune.producers): the producers that already hold the
     base (the serving replicas of the service's app, else the cluster's shared ones), or None (this
     process loads it). Said in the job's events."""
-    from jobs.backend import Producers
+    from actors.client import Producers
 
     producers = Producers.running(cfg, f"ft-{job_id}") if mode == "auto" else None
     if producers is not None:

@@ -22,7 +22,9 @@ FORBIDDEN = {
     "actors": {"mlflow", "carryon_mlflow", "jobs", "serve", "carryon_cli"},
     "jobs": {"serve", "carryon_cli"},
     "serve": {"jobs", "actors", "carryon_cli"},
-    "finetune": {"serve", "jobs", "actors", "carryon_cli"},  # the service on top of the core; serve hosts its routes
+    # the service on top of the core and the producers' client (its jobs embed on the serving
+    # replicas, through actors/client.py as a Ray job's pipeline does); serve hosts its routes
+    "finetune": {"serve", "jobs", "carryon_cli"},
 }
 
 

@@ -600,7 +600,8 @@ import numpy as np, ray, ray.data
 from carryon_ray.producer import Producer, Request
 from carryon_ray.config import load_config
 from carryon_ray.embedding import ROW_ID, ROW_INPUT_IDS, ROW_REPLAY, decode_sources, from_rows, part_layout, row_batches
-from jobs.backend import Producers, connect_ray
+from actors.client import Producers
+from jobs.backend import connect_ray
 tiny = sys.argv[1]
 cfg = load_config("configs/tiny-test.yaml", {"base.name": tiny, "base.dtype": "float32", "resources.producers": "coserve"})
 connect_ray(cfg)
