@@ -63,6 +63,25 @@ def worker_env() -> dict[str, str]:
     return {**env, **QUIET_ENV}
 
 
+def pinned_env(address: str) -> dict | None:
+    """The job's workers find THIS cluster when a Ray helper looks one up by itself.
+
+    Ray Train's placement-group cleaner (a detached actor per run) asks the state API whether the
+    controller lives with no address: Ray then takes the machine's newest cluster. Where two
+    clusters run on one machine (a laptop's `carryon up` beside a test cluster; CI's two pytest
+    workers) it asked the other one, found no controller and exited, or removed the run's placement
+    group (its workers die); every run also ended with a 12 s wait for the cleaner to stop. The
+    job's runtime env carries RAY_ADDRESS to every process of the job, so the lookup is this
+    cluster's. A Ray Client address (ray://) or "auto" is not a GCS address: nothing is pinned.
+    A submitted job whose own runtime env names RAY_ADDRESS keeps it (Ray refuses a conflict)."""
+    if address == "auto" or "://" in address:
+        return None
+    injected = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    if "RAY_ADDRESS" in ((injected.get("runtime_env") or {}).get("env_vars") or {}):
+        return None
+    return {"env_vars": {"RAY_ADDRESS": address}}
+
+
 def connect_ray(cfg) -> None:
     import ray
     import ray.data
@@ -77,7 +96,7 @@ def connect_ray(cfg) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:  # a submitted job (its runtime env is set by the submission) or an explicit cluster
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING, runtime_env=pinned_env(address))
     else:  # a laptop: one local node advertising both node classes
         r = cfg.resources
         env = {k: os.environ[k] for k in ("CARRYON_CACHE", "HF_HUB_OFFLINE") if k in os.environ}

@@ -302,6 +302,38 @@ def _last_run(cluster, experiment: str):
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
 
 
+PIN_DRIVER = """
+import ray
+from carryon_ray.config import load_config
+from jobs.backend import connect_ray
+connect_ray(load_config("configs/tiny-test.yaml"))
+@ray.remote(num_cpus=0)
+def resolve():  # what a Ray helper inside the job (Train's placement-group cleaner) connects to
+    from ray._private.services import get_ray_address_from_environment
+    return get_ray_address_from_environment("auto", None)
+print("RESOLVED", ray.get(resolve.remote()))
+"""
+
+
+def test_a_job_s_workers_find_their_own_cluster_when_a_newer_one_runs(cluster):
+    """Train's placement-group cleaner looks its controller up with no address, which Ray resolves
+    to the machine's newest cluster: with a second cluster started after the job's (CI's other pytest
+    worker), it asked the wrong one and removed or stopped guarding the run's placement group. The
+    job's runtime env pins every worker to the job's own cluster."""
+    from ray.cluster_utils import Cluster
+
+    newer = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # now the machine's "latest" cluster
+    try:
+        assert newer.address != cluster["ray_address"]
+        res = subprocess.run([sys.executable, "-c", PIN_DRIVER], capture_output=True, text=True, cwd=ROOT,
+                             env={**client_env(cluster), "RAY_ADDRESS": cluster["ray_address"]}, timeout=120)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert f"RESOLVED {cluster['ray_address']}\n" in res.stdout, res.stdout[-2000:]
+        assert "Found multiple active Ray instances" not in res.stdout + res.stderr
+    finally:
+        newer.shutdown()
+
+
 def test_invalid_config_fails_fast(cluster, tiny_dir):
     res, took = _job(cluster, tiny_dir, "--set", "train.lr=-3")
     assert res.returncode == 2 and "train.lr: bad value -3" in res.stderr
