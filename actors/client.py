@@ -82,14 +82,14 @@ class Producers:
         embedding rows, in order, through these producers; blocks of a few requests each, every
         block passed through `progress` (which checks for a cancel between them)."""
         from actors.service import embed_through_producers
-        from carryon_ray.embedding import concat_rows
+        from carryon_ray.embedding import columns, concat_rows
 
         r, ref = self.cfg.resources, [self._calibration_ref(calib)]
         per = r.embed_batch_size * max(2, r.embed_actors_max)
         starts = range(0, len(rows), per)
         outs = []
         for at in progress(starts, f"base forward ({what}, {self.kind} producers)", len(starts)):
-            block = {k: [row[k] for row in rows[at : at + per]] for k in rows[0]}
+            block = columns(rows[at : at + per])
             for i, group in enumerate(self.groups):
                 block = embed_through_producers(block, self.name, self.job, ref, group, i == len(self.groups) - 1,
                                                 r.embed_batch_size)

@@ -18,6 +18,9 @@ for the same steps.
 The bridge on an intermediate state: the base's own validation loss (alpha = 0) computed from the
 8-bit and 4-bit round-tripped state entering block L - k, against the exact state.
 
+--bridge-bits 0,8 trains each configuration on exact states and on 8-bit codes (issue 34, item 5: the
+bridge default of this kind by measured loss against bytes per token).
+
 Writes bench/results/recycled.json. Quick sizes: --n-train 48 --n-val 16 --steps 4 --depths 2 (make bench).
 """
 
@@ -42,28 +45,38 @@ from carryon_ray.train import evaluate  # noqa: E402
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def config_for(args, depth: int, rank: int, lr: float) -> CarryOnConfig:
+def config_for(args, depth: int, rank: int, lr: float, bits: int = 0) -> CarryOnConfig:
     """The product config of one recycled configuration (everything else at the kind's defaults)."""
     return validate_config({"base": {"name": args.base_dir, "dtype": "float32"}, "data": {"train": "bench"},
-                            "carryon": {"kind": "recycled", "depth": depth, "rank": rank},
+                            "carryon": {"kind": "recycled", "depth": depth, "rank": rank}, "bridge": {"bits": bits},
                             "train": {"lr": lr, "batch_size": args.batch, "warmup_steps": 10, "epochs": 1, "seed": 0}})
 
 
-def run_recycled(args, base, data: Cached, depth: int, rank: int, lr: float) -> dict:
-    """One recycled configuration fitted by `Trainer.fit` on its depth's cache."""
-    cfg = config_for(args, depth, rank, lr)
+def run_recycled(args, base, data: Cached, depth: int, rank: int, lr: float, bits: int = 0,
+                 exact_val: dict | None = None) -> dict:
+    """One recycled configuration fitted by `Trainer.fit` on its depth's cache (states sent at `bits`).
+    `exact_val` ({depth: decoded exact validation states}) is filled by a 0-bit run and read by a
+    lossy one: serving runs the blocks on the exact state, so that run's adapter is scored there too."""
+    cfg = config_for(args, depth, rank, lr, bits)
     t0 = time.perf_counter()
     trainer, m, train_s = fit(cfg, data.calib, data.training(cfg), data.eval("val"), None, args.steps,
                               base.head_weight, base.head_bias)
     fit_s = time.perf_counter() - t0
+    served = {}
+    if exact_val is not None and bits == 0:
+        exact_val.setdefault(depth, trainer.eval_set(data.eval("val")))
+    elif exact_val is not None and depth in exact_val:  # the adapter as served: exact states in
+        got = evaluate(trainer.model, exact_val[depth], [0.0, m["alpha"]])  # alpha 0: the base itself
+        served = {"val_loss_base_exact_states": got[0.0], "val_loss_exact_states": got[m["alpha"]],
+                  "gain_exact_states": got[0.0] - got[m["alpha"]]}
     trainable = sum(p.numel() for p in trainer.model.trainable_parameters())
     frozen = sum(p.numel() for p in trainer.model._blocks[0].parameters())
-    return {"depth": depth, "rank": rank, "lr": lr, "tap": data.calib.tap, "trainable_params": trainable,
+    return {"depth": depth, "rank": rank, "lr": lr, "bridge_bits": bits, "tap": data.calib.tap, "trainable_params": trainable,
             "frozen_block_params": frozen, "val_loss_base": trainer.val_loss_base, "val_loss": m["val_loss"],
             "alpha": m["alpha"], "gain": trainer.val_loss_base - m["val_loss"], "steps": trainer.step,
             "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / max(trainer.step, 1), 3),
             "fit_seconds": round(fit_s, 1), "eval_seconds": round(fit_s - train_s, 1),
-            "candidates": {f"{a:g}": v for a, v in trainer.history[-1]["candidates"].items()}}
+            "candidates": {f"{a:g}": v for a, v in trainer.history[-1]["candidates"].items()}, **served}
 
 
 def bridge_cost(base, val_ex, taps, args) -> dict:
@@ -111,6 +124,9 @@ def main() -> int:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--bridge-depths", default="8", help="depths whose intermediate state is bridged at 8/4 bits")
+    p.add_argument("--bridge-bits", default="0",
+                   help="bridge bits every configuration TRAINS through (comma-separated; 0 = exact fp32 states): "
+                        "each (depth, bits) fills its own cache")
     p.add_argument("--out", default=str(ROOT / "bench/results/recycled.json"))
     args = p.parse_args()
     t_all = time.perf_counter()
@@ -140,16 +156,19 @@ def main() -> int:
     better = max(res["lora"].values(), key=lambda r: r["gain"]) if res["lora"] else None
     qv = res["lora"].get("qv")
     res["recycled"], res["cache_fill_seconds"] = [], {}
-    for depth in sorted({d for d, _, _ in runs}):
-        # This depth's cache: one forward over the training and validation rows, stopped at its tap
-        # (it depends on the depth only: every rank and lr of the depth trains on it).
+    bits_list = sorted(int(b) for b in args.bridge_bits.split(",") if b)  # 0 first: its exact states score the rest
+    exact_val: dict = {}
+    for depth, bits in [(d, b) for d in sorted({d for d, _, _ in runs}) for b in bits_list]:
+        # This depth's cache at these bits: one forward over the training and validation rows, stopped
+        # at its tap, sent through the bridge (every rank and lr of the depth trains on it).
         same = [(rank, lr) for d, rank, lr in runs if d == depth]
-        data = Cached(base, config_for(args, depth, *same[0]), [], {"train": train, "val": val})
+        data = Cached(base, config_for(args, depth, *same[0], bits), [], {"train": train, "val": val})
         fill = sum(data.seconds.values())
-        res["cache_fill_seconds"][str(depth)] = round(fill, 1)
-        print(f"depth {depth}: cache filled in {fill:.0f}s (tap {data.calib.tap})", flush=True)
+        key = str(depth) if bits_list == [0] else f"{depth}@{bits}bit"
+        res["cache_fill_seconds"][key] = round(fill, 1)
+        print(f"depth {depth}, {bits}-bit bridge: cache filled in {fill:.0f}s (tap {data.calib.tap})", flush=True)
         for rank, lr in same:
-            r = run_recycled(args, base, data, depth, rank, lr)
+            r = run_recycled(args, base, data, depth, rank, lr, bits, exact_val if len(bits_list) > 1 else None)
             r["cache_fill_seconds"] = round(fill, 1)
             r["wall_seconds"] = round(fill + r["fit_seconds"], 1)
             if qv:

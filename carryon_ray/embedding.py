@@ -480,6 +480,11 @@ def row_batches(rows: dict, batch_size: int):
         yield {k: v[i : i + batch_size] for k, v in rows.items()}
 
 
+def columns(rows: list[dict]) -> dict:
+    """Token rows (a list of dicts) as one batch of columns, the form `embed_rows` takes."""
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
 def concat_rows(parts: list[dict]) -> dict:
     """Concatenate embedding-row column dicts (the producer's outputs) in order."""
     keys = parts[0].keys()

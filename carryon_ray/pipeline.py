@@ -182,12 +182,11 @@ def embed_token_rows(bases: list, calib: Calibration, rows: list[dict], batch: i
                      what: str = "rows") -> dict:
     """Embedding rows (bridge codes, one per token row, in order): the base forward in `batch`
     groups through `embed_rows`, the embedding actors' own function."""
-    from .embedding import concat_rows, embed_rows
+    from .embedding import columns, concat_rows, embed_rows
 
     bridges = calib.bridges()
     starts = range(0, len(rows), batch)
-    return concat_rows([embed_rows(bases, bridges, {k: [r[k] for r in rows[i : i + batch]] for k in rows[0]},
-                                   calib.shallow, tap=calib.tap)
+    return concat_rows([embed_rows(bases, bridges, columns(rows[i : i + batch]), calib.shallow, tap=calib.tap)
                         for i in progress(starts, f"base forward ({what})", len(starts))])
 
 

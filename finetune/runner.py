@@ -144,7 +144,11 @@ def execute(job_id: str, spec: dict) -> str:
 
             producers = embedding_producers(cfg, job_id, store, spec.get("producers", "auto"))
             backend = InProcess(cfg, watch.progress, after_epoch=checkpoint, producers=producers)
-            summary = customize(cfg, backend, watch, register)
+            try:
+                summary = customize(cfg, backend, watch, register)
+            finally:  # succeeded, cancelled or failed: shared producers drop what the job left queued
+                if producers is not None:
+                    producers.close()
         name = rec["fine_tuned_model_pending"]
         results = store.create_file(rec["user"], "step_metrics.csv", "fine-tune-results", step_metrics_csv(store, job_id),
                                     {"job": job_id})
