@@ -1,7 +1,7 @@
 """The recycled-top carry-on against LoRA (issue 22), on SmolLM2-135M-Instruct and GSM8K, through the product.
 
 Every carry-on run here is the product's own path (bench/product.py): token rows -> `embed_rows` (the
-embedding actors' function; the state entering block L - k, bridge at 0 bits, the kind's default) ->
+embedding actors' function; the state entering block L - k, bridge at --bridge-bits, 0 unless set) ->
 `from_rows` -> batches in the RowPlan's training order -> `Trainer.fit` (alpha chosen on validation
 data after each epoch by the config's rule). Each depth k has its own cache, filled by one base forward
 stopped at its tap (as a job for that depth fills it); configurations of the same depth share it.

@@ -222,7 +222,7 @@ def test_recycled_kind_runs_the_same_in_the_job_and_in_process(cluster, tiny_dir
             assert a["candidates"][c] == pytest.approx(b["candidates"][c], abs=1e-5)
     conf = json.loads((Path(job["adapter"]) / "adapter_config.json").read_text())
     assert conf["carryon"]["kind"] == "recycled" and conf["tap"] == 1
-    assert conf["bridge_bits"] == 8  # tiny-test.yaml sets bridge.bits: 8; an explicit choice beats the kind's default
+    assert conf["bridge_bits"] == 8  # tiny-test.yaml's bridge.bits (8, the kind's default too) reaches the job
     exported = subprocess.run([sys.executable, "-m", "carryon_cli", "export", "--format", "peft", job["adapter"],
                                str(tmp_path / "peft")], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert exported.returncode == 0, exported.stderr[-2000:]

@@ -47,9 +47,9 @@ def batch(tok, padding_side="left"):
 
 def test_config_defaults_and_rules():
     cfg = make_config(carryon={"kind": "recycled", "depth": 8})
-    assert cfg.bridge.bits == 0 and cfg.alpha.init == 1.0  # exact states, deltas unscaled at the start
+    assert cfg.bridge.bits == 8 and cfg.alpha.init == 1.0  # the measured bridge default; deltas unscaled at the start
     assert cfg.tap_spec() == (8, None)
-    assert make_config(carryon={"kind": "recycled"}, bridge={"bits": 8}).bridge.bits == 8  # an explicit choice stays
+    assert make_config(carryon={"kind": "recycled"}, bridge={"bits": 0}).bridge.bits == 0  # an explicit choice stays
     assert make_config().tap_spec() == (0, None)
     with pytest.raises(ConfigError, match="carryon.depth: bad value 31"):
         resolve_tap(31, None, 30)
