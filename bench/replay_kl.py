@@ -53,6 +53,8 @@ ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
 
 
 def arch(args, kind: str) -> dict:
+    if kind == "recycled":  # the base's own top --depth blocks with rank --rank deltas (issue 34, item 3)
+        return {"kind": "recycled", "depth": args.depth, "rank": args.rank}
     if kind == "mlp":
         return {"kind": "mlp", "width": args.width, "gate": True}
     return {"kind": "transformer", "width": args.transformer_width, "layers": 2, "heads": 4, "kv_heads": 2, "gate": True}
@@ -85,11 +87,14 @@ def config_for(args, kind: str, replay: bool) -> CarryOnConfig:
     GSM8K rows (the RowPlan merges them in training order)."""
     data_cfg = ({"train": "bench", "replay": "wikitext", "general_val": "wikitext",
                  "replay_ratio": args.replay_per_batch / args.batch} if replay else {"train": "bench"})
+    # The recycled kind keeps its own alpha rule ({0.5a, a, 2a} from 1): each candidate is a forward
+    # of its blocks over the validation and general sets, where a head-side kind scores all at once.
+    alpha = ({"init": 1.0, "general_guard": 0.0 if replay else None} if kind == "recycled" else
+             {"init": 1.0, "rule": "list", "candidates": ALPHAS, "max": 2.0, "general_guard": 0.0 if replay else None})
     return validate_config({
         "data": data_cfg,
         "carryon": arch(args, kind),
-        "alpha": {"init": 1.0, "rule": "list", "candidates": ALPHAS, "max": 2.0,
-                  "general_guard": 0.0 if replay else None},
+        "alpha": alpha,
         "train": {"lr": args.lr, "batch_size": args.batch + (args.replay_per_batch if replay else 0),
                   "warmup_steps": 10, "seed": 0, "epochs": 1, "kl_weight": args.kl_weight},
     })
@@ -104,17 +109,21 @@ def run_carryon(args, base, data: Cached, kind: str, replay: bool, em_rows) -> d
                               base.head_weight, base.head_bias)
     model, alpha = trainer.model, trainer.model.alpha
     val_d, gen_d = trainer.eval_set(val_b), trainer.eval_set(gen_b)
-    val = evaluate(model, val_d, ALPHAS)
-    gen = evaluate(model, gen_d, ALPHAS)
-    balance = max([a for a in ALPHAS if gen[a] <= gen[0.0]], default=0.0)
+    # The whole curve for head-side kinds (one forward scores every alpha); the recycled kind's
+    # forward runs per alpha, so it is scored at the base (0), 1 and the chosen alpha only.
+    curve = ALPHAS if kind != "recycled" else sorted({0.0, 1.0, alpha})
+    val = evaluate(model, val_d, curve)
+    gen = evaluate(model, gen_d, curve)
+    balance = max([a for a in curve if gen[a] <= gen[0.0]], default=0.0)
     model.set_alpha(alpha)
     model.eval()
-    em = held_out_accuracy(args, CarryOnModel([base], model), {"chosen": alpha, "balance": balance}, em_rows)
+    em = held_out_accuracy(args, CarryOnModel([base], model), {"chosen": alpha, "balance": balance}, em_rows) if em_rows else {}
     return {"kind": kind, "alpha": alpha, "exact_match": em, "val_loss": val[alpha], "gain": val[0.0] - val[alpha],
-            "general_change": gen[alpha] - gen[0.0], "curve": {f"{a:g}": [val[a], gen[a]] for a in ALPHAS},
+            "general_change": gen[alpha] - gen[0.0], "curve": {f"{a:g}": [val[a], gen[a]] for a in curve},
             "at_alpha_1": {"gain": val[0.0] - val[1.0], "general_change": gen[1.0] - gen[0.0]},
             "balance_alpha": balance, "at_balance": {"gain": val[0.0] - val[balance], "general_change": gen[balance] - gen[0.0]},
-            "gate_mean_gsm8k": gate_mean(model, val_d), "gate_mean_general": gate_mean(model, gen_d),
+            **({"gate_mean_gsm8k": gate_mean(model, val_d), "gate_mean_general": gate_mean(model, gen_d)}
+               if kind != "recycled" else {"depth": args.depth, "rank": args.rank}),
             "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
             "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / max(trainer.step, 1), 3),
             "base_val_loss": val[0.0], "base_general_loss": gen[0.0]}
@@ -197,6 +206,8 @@ def main() -> int:
     p.add_argument("--transformer-width", type=int, default=112,
                    help="d_model of the 2-layer transformer carry-on (112: about the MLP's trainable size)")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--depth", type=int, default=15, help="recycled kind: the base's top blocks it adapts")
+    p.add_argument("--rank", type=int, default=8, help="recycled kind: the rank of its deltas")
     p.add_argument("--skip-lora", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench/results/replay_kl.json"))
     args = p.parse_args()
@@ -208,7 +219,12 @@ def main() -> int:
     replay, general = wiki[: args.replay_rows], wiki[-args.general_rows :]
     print(f"data: {len(train)} train, {len(val)} val GSM8K; {len(replay)} replay, {len(general)} general windows", flush=True)
     sets = {"train": train, "val": val, "replay": replay, "general": general}
-    cached = Cached(base, config_for(args, "mlp", False), [], sets)  # the base forward, once per example
+    kinds = [k for k in args.carryons.split(",") if k] + [k for k in args.replay_kinds.split(",") if k]
+    if "recycled" in kinds and set(kinds) != {"recycled"}:
+        sys.exit("--carryons/--replay-kinds: the recycled kind reads another state (block L - depth's input): "
+                 "run it alone (--carryons recycled --replay-kinds recycled)")
+    cache_kind = "recycled" if "recycled" in kinds else "mlp"
+    cached = Cached(base, config_for(args, cache_kind, False), [], sets)  # the base forward, once per example
     speeds = {name: sum(len(e.input_ids) for e in exs) / cached.seconds[name] for name, exs in sets.items()}
     print("embedded: " + json.dumps({k: round(v) for k, v in speeds.items()}) + " tokens/s", flush=True)
     data = {name: (None, exs) for name, exs in sets.items()}  # what the LoRA baseline reads
