@@ -219,11 +219,11 @@ def main() -> int:
     replay, general = wiki[: args.replay_rows], wiki[-args.general_rows :]
     print(f"data: {len(train)} train, {len(val)} val GSM8K; {len(replay)} replay, {len(general)} general windows", flush=True)
     sets = {"train": train, "val": val, "replay": replay, "general": general}
-    kinds = [k for k in args.carryons.split(",") if k] + [k for k in args.replay_kinds.split(",") if k]
-    if "recycled" in kinds and set(kinds) != {"recycled"}:
+    every = [k for k in args.carryons.split(",") if k] + [k for k in args.replay_kinds.split(",") if k]
+    if "recycled" in every and set(every) != {"recycled"}:
         sys.exit("--carryons/--replay-kinds: the recycled kind reads another state (block L - depth's input): "
                  "run it alone (--carryons recycled --replay-kinds recycled)")
-    cache_kind = "recycled" if "recycled" in kinds else "mlp"
+    cache_kind = "recycled" if "recycled" in every else "mlp"
     cached = Cached(base, config_for(args, cache_kind, False), [], sets)  # the base forward, once per example
     speeds = {name: sum(len(e.input_ids) for e in exs) / cached.seconds[name] for name, exs in sets.items()}
     print("embedded: " + json.dumps({k: round(v) for k, v in speeds.items()}) + " tokens/s", flush=True)
