@@ -89,8 +89,9 @@ def config_for(args, kind: str, replay: bool) -> CarryOnConfig:
                  "replay_ratio": args.replay_per_batch / args.batch} if replay else {"train": "bench"})
     # The recycled kind keeps its own alpha rule ({0.5a, a, 2a} from 1): each candidate is a forward
     # of its blocks over the validation and general sets, where a head-side kind scores all at once.
-    alpha = ({"init": 1.0, "general_guard": 0.0 if replay else None} if kind == "recycled" else
-             {"init": 1.0, "rule": "list", "candidates": ALPHAS, "max": 2.0, "general_guard": 0.0 if replay else None})
+    alpha = {"init": 1.0, "general_guard": 0.0 if replay else None}
+    if kind != "recycled":
+        alpha.update(rule="list", candidates=ALPHAS, max=2.0)
     return validate_config({
         "data": data_cfg,
         "carryon": arch(args, kind),
