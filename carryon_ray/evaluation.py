@@ -9,6 +9,7 @@ questions.
 
 from __future__ import annotations
 
+import logging
 import re
 from fractions import Fraction
 
@@ -18,7 +19,9 @@ from .config import DataConfig
 from .data import collate, load_examples, read_rows, DataReport
 from .generation import CarryOnModel
 from .loss import IGNORE
-from .progress import Progress, quiet
+from .progress import AFTER_S, Progress, lines, quiet
+
+log = logging.getLogger("carryon.eval")
 
 # A number: optional sign, digits with optional thousands separators, optional decimals, or a fraction.
 NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?"
@@ -109,9 +112,11 @@ def is_correct(expected: str, generated: str) -> bool:
     return generated.strip().split("\n")[0].strip() == expected.strip()
 
 
-def heldout_comparison(bases, adapter, rows: list[dict], template: str, max_new_tokens: int = 16) -> dict:
+def heldout_comparison(bases, adapter, rows: list[dict], template: str, max_new_tokens: int = 16,
+                       progress: Progress | None = None) -> dict:
     """Greedy answers of the bare base and of base + adapter on held-out rows, side by side, in one
-    decode run (the two are rows of one mixed batch). Returns accuracies and every record."""
+    decode run (the two are rows of one mixed batch). Returns accuracies and every record.
+    `progress` wraps the run's decode steps."""
     from .generation import generate_mixed
 
     bases = bases if isinstance(bases, list) else [bases]
@@ -119,7 +124,8 @@ def heldout_comparison(bases, adapter, rows: list[dict], template: str, max_new_
     pairs = [p for p in (answer_of(r, template) for r in rows) if p is not None]
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
     n = len(prompts)
-    outs = generate_mixed(bases, prompts * 2, [None] * n + [adapter] * n, max_new_tokens=max_new_tokens)
+    outs = generate_mixed(bases, prompts * 2, [None] * n + [adapter] * n, max_new_tokens=max_new_tokens,
+                          progress=progress, desc=f"held-out answers of base and adapter on {n} prompts (decode steps)")
     texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
     records = [{"prompt": p, "expected": e.strip(), "base": texts[i].strip(), "adapter": texts[n + i].strip(),
                 "base_correct": is_correct(e, texts[i]), "adapter_correct": is_correct(e, texts[n + i])}
@@ -138,8 +144,12 @@ def score_heldout(bases, adapter_dir, cfg) -> dict | None:
         return None
     bases = bases if isinstance(bases, list) else [bases]
     rows = heldout_rows(cfg.eval.heldout, cfg.eval.heldout_size, cfg.train.seed)
+
+    def paced(items, desc, total):  # silent for a short run, else lines with an ETA, as training speaks
+        return lines(items, desc, total, every_s=cfg.train.progress_s, logger=log, after_s=AFTER_S)
+
     return heldout_comparison(bases, Adapter.load(bases, adapter_dir), rows, cfg.data.prompt_template,
-                              cfg.eval.max_new_tokens)
+                              cfg.eval.max_new_tokens, paced)
 
 
 def score_heldout_files(bases, cfg_json: dict, files: dict[str, bytes]) -> dict | None:

@@ -91,10 +91,11 @@ class Adapter:
 def generate_mixed(bases: FrozenBase | list[FrozenBase], prompts: list[list[int]], adapters: list[Adapter | None],
                    max_new_tokens: list[int] | int = 64, temperature: list[float] | float = 0.0,
                    top_p: list[float] | float = 1.0, seeds: list[int | None] | None = None,
-                   alphas: list[float | None] | None = None, stop_at_eos: bool = True) -> list[list[int]]:
+                   alphas: list[float | None] | None = None, stop_at_eos: bool = True,
+                   progress=None, desc: str = "decode steps") -> list[list[int]]:
     """Generate for rows that may each use a different adapter (None = the bare base): one base
     forward per step for every row, one carry-on forward per adapter. Greedy output for a row
-    equals `CarryOnModel.generate` with that row's adapter alone."""
+    equals `CarryOnModel.generate` with that row's adapter alone. `progress` wraps the steps."""
     n = len(prompts)
 
     def per(v, default=None):
@@ -104,7 +105,7 @@ def generate_mixed(bases: FrozenBase | list[FrozenBase], prompts: list[list[int]
             for p, a, m, t, tp, s, al in zip(prompts, adapters, per(max_new_tokens), per(temperature), per(top_p),
                                              per(seeds), per(alphas))]
     engine = Engine(bases, max_rows=max(1, n), prefill_tokens=max(sum(len(p) for p in prompts), 1))
-    return [s.tokens for s in engine.run(reqs)]
+    return [s.tokens for s in engine.run(reqs, progress, desc)]
 
 
 def _is_adapter(ref: str | Path) -> bool:

@@ -35,7 +35,7 @@ import torch
 from .adapter import save_adapter
 from .config import CarryOnConfig
 from .embedding import Calibration, EncodedBatch, decode_sources, part_layout
-from .progress import Pace
+from .progress import AFTER_S, Pace, lines
 from .train import (AlphaSearch, build_carryon, evaluate, gate_mean, grow_stage, make_optimizer, router_dropout_at,
                     stage_digest, train_step)
 
@@ -244,9 +244,19 @@ class Trainer:
     def stage(self) -> int:
         return self.epoch // self.plan.epochs_per_stage
 
+    def _paced(self, items, desc: str, total: int | None):
+        """Progress of an evaluation pass in the run's log: nothing for one that ends within
+        AFTER_S, else a line with the rate and ETA every train.progress_s and one at its end (the
+        recycled kind's three alphas over 200 rows ran minutes without a word)."""
+        return lines(items, desc, total, every_s=self.cfg.train.progress_s, logger=log, after_s=AFTER_S)
+
+    def _evaluate(self, data: Decoded, alphas: list[float], what: str) -> dict[float, float]:
+        desc = f"{what} loss at alpha {', '.join(f'{a:g}' for a in alphas)} (batches)"
+        return evaluate(self.model, data, alphas, self.chunk, progress=self._paced, desc=desc)
+
     def baseline(self, val: Decoded) -> float:
         """Validation loss of the base itself (alpha = 0), before any training."""
-        self.val_loss_base = evaluate(self.model, val, [0.0], self.chunk)[0.0]
+        self.val_loss_base = self._evaluate(val, [0.0], "the base's validation")[0.0]
         log.info("validation loss of the base (alpha = 0): %.4f", self.val_loss_base)
         self.reporter.metrics({"val_loss_base": self.val_loss_base}, 0)
         return self.val_loss_base
@@ -321,16 +331,16 @@ class Trainer:
     def end_epoch(self, stats: EpochStats, val: Decoded, general: Decoded | None = None) -> dict:
         """Choose alpha on validation data (guarded by the general set when configured), record
         the epoch, report its metrics; returns them."""
-        cfg, model, chunk = self.cfg, self.model, self.chunk
+        cfg, model = self.cfg, self.model
         stage = self.stage
         usage = model.expert_usage()  # routed slots per expert in this epoch's training
         cands = self.search.candidates()
         # One pass over each set for every alpha this epoch reports: the candidates, the base (for
         # the guard) and the trade-off sweep (each alpha's loss is independent of the others).
         sweep = cfg.alpha.general_sweep if general else []
-        val_all = evaluate(model, val, sorted({*cands, *sweep}), chunk)
+        val_all = self._evaluate(val, sorted({*cands, *sweep}), f"epoch {self.epoch}: validation")
         val_losses = {a: val_all[a] for a in cands}
-        general_all = evaluate(model, general, sorted({0.0, *cands, *sweep}), chunk) if general else None
+        general_all = self._evaluate(general, sorted({0.0, *cands, *sweep}), f"epoch {self.epoch}: general-domain") if general else None
         general_losses = {a: general_all[a] for a in sorted({0.0, *cands})} if general else None
         alpha = self.search.choose(val_losses, general_losses, general_losses[0.0] if general_losses else None)
         model.set_alpha(alpha)

@@ -15,6 +15,7 @@ from .config import CarryOnConfig
 from .loss import IGNORE, chunked_cross_entropy, chunked_kl_to_base, select_targets
 from .kinds import cast_trainable, kind_of
 from .model import CarryOn, add_deltas
+from .progress import Progress, quiet
 
 
 
@@ -177,13 +178,16 @@ def gate_mean(carryon: CarryOn, batches_: Iterable[tuple[list, torch.Tensor]]) -
 
 
 @torch.no_grad()
-def evaluate(carryon: CarryOn, batches_: Iterable[tuple[list, torch.Tensor]], alphas: list[float], chunk: int = 1024) -> dict[float, float]:
+def evaluate(carryon: CarryOn, batches_: Iterable[tuple[list, torch.Tensor]], alphas: list[float], chunk: int = 1024,
+             progress: Progress = quiet, desc: str = "evaluation") -> dict[float, float]:
     """Mean token cross entropy at each alpha (see `states_at`: one carry-on forward per batch for a
-    carry-on on the final state, where alpha only scales the last stage's dx)."""
+    carry-on on the final state, where alpha only scales the last stage's dx). `progress` wraps the
+    batches (one unit each)."""
     carryon.eval()
     sums = {a: 0.0 for a in alphas}
     count = 0
-    for sources, labels in batches_:
+    total = len(batches_) if hasattr(batches_, "__len__") else None  # type: ignore[arg-type]
+    for sources, labels in progress(batches_, desc, total):
         count += int((labels[:, 1:] != IGNORE).sum())
         for a, x in carryon.states_at(sources, alphas):
             h, y = select_targets(x, labels)

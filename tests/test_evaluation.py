@@ -79,3 +79,26 @@ def test_eval_cli_scores_base_and_adapter(tiny_base, tiny_dir, tmp_path):
     assert out["rows_scored"] == 3 and out["base"]["n"] == out["adapter"]["n"] == 3
     assert out["adapter"]["alpha"] == pytest.approx(0.5)
     assert out["adapter"]["loss"] != out["base"]["loss"]
+
+
+def test_heldout_answers_report_their_decode_steps_and_match_a_silent_run(tiny_base):
+    """The held-out comparison wraps its one decode run in `progress` (score_heldout passes a
+    patient log pace): every step is counted against a total that bounds it, and the answers are
+    the same as without progress."""
+    from carryon_ray.evaluation import heldout_comparison
+
+    rows = [{"prompt": f"Question: {i} + {i}?", "completion": f" {2 * i}"} for i in range(5)]
+    seen = []
+
+    def progress(items, desc, total):
+        seen.append([desc, total, 0])
+        for item in items:
+            seen[-1][2] += 1
+            yield item
+
+    reported = heldout_comparison(tiny_base, None, rows, "{prompt}\nAnswer:", max_new_tokens=6, progress=progress)
+    silent = heldout_comparison(tiny_base, None, rows, "{prompt}\nAnswer:", max_new_tokens=6)
+    assert reported == silent
+    [(desc, total, steps)] = seen
+    assert desc.startswith("held-out answers of base and adapter on 5 prompts")
+    assert total == 6 + 1 and 1 < steps <= total  # one prefill step for the short prompts, then up to 6 tokens

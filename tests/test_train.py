@@ -224,8 +224,15 @@ class Recorder:
         self.values.setdefault("datasets", []).append((name, source, len(profile), context))
 
 
-def test_in_process_runner_uses_replay_and_the_general_guard(tmp_path, tiny_dir):
-    """`carryon train` once ignored data.replay and alpha.general_guard; the one recipe honours them."""
+def test_in_process_runner_uses_replay_and_the_general_guard(tmp_path, tiny_dir, caplog, monkeypatch):
+    """`carryon train` once ignored data.replay and alpha.general_guard; the one recipe honours them.
+    Its alpha evaluations report progress like training does (here from their first batch)."""
+    import logging
+
+    import carryon_ray.recipe
+
+    monkeypatch.setattr(carryon_ray.recipe, "AFTER_S", 0.0)  # speak at once (10 s by default)
+    caplog.set_level(logging.INFO, logger="carryon.train")
     general = ROOT / "tests" / "data" / "general.txt"
     cfg = make_config(base={"name": tiny_dir}, carryon={"kind": "mlp", "width": 16, "gate": True},
                       data={"builtin_size": 64, "max_length": 96, "replay": str(general), "replay_ratio": 0.25,
@@ -245,6 +252,31 @@ def test_in_process_runner_uses_replay_and_the_general_guard(tmp_path, tiny_dir)
     assert set(names) == {"train", "val", "general", "replay"} and names["general"][3] == "evaluation"
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["history"][-1]["alpha"] == summary["alpha"]
+    said = [r.getMessage() for r in caplog.records if "(batches): " in r.getMessage()]
+    for what in ("the base's validation loss at alpha 0 ", "epoch 1: validation loss at alpha ",
+                 "epoch 1: general-domain loss at alpha 0, "):
+        lines = [m for m in said if m.startswith(what)]
+        assert lines and "ETA" in lines[0], (what, said)  # done/total with the rate and an ETA
+
+
+def test_a_patient_pace_is_silent_for_a_short_loop_and_speaks_for_a_long_one(caplog):
+    import logging
+    import time
+
+    from carryon_ray.progress import lines
+
+    def run(after_s: float) -> list[str]:
+        caplog.clear()
+        for _ in lines(range(5), "scoring", every_s=0.0, logger=logging.getLogger("t"), after_s=after_s):
+            time.sleep(0.1)
+        return [r.getMessage() for r in caplog.records]
+
+    caplog.set_level(logging.INFO, logger="t")
+    assert run(after_s=10.0) == []  # ended within its patience: nothing said
+    said = run(after_s=0.25)
+    assert said and not said[0].startswith("scoring: 1/5")  # silent for the first ~0.25 s
+    assert said[-1].startswith("scoring: 5/5") and "ETA 0s" in said[-1]  # and then to the end
+    assert run(after_s=0.0)[0].startswith("scoring: 1/5")  # an impatient pace speaks at the first unit
 
 
 def test_the_demo_path_end_to_end_on_the_tiny_base(tmp_path, tiny_dir):

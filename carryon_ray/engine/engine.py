@@ -95,11 +95,21 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self.scheduler.finished)
 
-    def run(self, requests: list[Request]) -> list[Sequence]:
-        """Offline: submit everything, step until all are done, return the sequences in order."""
+    def run(self, requests: list[Request], progress=None, desc: str = "decode steps") -> list[Sequence]:
+        """Offline: submit everything, step until all are done, return the sequences in order.
+        `progress` (carryon_ray.progress's Progress) wraps the steps; their total is the longest
+        request's tokens plus its prompt's prefill chunks, fewer when rows stop early."""
         seqs = [self.submit(r) for r in requests]
-        while not all(s.done for s in seqs):
-            self.step()
+
+        def steps():
+            while not all(s.done for s in seqs):
+                self.step()
+                yield
+
+        chunks = max((-(-len(r.prompt) // self.scheduler.prefill_tokens) for r in requests), default=0)
+        total = max((r.max_tokens for r in requests), default=0) + chunks
+        for _ in (progress(steps(), desc, total) if progress else steps()):
+            pass
         return seqs
 
     # -- one step -------------------------------------------------------------------------------------
