@@ -22,6 +22,10 @@ import urllib.request
 from pathlib import Path
 
 DEFAULT_STATE = ".carryon"
+# How long the head's dashboard and the MLflow server may take to answer. Alone they start in
+# seconds; on a loaded 2-core machine MLflow's server once took about 2 min (a 120 s limit failed a
+# CI run's job tests at their cluster fixture).
+START_TIMEOUT_S = 300
 
 
 def free_port() -> int:
@@ -98,7 +102,7 @@ def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node
              "resources": resources, "state_dir": str(state_path), "auth_mode": "token"}
     (state_path / "cluster.json").write_text(json.dumps(state, indent=2))
     try:
-        _wait_http(f"{state['dashboard_url']}/api/version", 120, ray_proc, "ray head", ray_log)
+        _wait_http(f"{state['dashboard_url']}/api/version", START_TIMEOUT_S, ray_proc, "ray head", ray_log)
         _wait_job_agent(state, env, ray_proc, ray_log)
         if with_mlflow:
             mlflow_port = mlflow_port or free_port()
@@ -109,7 +113,7 @@ def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node
             ml_proc = subprocess.Popen(ml_cmd, stdout=ml_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
             state.update({"mlflow_pid": ml_proc.pid, "mlflow_url": f"http://127.0.0.1:{mlflow_port}"})
             (state_path / "cluster.json").write_text(json.dumps(state, indent=2))
-            _wait_http(f"{state['mlflow_url']}/health", 120, ml_proc, "mlflow server", ml_log)
+            _wait_http(f"{state['mlflow_url']}/health", START_TIMEOUT_S, ml_proc, "mlflow server", ml_log)
     except BaseException:
         down(state_dir)
         raise
