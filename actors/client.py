@@ -138,10 +138,15 @@ class Producers:
                                                                 data.calibration_rows, cfg.tap_spec()))
 
     def score_heldout(self, cfg_json: dict, files: dict[str, bytes]) -> dict | None:
-        """The held-out comparison on a producer that has the base(s) loaded (the job's own or the
-        shared ones), or None when none can: co-serving (a whole decode run would hold the
-        replica's engine), one base per producer, or the job's own producers already stopped."""
-        if self.groups != [None] or self.kind == "coserve" or (self.kind == "job" and self.own is None):
+        """The held-out comparison where the base(s) are loaded already: on a co-serving replica
+        (its rows decode beside the users'), or on a producer (the job's own or the shared ones);
+        None when none can: one base per producer, or the job's own producers already stopped."""
+        if self.kind == "coserve":
+            from actors.service import replica_call
+
+            return replica_call(self.cfg.resources.coserve_app, "score_heldout", cfg_json, files,
+                                what=f"the held-out answers of job {self.job}")
+        if self.groups != [None] or (self.kind == "job" and self.own is None):
             return None
         return self._on_a_producer(lambda p: p.score_heldout.remote(cfg_json, files))
 

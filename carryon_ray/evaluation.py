@@ -9,8 +9,10 @@ questions.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import tempfile
 from fractions import Fraction
 
 import torch
@@ -112,6 +114,25 @@ def is_correct(expected: str, generated: str) -> bool:
     return generated.strip().split("\n")[0].strip() == expected.strip()
 
 
+def heldout_prompts(tok, rows: list[dict], template: str) -> tuple[list[tuple[str, str]], list[list[int]]]:
+    """The (prompt, expected) pairs of the held-out rows that have an answer, and the prompts' token ids."""
+    pairs = [p for p in (answer_of(r, template) for r in rows) if p is not None]
+    return pairs, [tok(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
+
+
+def heldout_result(tok, pairs: list[tuple[str, str]], base_out: list[list[int]], adapter_out: list[list[int]]) -> dict:
+    """Accuracies and every record from the generated token ids of base and base + adapter, one
+    per pair, wherever they were decoded (one process or a serving replica)."""
+    n = len(pairs)
+    dec = lambda ids: tok.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    records = [{"prompt": p, "expected": e.strip(), "base": dec(b), "adapter": dec(a),
+                "base_correct": is_correct(e, dec(b)), "adapter_correct": is_correct(e, dec(a))}
+               for (p, e), b, a in zip(pairs, base_out, adapter_out, strict=True)]
+    acc = lambda key: sum(r[key] for r in records) / max(n, 1)  # noqa: E731
+    return {"rows": n, "base_accuracy": acc("base_correct"), "adapter_accuracy": acc("adapter_correct"),
+            "records": records}
+
+
 def heldout_comparison(bases, adapter, rows: list[dict], template: str, max_new_tokens: int = 16,
                        progress: Progress | None = None) -> dict:
     """Greedy answers of the bare base and of base + adapter on held-out rows, side by side, in one
@@ -121,18 +142,23 @@ def heldout_comparison(bases, adapter, rows: list[dict], template: str, max_new_
 
     bases = bases if isinstance(bases, list) else [bases]
     tok = bases[0].tokenizer
-    pairs = [p for p in (answer_of(r, template) for r in rows) if p is not None]
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in pairs]
+    pairs, prompts = heldout_prompts(tok, rows, template)
     n = len(prompts)
     outs = generate_mixed(bases, prompts * 2, [None] * n + [adapter] * n, max_new_tokens=max_new_tokens,
                           progress=progress, desc=f"held-out answers of base and adapter on {n} prompts (decode steps)")
-    texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
-    records = [{"prompt": p, "expected": e.strip(), "base": texts[i].strip(), "adapter": texts[n + i].strip(),
-                "base_correct": is_correct(e, texts[i]), "adapter_correct": is_correct(e, texts[n + i])}
-               for i, (p, e) in enumerate(pairs)]
-    acc = lambda key: sum(r[key] for r in records) / max(n, 1)  # noqa: E731
-    return {"rows": n, "base_accuracy": acc("base_correct"), "adapter_accuracy": acc("adapter_correct"),
-            "records": records}
+    return heldout_result(tok, pairs, outs[:n], outs[n:])
+
+
+@contextlib.contextmanager
+def adapter_files(files: dict[str, bytes]):
+    """An adapter that travelled as its files' bytes (safetensors + JSON), written into a
+    temporary directory for its loader: file names only (no path a caller chose), nothing executed."""
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in files.items():
+            (Path(d) / Path(name).name).write_bytes(data)
+        yield d
 
 
 def score_heldout(bases, adapter_dir, cfg) -> dict | None:
@@ -156,16 +182,10 @@ def score_heldout_files(bases, cfg_json: dict, files: dict[str, bytes]) -> dict 
     """score_heldout for an adapter that travelled as its files' bytes (safetensors + JSON), on
     bases already loaded wherever this runs (a producer, a task): no filesystem shared with the
     driver, and nothing in `files` is executed."""
-    import tempfile
-    from pathlib import Path
-
     from .config import CarryOnConfig
 
-    cfg = CarryOnConfig.model_validate(cfg_json)
-    with tempfile.TemporaryDirectory() as d:
-        for name, data in files.items():
-            (Path(d) / Path(name).name).write_bytes(data)
-        return score_heldout(bases, d, cfg)
+    with adapter_files(files) as d:
+        return score_heldout(bases, d, CarryOnConfig.model_validate(cfg_json))
 
 
 def side_by_side(result: dict, show: int) -> str:

@@ -147,6 +147,51 @@ class ModelServer:
         producer = self._producer()
         return await self.engine.run_beside(lambda: producer.calibrate(bridge_cfg, shallow, rows, tap_spec))
 
+    async def score_heldout(self, cfg_json: dict, files: dict[str, bytes]) -> dict | None:
+        """A co-serving job's held-out comparison on this replica's base, no second copy: the base's
+        and base + adapter's greedy answers decode as rows of this engine beside the users' rows
+        (sharing their steps), at most a quarter of the engine's rows at a time so users keep the
+        rest. The adapter comes as its files (safetensors + JSON: data) and is loaded for this call
+        only, not into the LRU. None when the job has no held-out set."""
+        from carryon_ray.config import CarryOnConfig
+        from carryon_ray.data import heldout_rows
+        from carryon_ray.evaluation import adapter_files, heldout_prompts, heldout_result
+
+        cfg = CarryOnConfig.model_validate(cfg_json)
+        if not cfg.eval.heldout:
+            return None
+
+        def load():
+            with adapter_files(files) as d:
+                return self.engine.load_adapter(d)
+
+        adapter = await asyncio.to_thread(load)
+        tok = self.engine.tokenizer
+        pairs, prompts = heldout_prompts(tok, heldout_rows(cfg.eval.heldout, cfg.eval.heldout_size, cfg.train.seed),
+                                         cfg.data.prompt_template)
+        req = P.GenerateRequest(model="held-out", max_tokens=cfg.eval.max_new_tokens, temperature=0.0, top_p=1.0)
+        rows = [(ids, None) for ids in prompts] + [(ids, adapter) for ids in prompts]
+        wave = max(1, self.cfg.engine.max_rows // 4)
+        out: list[list[int]] = []
+        for at in range(0, len(rows), wave):
+            gens = []
+            try:
+                for ids, a in rows[at : at + wave]:
+                    while True:  # a queue full of users' requests: the job's rows wait their turn
+                        try:
+                            gens.append(self.engine.submit(req, ids, a))
+                            break
+                        except P.ServeError as exc:
+                            if exc.code != "overloaded":
+                                raise
+                            await asyncio.sleep(exc.retry_after or 1)
+                await asyncio.gather(*(g.result() for g in gens))
+            finally:  # the job gone (cancelled call): its rows leave at the next step
+                for g in gens:
+                    g.cancel()
+            out += [list(g.seq.tokens) for g in gens]
+        return heldout_result(tok, pairs, out[: len(prompts)], out[len(prompts) :])
+
     def info(self) -> dict:
         return {**self.engine.stats(), "adapter_loads": len(self.load_ms),
                 "load_ms_p50": sorted(self.load_ms)[len(self.load_ms) // 2] if self.load_ms else None,

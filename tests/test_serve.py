@@ -638,8 +638,19 @@ def states(cols):
 g_cols = {k: np.array([r[k] for r in got], dtype=object) if isinstance(got[0][k], bytes) else np.array([r[k] for r in got]) for k in got[0]}
 g, g_ids = states(g_cols)
 w, w_ids = states(want)
+# The held-out answers of base and base + adapter, decoded on the replica beside users, against
+# the same comparison on this process's own copy of the base.
+from pathlib import Path
+from carryon_ray.evaluation import score_heldout
+hcfg = load_config("configs/tiny-test.yaml", {"base.name": tiny, "base.dtype": "float32", "resources.producers": "coserve",
+                                              "eval.heldout": "builtin:topics-heldout", "eval.heldout_size": 10,
+                                              "eval.max_new_tokens": 6})
+files = {p.name: p.read_bytes() for p in Path(sys.argv[2]).iterdir() if p.is_file()}
+on_replica = producers.score_heldout(hcfg.model_dump(mode="json"), files)
+here = score_heldout([base], sys.argv[2], hcfg)
 print("RESULT " + json.dumps({"kind": producers.kind, "ids": g_ids, "want_ids": w_ids,
-                              "max_diff": float((g - w).abs().max()), "scale": float(w.abs().max()), "seen": seen}))
+                              "max_diff": float((g - w).abs().max()), "scale": float(w.abs().max()), "seen": seen,
+                              "heldout": on_replica, "heldout_here": here}))
 """
 
 
@@ -647,11 +658,13 @@ def test_a_job_embeds_through_the_model_replica_beside_users(served, tiny_dir):
     """Co-serving: a job's producers, found by its base in the running app (resources.producers:
     coserve), are the model replica itself: calibration and the rows' embedding run on its engine
     between decode steps (a user's request is served meanwhile), and the rows equal those of a
-    producer of the job's own."""
+    producer of the job's own. The job's held-out answers decode on the replica too (no second
+    base copy), the same as on a base of its own."""
     env = {**os.environ, **local_cluster.client_env(served["state"]), "RAY_ADDRESS": served["state"]["ray_address"],
            "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-c", COSERVE_DRIVER, tiny_dir], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    before = stats(served)["adapter_rows"].get("held-out", 0)
+    proc = subprocess.Popen([sys.executable, "-c", COSERVE_DRIVER, tiny_dir, str(served["adapters"]["bob-b"])],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     r = post(served, "/v1/completions", {"model": "bob-b", "prompt": "x", "max_tokens": 8}, key="bob")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
@@ -661,6 +674,10 @@ def test_a_job_embeds_through_the_model_replica_beside_users(served, tiny_dir):
     assert sorted(res["ids"]) == res["want_ids"] == list(range(40)) and len(res["ids"]) == 40
     assert res["max_diff"] <= 0.05 * res["scale"], res  # the same rows, up to float rounding of other batches
     assert res["seen"]["replica"]["beside_done"] >= 1, res["seen"]
+    held = res["heldout"]
+    assert held == res["heldout_here"] and held["rows"] == 10
+    assert any(r["base"] != r["adapter"] for r in held["records"])  # the adapter's rows had the adapter
+    assert stats(served)["adapter_rows"].get("held-out", 0) - before == 2 * 10  # decoded on the replica
 
 
 def test_a_lost_replica_answers_503_with_retry_after_and_health_follows(served):
