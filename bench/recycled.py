@@ -21,6 +21,10 @@ The bridge on an intermediate state: the base's own validation loss (alpha = 0) 
 --bridge-bits 0,8 trains each configuration on exact states and on 8-bit codes (issue 34, item 5: the
 bridge default of this kind by measured loss against bytes per token).
 
+--select-rows 0,16 runs each configuration with the alpha candidates scored on every validation row and
+on a strided subset of about 16 (alpha.select_rows; the chosen alpha's loss is still the whole set's);
+--recycled-steps gives the recycled runs a step count of their own (issue 34, item 2: equal wall).
+
 Writes bench/results/recycled.json. Quick sizes: --n-train 48 --n-val 16 --steps 4 --depths 2 (make bench).
 """
 
@@ -45,22 +49,23 @@ from carryon_ray.train import evaluate  # noqa: E402
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def config_for(args, depth: int, rank: int, lr: float, bits: int = 0) -> CarryOnConfig:
+def config_for(args, depth: int, rank: int, lr: float, bits: int = 0, select_rows: int = 0) -> CarryOnConfig:
     """The product config of one recycled configuration (everything else at the kind's defaults)."""
     return validate_config({"base": {"name": args.base_dir, "dtype": "float32"}, "data": {"train": "bench"},
                             "carryon": {"kind": "recycled", "depth": depth, "rank": rank}, "bridge": {"bits": bits},
+                            "alpha": {"select_rows": select_rows},
                             "train": {"lr": lr, "batch_size": args.batch, "warmup_steps": 10, "epochs": 1, "seed": 0}})
 
 
 def run_recycled(args, base, data: Cached, depth: int, rank: int, lr: float, bits: int = 0,
-                 exact_val: dict | None = None) -> dict:
+                 exact_val: dict | None = None, select_rows: int = 0) -> dict:
     """One recycled configuration fitted by `Trainer.fit` on its depth's cache (states sent at `bits`).
     `exact_val` ({depth: decoded exact validation states}) is filled by a 0-bit run and read by a
     lossy one: serving runs the blocks on the exact state, so that run's adapter is scored there too."""
-    cfg = config_for(args, depth, rank, lr, bits)
+    cfg = config_for(args, depth, rank, lr, bits, select_rows)
     t0 = time.perf_counter()
-    trainer, m, train_s = fit(cfg, data.calib, data.training(cfg), data.eval("val"), None, args.steps,
-                              base.head_weight, base.head_bias)
+    trainer, m, train_s = fit(cfg, data.calib, data.training(cfg), data.eval("val"), None,
+                              args.recycled_steps or args.steps, base.head_weight, base.head_bias)
     fit_s = time.perf_counter() - t0
     served = {}
     if exact_val is not None and bits == 0:
@@ -71,7 +76,8 @@ def run_recycled(args, base, data: Cached, depth: int, rank: int, lr: float, bit
                   "gain_exact_states": got[0.0] - got[m["alpha"]]}
     trainable = sum(p.numel() for p in trainer.model.trainable_parameters())
     frozen = sum(p.numel() for p in trainer.model._blocks[0].parameters())
-    return {"depth": depth, "rank": rank, "lr": lr, "bridge_bits": bits, "tap": data.calib.tap, "trainable_params": trainable,
+    return {"depth": depth, "rank": rank, "lr": lr, "bridge_bits": bits, "select_rows": select_rows,
+            "alphas_per_epoch": [h["alpha"] for h in trainer.history], "tap": data.calib.tap, "trainable_params": trainable,
             "frozen_block_params": frozen, "val_loss_base": trainer.val_loss_base, "val_loss": m["val_loss"],
             "alpha": m["alpha"], "gain": trainer.val_loss_base - m["val_loss"], "steps": trainer.step,
             "train_seconds": round(train_s, 1), "seconds_per_step": round(train_s / max(trainer.step, 1), 3),
@@ -127,6 +133,12 @@ def main() -> int:
     p.add_argument("--bridge-bits", default="0",
                    help="bridge bits every configuration TRAINS through (comma-separated; 0 = exact fp32 states): "
                         "each (depth, bits) fills its own cache")
+    p.add_argument("--recycled-steps", type=int, default=0,
+                   help="optimizer steps of the recycled runs (0 = --steps): an equal-wall budget taken from an "
+                        "equal-step run's step time and fixed costs")
+    p.add_argument("--select-rows", default="0",
+                   help="alpha.select_rows values every configuration runs with (comma-separated; 0 = every "
+                        "validation row scores every candidate)")
     p.add_argument("--out", default=str(ROOT / "bench/results/recycled.json"))
     args = p.parse_args()
     t_all = time.perf_counter()
@@ -167,8 +179,8 @@ def main() -> int:
         key = str(depth) if bits_list == [0] else f"{depth}@{bits}bit"
         res["cache_fill_seconds"][key] = round(fill, 1)
         print(f"depth {depth}, {bits}-bit bridge: cache filled in {fill:.0f}s (tap {data.calib.tap})", flush=True)
-        for rank, lr in same:
-            r = run_recycled(args, base, data, depth, rank, lr, bits, exact_val if len(bits_list) > 1 else None)
+        for rank, lr, select in [(rank, lr, int(x)) for rank, lr in same for x in args.select_rows.split(",") if x]:
+            r = run_recycled(args, base, data, depth, rank, lr, bits, exact_val if len(bits_list) > 1 else None, select)
             r["cache_fill_seconds"] = round(fill, 1)
             r["wall_seconds"] = round(fill + r["fit_seconds"], 1)
             if qv:

@@ -36,8 +36,8 @@ from .adapter import save_adapter
 from .config import CarryOnConfig
 from .embedding import Calibration, EncodedBatch, decode_sources, part_layout
 from .progress import AFTER_S, Pace, lines
-from .train import (AlphaSearch, build_carryon, evaluate, gate_mean, grow_stage, make_optimizer, router_dropout_at,
-                    stage_digest, train_step)
+from .train import (AlphaSearch, build_carryon, evaluate_sums, gate_mean, grow_stage, make_optimizer,
+                    router_dropout_at, stage_digest, strided_subset, train_step)
 
 log = logging.getLogger("carryon.train")
 
@@ -251,8 +251,12 @@ class Trainer:
         return lines(items, desc, total, every_s=self.cfg.train.progress_s, logger=log, after_s=AFTER_S)
 
     def _evaluate(self, data: Decoded, alphas: list[float], what: str) -> dict[float, float]:
+        sums, count = self._sums(data, alphas, what)
+        return {a: s / max(count, 1) for a, s in sums.items()}
+
+    def _sums(self, data: Decoded, alphas: list[float], what: str) -> tuple[dict[float, float], int]:
         desc = f"{what} loss at alpha {', '.join(f'{a:g}' for a in alphas)} (batches)"
-        return evaluate(self.model, data, alphas, self.chunk, progress=self._paced, desc=desc)
+        return evaluate_sums(self.model, data, alphas, self.chunk, progress=self._paced, desc=desc)
 
     def baseline(self, val: Decoded) -> float:
         """Validation loss of the base itself (alpha = 0), before any training."""
@@ -337,17 +341,27 @@ class Trainer:
         cands = self.search.candidates()
         # One pass over each set for every alpha this epoch reports: the candidates, the base (for
         # the guard) and the trade-off sweep (each alpha's loss is independent of the others).
+        # With alpha.select_rows the candidates (and the sweep) are scored on a strided subset of
+        # the validation batches; the chosen alpha then on the rest: val_loss stays the whole set's.
         sweep = cfg.alpha.general_sweep if general else []
-        val_all = self._evaluate(val, sorted({*cands, *sweep}), f"epoch {self.epoch}: validation")
+        select, rest = strided_subset(val, cfg.alpha.select_rows)
+        sums, count = self._sums(select, sorted({*cands, *sweep}), f"epoch {self.epoch}: validation"
+                                 + (f" ({len(select)} of {len(val)} batches)" if rest else ""))
+        val_all = {a: v / max(count, 1) for a, v in sums.items()}
         val_losses = {a: val_all[a] for a in cands}
-        general_all = self._evaluate(general, sorted({0.0, *cands, *sweep}), f"epoch {self.epoch}: general-domain") if general else None
+        general_all = (self._evaluate(general, sorted({0.0, *cands, *sweep}), f"epoch {self.epoch}: general-domain")
+                       if general else None)
         general_losses = {a: general_all[a] for a in sorted({0.0, *cands})} if general else None
         alpha = self.search.choose(val_losses, general_losses, general_losses[0.0] if general_losses else None)
         model.set_alpha(alpha)
+        val_loss = val_losses[alpha]
+        if rest:
+            more, n_more = self._sums(rest, [alpha], f"epoch {self.epoch}: validation, the other batches")
+            val_loss = (sums[alpha] + more[alpha]) / max(count + n_more, 1)
         el = max(stats.seconds, 1e-9)
         metrics: dict[str, float] = {
             "epoch": self.epoch, "stage": stage, "step": self.step, "alpha": alpha, f"alpha_stage_{stage}": alpha,
-            "val_loss": val_losses[alpha],
+            "val_loss": val_loss,
             "train_loss": float(np.mean(stats.losses)) if stats.losses else float("nan"),
             "train_tokens_per_s": stats.tokens / el, "train_tokens": stats.seen_tokens, "input_wait_fraction": stats.wait_s / el,
             "epoch_seconds": stats.seconds, "first_batch_wait_s": stats.first_wait_s,
@@ -372,10 +386,15 @@ class Trainer:
         if general:  # the customization vs general trade-off curve at the configured alphas
             metrics.update({f"sweep_val_{a:g}": val_all[a] for a in sweep})
             metrics.update({f"sweep_general_{a:g}": general_all[a] for a in sweep})
-        log.info("epoch %d: val loss %s -> alpha %.4g", self.epoch, {f"{a:g}": round(v, 4) for a, v in val_losses.items()},
-                 alpha)
+        shown = {f"{a:g}": round(v, 4) for a, v in val_losses.items()}
+        if rest:
+            rows = lambda batches: sum(int(y.shape[0]) for _, y in batches)  # noqa: E731
+            log.info("epoch %d: val loss on %d of %d rows %s -> alpha %.4g (val loss %.4f on all rows)", self.epoch,
+                     rows(select), rows(select) + rows(rest), shown, alpha, val_loss)
+        else:
+            log.info("epoch %d: val loss %s -> alpha %.4g", self.epoch, shown, alpha)
         self.history.append({"epoch": self.epoch, "stage": stage, "step": self.step, "alpha": alpha,
-                             "val_loss": val_losses[alpha], "candidates": dict(val_losses),
+                             "val_loss": val_loss, "candidates": dict(val_losses),
                              "general": dict(general_losses) if general_losses else None})
         self.reporter.metrics(metrics, self.step)
         self.epoch += 1

@@ -183,6 +183,15 @@ def evaluate(carryon: CarryOn, batches_: Iterable[tuple[list, torch.Tensor]], al
     """Mean token cross entropy at each alpha (see `states_at`: one carry-on forward per batch for a
     carry-on on the final state, where alpha only scales the last stage's dx). `progress` wraps the
     batches (one unit each)."""
+    sums, count = evaluate_sums(carryon, batches_, alphas, chunk, progress, desc)
+    return {a: s / max(count, 1) for a, s in sums.items()}
+
+
+@torch.no_grad()
+def evaluate_sums(carryon: CarryOn, batches_: Iterable[tuple[list, torch.Tensor]], alphas: list[float],
+                  chunk: int = 1024, progress: Progress = quiet, desc: str = "evaluation") -> tuple[dict[float, float], int]:
+    """`evaluate`'s summed token cross entropy per alpha and the scored tokens: sums over disjoint
+    sets of batches add up to the union's (how an alpha chosen on a subset gets the whole set's loss)."""
     carryon.eval()
     sums = {a: 0.0 for a in alphas}
     count = 0
@@ -192,7 +201,18 @@ def evaluate(carryon: CarryOn, batches_: Iterable[tuple[list, torch.Tensor]], al
         for a, x in carryon.states_at(sources, alphas):
             h, y = select_targets(x, labels)
             sums[a] += float(chunked_cross_entropy(lambda h_, a=a: carryon.logits(h_, a), h, y, chunk))
-    return {a: s / max(count, 1) for a, s in sums.items()}
+    return sums, count
+
+
+def strided_subset(batches_: list, rows: int) -> tuple[list, list]:
+    """(every k-th batch, the others) with k the whole set's rows // `rows`: about `rows` rows from
+    across the set (batches sorted by length stay represented); (all, []) when `rows` is 0 or the
+    set is not larger."""
+    total = sum(int(labels.shape[0]) for _, labels in batches_)
+    if rows <= 0 or total <= rows:
+        return list(batches_), []
+    k = max(1, total // rows)
+    return [b for i, b in enumerate(batches_) if i % k == 0], [b for i, b in enumerate(batches_) if i % k]
 
 
 # ---------------------------------------------------------------------------------------------

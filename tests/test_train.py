@@ -314,3 +314,36 @@ def test_an_alphas_loss_does_not_depend_on_which_other_alphas_are_scored(kind):
     for a, loss in together.items():
         assert evaluate(m, data, [a])[a] == loss
     assert len(set(together.values())) == len(together)  # the alphas really differ
+
+
+def test_alpha_chosen_on_a_subset_reports_the_whole_validation_loss(tmp_path, tiny_dir):
+    """alpha.select_rows scores the candidates on a strided subset, then the chosen alpha on the
+    other rows: the epoch's val_loss is exactly the whole set's at that alpha (what a run scoring
+    every candidate on every row reports for it), the candidates' losses are the subset's."""
+    def run(select_rows: int, out: str) -> dict:
+        cfg = make_config(base={"name": tiny_dir}, carryon={"kind": "mlp", "width": 16},
+                          data={"builtin_size": 96, "max_length": 128, "val_fraction": 0.5},
+                          train={"epochs": 1, "batch_size": 4}, alpha={"init": 0.5, "select_rows": select_rows},
+                          output={"dir": str(tmp_path / out)})
+        return fit_in_process(cfg, Recorder())["history"][0]
+
+    whole, subset = run(0, "whole"), run(12, "subset")
+    assert subset["candidates"].keys() == whole["candidates"].keys()
+    assert subset["val_loss"] == pytest.approx(whole["candidates"][subset["alpha"]], abs=1e-6)
+    assert subset["candidates"] != pytest.approx(whole["candidates"], abs=1e-6)  # scored on fewer rows
+
+
+def test_strided_subset_and_summed_losses_add_up():
+    from carryon_ray.model import CarryOn
+    from carryon_ray.train import evaluate, evaluate_sums, strided_subset
+
+    torch.manual_seed(0)
+    D, V = 16, 40
+    cfg = make_config(carryon={"kind": "mlp", "width": 8})
+    m = CarryOn(cfg.carryon, cfg.head, [[D]], V, "average", torch.randn(V, D), None, 1.0)
+    data = [([[torch.randn(4, 6, D)]], torch.randint(0, V, (4, 6))) for _ in range(10)]  # 40 rows
+    select, rest = strided_subset(data, 12)
+    assert [id(b) for b in select] == [id(data[i]) for i in (0, 3, 6, 9)] and len(rest) == 6
+    assert strided_subset(data, 0) == (data, []) and strided_subset(data, 40) == (data, [])
+    (a_sums, a_n), (b_sums, b_n) = evaluate_sums(m, select, [0.5]), evaluate_sums(m, rest, [0.5])
+    assert (a_sums[0.5] + b_sums[0.5]) / (a_n + b_n) == pytest.approx(evaluate(m, data, [0.5])[0.5], rel=1e-6)
