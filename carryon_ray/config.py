@@ -244,8 +244,8 @@ class AlphaConfig(Strict):
     )
     general_sweep: list[float] = Field(
         default_factory=lambda: [1.0, 0.8, 0.6, 0.4, 0.2, 0.0],
-        description="alphas (descending) at which both validation losses are recorded when a "
-        "general-domain validation set is given: the customization vs general trade-off curve.",
+        description="alphas (descending) at which both validation losses are recorded after the last "
+        "epoch when a general-domain validation set is given: the customization vs general trade-off curve.",
     )
 
     @model_validator(mode="after")

@@ -36,7 +36,7 @@ from .adapter import save_adapter
 from .config import CarryOnConfig
 from .embedding import Calibration, EncodedBatch, decode_sources, part_layout
 from .progress import AFTER_S, Pace, lines
-from .train import (AlphaSearch, build_carryon, evaluate_sums, gate_mean, grow_stage, make_optimizer,
+from .train import (AlphaSearch, build_carryon, evaluate, evaluate_sums, gate_mean, grow_stage, make_optimizer,
                     router_dropout_at, stage_digest, strided_subset, train_step)
 
 log = logging.getLogger("carryon.train")
@@ -250,13 +250,15 @@ class Trainer:
         recycled kind's three alphas over 200 rows ran minutes without a word)."""
         return lines(items, desc, total, every_s=self.cfg.train.progress_s, logger=log, after_s=AFTER_S)
 
+    @staticmethod
+    def _desc(what: str, alphas: list[float]) -> str:
+        return f"{what} loss at alpha {', '.join(f'{a:g}' for a in alphas)} (batches)"
+
     def _evaluate(self, data: Decoded, alphas: list[float], what: str) -> dict[float, float]:
-        sums, count = self._sums(data, alphas, what)
-        return {a: s / max(count, 1) for a, s in sums.items()}
+        return evaluate(self.model, data, alphas, self.chunk, progress=self._paced, desc=self._desc(what, alphas))
 
     def _sums(self, data: Decoded, alphas: list[float], what: str) -> tuple[dict[float, float], int]:
-        desc = f"{what} loss at alpha {', '.join(f'{a:g}' for a in alphas)} (batches)"
-        return evaluate_sums(self.model, data, alphas, self.chunk, progress=self._paced, desc=desc)
+        return evaluate_sums(self.model, data, alphas, self.chunk, progress=self._paced, desc=self._desc(what, alphas))
 
     def baseline(self, val: Decoded) -> float:
         """Validation loss of the base itself (alpha = 0), before any training."""
@@ -343,7 +345,10 @@ class Trainer:
         # the guard) and the trade-off sweep (each alpha's loss is independent of the others).
         # With alpha.select_rows the candidates (and the sweep) are scored on a strided subset of
         # the validation batches; the chosen alpha then on the rest: val_loss stays the whole set's.
-        sweep = cfg.alpha.general_sweep if general else []
+        # The trade-off sweep only after the last epoch: the figure reads the final values, and each
+        # sweep alpha is a head pass over both sets (in the demo, 4 more alphas a few seconds each).
+        last = self.epoch + 1 >= self.plan.epochs or self.step >= self.plan.total_steps
+        sweep = cfg.alpha.general_sweep if general and last else []
         select, rest = strided_subset(val, cfg.alpha.select_rows)
         sums, count = self._sums(select, sorted({*cands, *sweep}), f"epoch {self.epoch}: validation"
                                  + (f" ({len(select)} of {len(val)} batches)" if rest else ""))

@@ -231,7 +231,7 @@ def test_in_process_runner_uses_replay_and_the_general_guard(tmp_path, tiny_dir,
 
     import carryon_ray.recipe
 
-    monkeypatch.setattr(carryon_ray.recipe, "AFTER_S", 0.0)  # speak at once (10 s by default)
+    monkeypatch.setattr(carryon_ray.recipe, "AFTER_S", 0.0)  # speak at once (30 s by default)
     caplog.set_level(logging.INFO, logger="carryon.train")
     general = ROOT / "tests" / "data" / "general.txt"
     cfg = make_config(base={"name": tiny_dir}, carryon={"kind": "mlp", "width": 16, "gate": True},
@@ -247,6 +247,7 @@ def test_in_process_runner_uses_replay_and_the_general_guard(tmp_path, tiny_dir,
         assert h["general"] is not None and 0.0 in h["general"]
         assert h["general"][h["alpha"]] <= h["general"][0.0] + 1e-9
     assert {"train_kl", "general_loss_change", "gate_mean_general", "sweep_general_0"} <= set(rec.values)
+    assert [step for step, _ in rec.values["sweep_general_0"]] == [summary["steps"]]  # the sweep: last epoch only
     names = {d[0]: d for d in rec.values["datasets"]}
     assert names["train"][1] == "builtin:arithmetic" and names["train"][2] > names["val"][2] > 0
     assert set(names) == {"train", "val", "general", "replay"} and names["general"][3] == "evaluation"
