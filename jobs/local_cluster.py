@@ -60,7 +60,22 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, what: str, log:
 # One machine is never drained or preempted, so Ray Train's preemption watcher has nothing to
 # watch; off, it also stops Ray core logging its creation as an error line on every job (its
 # constructor takes actor handles: ray-project/ray#53727). Clusters keep it (cluster.yaml).
-SINGLE_MACHINE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+#
+# Ray starts at most as many worker processes at once as the node has CPUs, and its raylet prints
+# "N PYTHON worker processes have been started ... 4x the maximum expected startup concurrency" once
+# 4x that many are alive. One job here is ~12 processes, most of them zero-CPU coordinators that
+# idle (Ray Train's controller, sync actor, placement-group cleaner and dataset manager, Ray Data's
+# split coordinator and stats actor, the producer service, the cache), so a 2-CPU laptop's demo
+# printed it. With eight concurrent starts a tiny job's wall on the 2-core machine was unchanged
+# (76, 77, 86 s with 8; 78, 79 s without, runs alternating) and the warning speaks only past 32.
+SINGLE_MACHINE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_worker_maximum_startup_concurrency": "8"}
+
+# MLflow's server also starts a job runner for its own server-side jobs (GenAI prompt optimization,
+# trace roll-ups): a runner and a pool of huey consumer processes, each importing MLflow. Tracking and
+# the model registry, all this project uses, never call it. Off, `up` on the 2-core machine leaves 2
+# MLflow processes instead of 10 and spends 26 CPU-seconds instead of 34 (medians of two alternating
+# rounds; bench/results/local-cluster-start.json).
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node", training_resource: str = "training_node",
