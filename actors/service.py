@@ -321,7 +321,7 @@ def embed_through_producers(block: dict, service: str, job: str, calibration: li
     """Ray Data task: one block of `job`'s token rows, embedded by a producer of `service` (or by a
     model replica: `service` = "serve:APP"), as requests of `rows` rows (resources.embed_batch_size)
     sent at once, so the producer's queue holds them all and its forwards fill its token budget."""
-    from carryon_ray.embedding import ROW_INPUT_IDS, concat_rows
+    from carryon_ray.rows import ROW_INPUT_IDS, concat_rows
 
     n = len(block[ROW_INPUT_IDS])
     parts = [{k: v[at : at + rows] for k, v in block.items()} for at in range(0, n, rows)] or [block]
@@ -335,7 +335,7 @@ def _through_service(parts: list[dict], service: str, job: str, calibration: lis
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-    from carryon_ray.embedding import concat_rows
+    from carryon_ray.rows import concat_rows
     lost = (RayActorError, ActorDiedError, ActorUnavailableError, ProducerLost)
     for attempt in range(ATTEMPTS):
         svc = _SERVICES.get(service)

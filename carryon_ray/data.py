@@ -19,10 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .config import DataConfig
-from .loss import IGNORE
+from .rows import IGNORE
 
 
 class DataError(ValueError):
@@ -584,8 +582,10 @@ def load_splits(tokenizer, cfg: DataConfig, seed: int = 0) -> Splits:
     return Splits(by_order(train), by_order(val), loaded.get("general"), reports, by_order(replay))
 
 
-def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: list[Example], pad_id: int) -> dict:
     """Right-pad a list of examples into input_ids / attention_mask / labels tensors."""
+    import torch  # here, not at the top: Ray Data's tasks import this module and need no torch
+
     T = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)

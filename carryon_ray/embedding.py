@@ -29,17 +29,10 @@ from .base import FrozenBase
 from .bridge import Bridges, bridges_from_state, bridges_state, fit_bridges
 from .config import BridgeConfig, resolve_tap
 from .data import Example, RowPlan, sample_id
-from .loss import IGNORE
+from .rows import (IGNORE, ROW_ID, ROW_INPUT_IDS, ROW_LABELS, ROW_LENGTH, ROW_NODES, ROW_REPLAY,  # noqa: F401
+                   ROW_SECONDS, ROW_SEGMENTS, concat_rows)
 
-# -- the columns of the rows that cross the object store ---------------------------------------
-ROW_ID = "sample_id"  # int: position of the sample in the run's training (or validation) rows
-ROW_REPLAY = "replay"  # bool: a general-domain replay row (KL to the base) rather than customization data
-ROW_INPUT_IDS = "input_ids"  # token ids (token rows only; dropped once the codes exist)
-ROW_LABELS = "labels"  # token rows: label ids; embedding rows: int32 bytes at the sample's length
-ROW_LENGTH = "length"  # int: tokens in the sample
-ROW_SECONDS = "embed_seconds"  # float: this row's share of its batch's producer time (by tokens)
-ROW_NODES = "producer_node"  # str: comma-separated node ids of the producers that ran the row
-ROW_SEGMENTS = "segments"  # packed rows: the lengths of the examples in the sequence (empty: one example)
+# -- the columns of the rows that cross the object store (names in rows.py) -----------------------
 _CODE = re.compile(r"s(\d+)_(\d+)_(\w+)$")
 
 
@@ -485,7 +478,3 @@ def columns(rows: list[dict]) -> dict:
     return {k: [r[k] for r in rows] for k in rows[0]}
 
 
-def concat_rows(parts: list[dict]) -> dict:
-    """Concatenate embedding-row column dicts (the producer's outputs) in order."""
-    keys = parts[0].keys()
-    return {k: np.concatenate([p[k] for p in parts]) for k in keys}

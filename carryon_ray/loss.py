@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100  # label of tokens that carry no loss (prompt, padding, first-N)
+from .rows import IGNORE  # noqa: F401  (the label of tokens that carry no loss; numpy-only home)
 
 
 def select_targets(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,10 @@
 Trainers stream epoch 0 from the embedding actors and hand each consumed training batch (an
 `EncodedBatch` as named tensors) to the cache. Two backends:
 
-- memory: the batch is sent to the cache actor, which `ray.put`s it, so the actor owns the object:
+Either way a batch is one safetensors blob (its named tensors), so the cache actor holds bytes and
+never imports torch (a worker process that does pays ~1.5 s of CPU at its start).
+
+- memory: the blob is sent to the cache actor, which `ray.put`s it, so the actor owns the object:
   it lives in the object store independently of the trainer that produced it and survives a
   trainer restart (Ray 2.56 removed `ray.put(..., _owner=...)`, so ownership has to be taken by
   the actor itself; the batch therefore passes through the actor once);
@@ -21,12 +24,12 @@ restarts or resizes reads them back instead of asking the producers again.
 
 from __future__ import annotations
 
-import ray
-import torch
-from safetensors.torch import load as load_bytes
-from safetensors.torch import save as save_bytes
+from typing import TYPE_CHECKING
 
-from carryon_ray.embedding import EncodedBatch
+import ray
+
+if TYPE_CHECKING:
+    from carryon_ray.embedding import EncodedBatch
 
 
 def storage(location: str):
@@ -46,26 +49,33 @@ def set_dir(cache_dir: str, name: str) -> str:
 def put_batch(cache, batch: EncodedBatch, mode: str, directory: str | None, rank: int, index: int,
               name: str = "train") -> None:
     """Called on a trainer: store one batch in set `name` of the cache (`directory`: the cache's)."""
-    tensors = {k: v.contiguous() for k, v in batch.tensors().items()}
+    from safetensors.torch import save
+
+    blob = save({k: v.contiguous() for k, v in batch.tensors().items()})
     if mode == "memory":
-        ray.get(cache.put.remote(tensors, name))
+        ray.get(cache.put.remote(blob, name))
     else:
         location = f"{set_dir(directory, name)}/rank{rank:03d}-{index:06d}.safetensors"
         fs, path = storage(location)
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(path) as out:
-            out.write(save_bytes(tensors))
+            out.write(blob)
         ray.get(cache.add.remote([location], name))
 
 
 def get_batch(item) -> EncodedBatch:
+    """Called on a trainer: one cached batch, from its file (disk) or its object (memory)."""
+    from safetensors.torch import load
+
+    from carryon_ray.embedding import EncodedBatch
+
     if isinstance(item, str):
         fs, path = storage(item)
         with fs.open_input_file(path) as f:
-            tensors: dict[str, torch.Tensor] = load_bytes(f.read())
+            blob = f.read()
     else:
-        tensors = ray.get(item)
-    return EncodedBatch.from_tensors(tensors)
+        blob = ray.get(item)
+    return EncodedBatch.from_tensors(load(blob))
 
 
 @ray.remote(num_cpus=0)
@@ -81,8 +91,8 @@ class EmbeddingCache:
         self._set(name)["items"].extend(items)
         return len(self.sets[name]["items"])
 
-    def put(self, batch: dict, name: str = "train") -> int:
-        self._set(name)["items"].append(ray.put(batch))  # owned by this actor
+    def put(self, blob: bytes, name: str = "train") -> int:
+        self._set(name)["items"].append(ray.put(blob))  # owned by this actor
         return len(self.sets[name]["items"])
 
     def mark_complete(self, name: str = "train") -> None:

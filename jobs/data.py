@@ -31,7 +31,7 @@ import numpy as np
 from carryon_ray.config import CarryOnConfig, DataConfig
 from carryon_ray.data import (BUILTINS, DataError, DataReport, RowPlan, Tokenizer, padded_tokens, parse_line,
                               sample_id, tokenizing_config)
-from carryon_ray.embedding import ROW_ID, ROW_INPUT_IDS, ROW_LABELS, ROW_REPLAY, ROW_SEGMENTS
+from carryon_ray.rows import ROW_ID, ROW_INPUT_IDS, ROW_LABELS, ROW_REPLAY, ROW_SEGMENTS
 
 log = logging.getLogger("carryon.job")
 
@@ -393,7 +393,7 @@ def _in_order(ds):
 
 
 def _profile(ds) -> list[dict]:
-    from carryon_ray.loss import IGNORE
+    from carryon_ray.rows import IGNORE
 
     return [{"tokens": int(r["length"]), "scored_tokens": int(sum(1 for x in r[ROW_LABELS] if x != IGNORE))}
             for r in ds.take(PROFILE_ROWS)]

@@ -124,7 +124,7 @@ class ModelServer:
         """A job's token rows -> embedding rows on this replica's base, no second copy: chunks of
         at most engine.embed_tokens padded tokens, each run between two decode steps."""
         from carryon_ray.producer import Request
-        from carryon_ray.embedding import ROW_INPUT_IDS, concat_rows
+        from carryon_ray.rows import ROW_INPUT_IDS, concat_rows
 
         producer = self._producer()
         if not producer.knows(job):

@@ -117,3 +117,13 @@ def test_the_core_has_no_import_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+def test_the_modules_ray_data_tasks_and_the_cache_actor_import_need_no_torch():
+    """Ray Data's select/tag/embed-request tasks and the cache actor run in worker processes that
+    import these modules at their start; torch there is ~1.5 s of CPU per process (carryon_ray/rows.py)."""
+    code = ("import sys\n"
+            "import jobs.data, jobs.cache, actors.service, carryon_ray.rows, carryon_ray.data\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr[-3000:]
