@@ -125,7 +125,8 @@ def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node
             ml_cmd = [_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{state_path / 'mlflow.db'}",
                       "--artifacts-destination", str(state_path / "mlartifacts"), "--host", "127.0.0.1",
                       "--port", str(mlflow_port), "--workers", "1"]
-            ml_proc = subprocess.Popen(ml_cmd, stdout=ml_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            ml_proc = subprocess.Popen(ml_cmd, stdout=ml_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                                       env={**env, **MLFLOW_SERVER_ENV})
             state.update({"mlflow_pid": ml_proc.pid, "mlflow_url": f"http://127.0.0.1:{mlflow_port}"})
             (state_path / "cluster.json").write_text(json.dumps(state, indent=2))
             _wait_http(f"{state['mlflow_url']}/health", START_TIMEOUT_S, ml_proc, "mlflow server", ml_log)
