@@ -161,21 +161,31 @@ def adapter_files(files: dict[str, bytes]):
         yield d
 
 
-def score_heldout(bases, adapter_dir, cfg) -> dict | None:
-    """cfg.eval's held-out comparison for a saved adapter (None when no held-out set is configured)."""
+def job_heldout(cfg) -> tuple[list[dict], str] | None:
+    """A run's held-out set, as heldout_prompts takes it: (the rows cfg.eval names, drawn by the
+    run's seed; the run's prompt template), or None when it names none. The one reading of cfg.eval
+    for both decode paths (one process below, a serving replica in serve/replica.py)."""
     from .data import heldout_rows
-    from .generation import Adapter
 
     if not cfg.eval.heldout:
         return None
+    return heldout_rows(cfg.eval.heldout, cfg.eval.heldout_size, cfg.train.seed), cfg.data.prompt_template
+
+
+def score_heldout(bases, adapter_dir, cfg) -> dict | None:
+    """cfg.eval's held-out comparison for a saved adapter (None when no held-out set is configured)."""
+    from .generation import Adapter
+
+    held = job_heldout(cfg)
+    if held is None:
+        return None
     bases = bases if isinstance(bases, list) else [bases]
-    rows = heldout_rows(cfg.eval.heldout, cfg.eval.heldout_size, cfg.train.seed)
+    rows, template = held
 
     def paced(items, desc, total):  # silent for a short run, else lines with an ETA, as training speaks
         return lines(items, desc, total, every_s=cfg.train.progress_s, logger=log, after_s=AFTER_S)
 
-    return heldout_comparison(bases, Adapter.load(bases, adapter_dir), rows, cfg.data.prompt_template,
-                              cfg.eval.max_new_tokens, paced)
+    return heldout_comparison(bases, Adapter.load(bases, adapter_dir), rows, template, cfg.eval.max_new_tokens, paced)
 
 
 def score_heldout_files(bases, cfg_json: dict, files: dict[str, bytes]) -> dict | None:

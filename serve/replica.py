@@ -154,11 +154,11 @@ class ModelServer:
         rest. The adapter comes as its files (safetensors + JSON: data) and is loaded for this call
         only, not into the LRU. None when the job has no held-out set."""
         from carryon_ray.config import CarryOnConfig
-        from carryon_ray.data import heldout_rows
-        from carryon_ray.evaluation import adapter_files, heldout_prompts, heldout_result
+        from carryon_ray.evaluation import adapter_files, heldout_prompts, heldout_result, job_heldout
 
         cfg = CarryOnConfig.model_validate(cfg_json)
-        if not cfg.eval.heldout:
+        held = job_heldout(cfg)
+        if held is None:
             return None
 
         def load():
@@ -167,8 +167,7 @@ class ModelServer:
 
         adapter = await asyncio.to_thread(load)
         tok = self.engine.tokenizer
-        pairs, prompts = heldout_prompts(tok, heldout_rows(cfg.eval.heldout, cfg.eval.heldout_size, cfg.train.seed),
-                                         cfg.data.prompt_template)
+        pairs, prompts = heldout_prompts(tok, *held)
         req = P.GenerateRequest(model="held-out", max_tokens=cfg.eval.max_new_tokens, temperature=0.0, top_p=1.0)
         rows = [(ids, None) for ids in prompts] + [(ids, adapter) for ids in prompts]
         wave = max(1, self.cfg.engine.max_rows // 4)
