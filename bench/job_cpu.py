@@ -28,16 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from cluster_start import busy_seconds  # noqa: E402  the machine's busy CPU-seconds, one reading
 from jobs import local_cluster  # noqa: E402
 
 SETS = ["data.pack_examples=true", "data.general_val=tests/data/general.txt", "data.replay=tests/data/general.txt",
         "data.replay_ratio=0.1", "alpha.general_guard=0.05", "carryon.gate=true",
         "eval.heldout=builtin:topics-heldout", "eval.heldout_size=6", "eval.max_new_tokens=2"]
-
-
-def busy_seconds() -> float:
-    v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def label(p: psutil.Process) -> str:

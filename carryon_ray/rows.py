@@ -1,6 +1,6 @@
 """The rows that cross Ray's object store: their column names, the label that carries no loss, and
-the one concatenation. Numpy only, on purpose: Ray Data's tokenize, select and embed-request tasks
-and the cache actor import this (through jobs/data.py, actors/service.py, jobs/cache.py), and a
+the one concatenation. Numpy only, on purpose: Ray Data's select, tag and embed-request tasks and
+the cache actor import this (through jobs/data.py, actors/service.py, jobs/cache.py), and a
 worker process that imports torch for a column name pays ~1.5 s of CPU at its start, once per
 process, several processes per job (tests/test_layers.py keeps those modules torch-free)."""
 
