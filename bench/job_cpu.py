@@ -7,6 +7,7 @@ process's CPU is its own user + system time (children not folded in), less what 
 the submission; processes are grouped by what they ran (`ray::ClassName` for actors, the module
 for drivers). Run it alone: the machine's busy share counts everything. Writes
 bench/results/job-cpu.json. Run: python bench/job_cpu.py
+(`--ab idle_worker_killing_time_threshold_ms=1000`: the defaults against one raylet setting, alternating)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import collections
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,44 +86,73 @@ class Sampler:
         return {k: {"cpu_seconds": round(v, 1), "processes": count[k]} for k, v in sorted(agg.items(), key=lambda kv: -kv[1])}
 
 
+def one_job(tiny: str, tmp: str, raylet: dict | None) -> tuple[float, float, dict]:
+    """(wall s, machine busy CPU-s, CPU per process group) of one tiny submitted job on a fresh cluster."""
+    state = local_cluster.up(f"{tmp}/cluster", num_cpus=2, raylet=raylet)
+    try:
+        time.sleep(5)  # the cluster settles; its start is bench/cluster_start.py's figure
+        cmd = [str(ROOT / ".venv/bin/ray"), "job", "submit", "--address", state["dashboard_url"], "--working-dir",
+               str(ROOT), "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": state["mlflow_url"]}}),
+               "--", "python", "-m", "jobs.customize", "--config", "configs/tiny-test.yaml",
+               *[a for s in [f"base.name={tiny}", f"output.dir={tmp}/out", *SETS] for a in ("--set", s)]]
+        env = {**os.environ, **local_cluster.client_env(state), "PYTHONPATH": str(ROOT)}
+        sampler, c0, t0 = Sampler(), busy_seconds(), time.time()
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+        wall, busy = time.time() - t0, busy_seconds() - c0
+        per = sampler.result()
+    finally:
+        local_cluster.down(f"{tmp}/cluster")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return wall, busy, per
+
+
+def summary(wall: float, busy: float, per: dict) -> dict:
+    return {"wall_seconds": round(wall, 1), "machine_busy_cpu_seconds": round(busy, 1),
+            "busy_share_of_cores": round(busy / wall / os.cpu_count(), 2),
+            "sampled_cpu_seconds": round(sum(v["cpu_seconds"] for v in per.values()), 1),
+            "processes": sum(v["processes"] for v in per.values())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(ROOT / "bench/results/job-cpu.json"))
+    ap.add_argument("--ab", metavar="SETTING=VALUE", help="alternate rounds with this raylet setting overriding "
+                    "local_cluster.SINGLE_MACHINE_RAYLET against rounds with the defaults (one process, so one hour)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of each arm with --ab")
     args = ap.parse_args()
     from conftest import make_tiny_base
 
     from carryon_ray.base import resolve_base_path
     from carryon_ray.config import BaseModelConfig
 
+    what = ("one tiny job (configs/tiny-test.yaml, the first job test's overrides) through ray job submit on a "
+            "warm local cluster, 2 logical CPUs; CPU per process group, sampled every 0.3 s")
     with tempfile.TemporaryDirectory(prefix="bench-job-cpu-") as tmp:
         smol, _ = resolve_base_path(BaseModelConfig(name="smollm2-135m-instruct"))
         tiny = make_tiny_base(Path(tmp) / "tiny", smol)
-        state = local_cluster.up(f"{tmp}/cluster", num_cpus=2)
-        try:
-            time.sleep(5)  # the cluster settles; its start is bench/cluster_start.py's figure
-            cmd = [str(ROOT / ".venv/bin/ray"), "job", "submit", "--address", state["dashboard_url"], "--working-dir",
-                   str(ROOT), "--runtime-env-json", json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": state["mlflow_url"]}}),
-                   "--", "python", "-m", "jobs.customize", "--config", "configs/tiny-test.yaml",
-                   *[a for s in [f"base.name={tiny}", f"output.dir={tmp}/out", *SETS] for a in ("--set", s)]]
-            env = {**os.environ, **local_cluster.client_env(state), "PYTHONPATH": str(ROOT)}
-            sampler, c0, t0 = Sampler(), busy_seconds(), time.time()
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-            wall, busy = time.time() - t0, busy_seconds() - c0
-            per = sampler.result()
-        finally:
-            local_cluster.down(f"{tmp}/cluster")
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    ours = sum(v["cpu_seconds"] for v in per.values())
-    out = {"what": "one tiny job (configs/tiny-test.yaml, the first job test's overrides) through ray job submit on a "
-                   "warm local cluster, 2 logical CPUs; CPU per process group, sampled every 0.3 s",
-           "machine": {"cpus": os.cpu_count()}, "wall_seconds": round(wall, 1),
-           "machine_busy_cpu_seconds": round(busy, 1), "busy_share_of_cores": round(busy / wall / os.cpu_count(), 2),
-           "sampled_cpu_seconds": round(ours, 1), "processes": sum(v["processes"] for v in per.values()),
-           "by_process": per}
+        if not args.ab:
+            wall, busy, per = one_job(tiny, tmp, None)
+            out = {"what": what, "machine": {"cpus": os.cpu_count()}, **summary(wall, busy, per), "by_process": per}
+        else:
+            key, value = args.ab.split("=", 1)
+            override = {key: json.loads(value)}
+            rounds = []
+            for i in range(args.rounds):
+                for arm, raylet in (("default", None), ("override", override)):
+                    wall, busy, per = one_job(tiny, tmp, raylet)
+                    rounds.append({"round": i, "arm": arm, **summary(wall, busy, per), "by_process": per})
+                    print(json.dumps({k: v for k, v in rounds[-1].items() if k != "by_process"}), flush=True)
+            med = {arm: {k: statistics.median(r[k] for r in rounds if r["arm"] == arm)
+                         for k in ("wall_seconds", "machine_busy_cpu_seconds")} for arm in ("default", "override")}
+            out = {"what": what + f"; alternating rounds, the defaults {local_cluster.SINGLE_MACHINE_RAYLET} "
+                                  f"against {key}={value}",
+                   "machine": {"cpus": os.cpu_count()}, "medians": med,
+                   "default_over_override": {k: round(med["default"][k] / med["override"][k], 3) for k in med["default"]},
+                   "rounds": rounds}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in out.items() if k != "by_process"}))
-    for k, v in list(per.items())[:25]:
+    print(json.dumps({k: v for k, v in out.items() if k not in ("by_process", "rounds")}))
+    for k, v in list(out.get("by_process", {}).items())[:25]:
         print(f"{v['cpu_seconds']:7.1f} s  x{v['processes']:<3d} {k}")
 
 

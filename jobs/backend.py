@@ -22,7 +22,7 @@ from pathlib import Path
 
 from actors.client import Producers, ProducersUnavailable
 
-from .local_cluster import SINGLE_MACHINE_ENV
+from .local_cluster import SINGLE_MACHINE_ENV, SINGLE_MACHINE_RAYLET
 
 log = logging.getLogger("carryon.job")
 
@@ -101,7 +101,8 @@ def connect_ray(cfg) -> None:
         r = cfg.resources
         env = {k: os.environ[k] for k in ("CARRYON_CACHE", "HF_HUB_OFFLINE") if k in os.environ}
         ray.init(resources={r.inference_resource: 100, r.training_resource: 100},
-                 runtime_env={"env_vars": {**env, **QUIET_ENV, **SINGLE_MACHINE_ENV}}, logging_level=logging.WARNING)
+                 runtime_env={"env_vars": {**env, **QUIET_ENV, **SINGLE_MACHINE_ENV}}, logging_level=logging.WARNING,
+                 _system_config=SINGLE_MACHINE_RAYLET)
 
 
 def check_tokenizers(cfg, tok) -> None:

@@ -59,16 +59,28 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, what: str, log:
 
 # One machine is never drained or preempted, so Ray Train's preemption watcher has nothing to
 # watch; off, it also stops Ray core logging its creation as an error line on every job (its
-# constructor takes actor handles: ray-project/ray#53727). Clusters keep it (cluster.yaml).
+# constructor takes actor handles: ray-project/ray#53727). Clusters keep it (cluster.yaml). Read by
+# Ray Train's controller, a worker: it travels in the job's runtime env.
+SINGLE_MACHINE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+# The raylet's settings for a one-machine cluster (Ray's system config: `ray start --system-config`,
+# `ray.init(_system_config=...)`; a cluster's other nodes read it from the head).
 #
-# Ray starts at most as many worker processes at once as the node has CPUs, and its raylet prints
-# "N PYTHON worker processes have been started ... 4x the maximum expected startup concurrency" once
-# 4x that many are alive. One job here is ~12 processes, most of them zero-CPU coordinators that
-# idle (Ray Train's controller, sync actor, placement-group cleaner and dataset manager, Ray Data's
-# split coordinator and stats actor, the producer service, the cache), so a 2-CPU laptop's demo
-# printed it. With eight concurrent starts a tiny job's wall on the 2-core machine was unchanged
-# (76, 77, 86 s with 8; 78, 79 s without, runs alternating) and the warning speaks only past 32.
-SINGLE_MACHINE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_worker_maximum_startup_concurrency": "8"}
+# worker_maximum_startup_concurrency: Ray starts at most as many worker processes at once as the
+# node has CPUs, and prints "N PYTHON worker processes have been started ... 4x the maximum expected
+# startup concurrency" once 4x that many are alive. One job here is ~12 processes, most of them
+# zero-CPU coordinators that idle (Ray Train's controller, sync actor, placement-group cleaner and
+# dataset manager, Ray Data's split coordinator and stats actor, the producer service, the cache), so
+# a 2-CPU laptop's demo printed it. With eight concurrent starts a tiny job's wall was unchanged (76,
+# 77, 86 s with 8; 78, 79 s without, runs alternating) and the warning speaks only past 32.
+#
+# Not set: idle_worker_killing_time_threshold_ms. A node running more workers than it has CPUs
+# (always, with those coordinators) kills a task worker idle for 1 s, so a tiny job's Ray Data stages
+# start 5-6 task processes that each import transformers and torch. Kept for 60 s, one process fewer
+# started, and the job's wall and CPU were unchanged (101.0 s, 143 busy CPU-s against 101.7 s, 145;
+# two alternating rounds, bench/results/job-cpu-worker-reuse.json): Ray Data runs its tasks side by
+# side, so the processes are concurrent, not churned.
+SINGLE_MACHINE_RAYLET = {"worker_maximum_startup_concurrency": 8}
 
 # MLflow's server also starts a job runner for its own server-side jobs (GenAI prompt optimization,
 # trace roll-ups): a runner and a pool of huey consumer processes, each importing MLflow. Tracking and
@@ -80,8 +92,10 @@ MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node", training_resource: str = "training_node",
        node_class_units: int = 100, num_cpus: int | None = None, ray_port: int | None = None,
-       dashboard_port: int | None = None, mlflow_port: int | None = None, with_mlflow: bool = True) -> dict:
-    """Start the head (and MLflow); return the recorded state."""
+       dashboard_port: int | None = None, mlflow_port: int | None = None, with_mlflow: bool = True,
+       raylet: dict | None = None) -> dict:
+    """Start the head (and MLflow); return the recorded state. `raylet` overrides entries of
+    SINGLE_MACHINE_RAYLET (a benchmark's A/B)."""
     state_path = Path(state_dir).resolve()
     state_path.mkdir(parents=True, exist_ok=True)
     if (state_path / "cluster.json").exists():
@@ -99,7 +113,8 @@ def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node
            # Ray's fixed defaults for the agents' ports (52365 for the job agent's HTTP server, ...)
            # collide with any other Ray instance on the machine: the job agent then never comes up.
            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--system-config={json.dumps({**SINGLE_MACHINE_RAYLET, **(raylet or {})})}"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
     ray_log = state_path / "ray-head.log"

@@ -521,7 +521,8 @@ def test_the_driver_holds_datasets_not_rows(tmp_path, tiny_dir):
 
     sizes = {}
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",  # never another test's
-             runtime_env={"env_vars": {"CARRYON_CACHE": os.environ["CARRYON_CACHE"], "HF_HUB_OFFLINE": "1"}})
+             runtime_env={"env_vars": {"CARRYON_CACHE": os.environ["CARRYON_CACHE"], "HF_HUB_OFFLINE": "1"}},
+             _system_config=local_cluster.SINGLE_MACHINE_RAYLET)
     try:
         for n in (1_000, 10_000):
             path = tmp_path / f"rows-{n}.jsonl"

@@ -55,7 +55,9 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
     from ray.cluster_utils import Cluster
 
     t_start = time.time()
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})  # the head: drivers only, no node class
+    # The head: drivers only, no node class. Five raylets share this machine's cores, so they take the
+    # one-machine raylet settings (the other nodes read them from the head).
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": local_cluster.SINGLE_MACHINE_RAYLET})
     inf1 = c.add_node(num_cpus=1, resources={"inference_node": 1})
     inf2 = c.add_node(num_cpus=1, resources={"inference_node": 1})
     trn = c.add_node(num_cpus=1, resources={"training_node": 1})
