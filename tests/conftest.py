@@ -3,6 +3,7 @@ random-weight Llama bases saved with save_pretrained. Nothing here downloads fro
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -58,11 +59,39 @@ def smol_bf16(smol_dir) -> FrozenBase:
     return FrozenBase.load(BaseModelConfig(name=smol_dir, dtype="bfloat16"))
 
 
-def make_tiny_base(out: Path, tokenizer_dir: str, seed: int = 0, hidden: int = 64, layers: int = 2, tied: bool = True) -> str:
-    """A random-weight Llama with SmolLM2's tokenizer, saved with save_pretrained."""
+TINY_VOCAB = 1024
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer(tokenizer_dir: str):
+    """SmolLM2's tokenizer retrained to TINY_VOCAB tokens on the built-in data and the general text.
+
+    It keeps what the code reads from a tokenizer: byte-level BPE (any text encodes), the special
+    tokens and their ids, the chat template. With SmolLM2's 49,152-token vocabulary the tiny model's
+    output head and its softmax were most of a tiny job's training time (carryon_ray/loss.py's
+    chunked cross-entropy: 9.4 of 12.2 s in `carryon train` on configs/tiny-test.yaml). Training is
+    deterministic, so every tiny base built from one tokenizer shares it (mixed bases need that)."""
+    from transformers import AutoTokenizer
+
+    from carryon_ray.data import arithmetic_problems, topic_rows
+
+    def corpus():
+        for r in arithmetic_problems(400):
+            yield f"{r['question']} {r['answer']}"
+        for split in ("train", "heldout"):
+            yield from (r["prompt"] + r["completion"] for r in topic_rows(400, split=split))
+        yield (ROOT / "tests/data/general.txt").read_text()
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir).train_new_from_iterator(corpus(), vocab_size=TINY_VOCAB)
+
+
+def make_tiny_base(out: Path, tokenizer_dir: str, seed: int = 0, hidden: int = 64, layers: int = 2, tied: bool = True,
+                   full_vocab: bool = False) -> str:
+    """A random-weight Llama with a small-vocabulary SmolLM2 tokenizer (tiny_tokenizer; `full_vocab`:
+    SmolLM2's own, for bench/tiny_base.py's comparison), saved with save_pretrained."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir) if full_vocab else tiny_tokenizer(tokenizer_dir)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,

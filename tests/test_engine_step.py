@@ -153,7 +153,7 @@ def test_one_flat_forward_gives_each_row_its_own_logits(deep_dir, deep_base):  #
 
     engine.sampler, engine.scheduler.schedule = record, plan_and_keep
     rng = random.Random(3)
-    prompts = [[rng.randrange(100, 4000) for _ in range(n)] for n in (5, 14, 3, 20, 8, 11)]
+    prompts = [[rng.randrange(100, base.vocab_size) for _ in range(n)] for n in (5, 14, 3, 20, 8, 11)]
     seqs = []
     for i, (p, a) in enumerate(zip(prompts, adapters)):  # arrivals while others decode
         seqs.append(engine.submit(Request(p, a, max_tokens=4 + i, stop_at_eos=False)))

@@ -105,10 +105,10 @@ def _request(**kw) -> GenerateRequest:
 
 
 def test_serving_engine_limits_and_tokenizer_errors(tiny_base):
-    eng = AsyncEngine([tiny_base], LimitsConfig(max_prompt_tokens=40), EngineConfig())
+    eng = AsyncEngine([tiny_base], LimitsConfig(max_prompt_tokens=80), EngineConfig())  # a chat's system prompt fits
     try:
-        with pytest.raises(ServeError, match="limit is 40") as e:
-            eng.encode("word " * 50)
+        with pytest.raises(ServeError, match="limit is 80") as e:
+            eng.encode("word " * 100)
         assert e.value.status == 400
         with pytest.raises(ServeError, match="empty"):
             eng.encode("")
