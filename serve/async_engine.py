@@ -126,16 +126,7 @@ class TextStream:
             return ""
         self.count += 1
         self.ids.append(token_id)
-        before = self._decode(self.ids[self._prefix : self._read])
-        now = self._decode(self.ids[self._prefix :])
-        if len(now) > len(before) and not now.endswith("\ufffd"):  # an unfinished multi-byte character waits
-            searched = max(0, len(self.text) - self.longest)
-            self.text += now[len(before) :]
-            self._prefix, self._read = self._read, len(self.ids)
-            for s in self.stop:
-                at = self.text.find(s, searched)
-                if at >= 0:
-                    self.text, self.stopped = self.text[:at], True
+        self._settle(final=False)
         if self.stopped:
             return self.flush()
         safe = len(self.text) - self.hold
@@ -151,8 +142,27 @@ class TextStream:
             self.count += 1
         return self.flush()
 
+    def _settle(self, final: bool) -> None:
+        """Move the ids decoded since the settled point into the text and look for stop strings.
+        An unfinished multi-byte character waits for its next token, unless the row has ended
+        (`final`): then its bytes read as U+FFFD, as a decode of all the row's ids gives (Hugging
+        Face's TextStreamer sends them at its end too), so the text is always the decode of the tokens."""
+        if self.stopped or self._read == len(self.ids):
+            return
+        before = self._decode(self.ids[self._prefix : self._read])
+        now = self._decode(self.ids[self._prefix :])
+        if len(now) > len(before) and (final or not now.endswith("\ufffd")):
+            searched = max(0, len(self.text) - self.longest)
+            self.text += now[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
+            for s in self.stop:
+                at = self.text.find(s, searched)
+                if at >= 0:
+                    self.text, self.stopped = self.text[:at], True
+
     def flush(self) -> str:
         """The rest of the text (the row has ended)."""
+        self._settle(final=True)
         delta = self.text[len(self.out) :]
         self.out += delta
         return delta

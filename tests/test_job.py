@@ -665,8 +665,11 @@ def test_killed_embedding_actor_and_training_worker_lose_nothing(cluster, tiny_d
     from carryon_ray.config import load_config
     from carryon_ray.pipeline import fit_in_process
 
-    # Small embedding batches and two actors: epoch 0 streams long enough for the kill to land in it.
-    overrides = {"train.epochs": 2, "data.builtin_size": 160, "train.progress_s": 0,  # a line every step
+    # Small embedding batches, two actors and 320 rows: epoch 0 streams long enough for the kill to land
+    # in it (13-14 s alone). Its trigger is the Train worker's log line, which reaches this driver late
+    # under load: 160 rows were too few once the tiny base's small head made training steps fast.
+    # (At 480 the built-in set repeats a problem, and a repeated row is a repeated sample id.)
+    overrides = {"train.epochs": 2, "data.builtin_size": 320, "train.progress_s": 0,  # a line every step
                  "resources.embed_batch_size": 2, "resources.embed_actors_max": 2}
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     baseline = fit_in_process(load_config(ROOT / TINY_CONFIG, {"base.name": tiny_dir, **overrides,
@@ -686,10 +689,10 @@ def test_killed_embedding_actor_and_training_worker_lose_nothing(cluster, tiny_d
 
     proc = _start_job(cluster, tiny_dir, out, *sets)
     lines: list[str] = []
-    triggers = {"epoch 0: streaming embeddings": lambda: kill("EmbeddingProducer", 1.0),  # the pool at work
-                # a few steps into epoch 1 (steps 16-30, the last), once the epoch-0 checkpoint has
+    triggers = {"epoch 0: streaming embeddings": lambda: kill("EmbeddingProducer", 0.5),  # the pool at work
+                # ten steps into epoch 1 (steps 32-62, the last), once the epoch-0 checkpoint has
                 # certainly been recorded: the run must resume and finish it
-                "training: epoch 1, step 20/": lambda: kill("RayTrainWorker", 0.0)}
+                "training: epoch 1, step 40/": lambda: kill("RayTrainWorker", 0.0)}
     watcher = _watch(proc, lines, triggers)
     assert proc.wait(timeout=900) == 0, "".join(lines[-80:])
     watcher.join(10)
@@ -697,8 +700,11 @@ def test_killed_embedding_actor_and_training_worker_lose_nothing(cluster, tiny_d
     assert set(killed) == {"EmbeddingProducer", "RayTrainWorker"}, killed
     summary = json.loads((out / "summary.json").read_text())
     audit = json.loads((out / "samples-epoch0-rank0.json").read_text())
-    print(f"killed embedding actor pid {killed['EmbeddingProducer'][0]}; trainer consumed {len(audit['ids'])} samples")
-    assert audit["started"] < killed["EmbeddingProducer"][1] < audit["finished"]  # the kill landed mid-epoch
+    print(f"killed embedding actor pid {killed['EmbeddingProducer'][0]} {killed['EmbeddingProducer'][1] - audit['started']:.1f}s "
+          f"into epoch 0 ({audit['finished'] - audit['started']:.1f}s); trainer consumed {len(audit['ids'])} samples")
+    assert audit["started"] < killed["EmbeddingProducer"][1] < audit["finished"], (  # the kill landed mid-epoch
+        f"epoch 0 ran {audit['started']:.1f}-{audit['finished']:.1f}, the kill at {killed['EmbeddingProducer'][1]:.1f}; "
+        f"the job's lines as they arrived (seconds since its start):\n" + "".join(lines[:60]))
     assert len(audit["ids"]) == len(set(audit["ids"])) == summary["train_sequences"]  # every sample exactly once
     assert "resumed from checkpoint after epoch 0" in text
     assert summary["epochs"] == 2 and summary["steps"] == baseline["steps"]

@@ -29,6 +29,19 @@ def test_text_stream_deltas_add_up_to_the_decoded_text(tiny_base):
     assert all("\ufffd" not in p for p in parts)  # multi-byte characters are never split
 
 
+def test_a_row_ending_inside_a_character_sends_its_bytes_at_the_end(tiny_base):
+    """A row cut by max_tokens between the bytes of one character: the held-back bytes are sent at
+    its end as U+FFFD, so the completion's text is the decode of its tokens (a random model emits
+    such byte tokens in any order); a later byte that completes the character sends it whole."""
+    tok = tiny_base.tokenizer
+    ids = tok("ab", add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("Ã")]  # 0xC3: é's first byte
+    parts, ts = stream_all(tok, ids, [])
+    assert parts[-1] == "" and "\ufffd" in tok.decode(ids)  # held back while the row runs
+    assert "".join(parts) + ts.flush() == tok.decode(ids) == ts.out
+    parts, ts = stream_all(tok, ids + [tok.convert_tokens_to_ids("©")], [])  # 0xA9 completes it
+    assert parts[-1] == "é" and ts.flush() == "" and ts.out == "abé"
+
+
 def test_text_stream_stops_at_a_string_spanning_tokens(tiny_base):
     tok = tiny_base.tokenizer
     ids = tok("The answer is 42.\nQuestion: next", add_special_tokens=False)["input_ids"]
