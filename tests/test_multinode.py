@@ -23,7 +23,7 @@ from test_job import _watch
 from test_job import TINY_CONFIG
 
 pytestmark = pytest.mark.slow
-EPOCHS = 20  # the elastic run's epochs: epoch 0 streams, the rest read the cache
+EPOCHS = 7  # the elastic run's epochs: epoch 0 streams, the rest read the cache
 
 
 def _job(address: str, config: str, tiny_dir: str, out: Path, *sets: str) -> subprocess.Popen:
@@ -51,9 +51,12 @@ def _audits(out: Path) -> dict[str, dict]:
 
 
 @pytest.mark.timeout(1500)  # three jobs and a Serve app: ~6 min alone, 9-10 beside the job tests, more on a slow hour
-def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_path):
+def test_node_classes_node_loss_colocation_and_serve_placement(smol_dir, tmp_path):
     from ray.cluster_utils import Cluster
 
+    from conftest import make_tiny_base
+
+    tiny_dir = make_tiny_base(tmp_path / "tiny-full-vocab", smol_dir, full_vocab=True)  # slow epochs: see part 1
 
     t_start = time.time()
     # The head: drivers only, no node class. Five raylets share this machine's cores, so they take the
@@ -67,12 +70,12 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
         #    training node joins in epoch 1 and Train grows from 1 to 2 workers within its range.
         #    Ray sees a new node only when its autoscaling coordinator next looks (every 20 s), then
         #    Train decides within resize_check_s: the cached epochs after the join must outlast that
-        #    (two, ~14 s, lost the race on a CI machine). On the 1,024-token tiny base a cached epoch
-        #    of 8-row batches took 0.1-0.3 s and nineteen ended before Train looked; with one-row
-        #    batches (train.batch_size=1: 8x the steps) nineteen last long enough.
+        #    (six of them here, ~40 s; two, ~14 s, lost the race on a CI machine). So this test's tiny
+        #    base keeps SmolLM2's 49,152-token head: on the 1,024-token one a cached epoch took
+        #    0.1-0.3 s, and nineteen of them ended before Train looked.
         out = tmp_path / "run"
         proc = _job(c.address, TINY_CONFIG, tiny_dir, out, "--set", "data.builtin_size=128",
-                    "--set", "resources.embed_batch_size=2", "--set", f"train.epochs={EPOCHS}", "--set", "train.batch_size=1",
+                    "--set", "resources.embed_batch_size=2", "--set", f"train.epochs={EPOCHS}",
                     "--set", "resources.embed_actors_min=2", "--set", "resources.embed_actors_max=2",
                     "--set", "resources.train_workers_min=1", "--set", "resources.train_workers_max=2",
                     "--set", "resources.resize_check_s=2", "--set", "resources.cache=disk", "--set", "train.progress_s=0",
