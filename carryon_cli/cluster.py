@@ -27,7 +27,11 @@ def cmd_up(args) -> int:
     print(f"state         {Path(args.state_dir).resolve() / 'cluster.json'}  (stop with `carryon down`)")
     if args.producers:
         args.config, args.set, args.address = args.producers, [], None
-        return cmd_producers_start(args)
+        if cmd_producers_start(args) != 0:
+            return 1
+    if args.trainers:
+        args.slots, args.address = args.trainers, None
+        return cmd_trainers_start(args)
     return 0
 
 
@@ -133,6 +137,65 @@ def cmd_producers_status(args) -> int:
     return 0
 
 
+def _trainer_service(args) -> tuple[bool, object]:
+    """(connected to the cluster, its running trainer service or None)."""
+    if not _connect(args):
+        return False, None
+    from jobs import trainers
+
+    return True, trainers.find()
+
+
+def cmd_trainers_start(args) -> int:
+    """Start the cluster's trainer service on a training-class node and wait until it answers."""
+    connected, running = _trainer_service(args)
+    if not connected:
+        return 2
+    import ray
+
+    from jobs import trainers
+
+    if running is not None:
+        seen = ray.get(running.describe.remote())
+        print(f"trainer service {trainers.TRAINERS_NAME} already runs ({seen['slots']} fits at once); stop it "
+              "first with `carryon trainers stop`", file=sys.stderr)
+        return 1
+    service = trainers.start(args.slots, args.cpus, args.gpus, args.training_resource)
+    ray.get(service.ready.remote(), timeout=args.timeout_s)
+    print(f"trainers      {trainers.TRAINERS_NAME}: {args.slots} fits at once on {args.cpus:g} CPU(s) of a "
+          f"{args.training_resource} node (jobs with one training worker fit there; stop with `carryon trainers stop`)")
+    return 0
+
+
+def cmd_trainers_stop(args) -> int:
+    connected, service = _trainer_service(args)
+    if not connected:
+        return 2
+    if service is None:
+        print("no trainer service runs")
+        return 0
+    import ray
+
+    busy = ray.get(service.describe.remote())["running"]
+    ray.kill(service, no_restart=True)
+    print("stopped the trainer service" + (f" (the fits of {', '.join(sorted(busy))} end with it: their jobs "
+                                           "fail, or train on Ray Train when they are started again)" if busy else ""))
+    return 0
+
+
+def cmd_trainers_status(args) -> int:
+    connected, service = _trainer_service(args)
+    if not connected:
+        return 2
+    if service is None:
+        print("no trainer service runs")
+        return 1
+    import ray
+
+    print(json.dumps(ray.get(service.describe.remote()), indent=2))
+    return 0
+
+
 def cmd_down(args) -> int:
     print("stopped" if local_cluster.down(args.state_dir) else "no carryon cluster recorded here")
     return 0
@@ -229,6 +292,12 @@ def cmd_customize(args) -> int:
     return 0 if info.status == JobStatus.SUCCEEDED else 1
 
 
+def add_trainer_options(p) -> None:
+    p.add_argument("--cpus", type=float, default=1.0, help="CPUs the trainer service holds (its fits share them)")
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs the trainer service holds")
+    p.add_argument("--training-resource", default="training_node", help="the node class it is placed on")
+
+
 def add_commands(sub) -> None:
     def with_state(p):
         p.add_argument("--state-dir", default=local_cluster.DEFAULT_STATE, help="where `up` records the cluster")
@@ -242,7 +311,10 @@ def add_commands(sub) -> None:
     p.add_argument("--reuse", action="store_true", help="do nothing if a recorded cluster is already running")
     p.add_argument("--producers", metavar="CONFIG", help="also start the shared producer service for CONFIG's base "
                    "(see `carryon producers start`)")
+    p.add_argument("--trainers", metavar="N", type=int, help="also start the trainer service with N fits at once "
+                   "(see `carryon trainers start`)")
     p.add_argument("--timeout-s", type=float, default=600, help="how long --producers waits for its base to load")
+    add_trainer_options(p)
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("producers", help="the cluster's shared embedding producers: start, stop, status")
     psub = p.add_subparsers(dest="action", required=True)
@@ -256,6 +328,20 @@ def add_commands(sub) -> None:
             q.add_argument("--config", required=True, help="a job config: its base(s) and resources.embed_* fields")
             q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
             q.add_argument("--timeout-s", type=float, default=600, help="how long to wait for the bases to load")
+        q.set_defaults(func=fn)
+    p = sub.add_parser("trainers", help="the cluster's trainer service (many jobs' fits in one warm process): "
+                       "start, stop, status")
+    psub = p.add_subparsers(dest="action", required=True)
+    for action, fn, text in (("start", cmd_trainers_start, "start it on a training-class node"),
+                             ("stop", cmd_trainers_stop, "stop it (jobs then train on Ray Train)"),
+                             ("status", cmd_trainers_status, "its fits: running, waiting, finished")):
+        q = psub.add_parser(action, help=text)
+        with_state(q)
+        q.add_argument("--address", help="Ray address (default: RAY_ADDRESS or `carryon up`'s)")
+        if action == "start":
+            q.add_argument("--slots", type=int, default=4, help="fits that run at once (more wait for a slot)")
+            q.add_argument("--timeout-s", type=float, default=300, help="how long to wait for it to answer")
+            add_trainer_options(q)
         q.set_defaults(func=fn)
     p = sub.add_parser("down", help="stop exactly the processes `carryon up` started")
     with_state(p)

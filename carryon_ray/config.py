@@ -422,6 +422,12 @@ class ResourcesConfig(Strict):
         "needs room for one producer per base beside the trainers at once); False = every producer runs all "
         "bases. The cluster's shared producers always run all their bases."
     )
+    trainers: Literal["auto", "shared", "job"] = Field(
+        "auto", description="Where the job's fit runs: 'shared' = the cluster's trainer service (`carryon trainers "
+        "start`: one warm process on a training-class node runs many jobs' fits at once, a thread each), 'job' = "
+        "its own Ray Train run (controller and workers for this job; the only choice for several workers); 'auto' = "
+        "the service when it runs and can hold the fit (one worker, its device), else Ray Train. 'shared' fails "
+        "the job when the service does not run or cannot hold the fit.")
     train_workers_min: int = Field(1, ge=1, description="Minimum Ray Train workers.")
     train_workers_max: int = Field(1, ge=1, description="Maximum Ray Train workers.")
     train_cpus: float = Field(1.0, gt=0, description="CPUs each training worker reserves.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -305,6 +306,7 @@ class RayBackend:
         from carryon_ray.recipe import RunPlan
 
         from .cache import EmbeddingCache
+        from .train_loop import TrainLoopConfig
 
         cfg, tracker, rows = self.cfg, self.tracker, data.rows
         datasets = {"train": producers.pipeline(rows.train, calib), "val": producers.pipeline(rows.val, calib)}
@@ -330,8 +332,17 @@ class RayBackend:
         cache = EmbeddingCache.options(name=f"carryon-cache-{uuid.uuid4().hex[:8]}",
                                        scheduling_strategy=beside_driver).remote(cache_mode, cache_dir)
         plan = RunPlan.of(cfg, data.n_train, cfg.resources.train_workers_min)
-        state = train_on_cluster(cfg, calib, plan, datasets, cache, cache_mode, cache_dir, self.out_dir, tracker,
-                                 run_name)
+        loop = TrainLoopConfig(cfg=cfg.model_dump(mode="json"), calibration=calib, plan=plan, cache=cache,
+                               cache_mode=cache_mode, cache_dir=cache_dir, out_dir=str(self.out_dir),
+                               eval_sets=[k for k in datasets if k != "train"], mlflow_uri=tracker.uri,
+                               run_id=tracker.run_id)
+        service = trainer_service(cfg)
+        extra["trainers"] = "service" if service is not None else "ray-train"
+        reporter.params({"trainers": extra["trainers"]})
+        if service is not None:
+            state = train_on_service(service, loop, datasets, cfg.resources.max_failures, run_name)
+        else:
+            state = train_on_cluster(cfg, loop, datasets, self.out_dir, run_name)
         return Fitted(cfg, calib, plan, state, extra)
 
     def heldout(self, cfg, adapter_dir):
@@ -377,19 +388,15 @@ def ingest_options():
                             verbose_progress=now.verbose_progress)
 
 
-def train_on_cluster(cfg, calib, plan, datasets, cache, cache_mode, cache_dir, out_dir, tracker, run_name) -> dict:
+def train_on_cluster(cfg, loop, datasets, out_dir, run_name) -> dict:
     """TorchTrainer over training-class workers, each running the Trainer's epochs (jobs/train_loop.py);
     returns the Trainer's state from the last checkpoint."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .train_loop import TrainLoopConfig, load_state, train_loop
+    from .train_loop import load_state, train_loop
 
     r = cfg.resources
-    loop = TrainLoopConfig(cfg=cfg.model_dump(mode="json"), calibration=calib, plan=plan, cache=cache,
-                           cache_mode=cache_mode, cache_dir=cache_dir, out_dir=str(out_dir),
-                           eval_sets=[k for k in datasets if k != "train"], mlflow_uri=tracker.uri,
-                           run_id=tracker.run_id)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"loop": loop},
@@ -420,3 +427,89 @@ def train_on_cluster(cfg, calib, plan, datasets, cache, cache_mode, cache_dir, o
     return load_state(result.checkpoint)
 
 
+def trainer_service(cfg):
+    """The cluster's trainer service when the job should fit there (resources.trainers), else None
+    (Ray Train). 'auto' takes the service when it runs and can hold the fit, and says why not when
+    it runs but cannot; 'shared' requires it."""
+    import ray
+
+    from . import trainers
+
+    mode = cfg.resources.trainers
+    if mode == "job":
+        return None
+    service = trainers.find()
+    if service is None:
+        if mode == "shared":
+            raise JobError("resources.trainers is 'shared' but no trainer service runs on this cluster: start one "
+                           "with `carryon trainers start` (or `carryon up --trainers N`), or set "
+                           "resources.trainers=auto to train on Ray Train")
+        return None
+    reason = trainers.why_not(cfg, ray.get(service.describe.remote()))
+    if reason is not None:
+        if mode == "shared":
+            raise JobError(f"resources.trainers is 'shared' but the trainer service cannot run this fit: {reason}")
+        log.info("training on Ray Train, not the trainer service: %s", reason)
+        return None
+    log.info("training on the cluster's trainer service (%s)", trainers.TRAINERS_NAME)
+    return service
+
+
+def _wait_restarted(service, timeout_s: float = 600.0) -> None:
+    """Until a restarted service answers (Ray restarts it: max_restarts=-1); a JobError after
+    `timeout_s` (its node is gone and no other has room, say)."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(service.ready.remote(), timeout=30)
+            return
+        except (RayActorError, GetTimeoutError):  # unavailable while it restarts
+            if time.monotonic() > deadline:
+                raise JobError(f"the trainer service did not come back within {timeout_s:.0f} s: see "
+                               "`carryon trainers status`, or set resources.trainers=job") from None
+            time.sleep(1.0)
+
+
+def train_on_service(service, loop, datasets, max_failures: int, run_name: str) -> dict:
+    """The fit on the trainer service (jobs/trainers.py): its lines are printed here as they come,
+    the last epoch's checkpoint is kept here, and a lost service (its process died) is called
+    again from that checkpoint, up to `max_failures` times, as Ray Train retries a worker group.
+    Returns the Trainer's state from the last checkpoint."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    from carryon_ray.recipe import Trainer
+
+    train_log = logging.getLogger("carryon.train")
+    resume, failures = None, 0
+    for name, ds in datasets.items():  # as Ray Train's DataConfig readies a one-worker run's datasets
+        if ds.name is None:
+            ds.set_name(name)
+        ds.context.execution_options = ingest_options()
+    while True:
+        # The fit's process runs each dataset's execution itself (no split coordinator for one reader).
+        shards = {name: ds.iterator() for name, ds in datasets.items()}
+        try:
+            for ref in service.fit.remote(run_name, loop, shards, resume):
+                event = ray.get(ref)
+                if event[0] == "log":
+                    train_log.info("%s", event[1])
+                elif event[0] == "checkpoint":
+                    resume = event[2]
+                elif event[0] == "done":
+                    with tempfile.TemporaryDirectory() as d:
+                        (Path(d) / Trainer.STATE_FILE).write_bytes(resume)
+                        return Trainer.read_state(d)
+        except (RayActorError, RayTaskError) as exc:
+            failures += 1
+            what = ("the trainer service was lost" if isinstance(exc, RayActorError)
+                    else f"the fit failed: {str(exc).strip().splitlines()[-1][:300]}")
+            if failures > max_failures:
+                raise JobError(f"training failed: {what} ({failures} failures, resources.max_failures is "
+                               f"{max_failures})\n{exc}") from None
+            log.warning("%s; starting again from %s (failure %d of %d allowed)", what,
+                        "its last checkpoint" if resume else "the beginning", failures, max_failures)
+            _wait_restarted(service)

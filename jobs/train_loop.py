@@ -1,7 +1,11 @@
-"""The Ray Train worker: `Trainer.fit` (carryon_ray/recipe.py) fed from the cluster.
+"""A training worker: `Trainer.fit` (carryon_ray/recipe.py) fed from the cluster.
 
-Runs on training-class nodes under `TorchTrainer`. It never loads the base: only its output head
-(for an inherited head) is read from the checkpoint files. What it adds to the recipe is what a
+`run_worker` is the worker, whoever hosts it: `train_loop` runs it under Ray Train's
+`TorchTrainer` on training-class nodes, and the cluster's trainer service (jobs/trainers.py) runs
+it as a thread per job. `Worker` is what differs between the two (rank, shards, DDP, checkpoints).
+
+It never loads the base: only its output head (for an inherited head) is read from the checkpoint
+files. What it adds to the recipe is what a
 cluster needs:
 
   - batches: epoch 0 (or a re-stream after a restart that lost the cache) from the streaming
@@ -11,18 +15,20 @@ cluster needs:
   - DDP across workers (the recipe wraps the carry-on), barriers around the shared cache;
   - a checkpoint per epoch holding the recipe's state (model, optimizer, schedule, alpha search,
     history), so a restarted worker resumes, and the job reads the run's results from it;
-  - an audit file per epoch and rank: which samples it trained on, where, and when.
+  - an audit file per epoch and rank: which samples it trained on, where (node, process), and when.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import ray
 import ray.train
@@ -91,7 +97,28 @@ def quiet_ray_train_reports() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+@dataclass
+class Worker:
+    """Where one worker of a fit runs: what differs between a Ray Train worker (`train_loop`) and a
+    fit on the cluster's trainer service (jobs/trainers.py). The epoch loop (`run_worker`) is the
+    same for both."""
+
+    rank: int
+    world: int
+    shard: Callable[[str], object]  # dataset name -> an iterator of this worker's rows (Ray Data)
+    wrap: Callable  # the carry-on as this world trains it (DDP when world > 1)
+    resume: dict | None  # the recipe state to resume from (the last checkpoint's), or None
+    checkpoint: Callable[[Trainer | None, dict], None]  # after each epoch: (the trainer on rank 0, metrics)
+    barrier: Callable[[], None] = lambda: None  # all ranks meet (world > 1)
+    stopped: Callable[[], bool] = lambda: False  # the fit was cancelled: stop at the next batch
+
+
+class FitStopped(RuntimeError):
+    """The fit was cancelled (its job went away); raised at a batch boundary."""
+
+
 def train_loop(config: dict) -> None:
+    """The Ray Train worker: `run_worker` with Ray Train's rank, shards, DDP and checkpoints."""
     loop: TrainLoopConfig = config["loop"]
     cfg = CarryOnConfig.model_validate(loop.cfg)
     ctx = ray.train.get_context()
@@ -111,13 +138,26 @@ def train_loop(config: dict) -> None:
         return ray.train.torch.prepare_model(m, move_to_device=False, parallel_strategy_kwargs={
             "broadcast_buffers": False, "find_unused_parameters": cfg.carryon.experts > 0})
 
+    ckpt = ray.train.get_checkpoint()
+    run_worker(loop, Worker(
+        rank, world, ray.train.get_dataset_shard, wrap, load_state(ckpt) if ckpt else None,
+        # rank 0 reports the recipe's state; the others report metrics only
+        lambda trainer, metrics: report_state(ray.train, trainer if rank == 0 else None, metrics),
+        barrier=torch.distributed.barrier if world > 1 else (lambda: None)))
+
+
+def run_worker(loop: TrainLoopConfig, w: Worker) -> dict:
+    """`Trainer.fit` fed from the cluster: the epochs, the cache, the audit files; returns the
+    run's summary."""
+    cfg = CarryOnConfig.model_validate(loop.cfg)
+    rank, world, wrap = w.rank, w.world, w.wrap
+
     # -- setup: the recipe, resumed from the last checkpoint when there is one -------------------
     head_w, head_b = load_head(cfg.base) if cfg.head.kind == "inherited" else (None, None)
     reporter = MlflowReporter(loop.mlflow_uri, loop.run_id) if rank == 0 else NullReporter()
     trainer = Trainer(cfg, loop.calibration, loop.plan, head_w, head_b, reporter, wrap)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        trainer.load_state_dict(load_state(ckpt))
+    if w.resume is not None:
+        trainer.load_state_dict(w.resume)
         log.info("resumed from checkpoint after epoch %d (step %d, alpha %.4g)", trainer.epoch - 1, trainer.step,
                  trainer.search.current)
     out_dir = Path(loop.out_dir)
@@ -137,7 +177,7 @@ def train_loop(config: dict) -> None:
             return
         if rank == 0:
             ray.get(cache.clear.remote(name))
-        for i, batch in enumerate(_stream(ray.train.get_dataset_shard(name), trainer.layout, bs)):
+        for i, batch in enumerate(_stream(w.shard(name), trainer.layout, bs)):
             if rank == 0:
                 put_batch(cache, batch, loop.cache_mode, loop.cache_dir, 0, i, name)
             yield batch
@@ -168,31 +208,45 @@ def train_loop(config: dict) -> None:
                      epoch)
         if rank == 0:
             ray.get(cache.clear.remote())
-        if world > 1:
-            torch.distributed.barrier()
+        w.barrier()
         log.info("epoch %d: streaming embeddings from the producers", epoch)
 
         def on_batch(i: int, batch: EncodedBatch) -> None:
             put_batch(cache, batch, loop.cache_mode, loop.cache_dir, rank, i)
 
         def finish(stats) -> None:
-            if world > 1:
-                torch.distributed.barrier()
+            w.barrier()
             if rank == 0:
                 ray.get(cache.mark_complete.remote())
             audit(epoch, stats, t_wall, True, status)
 
-        return EpochInput(_stream(ray.train.get_dataset_shard("train"), trainer.layout, bs), True, on_batch, finish)
+        return EpochInput(_stream(w.shard("train"), trainer.layout, bs), True, on_batch, finish)
 
     def audit(epoch: int, stats, t_wall: float, streamed: bool, status: dict) -> None:
         """What this worker trained on in an epoch: every sample id, once, where and when."""
         (out_dir / f"samples-epoch{epoch}-rank{rank}.json").write_text(json.dumps(
-            {"ids": stats.sample_ids, "started": t_wall, "finished": time.time(), "world": world,
+            {"ids": stats.sample_ids, "started": t_wall, "finished": time.time(), "world": world, "pid": os.getpid(),
              "from_cache": not streamed, "node": ray.get_runtime_context().get_node_id(),
              "producer_nodes": sorted(stats.producer_nodes), "cache_node": status["node"]}))
 
     def checkpoint(metrics: dict, stats) -> None:
         """The recipe's state after each epoch; the job reads the run's results from the last one."""
-        report_state(ray.train, trainer if rank == 0 else None, metrics)
+        w.checkpoint(trainer, metrics)
 
-    trainer.fit(epoch_input, lambda: eval_set("val"), general, after_epoch=checkpoint)
+    return trainer.fit(stoppable(epoch_input, w.stopped), lambda: eval_set("val"), general, after_epoch=checkpoint)
+
+
+def stoppable(epoch_input, stopped: Callable[[], bool]):
+    """`epoch_input` whose batches end the fit (FitStopped) once `stopped()` says so."""
+
+    def batches(it):
+        for batch in it:
+            if stopped():
+                raise FitStopped("the fit was cancelled")
+            yield batch
+
+    def wrapped(epoch: int) -> EpochInput:
+        feed = epoch_input(epoch)
+        return EpochInput(batches(feed.batches), feed.streamed, feed.on_batch, feed.finish)
+
+    return wrapped

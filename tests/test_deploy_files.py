@@ -102,13 +102,14 @@ def kube(name: str) -> list[dict]:
 
 
 def groups(spec: dict) -> dict[str, dict]:
-    """groupName -> {min, max, replicas, resources (custom), gpus, image}."""
+    """groupName -> {min, max, replicas, resources (custom), cpus, gpus, image}."""
     out = {}
     for g in spec["workerGroupSpecs"]:
         container = g["template"]["spec"]["containers"][0]
         custom = json.loads(json.loads(g["rayStartParams"]["resources"]))  # KubeRay's quoted JSON string
         out[g["groupName"]] = {"min": g["minReplicas"], "max": g["maxReplicas"], "replicas": g["replicas"],
                                "resources": custom, "image": container["image"],
+                               "cpus": float(container["resources"]["limits"]["cpu"]),
                                "gpus": int(container["resources"]["limits"].get("nvidia.com/gpu", 0))}
     return out
 
@@ -165,6 +166,22 @@ def test_kuberay_producers_job_starts_the_shared_service_for_a_valid_config():
     cfg = load_config(ROOT / args.config)
     units = {k for g in groups(rc["spec"]).values() for k in g["resources"]}
     assert cfg.resources.inference_resource in units
+
+
+def test_kuberay_trainers_job_starts_the_service_on_a_training_unit_that_fits_it():
+    from carryon_cli import build_parser
+
+    (job,) = kube("trainers.yaml")
+    (rc,) = kube("raycluster.yaml")
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == rc["metadata"]["name"]
+    words = job["spec"]["entrypoint"].split()
+    assert words[:3] == ["python", "-m", "carryon_cli"]
+    args = build_parser().parse_args(words[3:])
+    assert (args.cmd, args.action) == ("trainers", "start")
+    # some group offers the unit it asks for and the CPUs and GPUs it holds
+    fits = [g for g in groups(rc["spec"]).values() if g["resources"].get(args.training_resource, 0) >= 1
+            and g["cpus"] >= args.cpus and g["gpus"] >= args.gpus]
+    assert fits, (args, groups(rc["spec"]))
 
 
 def test_kuberay_rayservice_serves_the_deploy_config_on_the_same_groups():

@@ -51,12 +51,12 @@ def _audits(out: Path) -> dict[str, dict]:
 
 
 @pytest.mark.timeout(1500)  # three jobs and a Serve app: ~6 min alone, 9-10 beside the job tests, more on a slow hour
-def test_node_classes_node_loss_colocation_and_serve_placement(smol_dir, tmp_path):
+def test_node_classes_node_loss_colocation_and_serve_placement(smol_dir, tiny_dir, tmp_path):
     from ray.cluster_utils import Cluster
 
     from conftest import make_tiny_base
 
-    tiny_dir = make_tiny_base(tmp_path / "tiny-full-vocab", smol_dir, full_vocab=True)  # slow epochs: see part 1
+    slow_dir = make_tiny_base(tmp_path / "tiny-full-vocab", smol_dir, full_vocab=True)  # slow epochs: see part 1
 
     t_start = time.time()
     # The head: drivers only, no node class. Five raylets share this machine's cores, so they take the
@@ -74,7 +74,7 @@ def test_node_classes_node_loss_colocation_and_serve_placement(smol_dir, tmp_pat
         #    base keeps SmolLM2's 49,152-token head: on the 1,024-token one a cached epoch took
         #    0.1-0.3 s, and nineteen of them ended before Train looked.
         out = tmp_path / "run"
-        proc = _job(c.address, TINY_CONFIG, tiny_dir, out, "--set", "data.builtin_size=128",
+        proc = _job(c.address, TINY_CONFIG, slow_dir, out, "--set", "data.builtin_size=128",
                     "--set", "resources.embed_batch_size=2", "--set", f"train.epochs={EPOCHS}",
                     "--set", "resources.embed_actors_min=2", "--set", "resources.embed_actors_max=2",
                     "--set", "resources.train_workers_min=1", "--set", "resources.train_workers_max=2",
@@ -119,7 +119,8 @@ def test_node_classes_node_loss_colocation_and_serve_placement(smol_dir, tmp_pat
         assert not set(both[0]["ids"]) & set(both[1]["ids"])
         assert list((tmp_path / "shared-storage" / "embedding-cache").rglob("*.safetensors"))
 
-        # 2. No training node left: configs/colocated.yaml trains on inference nodes instead.
+        # 2. No training node left: configs/colocated.yaml trains on inference nodes instead (parts 2
+        #    and 3 need no slow epochs: the 1,024-token tiny base).
         c.remove_node(trn)
         c.remove_node(trn2)
         inf3 = c.add_node(num_cpus=1, resources={"inference_node": 1})

@@ -1,0 +1,132 @@
+"""The trainer service (jobs/trainers.py): many jobs' fits in one warm process on a real local Ray
+cluster, each the same fit Ray Train runs, none lost when the service's process dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT
+from jobs import local_cluster
+from test_job import TINY_CONFIG, _actor_pids, _reap_jobs, _start_job, _watch, client_env  # noqa: F401 (_reap_jobs: autouse)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Its own cluster: the service is a detached actor, and jobs elsewhere must not find it. Six
+    logical CPUs on this machine's cores: two jobs' producers and tokenizers beside the service."""
+    state_dir = tmp_path_factory.mktemp("carryon-cluster")
+    state = local_cluster.up(str(state_dir), num_cpus=6, with_mlflow=False)
+    state["state_dir"] = str(state_dir)
+    yield state
+    assert local_cluster.down(str(state_dir))
+    assert not local_cluster._stragglers(state["ray_temp_dir"])
+
+
+def _carryon(cluster, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "carryon_cli", *args, "--state-dir", cluster["state_dir"]],
+                          capture_output=True, text=True, env=client_env(cluster), cwd=ROOT, timeout=300)
+
+
+@pytest.mark.slow
+def test_jobs_fit_side_by_side_in_one_service_process_and_resume_when_it_dies(cluster, tiny_dir, tmp_path):
+    """Two jobs with different data and lengths fit at once in the service's one process (their
+    epoch-0 audits overlap, same pid); each trains what `carryon train` trains on its config
+    (epoch 0's alpha candidates to 1e-5). The service's process is killed while the longer job is
+    in a cached epoch: Ray restarts it, the job calls again from its last epoch's checkpoint, and
+    both end as the uninterrupted runs do (final validation loss to 1e-3), every sample once per
+    epoch. The CLI starts, shows and stops the service."""
+    from carryon_ray.config import load_config
+    from carryon_ray.pipeline import fit_in_process
+
+    res = _carryon(cluster, "trainers", "start", "--slots", "2", "--cpus", "1")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "fits at once" in res.stdout
+    again = _carryon(cluster, "trainers", "start")
+    assert again.returncode == 1 and "already runs" in again.stderr
+
+    # short: 96 arithmetic rows, 2 epochs; long: 320 topic rows in small requests, 4 epochs. Both fit at once; the
+    # service dies in the long one's epoch 2, wherever the short one is then (its checks below hold
+    # whether it had ended, resumes from a checkpoint, or streams epoch 0 again from the start).
+    jobs = {"short": {"train.epochs": 2},
+            "long": {"train.epochs": 4, "data.train": "builtin:topics", "data.builtin_size": 320, "train.seed": 7,
+                     "resources.embed_batch_size": 2}}  # a longer epoch 0: the two overlap there
+    common = {"resources.trainers": "shared", "train.progress_s": 0}
+    procs, lines, watchers, outs = {}, {}, {}, {}
+    killed: list[float] = []
+
+    def kill_service():
+        pids = _actor_pids(cluster, "TrainerService")
+        if pids:
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(time.time())
+
+    for name, sets in jobs.items():
+        outs[name] = tmp_path / name
+        procs[name] = _start_job(cluster, tiny_dir, outs[name],
+                                 *[a for k, v in {**common, **sets}.items() for a in ("--set", f"{k}={v}")])
+        lines[name] = []
+    watchers["short"] = _watch(procs["short"], lines["short"], {})
+    watchers["long"] = _watch(procs["long"], lines["long"], {"epoch 2: reading cached embeddings": kill_service})
+    codes = {}
+    for name, proc in procs.items():
+        codes[name] = proc.wait(timeout=900)
+        watchers[name].join(10)
+    text = {name: "".join(ls) for name, ls in lines.items()}
+    for name in jobs:  # their timelines (the step lines left out), shown with -s or when an assertion fails
+        print(f"--- {name}\n" + "".join(ln for ln in lines[name] if "training: epoch" not in ln or "step 1/" in ln))
+    assert codes == {"short": 0, "long": 0}, codes
+    assert killed, "the service was never killed:\n" + text["long"][-4000:]
+
+    audits = {name: json.loads((outs[name] / "samples-epoch0-rank0.json").read_text()) for name in jobs}
+    a, b = audits["short"], audits["long"]
+    assert a["pid"] == b["pid"]  # one process ...
+    assert a["started"] < b["finished"] and b["started"] < a["finished"], audits  # ... two fits at once
+    for name, sets in jobs.items():
+        summary = json.loads((outs[name] / "summary.json").read_text())
+        assert "training on the cluster's trainer service" in text[name]
+        assert "training: epoch 0, step 1/" in text[name]  # the fit's own lines reach its job's log
+        for epoch in range(summary["epochs"]):
+            ids = json.loads((outs[name] / f"samples-epoch{epoch}-rank0.json").read_text())["ids"]
+            assert len(ids) == len(set(ids)) == summary["train_sequences"], (name, epoch)  # once each
+        cfg = load_config(ROOT / TINY_CONFIG, {"base.name": tiny_dir, **sets, "output.dir": str(tmp_path / "ref" / name)})
+        ref = fit_in_process(cfg)
+        assert summary["steps"] == ref["steps"] and summary["epochs"] == ref["epochs"]
+        got = summary["history"][0]["candidates"]  # JSON: the alphas as strings
+        want = {str(a): v for a, v in ref["history"][0]["candidates"].items()}
+        assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-5) for k in want), name
+        assert summary["val_loss_after"] == pytest.approx(ref["val_loss_after"], rel=1e-3), name
+    # The kill landed in the long job's fit: it came back from a checkpoint, not from the start.
+    assert "the trainer service was lost; starting again from its last checkpoint" in text["long"]
+    assert "resumed from checkpoint after epoch" in text["long"]
+
+    res = _carryon(cluster, "trainers", "status")
+    seen = json.loads(res.stdout)
+    assert res.returncode == 0 and seen["slots"] == 2 and not seen["running"], res.stdout
+    res = _carryon(cluster, "trainers", "stop")
+    assert res.returncode == 0 and "stopped the trainer service" in res.stdout
+    assert _carryon(cluster, "trainers", "status").returncode == 1
+
+
+def test_a_job_the_service_cannot_hold_says_why():
+    """The reasons the service turns a fit away (resources.trainers=auto then trains on Ray Train
+    and logs the reason; 'shared' fails the job with it)."""
+    from carryon_ray.config import load_config
+    from jobs import trainers
+
+    seen = {"resources": trainers.service_resources(1.0, 0.0, "training_node")}
+    cfg = load_config(ROOT / TINY_CONFIG, {"base.name": "x"})
+    assert trainers.why_not(cfg, seen) is None
+    multi = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"train_workers_max": 2})})
+    assert "train_workers_max is 2" in trainers.why_not(multi, seen)
+    gpu = cfg.model_copy(update={"resources": cfg.resources.model_copy(update={"train_gpus": 1.0})})
+    assert "train_gpus is 1.0" in trainers.why_not(gpu, seen)
+    other = {"resources": trainers.service_resources(1.0, 0.0, "spot_node")}
+    assert "not on a 'training_node' node" in trainers.why_not(cfg, other)
