@@ -6,7 +6,9 @@ On one fresh local cluster (`carryon up`, --cpus logical CPUs on this machine) t
   1. runs the N jobs one after another with `resources.producers=job`: each starts its own
      producers, which load the base, and stops them when its embedding ends;
   2. starts the shared service (`carryon producers start`, one producer) and submits the N jobs at
-     once with `resources.producers=shared`;
+     once with `resources.producers=shared`, once per --trainers value: `job` (each fit on a Ray
+     Train run of its own) and `shared` (every fit in the trainer service, `carryon trainers
+     start` with a slot per job: one process instead of a Train controller and worker per job);
   3. meanwhile samples the cluster every second: base copies held = live EmbeddingProducer actors
      plus running tasks that load the base themselves (calibrate, held-out scoring);
   4. (coserve) deploys `carryon serve serve/local.yaml` and runs 16 closed-loop chat clients
@@ -14,11 +16,12 @@ On one fresh local cluster (`carryon up`, --cpus logical CPUs on this machine) t
      (`resources.producers=coserve`): latency p50 / p99 of requests in flight while the replica
      ran job chunks, against the clients alone.
 Both runs use the same cluster, the same config (configs/demo.yaml with the overrides below) and the
-same logical CPUs. Writes bench/results/shared-producers.json: `concurrent_over_sequential`,
+same logical CPUs. Writes bench/results/shared-producers.json: `concurrent_over_sequential` (the
+trainer-service run when there is one), `trainer_service_over_ray_train_concurrent`,
 `base_copies_per_node` (peak during the concurrent run; one node here) and the absolute figures.
 `--quick` (make bench) runs 2 jobs of a tiny random-weight base. Run alone.
 
-    python bench/shared_producers.py [--jobs 8] [--cpus 8] [--quick] [--out FILE]
+    python bench/shared_producers.py [--jobs 8] [--cpus 8] [--trainers job,shared] [--quick] [--out FILE]
 """
 
 from __future__ import annotations
@@ -187,11 +190,55 @@ def coserve(args, tmp: str, state: dict, env: dict, sets: list[str], n_jobs: int
     return out
 
 
+def concurrent_run(env: dict, tmp: str, n: int, sets: list[str], gcs: str, trainers: str, trainer_cpus: float) -> dict:
+    """The n jobs at once through the shared producers; `trainers` = job (each its own Ray Train
+    run) or shared (the cluster's trainer service, started here with a slot per job and stopped
+    after). Returns the run's figures."""
+    base = Path(tmp) / f"con-{trainers}"
+    cli = [sys.executable, "-m", "carryon_cli", "trainers"]
+    start_s = 0.0
+    if trainers == "shared":
+        t1 = time.perf_counter()
+        res = subprocess.run([*cli, "start", "--state-dir", f"{tmp}/cluster", "--slots", str(n),
+                              "--cpus", str(trainer_cpus)], capture_output=True, text=True, cwd=ROOT, env=env,
+                             timeout=600)
+        if res.returncode != 0:
+            raise SystemExit(f"trainers did not start:\n{res.stdout[-2000:]}{res.stderr[-3000:]}")
+        start_s = time.perf_counter() - t1
+        print(f"trainer service ready in {start_s:.1f} s", flush=True)
+    sampler = Sampler(gcs)
+    sampler.start()
+    t0 = time.perf_counter()
+    procs = [job(env, "configs/demo.yaml", base / str(i), sets + ["resources.producers=shared",
+                                                                  f"resources.trainers={trainers}"])
+             for i in range(n)]
+    results = [finish(proc, 3600) for proc in procs]
+    wall = time.perf_counter() - t0
+    sampler.stop_flag.set()
+    sampler.join()
+    status = subprocess.run([sys.executable, "-m", "carryon_cli", "producers", "status", "--state-dir",
+                             f"{tmp}/cluster"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    seen = json.loads(status.stdout) if status.returncode == 0 else {"error": status.stderr[-500:]}
+    per = seen.get("per_producer", [])
+    if trainers == "shared":
+        subprocess.run([*cli, "stop", "--state-dir", f"{tmp}/cluster"], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=120)
+    return {"wall_s": round(wall, 1), "trainers": trainers, "trainers_start_s": round(start_s, 1),
+            "job_wall_s": [r["wall_seconds"] for r in results], "base_copies_peak": sampler.peak,
+            "trained_on": sorted({r.get("trainers") for r in results}),
+            "producer_calls": seen.get("calls"), "forwards": sum(p.get("forwards", 0) for p in per),
+            "forwards_shared_by_jobs": sum(p.get("shared_forwards", 0) for p in per),
+            "val_loss_after": [round(r["val_loss_after"], 4) for r in results]}
+
+
 def main() -> None:
     from jobs import local_cluster
 
     p = argparse.ArgumentParser()
-    p.add_argument("--jobs", type=int, default=8)
+    p.add_argument("--jobs", type=int, default=None, help="jobs (default 8; 2 with --quick)")
+    p.add_argument("--trainers", default="job,shared", help="the concurrent runs' fits: job (Ray Train each), "
+                   "shared (the trainer service); one concurrent run per value")
+    p.add_argument("--trainer-cpus", type=float, default=1.0, help="CPUs the trainer service holds")
     p.add_argument("--cpus", type=int, default=8, help="logical CPUs the bench cluster advertises")
     p.add_argument("--quick", action="store_true", help="2 jobs on a tiny random-weight base")
     p.add_argument("--out", default=str(ROOT / "bench/results/shared-producers.json"))
@@ -202,7 +249,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if args.quick:
         args.idle_s, args.coserve_jobs = 10.0, 1
-    n = 2 if args.quick else args.jobs
+    n = args.jobs or (2 if args.quick else 8)
     with tempfile.TemporaryDirectory(prefix="bench-shared-") as tmp:
         sets = []
         if args.quick:
@@ -239,7 +286,8 @@ def main() -> None:
                 sampler.join()
                 out["sequential"] = {"wall_s": round(sequential, 1), "job_wall_s": walls,
                                      "base_copies_peak": sampler.peak}
-                # 2. the shared service, then all jobs at once
+                # 2. the shared producers, then all jobs at once: each job's fit on Ray Train of its
+                #    own, and (--trainers) on the cluster's trainer service, one run each
                 t1 = time.perf_counter()
                 res = subprocess.run([sys.executable, "-m", "carryon_cli", "producers", "start", "--state-dir",
                                       f"{tmp}/cluster", "--config", "configs/demo.yaml",
@@ -249,31 +297,21 @@ def main() -> None:
                     raise SystemExit(f"producers did not start:\n{res.stdout[-2000:]}{res.stderr[-3000:]}")
                 start_s = time.perf_counter() - t1
                 print(f"shared producers ready in {start_s:.1f} s", flush=True)
-                sampler = Sampler(gcs)
-                sampler.start()
-                t0 = time.perf_counter()
-                procs = [job(env, "configs/demo.yaml", Path(tmp) / f"con-{i}", sets + ["resources.producers=shared"])
-                         for i in range(n)]
-                results = [finish(proc, 3600) for proc in procs]
-                concurrent = time.perf_counter() - t0
-                sampler.stop_flag.set()
-                sampler.join()
-                status = subprocess.run([sys.executable, "-m", "carryon_cli", "producers", "status", "--state-dir",
-                                         f"{tmp}/cluster"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
-                seen = json.loads(status.stdout) if status.returncode == 0 else {"error": status.stderr[-500:]}
-                per = seen.get("per_producer", [])
-                out["concurrent"] = {
-                    "wall_s": round(concurrent, 1), "service_start_s": round(start_s, 1),
-                    "job_wall_s": [r["wall_seconds"] for r in results], "base_copies_peak": sampler.peak,
-                    "producers": seen.get("producers"), "producer_calls": seen.get("calls"),
-                    "forwards": sum(p.get("forwards", 0) for p in per),
-                    "forwards_shared_by_jobs": sum(p.get("shared_forwards", 0) for p in per),
-                    "jobs_seen_by_producers": sum(p.get("jobs", 0) for p in per),
-                    "val_loss_after": [round(r["val_loss_after"], 4) for r in results]}
-                out["concurrent_over_sequential"] = round(concurrent / sequential, 3)
-                out["concurrent_with_service_start_over_sequential"] = round((concurrent + start_s) / sequential, 3)
-                out["base_copies_per_node"] = sampler.peak
+                for trainers in args.trainers.split(","):
+                    run = concurrent_run(env, tmp, n, sets, gcs, trainers, args.trainer_cpus)
+                    run["service_start_s"] = round(start_s, 1)
+                    key = "concurrent" if trainers == "job" else f"concurrent_trainers_{trainers}"
+                    out[key] = run
+                    print(f"{n} jobs at once (trainers={trainers}): {run['wall_s']} s", flush=True)
+                first = out.get("concurrent_trainers_shared") or out["concurrent"]
+                out["concurrent_over_sequential"] = round(first["wall_s"] / out["sequential"]["wall_s"], 3)
+                out["concurrent_with_service_start_over_sequential"] = round(
+                    (first["wall_s"] + start_s + first.get("trainers_start_s", 0)) / out["sequential"]["wall_s"], 3)
+                out["base_copies_per_node"] = first["base_copies_peak"]
                 out["sequential_base_copies_per_node"] = out["sequential"]["base_copies_peak"]
+                if "concurrent" in out and "concurrent_trainers_shared" in out:
+                    out["trainer_service_over_ray_train_concurrent"] = round(
+                        out["concurrent_trainers_shared"]["wall_s"] / out["concurrent"]["wall_s"], 3)
             if "coserve" in parts:
                 out["coserve"] = cos = coserve(args, tmp, state, env, sets, args.coserve_jobs)
                 if cos["idle_p50_s"] and cos["under_embedding_p50_s"]:
