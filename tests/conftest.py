@@ -31,7 +31,7 @@ from carryon_ray.config import BaseModelConfig, CarryOnConfig, validate_config  
 # different workers and the short files fill in around them. Measured against the alternative
 # (the multinode and job files queued on one worker, the short files and SmolLM2 training on the
 # other): 1,347 s this way, 1,561 s that way (clean-clone runs, 2026-12-03).
-HEAVY_FIRST = ["test_job.py", "test_multinode.py", "test_serve.py", "test_finetune.py", "test_train.py"]
+HEAVY_FIRST = ["test_job.py", "test_multinode.py", "test_serve.py", "test_finetune.py", "test_trainers.py", "test_train.py"]
 
 
 def pytest_collection_modifyitems(config, items):
