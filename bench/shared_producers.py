@@ -239,6 +239,8 @@ def main() -> None:
     p.add_argument("--trainers", default="job,shared", help="the concurrent runs' fits: job (Ray Train each), "
                    "shared (the trainer service); one concurrent run per value")
     p.add_argument("--trainer-cpus", type=float, default=1.0, help="CPUs the trainer service holds")
+    p.add_argument("--no-sequential", action="store_true", help="skip the one-after-another run (the trainer "
+                   "A/B needs only the concurrent ones)")
     p.add_argument("--cpus", type=int, default=8, help="logical CPUs the bench cluster advertises")
     p.add_argument("--quick", action="store_true", help="2 jobs on a tiny random-weight base")
     p.add_argument("--out", default=str(ROOT / "bench/results/shared-producers.json"))
@@ -270,7 +272,7 @@ def main() -> None:
         out: dict = {"jobs": n, "quick": args.quick, "config": "configs/demo.yaml", "overrides": COMMON + sets,
                      "machine": {"cpus": os.cpu_count(), "logical_cpus": args.cpus}, "nodes": 1}
         try:
-            if "shared" in parts:
+            if "shared" in parts and not args.no_sequential:
                 # 1. one after another, each job with its own producers (today's path)
                 sampler = Sampler(gcs)
                 sampler.start()
@@ -286,6 +288,7 @@ def main() -> None:
                 sampler.join()
                 out["sequential"] = {"wall_s": round(sequential, 1), "job_wall_s": walls,
                                      "base_copies_peak": sampler.peak}
+            if "shared" in parts:
                 # 2. the shared producers, then all jobs at once: each job's fit on Ray Train of its
                 #    own, and (--trainers) on the cluster's trainer service, one run each
                 t1 = time.perf_counter()
@@ -304,11 +307,12 @@ def main() -> None:
                     out[key] = run
                     print(f"{n} jobs at once (trainers={trainers}): {run['wall_s']} s", flush=True)
                 first = out.get("concurrent_trainers_shared") or out["concurrent"]
-                out["concurrent_over_sequential"] = round(first["wall_s"] / out["sequential"]["wall_s"], 3)
-                out["concurrent_with_service_start_over_sequential"] = round(
-                    (first["wall_s"] + start_s + first.get("trainers_start_s", 0)) / out["sequential"]["wall_s"], 3)
                 out["base_copies_per_node"] = first["base_copies_peak"]
-                out["sequential_base_copies_per_node"] = out["sequential"]["base_copies_peak"]
+                if "sequential" in out:
+                    out["concurrent_over_sequential"] = round(first["wall_s"] / out["sequential"]["wall_s"], 3)
+                    out["concurrent_with_service_start_over_sequential"] = round(
+                        (first["wall_s"] + start_s + first.get("trainers_start_s", 0)) / out["sequential"]["wall_s"], 3)
+                    out["sequential_base_copies_per_node"] = out["sequential"]["base_copies_peak"]
                 if "concurrent" in out and "concurrent_trainers_shared" in out:
                     out["trainer_service_over_ray_train_concurrent"] = round(
                         out["concurrent_trainers_shared"]["wall_s"] / out["concurrent"]["wall_s"], 3)
