@@ -124,17 +124,22 @@ def cmd_producers_stop(args) -> int:
     return 0
 
 
-def cmd_producers_status(args) -> int:
-    connected, service = _shared_service(args)
+def _print_status(found: tuple[bool, object], what: str) -> int:
+    """`carryon producers|trainers status`: the service's describe() as JSON; 1 when none runs."""
+    connected, service = found
     if not connected:
         return 2
     if service is None:
-        print("no producer service runs")
+        print(f"no {what} runs")
         return 1
     import ray
 
     print(json.dumps(ray.get(service.describe.remote()), indent=2))
     return 0
+
+
+def cmd_producers_status(args) -> int:
+    return _print_status(_shared_service(args), "producer service")
 
 
 def _trainer_service(args) -> tuple[bool, object]:
@@ -178,22 +183,13 @@ def cmd_trainers_stop(args) -> int:
 
     busy = ray.get(service.describe.remote())["running"]
     ray.kill(service, no_restart=True)
-    print("stopped the trainer service" + (f" (the fits of {', '.join(sorted(busy))} end with it: their jobs "
-                                           "fail, or train on Ray Train when they are started again)" if busy else ""))
+    print("stopped the trainer service" + (f" (the fits of {', '.join(sorted(busy))} end with it: those jobs "
+                                           "fail with a message that says so)" if busy else ""))
     return 0
 
 
 def cmd_trainers_status(args) -> int:
-    connected, service = _trainer_service(args)
-    if not connected:
-        return 2
-    if service is None:
-        print("no trainer service runs")
-        return 1
-    import ray
-
-    print(json.dumps(ray.get(service.describe.remote()), indent=2))
-    return 0
+    return _print_status(_trainer_service(args), "trainer service")
 
 
 def cmd_down(args) -> int:

@@ -459,14 +459,20 @@ def _wait_restarted(service, timeout_s: float = 600.0) -> None:
     """Until a restarted service answers (Ray restarts it: max_restarts=-1); a JobError after
     `timeout_s` (its node is gone and no other has room, say)."""
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
 
-    deadline = time.monotonic() + timeout_s
+    deadline, died = time.monotonic() + timeout_s, 0
     while True:
         try:
             ray.get(service.ready.remote(), timeout=30)
             return
-        except (RayActorError, GetTimeoutError):  # unavailable while it restarts
+        except ActorDiedError:  # a call caught in the death itself, or stopped for good (`carryon trainers stop`)
+            died += 1
+            if died >= 3:
+                raise JobError("the trainer service was stopped while this job's fit ran: start it again, or set "
+                               "resources.trainers=job to train on Ray Train") from None
+            time.sleep(1.0)
+        except (ActorUnavailableError, GetTimeoutError):  # unavailable while it restarts
             if time.monotonic() > deadline:
                 raise JobError(f"the trainer service did not come back within {timeout_s:.0f} s: see "
                                "`carryon trainers status`, or set resources.trainers=job") from None
