@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import random
 import resource
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +204,18 @@ class Trainer:
     def read_state(cls, directory: str | Path) -> dict:
         """The state `save_state` wrote (tensors and plain data only: weights_only, nothing unpickled)."""
         return torch.load(Path(directory) / cls.STATE_FILE, weights_only=True)
+
+    def state_bytes(self) -> bytes:
+        """`save_state`'s file as bytes (a checkpoint that travels: jobs/trainers.py)."""
+        with tempfile.TemporaryDirectory() as d:
+            return self.save_state(d).read_bytes()
+
+    @classmethod
+    def read_state_bytes(cls, blob: bytes) -> dict:
+        """The state `state_bytes` gave (read as `read_state` reads the file: weights_only)."""
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / cls.STATE_FILE).write_bytes(blob)
+            return cls.read_state(d)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -506,9 +505,7 @@ def train_on_service(service, loop, datasets, max_failures: int, run_name: str) 
                 elif event[0] == "checkpoint":
                     resume = event[2]
                 elif event[0] == "done":
-                    with tempfile.TemporaryDirectory() as d:
-                        (Path(d) / Trainer.STATE_FILE).write_bytes(resume)
-                        return Trainer.read_state(d)
+                    return Trainer.read_state_bytes(resume)
         except (RayActorError, RayTaskError) as exc:
             failures += 1
             what = ("the trainer service was lost" if isinstance(exc, RayActorError)

@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import logging
 import queue
-import tempfile
 import threading
 import time
 import traceback
-from pathlib import Path
 
 log = logging.getLogger("carryon.job")
 
@@ -96,8 +94,7 @@ class TrainerService:
             self.fits[job] = {"state": "waiting", "since": time.time()}
 
         def checkpoint(trainer, metrics: dict) -> None:
-            with tempfile.TemporaryDirectory() as d:
-                blob = trainer.save_state(d).read_bytes()
+            blob = trainer.state_bytes()
             with self.lock:
                 self.fits[job].update(epoch=trainer.epoch, step=trainer.step)
             events.put(("checkpoint", metrics, blob))
@@ -106,13 +103,9 @@ class TrainerService:
             self.router.queues[threading.get_ident()] = events
             outcome = "failed"
             try:
-                state = None
-                if resume is not None:
-                    from carryon_ray.recipe import Trainer
+                from carryon_ray.recipe import Trainer
 
-                    with tempfile.TemporaryDirectory() as d:
-                        (Path(d) / Trainer.STATE_FILE).write_bytes(resume)
-                        state = Trainer.read_state(d)  # weights_only: tensors and plain data
+                state = None if resume is None else Trainer.read_state_bytes(resume)
                 summary = run_worker(loop, Worker(0, 1, lambda name: shards[name], lambda m: m, state, checkpoint,
                                                   stopped=stop.is_set))
                 outcome = "succeeded"
