@@ -23,7 +23,24 @@ from test_job import _watch
 from test_job import TINY_CONFIG
 
 pytestmark = pytest.mark.slow
-EPOCHS = 7  # the elastic run's epochs: epoch 0 streams, the rest read the cache
+EPOCHS = 4  # the elastic run's epochs: epoch 0 streams, the rest read the cache
+
+# Ray's autoscaling coordinator (the actor Train's elastic policy asks for reserved resources)
+# looks at the cluster's nodes every 20 s. On a real cluster a node takes minutes to boot, so that is
+# nothing; here the node joins in an instant and the job would have to outlast the coordinator's next
+# look. This driver asks the coordinator to look again every second (its own `recompute` call), so
+# Train sees the node as it would on a cluster whose nodes take longer than a tick to join.
+TICKER = """
+import sys, time, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+while True:
+    try:
+        coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        ray.get(coordinator.get_reserved_resources.remote("carryon-test-ticker", recompute=True))
+    except ValueError:  # not created yet
+        pass
+    time.sleep(1)
+"""
 
 
 def _job(address: str, config: str, tiny_dir: str, out: Path, *sets: str) -> subprocess.Popen:
@@ -68,11 +85,10 @@ def test_node_classes_node_loss_colocation_and_serve_placement(smol_dir, tiny_di
     try:
         # 1. Separate classes; an inference node disappears while epoch 0 streams; a second
         #    training node joins in epoch 1 and Train grows from 1 to 2 workers within its range.
-        #    Ray sees a new node only when its autoscaling coordinator next looks (every 20 s), then
-        #    Train decides within resize_check_s: the cached epochs after the join must outlast that
-        #    (six of them here, ~40 s; two, ~14 s, lost the race on a CI machine). So this test's tiny
-        #    base keeps SmolLM2's 49,152-token head: on the 1,024-token one a cached epoch took
-        #    0.1-0.3 s, and nineteen of them ended before Train looked.
+        #    Ray sees a new node when its autoscaling coordinator next looks (TICKER: every second
+        #    here), then Train decides within resize_check_s: the cached epochs after the join must
+        #    outlast that (three of them, ~20 s alone). So this test's tiny base keeps SmolLM2's
+        #    49,152-token head: on the 1,024-token one a cached epoch took 0.1-0.3 s.
         out = tmp_path / "run"
         proc = _job(c.address, TINY_CONFIG, slow_dir, out, "--set", "data.builtin_size=128",
                     "--set", "resources.embed_batch_size=2", "--set", f"train.epochs={EPOCHS}",
@@ -83,7 +99,7 @@ def test_node_classes_node_loss_colocation_and_serve_placement(smol_dir, tiny_di
         lines: list[str] = []
         streaming, cached = threading.Event(), threading.Event()
         watcher = _watch(proc, lines, {"training: epoch 0, step 5/": streaming.set})
-        part1_deadline = t_start + 1000  # parts 2 and 3 need ~2 min alone: a stuck part 1 fails with its log
+        part1_deadline = t_start + 1100  # parts 2 and 3 need ~2 min alone: a stuck part 1 fails with its log
         assert streaming.wait(timeout=600), "".join(lines[-60:])  # both actors are producing by now
         t_remove = time.time()
         c.remove_node(inf2, allow_graceful=False)  # Cluster changes must run on the main thread
@@ -91,7 +107,15 @@ def test_node_classes_node_loss_colocation_and_serve_placement(smol_dir, tiny_di
             assert time.time() < part1_deadline, "no cached epoch 1 by the deadline:\n" + "".join(lines[-150:])
             time.sleep(0.2)
         trn2 = c.add_node(num_cpus=1, resources={"training_node": 1})
-        _finish(proc, watcher, lines, part1_deadline, "the elastic job")
+        t_join = time.time()
+        ticker = subprocess.Popen([sys.executable, "-c", TICKER, c.address], cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _finish(proc, watcher, lines, part1_deadline, "the elastic job")
+        finally:
+            ticker.kill()
+            ticker.wait()
+        print(f"the training node joined at {t_join - t_start:.0f}s")
         print("".join(lines))  # its timeline, shown with -s or when a later assertion fails
         audits = _audits(out)
         epoch0 = audits["samples-epoch0-rank0.json"]
