@@ -26,6 +26,13 @@ TINY_CONFIG = "configs/tiny-test.yaml"
 def cluster(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("carryon-cluster")
     state = local_cluster.up(str(state_dir), num_cpus=2)
+    # The cluster's trainer service, as `carryon up --trainers` starts it: single-worker jobs fit there
+    # (resources.trainers=auto) instead of starting a Ray Train run each. It holds no logical CPU,
+    # so the jobs that still train on Ray Train (the worker-kill test, Tune) find both free.
+    res = subprocess.run([sys.executable, "-m", "carryon_cli", "trainers", "start", "--slots", "2", "--cpus", "0",
+                          "--state-dir", str(state_dir)], capture_output=True, text=True, env=client_env(state),
+                         cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
     yield state
     assert local_cluster.down(str(state_dir))
     assert not local_cluster._stragglers(state["ray_temp_dir"])  # nothing of ours left running
@@ -387,7 +394,7 @@ def test_growing_moe_carryon_over_two_bases_on_packed_text(cluster, tiny_dir, tm
         f'extra_bases=[{{"name": "{other_dir}"}}]']
     res, _ = _job(cluster, tiny_dir, *[a for s in sets for a in ("--set", s)], timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    assert "epoch 1: reading cached embeddings" in res.stdout  # stage 1 reuses the one base forward
+    assert "epoch 1: reading cached embeddings" in res.stdout + res.stderr  # stage 1 reuses the one base forward
     # Ray Data's plans: in its session log files (the job's driver and Train workers keep them off the
     # console, jobs/ray-data-logging.yaml), or on the console from Ray Data's own coordinator actor
     plans = [line for f in Path(cluster["ray_temp_dir"]).rglob("ray-data*.log")
@@ -669,8 +676,9 @@ def test_killed_embedding_actor_and_training_worker_lose_nothing(cluster, tiny_d
     # in it (13-14 s alone). Its trigger is the Train worker's log line, which reaches this driver late
     # under load: 160 rows were too few once the tiny base's small head made training steps fast.
     # (At 480 the built-in set repeats a problem, and a repeated row is a repeated sample id.)
+    # On Ray Train (resources.trainers=job), not the module's trainer service: the fault is a Train worker's.
     overrides = {"train.epochs": 2, "data.builtin_size": 320, "train.progress_s": 0,  # a line every step
-                 "resources.embed_batch_size": 2, "resources.embed_actors_max": 2}
+                 "resources.embed_batch_size": 2, "resources.embed_actors_max": 2, "resources.trainers": "job"}
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     baseline = fit_in_process(load_config(ROOT / TINY_CONFIG, {"base.name": tiny_dir, **overrides,
                                                                 "output.dir": str(tmp_path / "ref")}))
