@@ -21,10 +21,10 @@ A `Reporter` receives metrics and params: MLflow at the edges (carryon_mlflow), 
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import resource
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,16 +206,15 @@ class Trainer:
         return torch.load(Path(directory) / cls.STATE_FILE, weights_only=True)
 
     def state_bytes(self) -> bytes:
-        """`save_state`'s file as bytes (a checkpoint that travels: jobs/trainers.py)."""
-        with tempfile.TemporaryDirectory() as d:
-            return self.save_state(d).read_bytes()
+        """The bytes `save_state` writes, built in memory (a checkpoint that travels: jobs/trainers.py)."""
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        return buf.getvalue()
 
     @classmethod
     def read_state_bytes(cls, blob: bytes) -> dict:
-        """The state `state_bytes` gave (read as `read_state` reads the file: weights_only)."""
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / cls.STATE_FILE).write_bytes(blob)
-            return cls.read_state(d)
+        """The state `state_bytes` gave, read as `read_state` reads the file (weights_only)."""
+        return torch.load(io.BytesIO(blob), weights_only=True)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
