@@ -29,9 +29,7 @@ def cluster(tmp_path_factory):
     # The cluster's trainer service, as `carryon up --trainers` starts it: single-worker jobs fit there
     # (resources.trainers=auto) instead of starting a Ray Train run each. It holds no logical CPU,
     # so the jobs that still train on Ray Train (the worker-kill test, Tune) find both free.
-    res = subprocess.run([sys.executable, "-m", "carryon_cli", "trainers", "start", "--slots", "2", "--cpus", "0",
-                          "--state-dir", str(state_dir)], capture_output=True, text=True, env=client_env(state),
-                         cwd=ROOT, timeout=300)
+    res = _carryon(state, "trainers", "start", "--slots", "2", "--cpus", "0")
     assert res.returncode == 0, res.stdout + res.stderr
     yield state
     assert local_cluster.down(str(state_dir))
@@ -40,6 +38,12 @@ def cluster(tmp_path_factory):
 
 def client_env(state: dict) -> dict:
     return {**os.environ, **local_cluster.client_env(state), "PYTHONPATH": str(ROOT)}
+
+
+def _carryon(state: dict, *args: str) -> subprocess.CompletedProcess:
+    """The `carryon` CLI against this test cluster (its state dir)."""
+    return subprocess.run([sys.executable, "-m", "carryon_cli", *args, "--state-dir", state["state_dir"]],
+                          capture_output=True, text=True, env=client_env(state), cwd=ROOT, timeout=300)
 
 
 # The job of the first test and the parity test: replay, the general guard, two epochs, several

@@ -97,7 +97,7 @@ def test_node_classes_node_loss_colocation_and_serve_placement(smol_dir, tiny_di
                     "--set", "resources.resize_check_s=2", "--set", "resources.cache=disk", "--set", "train.progress_s=0",
                     "--set", f"output.storage_path=file://{tmp_path / 'shared-storage'}")
         lines: list[str] = []
-        streaming, cached = threading.Event(), threading.Event()
+        streaming = threading.Event()
         watcher = _watch(proc, lines, {"training: epoch 0, step 5/": streaming.set})
         part1_deadline = t_start + 1100  # parts 2 and 3 need ~2 min alone: a stuck part 1 fails with its log
         assert streaming.wait(timeout=600), "".join(lines[-60:])  # both actors are producing by now

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
@@ -16,7 +14,7 @@ import pytest
 
 from conftest import ROOT
 from jobs import local_cluster
-from test_job import TINY_CONFIG, _actor_pids, _reap_jobs, _start_job, _watch, client_env  # noqa: F401 (_reap_jobs: autouse)
+from test_job import TINY_CONFIG, _actor_pids, _carryon, _reap_jobs, _start_job, _watch  # noqa: F401 (_reap_jobs: autouse)
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +23,9 @@ def cluster(tmp_path_factory):
     logical CPUs on this machine's cores: two jobs' producers and tokenizers beside the service."""
     state_dir = tmp_path_factory.mktemp("carryon-cluster")
     state = local_cluster.up(str(state_dir), num_cpus=6, with_mlflow=False)
-    state["state_dir"] = str(state_dir)
     yield state
     assert local_cluster.down(str(state_dir))
     assert not local_cluster._stragglers(state["ray_temp_dir"])
-
-
-def _carryon(cluster, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "carryon_cli", *args, "--state-dir", cluster["state_dir"]],
-                          capture_output=True, text=True, env=client_env(cluster), cwd=ROOT, timeout=300)
 
 
 @pytest.mark.slow
