@@ -615,14 +615,16 @@ from carryon_ray.config import load_config
 from carryon_ray.embedding import ROW_ID, ROW_INPUT_IDS, ROW_REPLAY, decode_sources, from_rows, part_layout, row_batches
 from actors.client import Producers
 from jobs.backend import connect_ray
-tiny = sys.argv[1]
-cfg = load_config("configs/tiny-test.yaml", {"base.name": tiny, "base.dtype": "float32", "resources.producers": "coserve"})
+tiny, adapter, n_rows, per_request, heldout = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "heldout"
+cfg = load_config("configs/tiny-test.yaml", {"base.name": tiny, "base.dtype": "float32", "resources.producers": "coserve",
+                                             "resources.embed_batch_size": per_request})
 connect_ray(cfg)
-rows = [{ROW_ID: i, ROW_REPLAY: False, ROW_INPUT_IDS: [5 + (11 * i + j) % 300 for j in range(4 + i % 9)]} for i in range(40)]
+rows = [{ROW_ID: i, ROW_REPLAY: False, ROW_INPUT_IDS: [5 + (11 * i + j) % 300 for j in range(4 + i % 9)]} for i in range(n_rows)]
 for r in rows:
     r["labels"] = r[ROW_INPUT_IDS]
 producers = Producers(cfg, "job-coserve-test")
 calib = producers.calibrate(types.SimpleNamespace(calibration_rows=rows[:8]))
+print("CALIBRATED", flush=True)
 got = sorted(producers.pipeline(ray.data.from_items(rows), calib).take_all(), key=lambda r: int(r[ROW_ID]))
 seen = producers.describe()
 from carryon_ray.base import FrozenBase
@@ -641,18 +643,34 @@ g, g_ids = states(g_cols)
 w, w_ids = states(want)
 # The held-out answers of base and base + adapter, decoded on the replica beside users, against
 # the same comparison on this process's own copy of the base.
-from pathlib import Path
-from carryon_ray.evaluation import score_heldout
-hcfg = load_config("configs/tiny-test.yaml", {"base.name": tiny, "base.dtype": "float32", "resources.producers": "coserve",
-                                              "eval.heldout": "builtin:topics-heldout", "eval.heldout_size": 10,
-                                              "eval.max_new_tokens": 6})
-files = {p.name: p.read_bytes() for p in Path(sys.argv[2]).iterdir() if p.is_file()}
-on_replica = producers.score_heldout(hcfg.model_dump(mode="json"), files)
-here = score_heldout([base], sys.argv[2], hcfg)
+on_replica = here = None
+if heldout:
+    from pathlib import Path
+    from carryon_ray.evaluation import score_heldout
+    hcfg = load_config("configs/tiny-test.yaml", {"base.name": tiny, "base.dtype": "float32", "resources.producers": "coserve",
+                                                  "eval.heldout": "builtin:topics-heldout", "eval.heldout_size": 10,
+                                                  "eval.max_new_tokens": 6})
+    files = {p.name: p.read_bytes() for p in Path(adapter).iterdir() if p.is_file()}
+    on_replica = producers.score_heldout(hcfg.model_dump(mode="json"), files)
+    here = score_heldout([base], adapter, hcfg)
 print("RESULT " + json.dumps({"kind": producers.kind, "ids": g_ids, "want_ids": w_ids,
                               "max_diff": float((g - w).abs().max()), "scale": float(w.abs().max()), "seen": seen,
                               "heldout": on_replica, "heldout_here": here}))
 """
+
+
+def _coserving_job(served, tiny_dir: str, rows: int, per_request: int, heldout: str) -> subprocess.Popen:
+    """COSERVE_DRIVER against the served app: `rows` token rows embedded on its replica in requests of
+    `per_request` rows (resources.embed_batch_size), then (heldout) the held-out comparison."""
+    env = {**os.environ, **local_cluster.client_env(served["state"]), "RAY_ADDRESS": served["state"]["ray_address"],
+           "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-u", "-c", COSERVE_DRIVER, tiny_dir, str(served["adapters"]["bob-b"]),
+                             str(rows), str(per_request), heldout],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def _result(out: str) -> dict:
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
 
 
 def test_a_job_embeds_through_the_model_replica_beside_users(served, tiny_dir):
@@ -661,16 +679,13 @@ def test_a_job_embeds_through_the_model_replica_beside_users(served, tiny_dir):
     between decode steps (a user's request is served meanwhile), and the rows equal those of a
     producer of the job's own. The job's held-out answers decode on the replica too (no second
     base copy), the same as on a base of its own."""
-    env = {**os.environ, **local_cluster.client_env(served["state"]), "RAY_ADDRESS": served["state"]["ray_address"],
-           "PYTHONPATH": str(ROOT)}
     before = stats(served)["adapter_rows"].get("held-out", 0)
-    proc = subprocess.Popen([sys.executable, "-c", COSERVE_DRIVER, tiny_dir, str(served["adapters"]["bob-b"])],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    proc = _coserving_job(served, tiny_dir, 40, 8, "heldout")
     r = post(served, "/v1/completions", {"model": "bob-b", "prompt": "x", "max_tokens": 8}, key="bob")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
     assert r.status_code == 200
-    res = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    res = _result(out)
     assert res["kind"] == "coserve"
     assert sorted(res["ids"]) == res["want_ids"] == list(range(40)) and len(res["ids"]) == 40
     assert res["max_diff"] <= 0.05 * res["scale"], res  # the same rows, up to float rounding of other batches
@@ -681,13 +696,24 @@ def test_a_job_embeds_through_the_model_replica_beside_users(served, tiny_dir):
     assert stats(served)["adapter_rows"].get("held-out", 0) - before == 2 * 10  # decoded on the replica
 
 
-def test_a_lost_replica_answers_503_with_retry_after_and_health_follows(served):
-    """kill -9 of the model replica mid-request: the request answers 503 + Retry-After, /health
-    reports not ready until Serve has restarted the replica, then requests succeed again."""
+def test_a_lost_replica_answers_503_with_retry_after_and_health_follows(served, tiny_dir):
+    """kill -9 of the model replica mid-request while a co-serving job's rows stream through it:
+    the user's request answers 503 + Retry-After, /health reports not ready until Serve has restarted
+    the replica, then requests succeed again; the job's blocks in flight are sent again to the new
+    replica, so every row arrives exactly once, the same as the job's own base computes it."""
     import os
     import signal
 
-    pid = stats(served)["pid"]
+    first = stats(served)
+    pid, chunks = first["pid"], first.get("beside_done", 0)
+    # 400 rows in requests of 2: ~200 calls, each a chunk between decode steps. The kill waits until
+    # the replica has run some of them, so the old replica did part of the job and the new one the rest.
+    job = _coserving_job(served, tiny_dir, 400, 2, "no-heldout")
+    deadline = time.time() + 240
+    while stats(served).get("beside_done", 0) < chunks + 6:  # the calibration and >= 5 requests' chunks
+        assert job.poll() is None, job.communicate()[0][-4000:]
+        assert time.time() < deadline, "no job chunk ran on the replica"
+        time.sleep(0.05)
     result = {}
 
     def call():
@@ -701,6 +727,7 @@ def test_a_lost_replica_answers_503_with_retry_after_and_health_follows(served):
     steps = stats(served)["steps"]
     while stats(served)["steps"] < steps + 10:
         time.sleep(0.05)
+    at_kill = stats(served).get("beside_done", 0) - chunks
     os.kill(pid, signal.SIGKILL)
     t.join(timeout=120)
     r = result["r"]
@@ -710,3 +737,11 @@ def test_a_lost_replica_answers_503_with_retry_after_and_health_follows(served):
     while time.time() < deadline and httpx.get(served["url"] + "/health", timeout=30).status_code != 200:
         time.sleep(1)
     assert complete(served, "alice-a", PROMPT_A, max_tokens=4)["choices"][0]["text"] == offline(served, "alice-a", PROMPT_A, 4)[0]
+    out, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, out[-4000:]
+    res = _result(out)
+    assert sorted(res["ids"]) == res["want_ids"] == list(range(400)) and len(res["ids"]) == 400  # none lost, none twice
+    assert res["max_diff"] <= 0.05 * res["scale"], res
+    after = stats(served)
+    print(f"job chunks on the killed replica: ~{at_kill}; on the new one: {after.get('beside_done', 0)}")
+    assert after["pid"] != pid and after.get("beside_done", 0) >= 1  # the new replica embedded the rest
