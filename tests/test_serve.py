@@ -624,7 +624,6 @@ for r in rows:
     r["labels"] = r[ROW_INPUT_IDS]
 producers = Producers(cfg, "job-coserve-test")
 calib = producers.calibrate(types.SimpleNamespace(calibration_rows=rows[:8]))
-print("CALIBRATED", flush=True)
 got = sorted(producers.pipeline(ray.data.from_items(rows), calib).take_all(), key=lambda r: int(r[ROW_ID]))
 seen = producers.describe()
 from carryon_ray.base import FrozenBase
