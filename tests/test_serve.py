@@ -658,13 +658,13 @@ print("RESULT " + json.dumps({"kind": producers.kind, "ids": g_ids, "want_ids": 
 """
 
 
-def _coserving_job(served, tiny_dir: str, rows: int, per_request: int, heldout: str) -> subprocess.Popen:
+def _coserving_job(served, tiny_dir: str, rows: int, per_request: int, heldout: bool) -> subprocess.Popen:
     """COSERVE_DRIVER against the served app: `rows` token rows embedded on its replica in requests of
     `per_request` rows (resources.embed_batch_size), then (heldout) the held-out comparison."""
     env = {**os.environ, **local_cluster.client_env(served["state"]), "RAY_ADDRESS": served["state"]["ray_address"],
            "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-u", "-c", COSERVE_DRIVER, tiny_dir, str(served["adapters"]["bob-b"]),
-                             str(rows), str(per_request), heldout],
+                             str(rows), str(per_request), "heldout" if heldout else "no-heldout"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
 
 
@@ -679,7 +679,7 @@ def test_a_job_embeds_through_the_model_replica_beside_users(served, tiny_dir):
     producer of the job's own. The job's held-out answers decode on the replica too (no second
     base copy), the same as on a base of its own."""
     before = stats(served)["adapter_rows"].get("held-out", 0)
-    proc = _coserving_job(served, tiny_dir, 40, 8, "heldout")
+    proc = _coserving_job(served, tiny_dir, 40, 8, heldout=True)
     r = post(served, "/v1/completions", {"model": "bob-b", "prompt": "x", "max_tokens": 8}, key="bob")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
@@ -707,7 +707,7 @@ def test_a_lost_replica_answers_503_with_retry_after_and_health_follows(served, 
     pid, chunks = first["pid"], first.get("beside_done", 0)
     # 400 rows in requests of 2: ~200 calls, each a chunk between decode steps. The kill waits until
     # the replica has run some of them, so the old replica did part of the job and the new one the rest.
-    job = _coserving_job(served, tiny_dir, 400, 2, "no-heldout")
+    job = _coserving_job(served, tiny_dir, 400, 2, heldout=False)
     deadline = time.time() + 240
     while stats(served).get("beside_done", 0) < chunks + 6:  # the calibration and >= 5 requests' chunks
         assert job.poll() is None, job.communicate()[0][-4000:]
