@@ -88,8 +88,7 @@ def tiny_tokenizer(tokenizer_dir: str):
 def make_tiny_base(out: Path, tokenizer_dir: str, seed: int = 0, hidden: int = 64, layers: int = 2, tied: bool = True,
                    full_vocab: bool = False) -> str:
     """A random-weight Llama with a small-vocabulary SmolLM2 tokenizer (tiny_tokenizer; `full_vocab`:
-    SmolLM2's own: bench/tiny_base.py's comparison, and the multinode test, whose epochs must last), saved with
-    save_pretrained."""
+    SmolLM2's own, for bench/tiny_base.py's comparison), saved with save_pretrained."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir) if full_vocab else tiny_tokenizer(tokenizer_dir)

@@ -23,7 +23,7 @@ from test_job import _watch
 from test_job import TINY_CONFIG
 
 pytestmark = pytest.mark.slow
-EPOCHS = 4  # the elastic run's epochs: epoch 0 streams, the rest read the cache
+EPOCHS = 40  # the elastic run's epochs: epoch 0 streams, the rest read the cache (see part 1)
 
 # Ray's autoscaling coordinator (the actor Train's elastic policy asks for reserved resources)
 # looks at the cluster's nodes every 20 s. On a real cluster a node takes minutes to boot, so that is
@@ -68,12 +68,8 @@ def _audits(out: Path) -> dict[str, dict]:
 
 
 @pytest.mark.timeout(1500)  # three jobs and a Serve app: ~6 min alone, 9-10 beside the job tests, more on a slow hour
-def test_node_classes_node_loss_colocation_and_serve_placement(smol_dir, tiny_dir, tmp_path):
+def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_path):
     from ray.cluster_utils import Cluster
-
-    from conftest import make_tiny_base
-
-    slow_dir = make_tiny_base(tmp_path / "tiny-full-vocab", smol_dir, full_vocab=True)  # slow epochs: see part 1
 
     t_start = time.time()
     # The head: drivers only, no node class. Five raylets share this machine's cores, so they take the
@@ -87,11 +83,14 @@ def test_node_classes_node_loss_colocation_and_serve_placement(smol_dir, tiny_di
         #    training node joins in epoch 1 and Train grows from 1 to 2 workers within its range.
         #    Ray sees a new node when its autoscaling coordinator next looks (TICKER: every second
         #    here), then Train decides within resize_check_s: the cached epochs after the join must
-        #    outlast that (three of them, ~20 s alone). So this test's tiny base keeps SmolLM2's
-        #    49,152-token head: on the 1,024-token one a cached epoch took 0.1-0.3 s.
+        #    outlast that. One-row batches make a cached epoch ~97 steps (~1 s alone), so the 38 after
+        #    the join last ~40 s alone against a decision within a few seconds (alone: the new group
+        #    resumed ~20 s after the join, restart included). A full-vocabulary tiny base (49,152-token
+        #    head) made the epochs slow instead, and everything else too: 634 s in a passing CI run,
+        #    and in a slow one epoch 0 was still at step 2 after 600 s.
         out = tmp_path / "run"
-        proc = _job(c.address, TINY_CONFIG, slow_dir, out, "--set", "data.builtin_size=128",
-                    "--set", "resources.embed_batch_size=2", "--set", f"train.epochs={EPOCHS}",
+        proc = _job(c.address, TINY_CONFIG, tiny_dir, out, "--set", "data.builtin_size=128",
+                    "--set", "resources.embed_batch_size=2", "--set", f"train.epochs={EPOCHS}", "--set", "train.batch_size=1",
                     "--set", "resources.embed_actors_min=2", "--set", "resources.embed_actors_max=2",
                     "--set", "resources.train_workers_min=1", "--set", "resources.train_workers_max=2",
                     "--set", "resources.resize_check_s=2", "--set", "resources.cache=disk", "--set", "train.progress_s=0",
