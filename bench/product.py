@@ -9,6 +9,7 @@ alpha on validation data, guarded by the general-domain set when replay is on.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -30,7 +31,8 @@ class Cached:
         self.calib = calibrated(base, cfg, taps, sets["train"])
         self.sets, self.rows, self.seconds = sets, {}, {}
         for name, exs in sets.items():
-            self.rows[name], self.seconds[name] = embedded(base, self.calib, token_rows(exs, replay=name == replay))
+            self.rows[name], self.seconds[name] = embedded(base, self.calib, token_rows(exs, replay=name == replay),
+                                                           what=name)
         mixable = concat_rows([self.rows["train"], *([self.rows[replay]] if replay in sets else [])])
         self._pool = mixable
         self._index = {int(sid): i for i, sid in enumerate(mixable[ROW_ID])}  # sample id -> row
@@ -60,10 +62,19 @@ def calibrated(base, cfg: CarryOnConfig, taps: list[int], examples) -> Calibrati
     return calibrate([base], cfg.bridge, taps, rows, cfg.tap_spec())
 
 
-def embedded(base, calib: Calibration, rows: list[dict], batch: int = 16) -> tuple[dict, float]:
+def show_progress() -> None:
+    """The product's progress lines in a benchmark's output, as `carryon train` shows them: the base
+    forward (rows/s, ETA), training (from the first step, with an ETA) and the alpha evaluations.
+    A full-size run is tens of minutes of work that otherwise prints nothing between its results."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+def embedded(base, calib: Calibration, rows: list[dict], batch: int = 16, what: str = "rows") -> tuple[dict, float]:
     """Embedding rows (bridge codes) of token rows, and the seconds the base forward took."""
+    from carryon_cli.core import bar  # a bar on a terminal, a line every ~30 s in a log
+
     t0 = time.perf_counter()
-    out = embed_token_rows([base], calib, rows, batch)
+    out = embed_token_rows([base], calib, rows, batch, progress=bar, what=what)
     return out, time.perf_counter() - t0
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from replay_kl import ROOT, held_out_accuracy, run_lora  # bench helpers (LoRA, exact match); sets sys.path
 
-from product import Cached, add_protocol_args, fit, protocol_data  # noqa: E402  the product's fitting path
+from product import Cached, add_protocol_args, fit, protocol_data, show_progress  # noqa: E402  the product's fitting path
 from carryon_ray.base import FrozenBase, resolve_base_path  # noqa: E402
 from carryon_ray.config import BaseModelConfig, CarryOnConfig, validate_config  # noqa: E402
 from carryon_ray.generation import CarryOnModel  # noqa: E402
@@ -112,6 +112,7 @@ def main() -> int:
     p.add_argument("--configs", default=",".join(CONFIGS), help="carry-on configurations at equal steps")
     p.add_argument("--out", default=str(ROOT / "bench/results/quality.json"))
     args = p.parse_args()
+    show_progress()
     t_all = time.perf_counter()
     base = FrozenBase.load(BaseModelConfig(name=args.base, dtype="float32", device="cpu"))
     tok = base.tokenizer

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from replay_kl import ROOT, run_lora  # bench helpers (LoRA); sets sys.path
 
-from product import Cached, fit  # noqa: E402  the product's fitting path
+from product import Cached, fit, show_progress  # noqa: E402  the product's fitting path
 from carryon_ray.base import FrozenBase, resolve_base_path  # noqa: E402
 from carryon_ray.bridge import Bridge  # noqa: E402
 from carryon_ray.config import BaseModelConfig, BridgeConfig, CarryOnConfig, DataConfig, validate_config  # noqa: E402
@@ -141,6 +141,7 @@ def main() -> int:
                         "validation row scores every candidate)")
     p.add_argument("--out", default=str(ROOT / "bench/results/recycled.json"))
     args = p.parse_args()
+    show_progress()
     t_all = time.perf_counter()
     args.base_dir = resolve_base_path(BaseModelConfig(name=args.base))[0]
     base = FrozenBase.load(BaseModelConfig(name=args.base_dir, dtype="float32", device="cpu"))

@@ -46,8 +46,9 @@ from carryon_ray.data import collate  # noqa: E402
 from carryon_ray.evaluation import exact_match, score_answers  # noqa: E402
 from carryon_ray.generation import CarryOnModel  # noqa: E402
 from carryon_ray.loss import IGNORE  # noqa: E402
+from carryon_ray.progress import Pace  # noqa: E402
 from carryon_ray.train import evaluate, gate_mean  # noqa: E402
-from product import Cached, add_protocol_args, fit, ordered, protocol_data  # noqa: E402  the product's path
+from product import Cached, add_protocol_args, fit, ordered, protocol_data, show_progress  # noqa: E402  the product's path
 
 ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5]
 
@@ -173,6 +174,7 @@ def run_lora(args, base_dir: str, data, tok, em_rows) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lora_lr)
     exs = ordered(data["train"][1])  # the carry-on's batches: the RowPlan's training order, in turn
     t0 = time.perf_counter()
+    pace = Pace(args.steps, "steps")  # the first step, then every ~30 s, with the rate and an ETA (as a fit's lines)
     model.train()
     for step in range(args.steps):
         at = step * args.batch % len(exs)
@@ -184,8 +186,9 @@ def run_lora(args, base_dir: str, data, tok, em_rows) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % 20 == 0:
-            print(f"  lora step {step}: loss {float(loss):.4f}", flush=True)
+        line = pace.due(step + 1)
+        if line:
+            print(f"  lora: step {line}, loss {float(loss):.4f}", flush=True)
     train_s = time.perf_counter() - t0
     model.eval()
     val, gen = hf_loss(model, data["val"][1]), hf_loss(model, data["general"][1])
@@ -212,6 +215,7 @@ def main() -> int:
     p.add_argument("--skip-lora", action="store_true")
     p.add_argument("--out", default=str(ROOT / "bench/results/replay_kl.json"))
     args = p.parse_args()
+    show_progress()
 
     t_all = time.perf_counter()
     base = FrozenBase.load(BaseModelConfig(name=args.base, dtype="float32", device="cpu"))
