@@ -116,6 +116,7 @@ def test_node_classes_node_loss_colocation_and_serve_placement(tiny_dir, tmp_pat
             ticker.wait()
         print(f"the training node joined at {t_join - t_start:.0f}s")
         print("".join(lines))  # its timeline, shown with -s or when a later assertion fails
+        (tmp_path / "elastic-job.log").write_text("".join(lines))  # and kept with pytest's last temp dirs
         audits = _audits(out)
         epoch0 = audits["samples-epoch0-rank0.json"]
         n_train = json.loads((out / "summary.json").read_text())["train_sequences"]
