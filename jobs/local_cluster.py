@@ -29,9 +29,20 @@ START_TIMEOUT_S = 300
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: each socket stays bound until all are picked (one at a time, the
+    OS may hand the same port out twice: a head once got its dashboard on the GCS's port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _bin(name: str) -> str:
@@ -102,8 +113,8 @@ def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node
         state = json.loads((state_path / "cluster.json").read_text())
         if _alive(state.get("ray_pid")):
             raise RuntimeError(f"a carryon cluster is already running (see {state_path / 'cluster.json'}); run `carryon down` first")
-    ray_port = ray_port or free_port()
-    dashboard_port = dashboard_port or free_port()
+    picked = iter(free_ports(6))  # the head's, the dashboard's and the agents' ports, all distinct
+    ray_port, dashboard_port = ray_port or next(picked), dashboard_port or next(picked)
     # Ray's socket paths must stay short: keep its temp dir under /tmp, recorded for cleanup.
     temp_dir = tempfile.mkdtemp(prefix="carryon-ray-")
     resources = {inference_resource: node_class_units, training_resource: node_class_units}
@@ -112,8 +123,8 @@ def up(state_dir: str = DEFAULT_STATE, inference_resource: str = "inference_node
            f"--resources={json.dumps(resources)}", "--disable-usage-stats",
            # Ray's fixed defaults for the agents' ports (52365 for the job agent's HTTP server, ...)
            # collide with any other Ray instance on the machine: the job agent then never comes up.
-           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--dashboard-agent-listen-port={next(picked)}", f"--dashboard-agent-grpc-port={next(picked)}",
+           f"--runtime-env-agent-port={next(picked)}", f"--metrics-export-port={next(picked)}",
            f"--system-config={json.dumps({**SINGLE_MACHINE_RAYLET, **(raylet or {})})}"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
