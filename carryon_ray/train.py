@@ -6,6 +6,7 @@ both runners (in-process and Ray Train) drive.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -24,21 +25,30 @@ from .progress import Progress, quiet
 # ---------------------------------------------------------------------------------------------
 
 
+# torch's default generator is one per process. Fits that share a process (the trainer service runs
+# each in a thread: jobs/trainers.py) take turns to seed it and draw their initial weights, so each
+# starts from the weights its seed gives alone (two fits starting together once drew from each
+# other's stream, and one trained differently from `carryon train`).
+_SEEDED_INIT = threading.Lock()
+
+
 def build_carryon(
     cfg: CarryOnConfig, hidden_sizes: list[int], vocab_size: int, head_weight=None, head_bias=None,
     stages: int | None = None,
 ) -> CarryOn:
     """The carry-on of `cfg` (its kind's build) with `stages` stages (default: all of cfg.carryon.stages)."""
-    torch.manual_seed(cfg.train.seed)
-    return kind_of(cfg.carryon.kind).build(cfg, hidden_sizes, vocab_size, head_weight, head_bias, stages)
+    with _SEEDED_INIT:
+        torch.manual_seed(cfg.train.seed)
+        return kind_of(cfg.carryon.kind).build(cfg, hidden_sizes, vocab_size, head_weight, head_bias, stages)
 
 
 def grow_stage(model: CarryOn, cfg: CarryOnConfig) -> None:
     """Start the next stage: a fresh carry-on (seeded per stage) on top of the frozen ones."""
-    torch.manual_seed(cfg.train.seed + len(model.stages))
-    if cfg.carryon.stage_lora_rank:  # the newest stage so far gets deltas before it is frozen
-        add_deltas(model.stages[-1], cfg.carryon.stage_lora_rank)
-    model.grow(cfg.alpha.init)
+    with _SEEDED_INIT:
+        torch.manual_seed(cfg.train.seed + len(model.stages))
+        if cfg.carryon.stage_lora_rank:  # the newest stage so far gets deltas before it is frozen
+            add_deltas(model.stages[-1], cfg.carryon.stage_lora_rank)
+        model.grow(cfg.alpha.init)
     cast_trainable(model, cfg)
     model.freeze_earlier_stages()
 

@@ -89,3 +89,32 @@ def test_stacked_stages_keep_earlier_ones_frozen(tiny_base):
         dx2 = m.stages[1]([[x1]])
         out = m(sources)
     assert torch.allclose(out, x1 + m.alphas[1] * dx2)
+
+
+def test_carryons_built_at_once_in_threads_get_the_weights_their_seeds_give_alone():
+    """Fits that share a process (the trainer service: a thread per fit) seed torch's one default
+    generator; each must start from the weights its seed gives alone, however the builds interleave.
+    Eight threads build transformer carry-ons with different seeds, ten times each."""
+    import threading
+
+    D, V = 64, 256
+
+    def build(seed: int) -> dict:
+        cfg = make_config(carryon={"kind": "transformer", "width": 32}, train={"seed": seed})
+        return build_carryon(cfg, [D], V, torch.zeros(V, D)).state_dict()
+
+    alone = {seed: build(seed) for seed in range(8)}
+    wrong = []
+
+    def worker(seed: int):
+        for _ in range(10):
+            got = build(seed)
+            if not all(torch.equal(v, alone[seed][k]) for k, v in got.items()):
+                wrong.append(seed)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong, f"builds that drew from another's stream: seeds {sorted(set(wrong))}"
