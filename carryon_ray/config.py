@@ -427,7 +427,8 @@ class ResourcesConfig(Strict):
         "start`: one warm process on a training-class node runs many jobs' fits at once, a thread each), 'job' = "
         "its own Ray Train run (controller and workers for this job; the only choice for several workers); 'auto' = "
         "the service when it runs and can hold the fit (one worker, its device), else Ray Train. 'shared' fails "
-        "the job when the service does not run or cannot hold the fit.")
+        "the job when the service does not run or cannot hold the fit. A fine-tuning API job follows the same "
+        "rule, with its own process in place of Ray Train.")
     train_workers_min: int = Field(1, ge=1, description="Minimum Ray Train workers.")
     train_workers_max: int = Field(1, ge=1, description="Maximum Ray Train workers.")
     train_cpus: float = Field(1.0, gt=0, description="CPUs each training worker reserves.")

@@ -212,6 +212,16 @@ class RemoteProducers(Protocol):
     def score_heldout(self, cfg_json: dict, files: dict[str, bytes]) -> dict | None: ...
 
 
+class FitElsewhere(Protocol):
+    """The epochs of an in-process run somewhere else, on the rows it embedded (jobs/trainers.py:
+    `fit_embedded` on the cluster's trainer service, for a fine-tuning API job): `sets` holds the
+    "train", "val" (and "general") embedding rows in order; `after_epoch(trainer, metrics)` gets
+    each epoch's state. Returns the Trainer's final state."""
+
+    def __call__(self, cfg: CarryOnConfig, calib: Calibration, plan: RunPlan, sets: dict[str, dict],
+                 after_epoch: Callable[[Trainer, dict], None] | None) -> dict: ...
+
+
 class InProcess:
     """Every step in this process: the rows are lists, the base forward runs here in
     embed_batch_size groups (`embed_rows`, the embedding actors' function), the epochs run on
@@ -221,10 +231,11 @@ class InProcess:
 
     def __init__(self, cfg: CarryOnConfig, progress: Progress = quiet,
                  after_epoch: Callable[[Trainer, dict], None] | None = None,
-                 producers: RemoteProducers | None = None):
+                 producers: RemoteProducers | None = None, fit_on: FitElsewhere | None = None):
         self.cfg, self.progress = cfg, progress
         self.after_epoch = after_epoch  # e.g. the fine-tuning API's per-epoch checkpoint
         self.producers = producers
+        self.fit_on = fit_on  # the epochs elsewhere (the cluster's trainer service), else here
         self._bases: list = []
 
     @property
@@ -268,12 +279,11 @@ class InProcess:
                 return calib
         return calibrate(self.bases, cfg.bridge, cfg.layers.shallow, data.calibration_rows, cfg.tap_spec())
 
-    def _embedded(self, calib: Calibration, rows: list[dict], what: str) -> list:
+    def _embedded(self, calib: Calibration, rows: list[dict], what: str) -> dict:
+        """Embedding rows (columns) of token rows, in order: on the producers, else here."""
         if self.producers is not None:
-            done = self.producers.embed_rows(calib, rows, self.progress, what)
-        else:
-            done = embed_token_rows(self.bases, calib, rows, self.cfg.resources.embed_batch_size, self.progress, what)
-        return encoded_batches(calib, done, self.cfg.train.batch_size)
+            return self.producers.embed_rows(calib, rows, self.progress, what)
+        return embed_token_rows(self.bases, calib, rows, self.cfg.resources.embed_batch_size, self.progress, what)
 
     def _head(self):
         from .base import load_head
@@ -290,15 +300,23 @@ class InProcess:
         cfg = self.cfg
         splits, rows = data.rows
         t0 = time.perf_counter()
-        train = self._embedded(calib, rows, "training rows")
+        sets = {"train": self._embedded(calib, rows, "training rows")}
         log.info("embedded %d training rows in %.1fs (bridge %d bits, %.0f bytes/token)", len(rows),
                  time.perf_counter() - t0, cfg.bridge.bits, calib.bytes_per_token())
-        head_w, head_b = self._head()
+        sets["val"] = self._embedded(calib, token_rows(splits.val), "validation")
+        if splits.general:
+            sets["general"] = self._embedded(calib, token_rows(splits.general), "general-domain set")
         plan = RunPlan.of(cfg, len(rows))
+        extra = {"producers": self.producers.kind} if self.producers is not None else {}
+        if self.fit_on is not None:
+            state = self.fit_on(cfg, calib, plan, sets, self.after_epoch)
+            return Fitted(cfg, calib, plan, state, {**extra, "trainers": "service"})
+        head_w, head_b = self._head()
         trainer = Trainer(cfg, calib, plan, head_w, head_b, reporter)
-        val = trainer.eval_set(self._embedded(calib, token_rows(splits.val), "validation"))
-        general = (trainer.eval_set(self._embedded(calib, token_rows(splits.general), "general-domain set"))
-                   if splits.general else None)
+        bs = cfg.train.batch_size  # each set's columns dropped once they are batches (one copy held)
+        train = encoded_batches(calib, sets.pop("train"), bs)
+        val = trainer.eval_set(encoded_batches(calib, sets.pop("val"), bs))
+        general = trainer.eval_set(encoded_batches(calib, sets.pop("general"), bs)) if "general" in sets else None
         epochs = cached_epochs(train, cfg.train.seed)
 
         def shown(epoch: int):
@@ -308,8 +326,7 @@ class InProcess:
 
         hook = self.after_epoch
         trainer.fit(shown, val, general, after_epoch=(lambda metrics, _stats: hook(trainer, metrics)) if hook else None)
-        return Fitted(cfg, calib, plan, trainer.state_dict(), {"producers": self.producers.kind}
-                      if self.producers is not None else {})
+        return Fitted(cfg, calib, plan, trainer.state_dict(), extra)
 
     def heldout(self, cfg: CarryOnConfig, adapter_dir: Path) -> dict | None:
         from .evaluation import score_heldout

@@ -6,7 +6,8 @@ and `ray job submit ... jobs.customize` run) and writes the job's record as it g
     fit       customize(cfg, InProcess(...)): the rows embedded once, Trainer.fit; after each epoch
               a checkpoint (the adapter at that epoch's alpha) in the store. The base forward runs
               on the serving replicas of the service's own Serve app (co-serving, between their
-              decode steps), else on the cluster's shared producers, else here (one base load)
+              decode steps), else on the cluster's shared producers, else here (one base load);
+              the epochs run on the cluster's trainer service when it runs, else here
     save      the adapter logged and registered in MLflow (carryon_mlflow.tracking), then loaded
               from the registry and run for one token before the job says `succeeded`: on a
               serving replica when co-serving (the adapter is then warm there: the model answers
@@ -143,7 +144,8 @@ def execute(job_id: str, spec: dict) -> str:
                 return {"model_version": version, "source": source}
 
             producers = embedding_producers(cfg, job_id, store, spec.get("producers", "auto"))
-            backend = InProcess(cfg, watch.progress, after_epoch=checkpoint, producers=producers)
+            backend = InProcess(cfg, watch.progress, after_epoch=checkpoint, producers=producers,
+                                fit_on=service_fit(cfg, job_id, store, watch))
             try:
                 summary = customize(cfg, backend, watch, register)
             finally:  # succeeded, cancelled or failed: shared producers drop what the job left queued
@@ -213,6 +215,31 @@ def embedding_producers(cfg, job_id: str, store, mode: str = "auto"):
         where = f"in the job's own process ({why})"
     store.add_event(job_id, f"Base forward {where}")
     return producers
+
+
+def service_fit(cfg, job_id: str, store, watch: JobWatch):
+    """The job's epochs on the cluster's trainer service when it runs and can hold them (the rule
+    a Ray job follows, resources.trainers: jobs/trainers.py `choose`), else None (this process
+    trains). Said in the job's events. On the service, the fit's metrics come back to this job's run and
+    checks, each epoch's state becomes the job's checkpoint here, a cancel stops the fit at its
+    next batch, and a service that dies resumes the fit from the last checkpoint."""
+    from carryon_ray.config import ConfigError
+    from jobs.trainers import TRAINERS_NAME, TrainersUnavailable, choose, fit_embedded
+
+    try:
+        service, why_not, running = choose(cfg)
+    except TrainersUnavailable as exc:  # resources.trainers is 'shared' and the service cannot take it
+        raise ConfigError(str(exc)) from None
+    if service is None:
+        why = f"the trainer service cannot hold this fit: {why_not}" if running else why_not
+        store.add_event(job_id, f"Training in the job's own process ({why})")
+        return None
+    store.add_event(job_id, f"Training on the cluster's trainer service ({TRAINERS_NAME})")
+
+    def fit_on(cfg, calib, plan, sets, after_epoch):
+        return fit_embedded(service, cfg, calib, plan, sets, f"ft-{job_id}", after_epoch, watch, watch.check)
+
+    return fit_on
 
 
 def check_servable(source: str, producers, backend, mux_id: str) -> None:

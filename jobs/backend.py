@@ -304,6 +304,7 @@ class RayBackend:
         from carryon_ray.pipeline import Fitted
         from carryon_ray.recipe import RunPlan
 
+        from . import trainers
         from .cache import EmbeddingCache
         from .train_loop import TrainLoopConfig
 
@@ -335,11 +336,16 @@ class RayBackend:
                                cache_mode=cache_mode, cache_dir=cache_dir, out_dir=str(self.out_dir),
                                eval_sets=[k for k in datasets if k != "train"], mlflow_uri=tracker.uri,
                                run_id=tracker.run_id)
-        service = trainer_service(cfg)
+        service, why_not, running = trainers.choose(cfg)
         extra["trainers"] = "service" if service is not None else "ray-train"
         reporter.params({"trainers": extra["trainers"]})
         if service is not None:
-            state = train_on_service(service, loop, datasets, cfg.resources.max_failures, run_name)
+            log.info("training on the cluster's trainer service (%s)", trainers.TRAINERS_NAME)
+        elif running:  # a service runs, and this job's fit is not one it can hold: say so
+            log.info("training on Ray Train, not the trainer service: %s", why_not)
+        if service is not None:
+            state = trainers.train_on_service(service, loop, service_shards(datasets), cfg.resources.max_failures,
+                                              run_name)
         else:
             state = train_on_cluster(cfg, loop, datasets, self.out_dir, run_name)
         return Fitted(cfg, calib, plan, state, extra)
@@ -426,93 +432,12 @@ def train_on_cluster(cfg, loop, datasets, out_dir, run_name) -> dict:
     return load_state(result.checkpoint)
 
 
-def trainer_service(cfg):
-    """The cluster's trainer service when the job should fit there (resources.trainers), else None
-    (Ray Train). 'auto' takes the service when it runs and can hold the fit, and says why not when
-    it runs but cannot; 'shared' requires it."""
-    import ray
-
-    from . import trainers
-
-    mode = cfg.resources.trainers
-    if mode == "job":
-        return None
-    service = trainers.find()
-    if service is None:
-        if mode == "shared":
-            raise JobError("resources.trainers is 'shared' but no trainer service runs on this cluster: start one "
-                           "with `carryon trainers start` (or `carryon up --trainers N`), or set "
-                           "resources.trainers=auto to train on Ray Train")
-        return None
-    reason = trainers.why_not(cfg, ray.get(service.describe.remote()))
-    if reason is not None:
-        if mode == "shared":
-            raise JobError(f"resources.trainers is 'shared' but the trainer service cannot run this fit: {reason}")
-        log.info("training on Ray Train, not the trainer service: %s", reason)
-        return None
-    log.info("training on the cluster's trainer service (%s)", trainers.TRAINERS_NAME)
-    return service
-
-
-def _wait_restarted(service, timeout_s: float = 600.0) -> None:
-    """Until a restarted service answers (Ray restarts it: max_restarts=-1); a JobError after
-    `timeout_s` (its node is gone and no other has room, say)."""
-    import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
-
-    deadline, died = time.monotonic() + timeout_s, 0
-    while True:
-        try:
-            ray.get(service.ready.remote(), timeout=30)
-            return
-        except ActorDiedError:  # a call caught in the death itself, or stopped for good (`carryon trainers stop`)
-            died += 1
-            if died >= 3:
-                raise JobError("the trainer service was stopped while this job's fit ran: start it again, or set "
-                               "resources.trainers=job to train on Ray Train") from None
-            time.sleep(1.0)
-        except (ActorUnavailableError, GetTimeoutError):  # unavailable while it restarts
-            if time.monotonic() > deadline:
-                raise JobError(f"the trainer service did not come back within {timeout_s:.0f} s: see "
-                               "`carryon trainers status`, or set resources.trainers=job") from None
-            time.sleep(1.0)
-
-
-def train_on_service(service, loop, datasets, max_failures: int, run_name: str) -> dict:
-    """The fit on the trainer service (jobs/trainers.py): its lines are printed here as they come,
-    the last epoch's checkpoint is kept here, and a lost service (its process died) is called
-    again from that checkpoint, up to `max_failures` times, as Ray Train retries a worker group.
-    Returns the Trainer's state from the last checkpoint."""
-    import ray
-    from ray.exceptions import RayActorError, RayTaskError
-
-    from carryon_ray.recipe import Trainer
-
-    train_log = logging.getLogger("carryon.train")
-    resume, failures = None, 0
-    for name, ds in datasets.items():  # as Ray Train's DataConfig readies a one-worker run's datasets
+def service_shards(datasets: dict):
+    """A fit on the trainer service reads each dataset whole, one reader per try (its process runs
+    each dataset's execution itself: no split coordinator for one reader), readied as Ray Train's
+    DataConfig readies a one-worker run's datasets."""
+    for name, ds in datasets.items():
         if ds.name is None:
             ds.set_name(name)
         ds.context.execution_options = ingest_options()
-    while True:
-        # The fit's process runs each dataset's execution itself (no split coordinator for one reader).
-        shards = {name: ds.iterator() for name, ds in datasets.items()}
-        try:
-            for ref in service.fit.remote(run_name, loop, shards, resume):
-                event = ray.get(ref)
-                if event[0] == "log":
-                    train_log.info("%s", event[1])
-                elif event[0] == "checkpoint":
-                    resume = event[2]
-                elif event[0] == "done":
-                    return Trainer.read_state_bytes(resume)
-        except (RayActorError, RayTaskError) as exc:
-            failures += 1
-            what = ("the trainer service was lost" if isinstance(exc, RayActorError)
-                    else f"the fit failed: {str(exc).strip().splitlines()[-1][:300]}")
-            if failures > max_failures:
-                raise JobError(f"training failed: {what} ({failures} failures, resources.max_failures is "
-                               f"{max_failures})\n{exc}") from None
-            log.warning("%s; starting again from %s (failure %d of %d allowed)", what,
-                        "its last checkpoint" if resume else "the beginning", failures, max_failures)
-            _wait_restarted(service)
+    return lambda: {name: ds.iterator() for name, ds in datasets.items()}

@@ -54,7 +54,7 @@ class TrainLoopConfig:
     cache: object  # the job's EmbeddingCache actor: a set per dataset ("train", "val", "general")
     cache_mode: str  # "memory" or "disk"
     cache_dir: str  # each set's files under set_dir(cache_dir, name) in disk mode
-    out_dir: str
+    out_dir: str | None  # where each epoch's audit file goes (None: none is written)
     eval_sets: list[str]  # dataset names besides "train": "val", and "general" when configured
     mlflow_uri: str | None = None
     run_id: str | None = None
@@ -111,6 +111,7 @@ class Worker:
     checkpoint: Callable[[Trainer | None, dict], None]  # after each epoch: (the trainer on rank 0, metrics)
     barrier: Callable[[], None] = lambda: None  # all ranks meet (world > 1)
     stopped: Callable[[], bool] = lambda: False  # the fit was cancelled: stop at the next batch
+    reporter: object | None = None  # rank 0's Reporter (None: the loop's MLflow run)
 
 
 class FitStopped(RuntimeError):
@@ -154,14 +155,15 @@ def run_worker(loop: TrainLoopConfig, w: Worker) -> dict:
 
     # -- setup: the recipe, resumed from the last checkpoint when there is one -------------------
     head_w, head_b = load_head(cfg.base) if cfg.head.kind == "inherited" else (None, None)
-    reporter = MlflowReporter(loop.mlflow_uri, loop.run_id) if rank == 0 else NullReporter()
+    reporter = (w.reporter or MlflowReporter(loop.mlflow_uri, loop.run_id)) if rank == 0 else NullReporter()
     trainer = Trainer(cfg, loop.calibration, loop.plan, head_w, head_b, reporter, wrap)
     if w.resume is not None:
         trainer.load_state_dict(w.resume)
         log.info("resumed from checkpoint after epoch %d (step %d, alpha %.4g)", trainer.epoch - 1, trainer.step,
                  trainer.search.current)
-    out_dir = Path(loop.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(loop.out_dir) if loop.out_dir else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     bs = cfg.train.batch_size
     cache = loop.cache
     eval_sets: dict[str, list] = {}
@@ -224,6 +226,8 @@ def run_worker(loop: TrainLoopConfig, w: Worker) -> dict:
 
     def audit(epoch: int, stats, t_wall: float, streamed: bool, status: dict) -> None:
         """What this worker trained on in an epoch: every sample id, once, where and when."""
+        if out_dir is None:
+            return
         (out_dir / f"samples-epoch{epoch}-rank{rank}.json").write_text(json.dumps(
             {"ids": stats.sample_ids, "started": t_wall, "finished": time.time(), "world": world, "pid": os.getpid(),
              "from_cache": not streamed, "node": ray.get_runtime_context().get_node_id(),

@@ -204,6 +204,8 @@ def test_the_openai_client_fine_tunes_and_the_model_answers_its_owner_at_once(ft
     for j in (job, other):
         said = [e.message for e in c.fine_tuning.jobs.list_events(j.id, limit=1000)]
         assert any("Base forward on the model replicas of Serve app" in m for m in said), said
+        # no trainer service yet (the later tests start one): the epochs ran in the job's process
+        assert "Training in the job's own process (no trainer service runs on this cluster)" in said, said
     stats = api(ft, "GET", "/v1/carryon/stats").json()
     assert stats["beside_done"] > 0 and stats["adapter_loads"] >= 2, stats
     # The model answers its owner on the very next request, streamed, equal to the registered adapter
@@ -343,8 +345,26 @@ def _actor_alive(ft, job_id: str) -> bool:
     return out.stdout.strip().endswith("alive")
 
 
+def _trainers(ft, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "carryon_cli", "trainers", *args, "--state-dir",
+                           ft["state"]["state_dir"]], capture_output=True, text=True, cwd=ROOT, env=_ray_env(ft),
+                          timeout=300)
+
+
+def _on_trainer_service(ft) -> None:
+    """The cluster's trainer service, started once for the tests from here on (a fine-tuning job
+    then fits there: finetune/runner.py). 0.3 CPU beside the replica, the gateway and one job."""
+    res = _trainers(ft, "start", "--slots", "2", "--cpus", "0.3")
+    assert res.returncode == 0 or "already runs" in res.stderr, res.stdout + res.stderr
+
+
+def _service_fits(ft) -> dict:
+    return json.loads(_trainers(ft, "status").stdout)
+
+
 @pytest.mark.slow
 def test_a_user_over_the_job_cap_gets_429_and_cancel_stops_a_job_at_a_step(ft):
+    _on_trainer_service(ft)
     c = client(ft, "carol")
     f = c.files.create(file=("t.jsonl", jsonl(chat_rows(64))), purpose="fine-tune")
     long = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 2}}}
@@ -358,6 +378,9 @@ def test_a_user_over_the_job_cap_gets_429_and_cancel_stops_a_job_at_a_step(ft):
     while not any(e.type == "metrics" for e in c.fine_tuning.jobs.list_events(first.id, limit=5)):
         assert time.time() < deadline, c.fine_tuning.jobs.retrieve(first.id)
         time.sleep(1)
+    said = [e.message for e in c.fine_tuning.jobs.list_events(first.id, limit=1000)]
+    assert any(m.startswith("Training on the cluster's trainer service") for m in said), said
+    assert first.id in str(_service_fits(ft)["running"])  # its fit holds a slot of the service
     assert c.fine_tuning.jobs.cancel(first.id).status in ("running", "cancelled")
     done = wait_job(c, first.id, timeout=120)
     assert done.status == "cancelled" and done.fine_tuned_model is None and done.finished_at is not None, done
@@ -367,6 +390,10 @@ def test_a_user_over_the_job_cap_gets_429_and_cancel_stops_a_job_at_a_step(ft):
     while _actor_alive(ft, first.id):
         assert time.time() < gone_by, "the cancelled job's actor is still alive a minute after its record ended"
         time.sleep(1)
+    while first.id in str(seen := _service_fits(ft)):  # and its fit on the service stopped, its slot free
+        assert time.time() < gone_by, seen
+        time.sleep(1)
+    assert seen["finished"]["stopped"] >= 1, seen
     # The second (queued behind the first, or running) is cancelled too; a new job is then accepted.
     c.fine_tuning.jobs.cancel(second.id)
     done2 = wait_job(c, second.id, timeout=120)
@@ -405,6 +432,7 @@ def _until(fn, timeout=180):
 
 @pytest.mark.slow
 def test_killing_the_model_replica_and_the_gateway_mid_job_loses_nothing(ft):
+    _on_trainer_service(ft)  # the job embeds on the replica that is killed and fits on the service
     c = client(ft)
     f = c.files.create(file=("t.jsonl", jsonl(chat_rows(64))), purpose="fine-tune")
     job = c.fine_tuning.jobs.create(model="tiny-base", training_file=f.id, suffix="survivor", method={
@@ -421,7 +449,11 @@ def test_killing_the_model_replica_and_the_gateway_mid_job_loses_nothing(ft):
     events = list(c.fine_tuning.jobs.list_events(job.id, limit=10000))
     assert set(before) <= {e.id for e in events}  # every event from before the kills is still there
     metrics = [e.data for e in events if e.type == "metrics"]
-    assert sorted(m["step"] for m in metrics) == list(range(1, metrics[0]["total_steps"] + 1))  # every step
+    total = metrics[0]["total_steps"]
+    assert sorted(m["step"] for m in metrics) == list(range(1, total + 1))  # every step
+    assert any(e.message.startswith("Training on the cluster's trainer service") for e in events)
+    ckpts = list(c.fine_tuning.jobs.checkpoints.list(job.id))  # each epoch's state from the service, servable
+    assert sorted(k.step_number for k in ckpts) == [total * e // 8 for e in range(1, 9)]  # 8 epochs
     reply = _until(lambda: c.chat.completions.create(model=done.fine_tuned_model, max_tokens=3, temperature=0,
                                                      messages=[{"role": "user", "content": "Topic:"}]))
     assert reply.choices[0].finish_reason in ("stop", "length")

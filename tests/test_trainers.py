@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime
@@ -144,3 +146,105 @@ def test_a_job_the_service_cannot_hold_says_why():
     assert "train_gpus is 1.0" in trainers.why_not(gpu, seen)
     other = {"resources": trainers.service_resources(1.0, 0.0, "spot_node")}
     assert "not on a 'training_node' node" in trainers.why_not(cfg, other)
+
+
+# The caller's side of a fit on the service, as a fine-tuning API job runs it (finetune/runner.py),
+# in its own process (a client of the test cluster, with its auth): a fit to its end, then a long
+# one its caller gives up on after 3 steps. Prints what it saw as JSON.
+CALLER = """
+import json, sys, time
+import ray
+from carryon_ray.config import load_config
+from carryon_ray.pipeline import InProcess, customize
+from jobs import trainers
+
+config_path, tiny, out = sys.argv[1:4]
+
+def config(name, **sets):
+    return load_config(config_path, {"base.name": tiny, "output.dir": f"{out}/{name}", **sets})
+
+class GaveUp(Exception):
+    pass
+
+class Seen:  # the caller's Reporter: what the fit's metrics stream brought back
+    def __init__(self, stop_at=None):
+        self.steps, self.params, self.stop_at = [], {}, stop_at
+    def metrics(self, values, step):
+        if "train_loss_step" in values:
+            self.steps.append(step)
+    def params(self, values):
+        self.params.update(values)
+    def dataset(self, *args):
+        pass
+    def check(self):  # a cancelled job's check
+        if self.stop_at is not None and len(self.steps) >= self.stop_at:
+            raise GaveUp()
+
+ray.init(logging_level="ERROR")
+service = trainers.start(1, 1.0)
+ray.get(service.ready.remote(), timeout=120)
+
+def on_service(seen, name):
+    return lambda cfg, calib, plan, sets, after_epoch: trainers.fit_embedded(
+        service, cfg, calib, plan, sets, name, after_epoch, seen, seen.check)
+
+seen, checkpoints = Seen(), []
+cfg = config("service")
+got = customize(cfg, InProcess(cfg, after_epoch=lambda t, m: checkpoints.append([t.epoch, t.step, m["val_loss"]]),
+                               fit_on=on_service(seen, "parity")))
+quitter = Seen(stop_at=3)
+cfg = config("cancelled", **{"train.epochs": 200})
+try:
+    customize(cfg, InProcess(cfg, fit_on=on_service(quitter, "cancelled")))
+    gave_up = False
+except GaveUp:
+    gave_up = True
+t0 = time.time()
+while (after := ray.get(service.describe.remote()))["running"] or not after["finished"]["stopped"]:
+    if time.time() - t0 > 60:
+        break
+    time.sleep(0.5)
+ray.kill(service)
+print("RESULT", json.dumps({"got": {k: got[k] for k in ("trainers", "steps", "epochs", "history", "val_loss_after")},
+                            "steps": seen.steps, "checkpoints": checkpoints, "gave_up": gave_up,
+                            "quitter_steps": quitter.steps, "after": after, "stopped_in_s": time.time() - t0}))
+"""
+
+
+@pytest.mark.slow
+def test_a_fit_of_rows_the_caller_embedded_matches_its_own_process_and_a_cancel_frees_the_slot(cluster, tiny_dir,
+                                                                                            tmp_path):
+    """What a fine-tuning API job does when the cluster runs the service (finetune/runner.py): the
+    rows embedded in the caller's process, the epochs on the service (jobs/trainers.py:
+    fit_embedded). It trains what the caller's own process trains (every alpha candidate to 1e-5,
+    the final validation loss to 1e-4); each epoch's state comes back as the caller's checkpoint
+    and every step's metrics reach the caller's reporter. A caller that gives up mid-fit (a
+    cancelled job) stops the fit on the service at a step, and the service's slot is free again."""
+    from carryon_ray.config import load_config
+    from carryon_ray.pipeline import InProcess, customize
+
+    here = load_config(ROOT / TINY_CONFIG, {"base.name": tiny_dir, "output.dir": str(tmp_path / "here")})
+    ref = customize(here, InProcess(here))
+    env = {**os.environ, **local_cluster.client_env(cluster), "RAY_ADDRESS": cluster["ray_address"],
+           "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", CALLER, str(ROOT / TINY_CONFIG), tiny_dir, str(tmp_path)],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    seen = json.loads(res.stdout.split("RESULT ", 1)[1])
+    got = seen["got"]
+    assert got["trainers"] == "service" and got["steps"] == ref["steps"]
+    for mine, theirs in zip(got["history"], ref["history"]):  # JSON: the alphas as strings
+        want = {str(a): v for a, v in theirs["candidates"].items()}
+        assert mine["candidates"].keys() == want.keys()
+        assert all(mine["candidates"][a] == pytest.approx(v, abs=1e-5) for a, v in want.items())
+    assert got["val_loss_after"] == pytest.approx(ref["val_loss_after"], rel=1e-4)
+    assert seen["steps"] == list(range(1, ref["steps"] + 1))  # every step's metrics, once, in order
+    per_epoch = ref["steps"] // ref["epochs"]
+    assert [c[:2] for c in seen["checkpoints"]] == [[e + 1, per_epoch * (e + 1)] for e in range(ref["epochs"])]
+    assert seen["checkpoints"][-1][2] == pytest.approx(got["val_loss_after"], rel=1e-6)
+    # The caller that gave up after 3 steps: its fit stopped at a step, long before its end, and
+    # the service's one slot is free (no fit running or waiting), within seconds.
+    after = seen["after"]
+    assert seen["gave_up"] and 3 <= max(seen["quitter_steps"]) < 200 * per_epoch
+    assert after["finished"] == {"succeeded": 1, "failed": 0, "stopped": 1} and not after["running"], after
+    assert not after["waiting"] and seen["stopped_in_s"] < 30, seen
