@@ -54,7 +54,8 @@ def config_for(args, depth: int, rank: int, lr: float, bits: int = 0, select_row
     return validate_config({"base": {"name": args.base_dir, "dtype": "float32"}, "data": {"train": "bench"},
                             "carryon": {"kind": "recycled", "depth": depth, "rank": rank}, "bridge": {"bits": bits},
                             "alpha": {"select_rows": select_rows},
-                            "train": {"lr": lr, "batch_size": args.batch, "warmup_steps": 10, "epochs": 1, "seed": 0}})
+                            "train": {"lr": lr, "batch_size": args.batch, "warmup_steps": 10, "epochs": 1,
+                                      "seed": args.seed or 0}})
 
 
 def run_recycled(args, base, data: Cached, depth: int, rank: int, lr: float, bits: int = 0,
@@ -139,6 +140,10 @@ def main() -> int:
     p.add_argument("--select-rows", default="0",
                    help="alpha.select_rows values every configuration runs with (comma-separated; 0 = every "
                         "validation row scores every candidate)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the run's seed: the training order (RowPlan), the carry-on's init (train.seed) and LoRA's "
+                        "init (torch.manual_seed); unset: seed 0 for the first two and torch's unseeded default "
+                        "for LoRA (the recorded runs)")
     p.add_argument("--out", default=str(ROOT / "bench/results/recycled.json"))
     args = p.parse_args()
     show_progress()

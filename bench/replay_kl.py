@@ -168,11 +168,14 @@ def run_lora(args, base_dir: str, data, tok, em_rows) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     base_val, base_gen = hf_loss(model, data["val"][1]), hf_loss(model, data["general"][1])
+    seed = getattr(args, "seed", None)  # None: torch's unseeded default for LoRA's init (the recorded runs)
+    if seed is not None:
+        torch.manual_seed(seed)
     model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
                                              target_modules=getattr(args, "lora_targets", ["q_proj", "v_proj"])))
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lora_lr)
-    exs = ordered(data["train"][1])  # the carry-on's batches: the RowPlan's training order, in turn
+    exs = ordered(data["train"][1], seed or 0)  # the carry-on's batches: the RowPlan's training order, in turn
     t0 = time.perf_counter()
     pace = Pace(args.steps, "steps")  # the first step, then every ~30 s, with the rate and an ETA (as a fit's lines)
     model.train()
