@@ -10,7 +10,7 @@ each fit is a thread, and torch's kernels release the GIL, so fits interleave.
     TrainerService     the named, detached actor (`carryon up --trainers N` or
                        `carryon trainers start`): `fit` is a streaming call per job that yields the
                        fit's log lines and each epoch's checkpoint, then its summary; up to `slots`
-                       fits run at once, more wait for a slot in arrival order.
+                       fits run at once, more wait for a slot (a cancelled one stops waiting).
     train_on_service   the job's side: keeps the latest checkpoint, prints the lines, and on a
                        lost service (actor death) calls again from that checkpoint, up to
                        resources.max_failures times, as Ray Train would. A Ray job's fit reads
