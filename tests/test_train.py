@@ -40,7 +40,7 @@ def test_balance_point():
 def test_in_process_trainer_lowers_validation_loss_on_smollm2(tmp_path, smol_dir):
     cfg = make_config(
         base={"name": smol_dir},
-        data={"builtin_size": 96, "max_length": 128, "val_fraction": 0.2},
+        data={"builtin_size": 48, "max_length": 128, "val_fraction": 0.2},
         train={"epochs": 2, "batch_size": 8, "lr": 3e-3, "warmup_steps": 4},
         alpha={"init": 0.5},
         output={"dir": str(tmp_path)},
