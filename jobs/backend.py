@@ -341,12 +341,11 @@ class RayBackend:
         reporter.params({"trainers": extra["trainers"]})
         if service is not None:
             log.info("training on the cluster's trainer service (%s)", trainers.TRAINERS_NAME)
-        elif running:  # a service runs, and this job's fit is not one it can hold: say so
-            log.info("training on Ray Train, not the trainer service: %s", why_not)
-        if service is not None:
             state = trainers.train_on_service(service, loop, service_shards(datasets), cfg.resources.max_failures,
                                               run_name)
         else:
+            if running:  # a service runs, and this job's fit is not one it can hold: say so
+                log.info("training on Ray Train, not the trainer service: %s", why_not)
             state = train_on_cluster(cfg, loop, datasets, self.out_dir, run_name)
         return Fitted(cfg, calib, plan, state, extra)
 

@@ -346,9 +346,10 @@ def _actor_alive(ft, job_id: str) -> bool:
 
 
 def _trainers(ft, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "carryon_cli", "trainers", *args, "--state-dir",
-                           ft["state"]["state_dir"]], capture_output=True, text=True, cwd=ROOT, env=_ray_env(ft),
-                          timeout=300)
+    """`carryon trainers ...` against this module's cluster."""
+    from test_job import _carryon
+
+    return _carryon(ft["state"], "trainers", *args)
 
 
 def _on_trainer_service(ft) -> None:
