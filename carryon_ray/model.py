@@ -159,7 +159,10 @@ class MoE(nn.Module):
     Each token's router scores all experts (softmax); the top_k are run and mixed with their
     renormalised scores. During training a router dropout hides each expert from each token with
     probability `router_dropout` (set from outside and decayed over the run), so early tokens try
-    experts they would not pick yet. `balance_loss` (Switch Transformer form, E * sum f_i P_i) is
+    experts they would not pick yet. The hidden experts are drawn from `noise_seed` (set with the
+    dropout, from the run's seed and step), never from the process's global stream: fits that share a
+    process (the trainer service's threads) cannot draw from each other's stream, and a run resumed
+    from a checkpoint hides the same experts at the same step as the run that was never stopped. `balance_loss` (Switch Transformer form, E * sum f_i P_i) is
     kept from the last forward for the trainer to add; `usage` counts routed slots per expert
     until `reset_usage`."""
 
@@ -170,6 +173,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(SwiGLU(cfg.width, cfg.expert_ratio) for _ in range(cfg.experts))
         self.shared = nn.ModuleList(SwiGLU(cfg.width, cfg.expert_ratio) for _ in range(cfg.shared_experts))
         self.router_dropout = float(cfg.router_dropout[0])
+        self.noise_seed = 0
         self.balance_loss = torch.zeros(())
         self.register_buffer("usage", torch.zeros(cfg.experts), persistent=False)
 
@@ -182,7 +186,8 @@ class MoE(nn.Module):
         probs = F.softmax(self.router(flat).float(), dim=-1)  # [N, E]
         scores = probs
         if self.training and self.router_dropout > 0:
-            hide = torch.rand_like(probs) < self.router_dropout
+            noise = torch.Generator(device=probs.device).manual_seed(self.noise_seed)
+            hide = torch.rand(probs.shape, generator=noise, device=probs.device) < self.router_dropout
             hide &= ~torch.eye(probs.shape[1], dtype=torch.bool, device=h.device)[probs.argmax(-1)]  # keep the top one
             scores = probs.masked_fill(hide, 0.0)
         weight, chosen = scores.topk(self.top_k, dim=-1)  # [N, k]
@@ -570,9 +575,12 @@ class CarryOn(nn.Module):
         layers = self.moe_layers()
         return torch.stack([m.balance_loss for m in layers]).mean() if layers else torch.zeros(())
 
-    def set_router_dropout(self, p: float) -> None:
-        for m in self.moe_layers():
+    def set_router_dropout(self, p: float, seed: int = 0) -> None:
+        """Router dropout `p` for the training stage's MoE layers, each drawing its hidden experts
+        from its own seed derived from `seed` (a fresh `seed` per step gives fresh masks)."""
+        for i, m in enumerate(self.moe_layers()):
             m.router_dropout = float(p)
+            m.noise_seed = hash((seed, i)) & (2**63 - 1)  # int tuples hash the same in every process
 
     def expert_usage(self, reset: bool = True) -> list[list[float]]:
         """Per MoE layer of the newest stage, each expert's share of routed slots since the last reset."""

@@ -171,6 +171,8 @@ class Trainer:
         self.head = (head_weight, head_bias)
         self.reporter = reporter or NullReporter()
         self.wrap = wrap or (lambda m: m)  # DDP on several Ray Train workers
+        dist = torch.distributed
+        self.rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0  # seeds its own masks
         self.chunk = cfg.train.loss_chunk
         self.epoch = 0  # the next epoch to run
         self.step = 0
@@ -318,7 +320,8 @@ class Trainer:
                 stats.produced_tokens += batch.produced_tokens
                 stats.produced_seconds += batch.produced_seconds
                 stats.producer_nodes |= batch.producer_nodes
-            router_dropout_at(self.model, self.step - self.stage_start, self.stage_steps)
+            router_dropout_at(self.model, self.step - self.stage_start, self.stage_steps,
+                              seed=hash((cfg.train.seed, self.step, self.rank)))
             replay = batch.replay if cfg.data.replay else None
             positions, attn_mask = batch.layout()
             out = train_step(self.ddp, self.opt, self.sched, self.decode(batch), batch.labels, self.chunk,

@@ -205,7 +205,7 @@ class RecycledTop(nn.Module):
     def balance_loss(self) -> torch.Tensor:
         return torch.zeros(())
 
-    def set_router_dropout(self, p: float) -> None:
+    def set_router_dropout(self, p: float, seed: int = 0) -> None:
         pass
 
     def expert_usage(self, reset: bool = True) -> list[list[float]]:

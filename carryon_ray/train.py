@@ -155,11 +155,12 @@ def train_step(model, optimizer, scheduler, sources, labels, chunk: int = 1024, 
                       int(replay.sum()) if replay is not None else 0, float(balance.detach()))
 
 
-def router_dropout_at(carryon: CarryOn, step: int, total: int) -> float:
-    """Set the MoE router dropout for `step` of `total` (linear from start to end); returns it."""
+def router_dropout_at(carryon: CarryOn, step: int, total: int, seed: int = 0) -> float:
+    """Set the MoE router dropout for `step` of `total` (linear from start to end); returns it.
+    `seed` picks the step's masks (the recipe passes its run seed, global step and rank)."""
     start, end = carryon.arch.router_dropout
     p = start + (end - start) * min(1.0, step / max(1, total - 1))
-    carryon.set_router_dropout(p)
+    carryon.set_router_dropout(p, seed)
     return p
 
 

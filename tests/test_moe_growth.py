@@ -79,6 +79,17 @@ def test_router_dropout_decays_and_only_acts_in_training():
     torch.manual_seed(3)
     dropped = m([[x]])
     assert not torch.equal(ref, dropped)
+    # The hidden experts come from the step's seed, not the process's global stream: a fit sharing its
+    # process with others (the trainer service's threads), or resumed from a checkpoint, draws the
+    # masks it would draw alone and uninterrupted.
+    router_dropout_at(m, 5, 11, seed=hash((0, 5, 0)))
+    torch.manual_seed(1)
+    first = m([[x]])
+    torch.manual_seed(2)
+    torch.rand(1000)  # another fit's draws in between
+    assert torch.equal(m([[x]]), first)
+    router_dropout_at(m, 5, 11, seed=hash((0, 6, 0)))  # the same rate at the next step: new masks
+    assert not torch.equal(m([[x]]), first)
 
 
 @pytest.mark.parametrize("attention", ["mla", "gqa"])
