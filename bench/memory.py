@@ -13,7 +13,7 @@ peak resident memory (ru_maxrss) and seconds per step:
 - idle:    python + torch imported, nothing else: the floor under both.
 
 With --recycled-depths (SmolLM2-135M only: the recycled kind reads the base's own top blocks from its
-checkpoint), also the recycled-top carry-on's trainer (the top k blocks frozen, rank-8 deltas on all
+checkpoint), also the recycled-top carry-on's trainer (the top k blocks frozen, deltas of --recycled-rank (8) on all
 seven linears, the final norm and the inherited head; cached states [batch, tokens, D] in) against
 LoRA r = 8 on q, v and on all linear layers, at the same batch.
 
@@ -55,7 +55,7 @@ if kind == "carryon" or kind.startswith("recycled"):
     # (the gated MLP of width 64, or the recycled kind's top `depth` blocks of SmolLM2 with deltas).
     from carryon_ray.config import validate_config
     from carryon_ray.train import build_carryon, make_optimizer, train_step
-    arch = {{"kind": "mlp", "width": 64}} if kind == "carryon" else {{"kind": "recycled", "depth": int(kind[8:]), "rank": 8}}
+    arch = {{"kind": "mlp", "width": 64}} if kind == "carryon" else {{"kind": "recycled", "depth": int(kind[8:]), "rank": {rank}}}
     cfg = validate_config({{"base": {{"name": "smollm2-135m-instruct", "dtype": "float32"}}, "data": {{"train": "x"}},
                            "carryon": arch}})
     head = torch.randn(V, D) * 0.02
@@ -127,6 +127,7 @@ def main() -> None:
     p.add_argument("--recycled-depths", default="", help="e.g. 8,15: the recycled-top trainer vs LoRA (q,v and all) at 135m")
     p.add_argument("--recycled-batch", type=int, default=8)
     p.add_argument("--recycled-tokens", type=int, default=192)
+    p.add_argument("--recycled-rank", type=int, default=8, help="the recycled deltas' rank (the shipped default: 32)")
     p.add_argument("--out", default=str(ROOT / "bench/results/memory.json"))
     args = p.parse_args()
     idle = measure("idle", "135m", args)
@@ -135,8 +136,8 @@ def main() -> None:
         sub = argparse.Namespace(**{**vars(args), "batch": args.recycled_batch, "tokens": args.recycled_tokens})
         lora = {k: measure(k, "135m", sub, 8) for k in ("lora", "lora_all")}
         for depth in args.recycled_depths.split(","):
-            r = measure(f"recycled{int(depth)}", "135m", sub)
-            recycled.append({"depth": int(depth), "recycled": r, **{f"{k}_rss_mb": v["peak_rss_mb"] for k, v in lora.items()},
+            r = measure(f"recycled{int(depth)}", "135m", sub, args.recycled_rank)
+            recycled.append({"depth": int(depth), "rank": args.recycled_rank, "recycled": r, **{f"{k}_rss_mb": v["peak_rss_mb"] for k, v in lora.items()},
                              "over_lora_qv_rss": r["peak_rss_mb"] / lora["lora"]["peak_rss_mb"],
                              "over_lora_all_rss": r["peak_rss_mb"] / lora["lora_all"]["peak_rss_mb"],
                              "over_lora_all_above_idle": (r["peak_rss_mb"] - idle["peak_rss_mb"])
