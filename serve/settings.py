@@ -176,7 +176,10 @@ class FinetuneConfig(Strict):
         "customizations go through `carryon customize` / ray job submit.")
     job_cpus: float = Field(
         1.0, ge=0, description="Logical CPUs a job's process asks for. With replicas.num_cpus, what lets a job run "
-        "beside serving: on a 2-CPU laptop, 0.5 per replica + 0.1 gateway + 1 job fit.")
+        "beside serving: on a 2-CPU laptop, 0.5 per replica + 0.1 gateway + 1 job fit. Where the replicas embed for "
+        "jobs (producers: auto) and the cluster runs the trainer service, a job's process only tokenizes, logs and "
+        "registers: a fraction (0.1) lets many jobs run at once, at the price that a job which falls back to its "
+        "own process (no service reachable) computes over its share.")
     job_gpus: float = Field(0.0, ge=0, description="GPUs a job's process asks for (when its base forward runs there).")
     producers: Literal["auto", "job"] = Field(
         "auto", description="Where a job's base forward runs. 'auto': on this app's model replicas, between their "
