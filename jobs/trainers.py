@@ -340,7 +340,29 @@ def train_on_service(service, loop, shards: Callable[[], dict], max_failures: in
             _wait_restarted(service)
         except BaseException:  # the caller gave up (a cancelled job, an interrupt): so does the fit
             ray.cancel(stream)
+            _wait_released(service, run_name)
             raise
+
+
+def _wait_released(service, job: str, timeout_s: float = 30.0) -> None:
+    """Until the service has let go of `job`'s fit (stopped at its next batch, its slot free).
+    The caller's objects are the fit's input (its rows, its cache): a caller that ended right
+    after `ray.cancel` took them away before the cancel arrived (the request is asynchronous and
+    travels from the caller), and the fit failed reading them instead of stopping, counted as
+    failed (a clean-clone CI run, 2026-12-05). Bounded: a lost or stuck service never holds the
+    caller more than `timeout_s`."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            seen = ray.get(service.describe.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - a service that does not answer holds nothing of ours
+            return
+        if job not in seen["running"] and job not in seen["waiting"]:
+            return
+        time.sleep(0.2)
+    log.warning("the trainer service still holds fit %s %.0f s after it was cancelled", job, timeout_s)
 
 
 class EmbeddedRows:
