@@ -347,10 +347,11 @@ def train_on_service(service, loop, shards: Callable[[], dict], max_failures: in
 def _wait_released(service, job: str, timeout_s: float = 30.0) -> None:
     """Until the service has let go of `job`'s fit (stopped at its next batch, its slot free).
     The caller's objects are the fit's input (its rows, its cache): a caller that ended right
-    after `ray.cancel` took them away before the cancel arrived (the request is asynchronous and
-    travels from the caller), and the fit failed reading them instead of stopping, counted as
-    failed (a clean-clone CI run, 2026-12-05). Bounded: a lost or stuck service never holds the
-    caller more than `timeout_s`."""
+    after `ray.cancel` could take them away before the cancel arrived (the request is asynchronous
+    and travels from the caller), and the fit would fail reading them instead of stopping. (This
+    was first suspected for a CI failure whose cause turned out to be another: the fit had already
+    succeeded; tests/test_finetune.py's cancel test.) Bounded: a lost or stuck service never holds
+    the caller more than `timeout_s`."""
     import ray
 
     deadline = time.monotonic() + timeout_s
