@@ -160,9 +160,10 @@ class MoE(nn.Module):
     renormalised scores. During training a router dropout hides each expert from each token with
     probability `router_dropout` (set from outside and decayed over the run), so early tokens try
     experts they would not pick yet. The hidden experts are drawn from `noise_seed` (set with the
-    dropout, from the run's seed and step), never from the process's global stream: fits that share a
-    process (the trainer service's threads) cannot draw from each other's stream, and a run resumed
-    from a checkpoint hides the same experts at the same step as the run that was never stopped. `balance_loss` (Switch Transformer form, E * sum f_i P_i) is
+    dropout, from the run's seed, step, rank and the layer), never from the process's global
+    stream: fits that share a process (the trainer service's threads) cannot draw from each
+    other's stream, and a run resumed from a checkpoint hides the same experts at the same step as
+    the run that was never stopped. `balance_loss` (Switch Transformer form, E * sum f_i P_i) is
     kept from the last forward for the trainer to add; `usage` counts routed slots per expert
     until `reset_usage`."""
 
