@@ -82,30 +82,51 @@ def customize(cfg: CarryOnConfig, backend: Backend, reporter: Reporter | None = 
     entries join the summary (the MLflow model and registry: carryon_mlflow.tracking.registration)."""
     reporter = reporter or NullReporter()
     t_start = time.perf_counter()
+    stages = Stopwatch()  # seconds per step of the story: where a run's wall went (summary.json)
     # -- data -----------------------------------------------------------------------------------
     data = backend.data(reporter)
     report_data(data.reports, data.profiles, data.n_custom, data.n_replay, reporter)
     report_padding(*data.padding, data.n_train, reporter)
+    stages.lap("data")
     # -- calibrate ------------------------------------------------------------------------------
     calib = backend.calibrate(data)
     reporter.params({"bridge_bytes_per_token": f"{calib.bytes_per_token():.1f}"})
+    stages.lap("calibrate")
     # -- fit ------------------------------------------------------------------------------------
     fitted = backend.fit(data, calib, reporter)
     trainer = Trainer(fitted.cfg, fitted.calibration, fitted.plan)
     trainer.load_state_dict(fitted.state)
+    stages.lap("fit")
     # -- save -----------------------------------------------------------------------------------
     out = Path(cfg.output.dir).resolve()
     data_summary = [r.summary() for r in data.reports.values()]
     adapter = trainer.save(out, cfg.base.name, {"data": data_summary})
+    stages.lap("save")
     heldout = report_heldout(backend.heldout(fitted.cfg, adapter), cfg, reporter)
+    stages.lap("heldout")
     summary = {**trainer.summary(), "data": data_summary, "train_sequences": data.n_train, "adapter": str(adapter),
-               "heldout": heldout, **fitted.extra, "wall_seconds": round(time.perf_counter() - t_start, 1)}
+               "heldout": heldout, **fitted.extra, "wall_seconds": round(time.perf_counter() - t_start, 1),
+               "stage_seconds": stages.laps}
     if finish is not None:
         summary.update(finish(fitted.cfg, summary))
+        stages.lap("finish")  # the dict in the summary is the stopwatch's own: it gains this entry
     write_summary(out, summary)
     log.info("validation loss %.4f -> %.4f at alpha %.4g; adapter saved to %s", summary["val_loss_before"],
              summary["val_loss_after"], summary["alpha"], adapter)
     return summary
+
+
+class Stopwatch:
+    """Seconds between successive `lap(name)` calls, in order (a stage's time includes its reporting)."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 1)
+        self._t = now
 
 
 # ---------------------------------------------------------------------------------------------

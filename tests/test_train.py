@@ -294,6 +294,11 @@ def test_the_demo_path_end_to_end_on_the_tiny_base(tmp_path, tiny_dir):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["heldout"]["rows"] == 8 and 0 <= summary["heldout"]["adapter_accuracy"] <= 1
     assert summary["history"][0]["general"] is not None  # the demo's general-domain set was scored
+    # where the run's wall went, stage by stage, in the story's order (wall_seconds ends before
+    # "finish": the registration, which records the summary)
+    stages = summary["stage_seconds"]
+    assert list(stages) == ["data", "calibrate", "fit", "save", "heldout", "finish"], stages
+    assert min(stages.values()) >= 0 and abs(sum(list(stages.values())[:5]) - summary["wall_seconds"]) <= 0.5
 
 
 @pytest.mark.parametrize("kind", ["mlp", "transformer"])
