@@ -179,8 +179,9 @@ class Producers:
         try:
             if self.kind == "coserve":  # one replica's engine (Serve picks which)
                 info = self.replicas.info.remote().result(timeout_s=30)
-                return {"owner": "coserve", "replica": {k: info.get(k) for k in ("beside_done", "beside_waiting",
-                                                                                 "steps", "node_id", "pid")}}
+                return {"owner": "coserve", "replica": {k: info.get(k) for k in ("beside_done", "beside_tokens",
+                                                                                 "beside_waiting", "steps", "node_id",
+                                                                                 "pid")}}
             return ray.get(ray.get_actor(self.name, namespace=NAMESPACE).describe.remote(), timeout=30)
         except Exception as exc:  # noqa: BLE001 - a description is best effort
             return {"error": str(exc)}

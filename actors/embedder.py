@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 
 from carryon_ray.config import BridgeConfig
 from carryon_ray.embedding import ROW_INPUT_IDS, Calibration, calibrate as fit
@@ -57,8 +58,10 @@ class EmbeddingProducer:
         self.arriving: dict[str, asyncio.Future] = {}
         # One thread runs the forwards: torch uses the actor's cores inside it.
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        # tokens are padded (what the forwards cost); first/last: when (wall clock) the first
+        # forward started and the latest ended, so tokens over that span is the jobs' throughput
         self.stats = {"forwards": 0, "requests": 0, "rows": 0, "tokens": 0, "shared_forwards": 0, "jobs": 0,
-                      "forgotten": 0}
+                      "forgotten": 0, "first_forward_at": None, "last_forward_at": None}
         self.in_flight = 0  # embed calls not yet answered: queued, in a forward, or fetching a calibration
 
     def ready(self) -> str:
@@ -133,6 +136,8 @@ class EmbeddingProducer:
                 if not taken:
                     break
                 reqs = [r for r, _ in taken]
+                if self.stats["first_forward_at"] is None:
+                    self.stats["first_forward_at"] = time.time()
                 try:
                     outs = await loop.run_in_executor(self.pool, self.producer.embed, reqs)
                     results = [(o, None) for o in outs]
@@ -149,6 +154,7 @@ class EmbeddingProducer:
                 self.stats["requests"] += len(reqs)
                 self.stats["rows"] += sum(len(r.batch[ROW_INPUT_IDS]) for r in reqs)
                 self.stats["tokens"] += sum(r.tokens() for r in reqs)
+                self.stats["last_forward_at"] = time.time()
                 for (_, fut), (out, exc) in zip(taken, results):
                     if fut.done():
                         continue

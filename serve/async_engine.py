@@ -225,6 +225,8 @@ class AsyncEngine:
         # engine thread, one item after each decode step, back to back only when no row waits or runs.
         self._beside: deque[tuple[Callable[[], Any], concurrent.futures.Future, int]] = deque()
         self.beside_done = 0
+        self.beside_tokens = 0  # padded tokens of prompt-only work run, and when (wall clock) it first
+        self.beside_span = [None, None]  # started and last ended: the jobs' throughput on this replica
         self.budget = BesideBudget(engine.embed_share, engine.embed_tokens)
         self._thread = threading.Thread(target=self._loop, name="carryon-engine", daemon=True)
         self._thread.start()
@@ -359,12 +361,16 @@ class AsyncEngine:
         if not fut.set_running_or_notify_cancel():  # its caller gave up
             return
         t0 = time.perf_counter()
+        if self.beside_span[0] is None:
+            self.beside_span[0] = time.time()
         try:
             result, error = fn(), None
         except BaseException as exc:  # noqa: BLE001 - the caller gets it; the engine goes on
             result, error = None, exc
         self.budget.spent(time.perf_counter() - t0, tokens, after_step)
         self.beside_done += 1  # counted before the caller wakes
+        self.beside_tokens += tokens if error is None else 0
+        self.beside_span[1] = time.time()
         if error is None:
             fut.set_result(result)
         else:
@@ -416,6 +422,8 @@ class AsyncEngine:
                     "finished": dict(e.stats.finished), "adapter_rows": dict(e.stats.adapter_rows),
                     "kv_bytes": e.kv_bytes(), "max_rows": e.max_rows,
                     "beside_waiting": len(self._beside), "beside_done": self.beside_done,
+                    "beside_tokens": self.beside_tokens, "beside_first_at": self.beside_span[0],
+                    "beside_last_at": self.beside_span[1],
                     "beside_share": round(self.budget.share_used(), 4),
                     "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None,
                     "ttft_count": self.ttft_count, "ttft_sum_s": round(self.ttft_sum, 6),

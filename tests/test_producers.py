@@ -67,7 +67,9 @@ def test_queued_requests_of_several_jobs_share_one_forward_under_the_token_budge
         return await asyncio.gather(*(producer.embed(job, [calibs[job]], rows) for job, rows in batches),
                                     return_exceptions=True)
 
+    t0 = time.time()
     outs = asyncio.run(main())
+    t1 = time.time()
     for (job, rows), out in zip(batches, outs):
         if job == "bad":
             assert isinstance(out, Exception), out
@@ -76,6 +78,8 @@ def test_queued_requests_of_several_jobs_share_one_forward_under_the_token_budge
     # three requests of at most 4 x 23 padded tokens fit the budget: a, b and bad shared the first
     # forward (which raised, so each ran again alone); the fourth came in the next
     assert producer.stats["shared_forwards"] >= 1 and producer.stats["requests"] >= 4, producer.stats
+    # the span its forwards ran in (tokens over it: the jobs' throughput, bench/shared_producers.py)
+    assert t0 <= producer.stats["first_forward_at"] <= producer.stats["last_forward_at"] <= t1, producer.stats
 
 
 def test_the_queue_is_fair_across_jobs_and_keeps_each_jobs_order():

@@ -678,7 +678,8 @@ def test_a_job_embeds_through_the_model_replica_beside_users(served, tiny_dir):
     between decode steps (a user's request is served meanwhile), and the rows equal those of a
     producer of the job's own. The job's held-out answers decode on the replica too (no second
     base copy), the same as on a base of its own."""
-    before = stats(served)["adapter_rows"].get("held-out", 0)
+    first = stats(served)
+    before, tokens_before = first["adapter_rows"].get("held-out", 0), first["beside_tokens"]
     proc = _coserving_job(served, tiny_dir, 40, 8, heldout=True)
     r = post(served, "/v1/completions", {"model": "bob-b", "prompt": "x", "max_tokens": 8}, key="bob")
     out, _ = proc.communicate(timeout=300)
@@ -689,6 +690,8 @@ def test_a_job_embeds_through_the_model_replica_beside_users(served, tiny_dir):
     assert sorted(res["ids"]) == res["want_ids"] == list(range(40)) and len(res["ids"]) == 40
     assert res["max_diff"] <= 0.05 * res["scale"], res  # the same rows, up to float rounding of other batches
     assert res["seen"]["replica"]["beside_done"] >= 1, res["seen"]
+    # the job's tokens are counted where they ran (padded per chunk, so at least the rows' own)
+    assert stats(served)["beside_tokens"] - tokens_before >= sum(4 + i % 9 for i in range(40))
     held = res["heldout"]
     assert held == res["heldout_here"] and held["rows"] == 10
     assert any(r["base"] != r["adapter"] for r in held["records"])  # the adapter's rows had the adapter
