@@ -259,8 +259,14 @@ def replicas(app: str):
         ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
     except ValueError:
         return None
+    import logging
+
     from ray import serve
 
+    # Serve's client-side lines (its router starting, "Failed to get queue length" while a replica
+    # is busy) would land in the job's log from every process that calls the replicas; the job
+    # reports its own waits and failures.
+    logging.getLogger("ray.serve").setLevel(logging.ERROR)
     try:
         return serve.get_deployment_handle(REPLICA, app_name=app)
     except Exception:  # noqa: BLE001 - no such application or deployment

@@ -42,16 +42,24 @@ __all__ = ["Gateway", "ModelServer", "build", "deployments"]
 def deployments(cfg: ServeConfig, key_digests: dict[str, str]):
     """The bound application for a validated config (resources and scaling from config)."""
     r = cfg.replicas
-    actor = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+    # Serve's lines (each request's access line, above all) go to its own log files (logs/serve/,
+    # the dashboard's Serve page), not to the replicas' stderr: Ray forwards a Serve replica's
+    # stderr to every driver on the cluster, so every customization job's log got every user's
+    # requests.
+    quiet = {"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0"}}
+    actor = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": quiet}
     if r.resource_units > 0:
         actor["resources"] = {r.resource: r.resource_units}
     scaling: dict[str, Any] = {"num_replicas": r.min_replicas} if r.min_replicas == r.max_replicas else {
         "autoscaling_config": {"min_replicas": r.min_replicas, "max_replicas": r.max_replicas,
                                "target_ongoing_requests": r.target_ongoing_requests}}
     settings = cfg.model_dump()
+    # No access line per call on the model replicas: the gateway's access log has every user
+    # request, and a co-serving job's chunks are hundreds of calls.
     model = ModelServer.options(ray_actor_options=actor, max_ongoing_requests=r.max_ongoing_requests,
-                                **scaling).bind(settings)
-    gateway = Gateway.options(num_replicas=cfg.gateway.replicas, ray_actor_options={"num_cpus": cfg.gateway.num_cpus},
+                                logging_config={"enable_access_log": False}, **scaling).bind(settings)
+    gateway = Gateway.options(num_replicas=cfg.gateway.replicas,
+                              ray_actor_options={"num_cpus": cfg.gateway.num_cpus, "runtime_env": quiet},
                               max_ongoing_requests=max(100, 4 * r.max_ongoing_requests))
     return gateway.bind(model, settings, key_digests)
 

@@ -685,6 +685,8 @@ def test_a_job_embeds_through_the_model_replica_beside_users(served, tiny_dir):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
     assert r.status_code == 200
+    # the job's log has none of the app's lines: no user's request, none of its own chunks' calls
+    assert "ServeReplica" not in out and "/v1/completions" not in out, out[-3000:]
     res = _result(out)
     assert res["kind"] == "coserve"
     assert sorted(res["ids"]) == res["want_ids"] == list(range(40)) and len(res["ids"]) == 40
