@@ -102,6 +102,7 @@ class Producers:
         placed and scaled on its own and the bases run concurrently on different blocks)."""
         import ray
         from ray.data import TaskPoolStrategy
+        from ray.data.dataset import MaterializedDataset
 
         from actors.service import embed_through_producers
 
@@ -110,6 +111,9 @@ class Producers:
             if self.own is not None:  # as an actor pool does: its first embed_actors_min producers up before
                 ray.get(self.own.wait_ready.remote())  # streaming, else the first one takes every block
         r = self.cfg.resources
+        tasks = max(2, r.embed_actors_max)
+        if isinstance(ds, MaterializedDataset):  # no more tasks than blocks: a cap above them earns a Ray Data warning
+            tasks = max(1, min(tasks, ds.num_blocks()))
         for i, group in enumerate(self.groups):
             # `ds` is in blocks of a few requests each (jobs/data.py: _blocks); a task sends its
             # block's requests at once and waits (no CPU); at most embed_actors_max blocks of this
@@ -119,7 +123,7 @@ class Producers:
                 fn_kwargs=dict(service=self.name, job=self.job, calibration=[self.calibration], group=group,
                                last=i == len(self.groups) - 1, rows=r.embed_batch_size),
                 batch_size=None, batch_format="numpy",
-                compute=TaskPoolStrategy(size=max(2, r.embed_actors_max)), num_cpus=0,
+                compute=TaskPoolStrategy(size=tasks), num_cpus=0,
             )
         return ds
 
