@@ -13,12 +13,16 @@ On one fresh local cluster (`carryon up`, --cpus logical CPUs on this machine) t
      plus running tasks that load the base themselves (calibrate, held-out scoring);
   4. (coserve) deploys `carryon serve serve/local.yaml` and runs 16 closed-loop chat clients
      (max_tokens 32) alone, then while --coserve-jobs jobs embed through its replica
-     (`resources.producers=coserve`): latency p50 / p99 of requests in flight while the replica
-     ran job chunks, against the clients alone.
+     (`resources.producers=coserve`), then while the same jobs embed through a dedicated producer
+     started for them (a second base copy on the same cores): latency p50 / p99 of requests in
+     flight while job chunks ran, against the clients alone; the jobs' embedded tokens/s; the
+     system's peak memory over the clients-alone level.
 Both runs use the same cluster, the same config (configs/demo.yaml with the overrides below) and the
 same logical CPUs. Writes bench/results/shared-producers.json: `concurrent_over_sequential` (the
 trainer-service run when there is one), `trainer_service_over_ray_train_concurrent`,
-`base_copies_per_node` (peak during the concurrent run; one node here) and the absolute figures.
+`base_copies_per_node` (peak during the concurrent run; one node here), `coserve_p50_over_idle`,
+`coserve_p99_over_idle` (and `dedicated_*` for the dedicated producer), `coserve_tokens_per_s_over_dedicated`,
+`coserve_peak_mem_saved_mb` and the absolute figures.
 `--quick` (make bench) runs 2 jobs of a tiny random-weight base. Run alone.
 
     python bench/shared_producers.py [--jobs 8] [--cpus 8] [--trainers job,shared] [--quick] [--out FILE]
@@ -63,8 +67,10 @@ class Sampler(threading.Thread):
                                      raise_on_missing_output=False)
                 tasks = list_tasks(address=self.address, filters=[("state", "=", "RUNNING")], limit=10_000,
                                    raise_on_missing_output=False)
+                # Plain tasks only: a producer's own methods (EmbeddingProducer.calibrate) run on
+                # the base it holds, and counting them counted that base twice.
                 n = (sum(a.class_name == "EmbeddingProducer" for a in actors)
-                     + sum(any(k in (t.name or "") for k in LOADS_BASE) for t in tasks))
+                     + sum(t.type == "NORMAL_TASK" and any(k in (t.name or "") for k in LOADS_BASE) for t in tasks))
                 self.samples.append(n)
                 self.peak = max(self.peak, n)
             except Exception:  # noqa: BLE001 - a missed sample is not a result
@@ -100,10 +106,16 @@ def pct(xs: list[float], q: float) -> float | None:
 
 def coserve(args, tmp: str, state: dict, env: dict, sets: list[str], n_jobs: int) -> dict:
     """16 closed-loop chat clients (max_tokens 32) on the Serve app's one replica: first alone, then
-    while `n_jobs` jobs embed through that replica (resources.producers=coserve). A request counts
-    as "under embedding" when the replica ran job chunks while it was in flight (its stats' beside_done
-    moved)."""
+    while `n_jobs` jobs embed through that replica (resources.producers=coserve), then while the same
+    jobs embed through a dedicated producer (the shared service with one producer, started for that
+    phase: a second copy of the base on the same cores). A request counts as "under embedding" when
+    job chunks ran while it was in flight (the replica's beside_done, or the producer's forwards,
+    moved). Each phase also records the system's peak memory over the clients-alone level and the
+    jobs' embedded tokens/s: padded tokens over the span from the first chunk's start to the last's
+    end, as the replica (beside_tokens, beside_first_at/last_at) or producer (tokens,
+    first/last_forward_at) counts them."""
     import httpx
+    import psutil
 
     from jobs import local_cluster
 
@@ -120,6 +132,7 @@ def coserve(args, tmp: str, state: dict, env: dict, sets: list[str], n_jobs: int
     model = httpx.get(f"{url}/v1/models", headers=headers, timeout=60).json()["data"][0]["id"]
     body = {"model": model, "messages": [{"role": "user", "content": "Write one sentence about the sea."}],
             "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+    cli = [sys.executable, "-m", "carryon_cli", "producers"]
 
     def clients(seconds: float | None, stop: threading.Event) -> list[tuple[float, float, int]]:
         done: list[tuple[float, float, int]] = []
@@ -139,52 +152,104 @@ def coserve(args, tmp: str, state: dict, env: dict, sets: list[str], n_jobs: int
             stop.set()
         return done, threads
 
-    def beside() -> int:
-        return httpx.get(f"{url}/v1/carryon/stats", headers=headers, timeout=60).json().get("beside_done", 0)
+    def replica() -> dict:
+        return httpx.get(f"{url}/v1/carryon/stats", headers=headers, timeout=60).json()
+
+    def producer() -> dict:  # the dedicated producer's counters (one producer), summed over its list
+        res = subprocess.run([*cli, "status", "--state-dir", f"{tmp}/cluster"], capture_output=True, text=True,
+                             cwd=ROOT, env=env, timeout=120)
+        per = json.loads(res.stdout).get("per_producer", []) if res.returncode == 0 else []
+        return {"done": sum(p.get("forwards", 0) for p in per), "tokens": sum(p.get("tokens", 0) for p in per),
+                "first_at": min((p["first_forward_at"] for p in per if p.get("first_forward_at")), default=None),
+                "last_at": max((p["last_forward_at"] for p in per if p.get("last_forward_at")), default=None)}
 
     warm = threading.Event()
     _, threads = clients(5 if args.quick else 15, warm)  # warm-up: first requests compile and allocate
     for t in threads:
         t.join()
     stop = threading.Event()
-    idle, threads = clients(args.idle_s, stop)
-    for t in threads:
-        t.join()
-    idle_lat = [b - a for a, b, code in idle if code == 200]
-    marks: list[tuple[float, int]] = [(time.perf_counter(), beside())]
-    stop = threading.Event()
-    busy, threads = clients(None, stop)
-    t0 = time.perf_counter()
-    procs = [job(env, "configs/demo.yaml", Path(tmp) / f"cos-{i}", sets + ["resources.producers=coserve"])
-             for i in range(n_jobs)]
-    while any(p.poll() is None for p in procs):
-        marks.append((time.perf_counter(), beside()))
+    idle_mem: list[int] = []
+    idle, threads = clients(None, stop)
+    t_end = time.perf_counter() + args.idle_s
+    while time.perf_counter() < t_end:
+        idle_mem.append(psutil.virtual_memory().used)
         time.sleep(0.5)
-    jobs_wall = time.perf_counter() - t0
-    marks.append((time.perf_counter(), beside()))
     stop.set()
     for t in threads:
         t.join()
-    results = [finish(p, 60) for p in procs]
-    stats = httpx.get(f"{url}/v1/carryon/stats", headers=headers, timeout=60).json()
+    idle_lat = [b - a for a, b, code in idle if code == 200]
+    idle_used = max(idle_mem)
 
-    def embedding(a: float, b: float) -> bool:  # did the replica run job chunks while [a, b] was in flight?
-        before = max((n for t, n in marks if t <= a), default=marks[0][1])
-        after = min((n for t, n in marks if t >= b), default=marks[-1][1])
-        return after > before
+    def phase(kind: str, progress) -> dict:
+        """The clients while n_jobs jobs embed through `kind`; `progress()` -> the path's counters
+        (done: chunks or forwards run; tokens; first_at/last_at)."""
+        before = progress()
+        marks: list[tuple[float, int]] = [(time.perf_counter(), before["done"])]
+        peak = 0
+        stop = threading.Event()
+        busy, threads = clients(None, stop)
+        t0 = time.perf_counter()
+        procs = [job(env, "configs/demo.yaml", Path(tmp) / f"{kind}-{i}", sets + [f"resources.producers={kind}"])
+                 for i in range(n_jobs)]
+        while any(p.poll() is None for p in procs):
+            peak = max(peak, psutil.virtual_memory().used)
+            if kind == "coserve":  # the replica's counter is one cheap HTTP call; the producer's a CLI run
+                marks.append((time.perf_counter(), progress()["done"]))
+            time.sleep(0.5)
+        jobs_wall = time.perf_counter() - t0
+        after = progress()
+        marks.append((time.perf_counter(), after["done"]))
+        stop.set()
+        for t in threads:
+            t.join()
+        results = [finish(p, 60) for p in procs]
 
-    under = [b - a for a, b, code in busy if code == 200 and embedding(a, b)]
+        def embedding(a: float, b: float) -> bool:  # did job chunks run while [a, b] was in flight?
+            if kind != "coserve":  # no samples: the producer's span, on the wall clock, stands in
+                a0 = time.time() - time.perf_counter()
+                return (after["first_at"] or 0) <= a + a0 and b + a0 <= (after["last_at"] or 0)
+            lo = max((n for t, n in marks if t <= a), default=marks[0][1])
+            hi = min((n for t, n in marks if t >= b), default=marks[-1][1])
+            return hi > lo
+
+        under = [b - a for a, b, code in busy if code == 200 and embedding(a, b)]
+        tokens = after["tokens"] - before["tokens"]
+        span = (after["last_at"] or 0) - max(after["first_at"] or 0, t0 + time.time() - time.perf_counter())
+        return {"jobs": n_jobs, "under_embedding_requests": len(under), "under_embedding_p50_s": pct(under, 0.5),
+                "under_embedding_p99_s": pct(under, 0.99), "errors": sum(code != 200 for _, _, code in busy),
+                "chunks_run": after["done"] - before["done"], "embedded_tokens": tokens,
+                "embedding_span_s": round(span, 1), "tokens_per_s": round(tokens / span, 1) if span > 0 else None,
+                "jobs_wall_s": round(jobs_wall, 1), "peak_mem_over_idle_mb": round((peak - idle_used) / 2**20),
+                "job_producers": sorted({r.get("producers") for r in results}),
+                "job_val_loss_after": [round(r["val_loss_after"], 4) for r in results]}
+
+    def replica_progress() -> dict:
+        st = replica()
+        return {"done": st.get("beside_done", 0), "tokens": st.get("beside_tokens", 0),
+                "first_at": st.get("beside_first_at"), "last_at": st.get("beside_last_at")}
+
+    replica_first = replica_progress()["first_at"]
     out = {"clients": 16, "max_tokens": 32, "jobs": n_jobs, "idle_requests": len(idle_lat),
            "idle_p50_s": pct(idle_lat, 0.5), "idle_p99_s": pct(idle_lat, 0.99),
-           "under_embedding_requests": len(under), "under_embedding_p50_s": pct(under, 0.5),
-           "under_embedding_p99_s": pct(under, 0.99), "errors": sum(code != 200 for _, _, code in idle + busy),
-           "chunks_run_by_replica": marks[-1][1] - marks[0][1], "jobs_wall_s": round(jobs_wall, 1),
-           # the replica's own account: time in job chunks run after decode steps over the steps'
-           # time (engine.embed_share bounds it); the rest of the slowdown is the jobs' processes
-           # sharing the cores with the replica
-           "replica_beside_share": stats.get("beside_share"),
-           "job_producers": sorted({r.get("producers") for r in results}),
-           "job_val_loss_after": [round(r["val_loss_after"], 4) for r in results]}
+           "idle_used_mb": round(idle_used / 2**20), "coserve": phase("coserve", replica_progress)}
+    if replica_first is not None:  # the span must start with these jobs: the replica ran none before
+        out["coserve"]["note"] = "the replica had run job chunks before this phase; its span starts earlier"
+    # the replica's own account: time in job chunks run after decode steps over the steps' time
+    # (engine.embed_share bounds it); the rest of the slowdown is the jobs' processes on the cores
+    out["replica_beside_share"] = replica().get("beside_share")
+    # The same jobs through a dedicated producer: the shared service with one producer, started now
+    t1 = time.perf_counter()
+    res = subprocess.run([*cli, "start", "--state-dir", f"{tmp}/cluster", "--config", "configs/demo.yaml",
+                          *[a for s in COMMON + sets for a in ("--set", s)]], capture_output=True, text=True,
+                         cwd=ROOT, env=env, timeout=900)
+    if res.returncode != 0:
+        raise SystemExit(f"producers did not start:\n{res.stdout[-2000:]}{res.stderr[-3000:]}")
+    out["dedicated_start_s"] = round(time.perf_counter() - t1, 1)
+    try:
+        out["dedicated"] = phase("shared", producer)
+    finally:
+        subprocess.run([*cli, "stop", "--state-dir", f"{tmp}/cluster"], capture_output=True, text=True, cwd=ROOT,
+                       env=env, timeout=300)
     subprocess.run([sys.executable, "-m", "carryon_cli", "serve", "--stop", "--state-dir", f"{tmp}/cluster"],
                    capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     return out
@@ -313,14 +378,23 @@ def main() -> None:
                     out["concurrent_with_service_start_over_sequential"] = round(
                         (first["wall_s"] + start_s + first.get("trainers_start_s", 0)) / out["sequential"]["wall_s"], 3)
                     out["sequential_base_copies_per_node"] = out["sequential"]["base_copies_peak"]
+                subprocess.run([sys.executable, "-m", "carryon_cli", "producers", "stop", "--state-dir", f"{tmp}/cluster"],
+                               capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)  # its base copy goes
                 if "concurrent" in out and "concurrent_trainers_shared" in out:
                     out["trainer_service_over_ray_train_concurrent"] = round(
                         out["concurrent_trainers_shared"]["wall_s"] / out["concurrent"]["wall_s"], 3)
             if "coserve" in parts:
                 out["coserve"] = cos = coserve(args, tmp, state, env, sets, args.coserve_jobs)
-                if cos["idle_p50_s"] and cos["under_embedding_p50_s"]:
-                    out["coserve_p50_over_idle"] = round(cos["under_embedding_p50_s"] / cos["idle_p50_s"], 3)
-                    out["coserve_p99_over_idle"] = round(cos["under_embedding_p99_s"] / cos["idle_p99_s"], 3)
+                for name, ph in (("coserve", cos["coserve"]), ("dedicated", cos["dedicated"])):
+                    if cos["idle_p50_s"] and ph["under_embedding_p50_s"]:
+                        out[f"{name}_p50_over_idle"] = round(ph["under_embedding_p50_s"] / cos["idle_p50_s"], 3)
+                        out[f"{name}_p99_over_idle"] = round(ph["under_embedding_p99_s"] / cos["idle_p99_s"], 3)
+                if cos["coserve"]["tokens_per_s"] and cos["dedicated"]["tokens_per_s"]:
+                    out["coserve_tokens_per_s_over_dedicated"] = round(
+                        cos["coserve"]["tokens_per_s"] / cos["dedicated"]["tokens_per_s"], 3)
+                # memory of serving plus the jobs: what co-serving saves (target: one base copy)
+                out["coserve_peak_mem_saved_mb"] = (cos["dedicated"]["peak_mem_over_idle_mb"]
+                                                    - cos["coserve"]["peak_mem_over_idle_mb"])
         finally:
             local_cluster.down(f"{tmp}/cluster")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
