@@ -43,9 +43,8 @@ def deployments(cfg: ServeConfig, key_digests: dict[str, str]):
     """The bound application for a validated config (resources and scaling from config)."""
     r = cfg.replicas
     # Serve's lines (each request's access line, above all) go to its own log files (logs/serve/,
-    # the dashboard's Serve page), not to the replicas' stderr: Ray forwards a Serve replica's
-    # stderr to every driver on the cluster, so every customization job's log got every user's
-    # requests.
+    # the dashboard's Serve page), not to the replicas' stderr, which Ray can forward to other
+    # jobs' drivers: in bench/shared_producers.py a co-serving job's log held every user's request.
     quiet = {"env_vars": {"RAY_SERVE_LOG_TO_STDERR": "0"}}
     actor = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus, "runtime_env": quiet}
     if r.resource_units > 0:
