@@ -291,9 +291,63 @@ def concurrent_run(env: dict, tmp: str, n: int, sets: list[str], gcs: str, train
     return {"wall_s": round(wall, 1), "trainers": trainers, "trainers_start_s": round(start_s, 1),
             "job_wall_s": [r["wall_seconds"] for r in results], "base_copies_peak": sampler.peak,
             "trained_on": sorted({r.get("trainers") for r in results}),
+            "heldout_scored_on": sorted({(r.get("heldout") or {}).get("scored_on") for r in results} - {None}),
+            "stage_seconds_median": stage_medians(results), "producer_tokens": sum(p.get("tokens", 0) for p in per),
+            "producer_tokens_per_s": producer_rate(per),
             "producer_calls": seen.get("calls"), "forwards": sum(p.get("forwards", 0) for p in per),
             "forwards_shared_by_jobs": sum(p.get("shared_forwards", 0) for p in per),
-            "val_loss_after": [round(r["val_loss_after"], 4) for r in results]}
+            "val_loss_after": [round(r["val_loss_after"], 6) for r in results]}
+
+
+def stage_medians(results: list[dict]) -> dict[str, float]:
+    """Median seconds per stage of the jobs' runs (summary.json's stage_seconds)."""
+    import statistics
+
+    stages = [r.get("stage_seconds") or {} for r in results]
+    return {k: round(statistics.median(s.get(k, 0.0) for s in stages), 1) for k in (stages[0] if stages else {})}
+
+
+def producer_rate(per: list[dict]) -> float | None:
+    """Padded tokens/s of the service's producers from their first forward to their last."""
+    spans = [p["last_forward_at"] - p["first_forward_at"] for p in per if p.get("first_forward_at")]
+    return round(sum(p.get("tokens", 0) for p in per) / sum(spans), 1) if spans and sum(spans) > 0 else None
+
+
+def forward_rate(sets: list[str]) -> dict:
+    """The base's forward alone in this process at one torch thread (the producers' setting), by
+    batch shape: what the producers' rate in the runs is to be read against."""
+    import torch
+
+    from carryon_ray.base import FrozenBase
+    from carryon_ray.config import BaseModelConfig
+
+    name = next((s.split("=", 1)[1] for s in sets if s.startswith("base.name=")), "smollm2-135m-instruct")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = FrozenBase.load(BaseModelConfig(name=name))
+        rates = {}
+        for rows, length in ((8, 17), (32, 19), (136, 19)):
+            ids = torch.randint(5, 1000, (rows, length))
+            mask = torch.ones_like(ids)
+            base.hidden_states(ids, mask, [])  # warm
+            t0, n = time.perf_counter(), 0
+            while time.perf_counter() - t0 < 3.0:
+                base.hidden_states(ids, mask, [])
+                n += 1
+            rates[f"{rows}x{length}"] = round(rows * length * n / (time.perf_counter() - t0), 1)
+        return {"torch_threads": 1, "tokens_per_s": rates}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def save(path: str, out: dict, parts: set[str]) -> None:
+    """Written after each part, so a run stopped later keeps what it measured; a run of one part
+    keeps the other part's figures from the file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if Path(path).exists() and parts != {"shared", "coserve"}:
+        out = {**json.loads(Path(path).read_text()), **out}
+    Path(path).write_text(json.dumps(out, indent=2) + "\n")
 
 
 def main() -> None:
@@ -337,22 +391,26 @@ def main() -> None:
         out: dict = {"jobs": n, "quick": args.quick, "config": "configs/demo.yaml", "overrides": COMMON + sets,
                      "machine": {"cpus": os.cpu_count(), "logical_cpus": args.cpus}, "nodes": 1}
         try:
+            if "shared" in parts:
+                out["forward_rate_alone"] = forward_rate(sets)
             if "shared" in parts and not args.no_sequential:
                 # 1. one after another, each job with its own producers (today's path)
                 sampler = Sampler(gcs)
                 sampler.start()
-                t0, walls = time.perf_counter(), []
+                t0, walls, results = time.perf_counter(), [], []
                 for i in range(n):
                     t1 = time.perf_counter()
-                    finish(job(env, "configs/demo.yaml", Path(tmp) / f"seq-{i}", sets + ["resources.producers=job"]),
-                           1800)
+                    results.append(finish(job(env, "configs/demo.yaml", Path(tmp) / f"seq-{i}",
+                                              sets + ["resources.producers=job"]), 1800))
                     walls.append(round(time.perf_counter() - t1, 1))
                     print(f"sequential job {i + 1}/{n}: {walls[-1]} s", flush=True)
                 sequential = time.perf_counter() - t0
                 sampler.stop_flag.set()
                 sampler.join()
                 out["sequential"] = {"wall_s": round(sequential, 1), "job_wall_s": walls,
-                                     "base_copies_peak": sampler.peak}
+                                     "base_copies_peak": sampler.peak, "stage_seconds_median": stage_medians(results),
+                                     "val_loss_after": [round(r["val_loss_after"], 6) for r in results]}
+                save(args.out, out, parts)
             if "shared" in parts:
                 # 2. the shared producers, then all jobs at once: each job's fit on Ray Train of its
                 #    own, and (--trainers) on the cluster's trainer service, one run each
@@ -383,6 +441,7 @@ def main() -> None:
                 if "concurrent" in out and "concurrent_trainers_shared" in out:
                     out["trainer_service_over_ray_train_concurrent"] = round(
                         out["concurrent_trainers_shared"]["wall_s"] / out["concurrent"]["wall_s"], 3)
+                save(args.out, out, parts)
             if "coserve" in parts:
                 out["coserve"] = cos = coserve(args, tmp, state, env, sets, args.coserve_jobs)
                 for name, ph in (("coserve", cos["coserve"]), ("dedicated", cos["dedicated"])):
@@ -397,10 +456,7 @@ def main() -> None:
                                                     - cos["coserve"]["peak_mem_over_idle_mb"])
         finally:
             local_cluster.down(f"{tmp}/cluster")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    if Path(args.out).exists() and parts != {"shared", "coserve"}:  # one part rerun: keep the other's figures
-        out = {**json.loads(Path(args.out).read_text()), **out}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    save(args.out, out, parts)
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=2))
 
 
