@@ -164,5 +164,7 @@ class EmbeddingProducer:
                         fut.set_exception(exc)
 
     def describe(self) -> dict:
-        return {**self.stats, "node": self.producer.node, "queued": len(self.queue),
-                "in_flight": self.in_flight}
+        # forwards: the sets of requests taken together; base_forwards: the base forwards they ran as
+        # (split by shape and length); tokens against forward_tokens: the padding merging added
+        return {**self.stats, "base_forwards": self.producer.forwards, "forward_tokens": self.producer.forward_tokens,
+                "node": self.producer.node, "queued": len(self.queue), "in_flight": self.in_flight}

@@ -160,6 +160,7 @@ def coserve(args, tmp: str, state: dict, env: dict, sets: list[str], n_jobs: int
                              cwd=ROOT, env=env, timeout=120)
         per = json.loads(res.stdout).get("per_producer", []) if res.returncode == 0 else []
         return {"done": sum(p.get("forwards", 0) for p in per), "tokens": sum(p.get("tokens", 0) for p in per),
+                "forward_tokens": sum(p.get("forward_tokens", 0) for p in per),
                 "first_at": min((p["first_forward_at"] for p in per if p.get("first_forward_at")), default=None),
                 "last_at": max((p["last_forward_at"] for p in per if p.get("last_forward_at")), default=None)}
 
@@ -218,6 +219,8 @@ def coserve(args, tmp: str, state: dict, env: dict, sets: list[str], n_jobs: int
         return {"jobs": n_jobs, "under_embedding_requests": len(under), "under_embedding_p50_s": pct(under, 0.5),
                 "under_embedding_p99_s": pct(under, 0.99), "errors": sum(code != 200 for _, _, code in busy),
                 "chunks_run": after["done"] - before["done"], "embedded_tokens": tokens,
+                # the producer's base forwards' padded tokens: over embedded_tokens (each request alone), what merging padded
+                **({"forward_tokens": after["forward_tokens"] - before["forward_tokens"]} if "forward_tokens" in after else {}),
                 "embedding_span_s": round(span, 1), "tokens_per_s": round(tokens / span, 1) if span > 0 else None,
                 "jobs_wall_s": round(jobs_wall, 1), "peak_mem_over_idle_mb": round((peak - idle_used) / 2**20),
                 "job_producers": sorted({r.get("producers") for r in results}),
@@ -293,6 +296,7 @@ def concurrent_run(env: dict, tmp: str, n: int, sets: list[str], gcs: str, train
             "trained_on": sorted({r.get("trainers") for r in results}),
             "heldout_scored_on": sorted({(r.get("heldout") or {}).get("scored_on") for r in results} - {None}),
             "stage_seconds_median": stage_medians(results), "producer_tokens": sum(p.get("tokens", 0) for p in per),
+            "producer_forward_tokens": sum(p.get("forward_tokens", 0) for p in per),
             "producer_tokens_per_s": producer_rate(per),
             "producer_calls": seen.get("calls"), "forwards": sum(p.get("forwards", 0) for p in per),
             "forwards_shared_by_jobs": sum(p.get("shared_forwards", 0) for p in per),
@@ -341,12 +345,26 @@ def forward_rate(sets: list[str]) -> dict:
         torch.set_num_threads(threads)
 
 
+COSERVE_KEYS = ("coserve", "coserve_p50_over_idle", "coserve_p99_over_idle", "dedicated_p50_over_idle",
+                "dedicated_p99_over_idle", "coserve_tokens_per_s_over_dedicated", "coserve_peak_mem_saved_mb")
+
+
 def save(path: str, out: dict, parts: set[str]) -> None:
     """Written after each part, so a run stopped later keeps what it measured; a run of one part
-    keeps the other part's figures from the file."""
+    keeps the other part's figures from the file, and co-serving runs with other job counts under
+    `coserve_by_jobs` (the top-level co-serving keys are the latest run's)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
+    by_jobs = {}
     if Path(path).exists() and parts != {"shared", "coserve"}:
-        out = {**json.loads(Path(path).read_text()), **out}
+        old = json.loads(Path(path).read_text())
+        by_jobs = dict(old.get("coserve_by_jobs", {}))
+        if "coserve" in old:
+            by_jobs.setdefault(str(old["coserve"]["jobs"]), {k: old[k] for k in COSERVE_KEYS if k in old})
+        out = {**old, **out}
+    if "coserve" in out:
+        by_jobs[str(out["coserve"]["jobs"])] = {k: out[k] for k in COSERVE_KEYS if k in out}
+    if by_jobs:
+        out["coserve_by_jobs"] = by_jobs
     Path(path).write_text(json.dumps(out, indent=2) + "\n")
 
 

@@ -18,6 +18,13 @@ from .config import BaseModelConfig, BridgeConfig
 from .embedding import ROW_INPUT_IDS, ROW_NODES, ROW_SECONDS, Calibration, calibrate as fit, embed_many, is_code
 
 JOBS_KEPT = 256  # calibrations a producer keeps (least recently used go first; a job re-sends its own)
+# What one more forward costs, in padded tokens, when a producer splits the requests it took into
+# forwards of similar lengths (`by_length`). On CPU a forward's cost is its tokens: SmolLM2 at one
+# thread ran 342-384 tokens/s from an 8x17 to a 136x19 batch (bench/results/shared-producers.json,
+# forward_rate_alone), so padding is pure loss. On a GPU a forward has a fixed cost (launches, the
+# weights read once per forward), which this stands for: a short request rides along with long ones
+# when splitting it off would save fewer padded tokens than this.
+FORWARD_COST_TOKENS = 256
 
 
 def load_bases(base_cfgs: list[dict]) -> list[FrozenBase]:
@@ -116,6 +123,9 @@ class Producer:
         self.bases = bases if bases is not None else load_bases([base_cfgs[i] for i in self.indices])
         self.node = node
         self.jobs: OrderedDict[str, _Job] = OrderedDict()
+        # base forwards run and their padded tokens (what they cost, against Request.tokens: what
+        # each request alone would have cost)
+        self.forwards, self.forward_tokens = 0, 0
 
     def forget(self, job: str) -> None:
         self.jobs.pop(job, None)
@@ -157,16 +167,21 @@ class Producer:
         return j.shallow, j.tap
 
     def embed(self, requests: list[Request]) -> list[dict]:
-        """Each request's output rows, one base forward per shape among them."""
+        """Each request's output rows: one base forward per shape among them, split further where
+        their lengths differ enough that padding would cost more than another forward."""
         out: list[dict | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(self.shape(r), []).append(i)
-        for (shallow, tap), idx in groups.items():
-            embedded = embed_many(self.bases, [(self.jobs[requests[i].job].bridges, requests[i].batch) for i in idx],
-                                  list(shallow), self.indices, self.node, tap)
-            for i, mine in zip(idx, embedded):
-                out[i] = self._rows(requests[i], mine)
+        for (shallow, tap), same_shape in groups.items():
+            for idx in by_length(same_shape, requests):
+                self.forwards += 1
+                self.forward_tokens += sum(len(requests[i].batch[ROW_INPUT_IDS]) for i in idx) * max(
+                    (len(x) for i in idx for x in requests[i].batch[ROW_INPUT_IDS]), default=0)
+                embedded = embed_many(self.bases, [(self.jobs[requests[i].job].bridges, requests[i].batch)
+                                                   for i in idx], list(shallow), self.indices, self.node, tap)
+                for i, mine in zip(idx, embedded):
+                    out[i] = self._rows(requests[i], mine)
         return out
 
     def _rows(self, req: Request, mine: dict) -> dict:
@@ -182,3 +197,31 @@ class Producer:
             out.update({k: v for k, v in mine.items() if is_code(k) or k == ROW_NODES})
         out[ROW_SECONDS] = seconds
         return out
+
+
+def by_length(idx: list[int], requests: list[Request], forward_cost: int = FORWARD_COST_TOKENS) -> list[list[int]]:
+    """`idx` (requests that share a forward's shape) split into forwards that waste the fewest
+    padded tokens: ordered by their longest row, then cut where the padding a merged forward would
+    add exceeds `forward_cost` per extra forward (exact, by dynamic programming over the cut points:
+    a forward pads every row to the longest in it; ordered by length, some best split is a run of
+    neighbours). Requests are never split, so each job's rows stay together."""
+    if len(idx) < 2:
+        return [idx]
+    longest = {i: max((len(x) for x in requests[i].batch[ROW_INPUT_IDS]), default=0) for i in idx}
+    order = sorted(idx, key=lambda i: longest[i])
+    rows = [len(requests[i].batch[ROW_INPUT_IDS]) for i in order]
+    # best[j]: (least cost, fewest forwards at it) of the first j requests; a forward over order[i:j]
+    # pads to order[j-1]'s length
+    best, cut = [(0, 0)] + [(float("inf"), 0)] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        n = 0
+        for i in range(j - 1, -1, -1):
+            n += rows[i]
+            cost = (best[i][0] + n * longest[order[j - 1]] + forward_cost, best[i][1] + 1)
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], len(order)
+    while j > 0:
+        out.append(order[cut[j]:j])
+        j = cut[j]
+    return out[::-1]

@@ -48,6 +48,73 @@ def test_jobs_sharing_a_forward_get_what_each_would_get_alone(tiny_base):
         torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
 
 
+def _partitions(items: list) -> list[list[list]]:
+    if not items:
+        return [[]]
+    first, rest = items[0], items[1:]
+    out = []
+    for part in _partitions(rest):
+        out.append([[first], *part])
+        for k in range(len(part)):
+            out.append(part[:k] + [[first, *part[k]]] + part[k + 1:])
+    return out
+
+
+def test_a_producer_splits_the_requests_it_takes_into_forwards_of_similar_length():
+    """by_length finds the cheapest split (padded tokens plus a cost per forward) among every way of
+    splitting the requests, never splits a request, and keeps equal lengths in one forward."""
+    from carryon_ray.producer import Request, by_length
+
+    def cost(groups, reqs, c):
+        return sum(sum(len(reqs[i].batch[ROW_INPUT_IDS]) for i in g)
+                   * max(len(x) for i in g for x in reqs[i].batch[ROW_INPUT_IDS]) + c for g in groups)
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        k = int(torch.randint(1, 7, (1,), generator=g))
+        reqs = [Request("j", {ROW_INPUT_IDS: [[1] * int(n) for n in torch.randint(1, 80, (int(torch.randint(1, 6, (1,), generator=g)),),
+                                                                                 generator=g)]}) for _ in range(k)]
+        c = [0, 64, 256, 10_000][trial % 4]
+        got = by_length(list(range(k)), reqs, c)
+        assert sorted(i for grp in got for i in grp) == list(range(k))  # every request once, whole
+        assert cost(got, reqs, c) == min(cost(p, reqs, c) for p in _partitions(list(range(k))))
+    same = [Request("j", {ROW_INPUT_IDS: [[1] * 20] * 4}) for _ in range(5)]
+    assert by_length(list(range(5)), same, 0) == [[0, 1, 2, 3, 4]]
+
+
+def test_short_and_long_requests_run_as_separate_forwards_and_get_their_own_rows(tiny_base):
+    """Short requests of one job and long ones of another, taken together: the producer runs them
+    as two base forwards (no short row padded to a long one) and each job gets its rows as alone."""
+    from carryon_ray.producer import Producer, Request
+
+    torch.manual_seed(0)
+    calib_rows = [{ROW_ID: i, ROW_REPLAY: False, ROW_INPUT_IDS: x, "labels": x}
+                  for i, x in enumerate(_rows(9, 8)[ROW_INPUT_IDS])]
+    producer = Producer([{"name": "tiny", "dtype": "float32"}], bases=[tiny_base])
+    for job in ("short", "long"):
+        producer.add_job(job, calibrate([tiny_base], BridgeConfig(bits=8), [], calib_rows))
+
+    def rows(seed, n, length, first):
+        g = torch.Generator().manual_seed(seed)
+        ids = [torch.randint(5, 500, (length,), generator=g).tolist() for _ in range(n)]
+        return {ROW_ID: list(range(first, first + n)), ROW_REPLAY: [False] * n, ROW_INPUT_IDS: ids,
+                "labels": [[-100] + x[1:] for x in ids]}
+
+    reqs = [Request("short", rows(1, 8, 6, 0)), Request("long", rows(2, 8, 120, 100)),
+            Request("short", rows(3, 8, 7, 200)), Request("long", rows(4, 4, 118, 300))]
+    outs = producer.embed(reqs)
+    assert producer.forwards == 2
+    assert producer.forward_tokens == 16 * 7 + 12 * 120  # against 28 x 120 in one forward
+    for req, out in zip(reqs, outs):
+        alone = Producer([{"name": "tiny", "dtype": "float32"}], bases=[tiny_base])
+        alone.jobs = producer.jobs
+        (want,) = alone.embed([req])
+        assert out[ROW_ID].tolist() == req.batch[ROW_ID] == want[ROW_ID].tolist()
+        bridges = producer.jobs[req.job].bridges
+        got, exp = _decoded(out, bridges, [[64]]), _decoded(want, bridges, [[64]])
+        torch.testing.assert_close(got, exp, rtol=0, atol=0.05 * float(exp.abs().max()))
+
+
 def test_queued_requests_of_several_jobs_share_one_forward_under_the_token_budget(tiny_dir, tiny_base):
     """The producer actor's loop (run here without Ray): requests of two jobs queued together go
     through one forward up to max_batch_tokens; the next request waits for the next forward; a
