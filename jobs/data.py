@@ -248,6 +248,7 @@ def tokenize_batch(batch: dict, base: dict, data: dict) -> dict:
 def _tokenized(source: str, cfg: CarryOnConfig, data: DataConfig, role: str, seed: int, limit: int | None = None):
     """(materialized token dataset of good rows, DataReport) for one source."""
     from ray.data import TaskPoolStrategy
+    from ray.data.expressions import col
 
     r = cfg.resources
     raw, blocks = read_source(source, data, seed, limit)
@@ -266,7 +267,7 @@ def _tokenized(source: str, cfg: CarryOnConfig, data: DataConfig, role: str, see
     for reason, n in counts.items():
         if reason and n:
             report.skipped[reason] += n
-    good = ds.filter(expr="reason == ''")
+    good = ds.filter(expr=col("reason") == "")
     if data.pack:  # continued pretraining: the documents, in order, as one stream cut into windows
         good = _through_core(good, cfg, "windows", data)
     n = good.count()
