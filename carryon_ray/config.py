@@ -414,9 +414,7 @@ class ResourcesConfig(Strict):
         2, ge=1, description="Most tokenizing tasks at once in the job's Ray Data pipeline (each builds the "
         "tokenizer once per worker process).")
     tokenize_cpus: float = Field(0.5, gt=0, description="CPUs each tokenizing task reserves.")
-    embed_cpus: float = Field(
-        1.0, ge=0, description="CPUs each embedding actor reserves. 0 = placed by the inference-class resource "
-        "alone, sharing the node's cores with whatever else runs there (as the trainer service's `--cpus 0`).")
+    embed_cpus: float = Field(1.0, gt=0, description="CPUs each embedding actor reserves.")
     embed_gpus: float = Field(0.0, ge=0, description="GPUs each embedding actor reserves.")
     pool_per_base: bool = Field(
         False, description="Model mixing with the job's own producers: True = a group of producers per base "

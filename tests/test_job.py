@@ -24,19 +24,13 @@ TINY_CONFIG = "configs/tiny-test.yaml"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, tiny_dir):
+def cluster(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("carryon-cluster")
     state = local_cluster.up(str(state_dir), num_cpus=2)
-    # The cluster's services, as `carryon up --trainers N --producers CONFIG` starts them. Single-worker
-    # jobs fit on the trainer service (resources.trainers=auto) instead of starting a Ray Train run
-    # each, and jobs on the tiny base embed through the shared producer (resources.producers=auto),
-    # whose base stays loaded, instead of starting and loading their own (~7 s a job here). Neither
-    # holds a logical CPU, so the jobs that still run their own producers and Ray Train (the fault
-    # test, the placement test) find both free.
+    # The cluster's trainer service, as `carryon up --trainers` starts it: single-worker jobs fit there
+    # (resources.trainers=auto) instead of starting a Ray Train run each. It holds no logical CPU,
+    # so the jobs that still train on Ray Train (the worker-kill test, Tune) find both free.
     res = _carryon(state, "trainers", "start", "--slots", "2", "--cpus", "0")
-    assert res.returncode == 0, res.stdout + res.stderr
-    res = _carryon(state, "producers", "start", "--config", TINY_CONFIG, "--set", f"base.name={tiny_dir}",
-                   "--set", "resources.embed_cpus=0")
     assert res.returncode == 0, res.stdout + res.stderr
     yield state
     assert local_cluster.down(str(state_dir))
@@ -87,7 +81,7 @@ def test_ray_job_submit_tracks_and_registers(cluster, tiny_dir, submitted):
     assert summary["val_loss_after"] < summary["val_loss_before"]
     # Held-out prompts answered by base and adapter on an inference node, printed side by side.
     assert summary["heldout"]["rows"] == 6 and len(summary["heldout"]["examples"]) == 6
-    assert summary["heldout"]["scored_on"] == "shared producer"  # on the base the shared producer holds: no load
+    assert summary["heldout"]["scored_on"] == "job producer"  # on the base the job's producer holds: no load
     assert "held-out accuracy on 6 prompts: base" in res.stdout
 
     client = MlflowClient(cluster["mlflow_url"])
@@ -270,9 +264,8 @@ def test_a_job_the_cluster_cannot_place_says_what_it_waits_for(cluster, tiny_dir
     try:
         held = proc.stdout.readline().split()
         assert held[:1] == ["holding"], held
-        # its own producers: what waits is the job's own calibration and pool (the shared producer holds no CPU)
         res, took = _job(cluster, tiny_dir, "--set", "resources.wait_timeout_s=20", "--set", "resources.wait_log_s=5",
-                         "--set", "mlflow.experiment=unschedulable", "--set", "resources.producers=job", timeout=300)
+                         "--set", "mlflow.experiment=unschedulable", timeout=300)
     finally:
         proc.kill()
         proc.wait()
@@ -688,16 +681,13 @@ def test_killed_embedding_actor_and_training_worker_lose_nothing(cluster, tiny_d
     # in it (13-14 s alone). Its trigger is the Train worker's log line, which reaches this driver late
     # under load: 160 rows were too few once the tiny base's small head made training steps fast.
     # (At 480 the built-in set repeats a problem, and a repeated row is a repeated sample id.)
-    # On Ray Train and its own producers (resources.trainers=job, producers=job), not the module's
-    # services: the faults are a Train worker's and the job's own pool's (test_producers.py kills the
-    # shared service's producers under two jobs).
+    # On Ray Train (resources.trainers=job), not the module's trainer service: the fault is a Train worker's.
     # Four epochs of two-row batches (~123 steps each): the cached epochs after the first last seconds,
     # not the 0.7 s of two epochs of 8-row batches, which fe7c6c6's CI's late log lines outlasted (the
     # worker was killed after its last step and nothing resumed).
     overrides = {"train.epochs": 4, "train.batch_size": 2, "data.builtin_size": 320,
                  "train.progress_s": 0,  # a line every step
-                 "resources.embed_batch_size": 2, "resources.embed_actors_max": 2, "resources.trainers": "job",
-                 "resources.producers": "job"}
+                 "resources.embed_batch_size": 2, "resources.embed_actors_max": 2, "resources.trainers": "job"}
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     baseline = fit_in_process(load_config(ROOT / TINY_CONFIG, {"base.name": tiny_dir, **overrides,
                                                                 "output.dir": str(tmp_path / "ref")}))
