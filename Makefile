@@ -93,6 +93,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/gpu_check.py --smoke --out $(QUICK)/gpu_check.json
 	$(BIN)/python bench/finetune_api.py --quick --out $(QUICK)/finetune-api.json
 	$(BIN)/python bench/shared_producers.py --quick --out $(QUICK)/shared-producers.json
+	$(BIN)/python bench/producer_lengths.py --quick --out $(QUICK)/producer-lengths.json
 	$(BIN)/python bench/cluster_start.py --rounds 1 --out $(QUICK)/local-cluster-start.json
 	$(BIN)/python bench/demo.py --out $(QUICK)/demo.json
 
@@ -109,6 +110,7 @@ bench-full: $(STAMP)
 	$(BIN)/python bench/paper_features.py
 	$(BIN)/python bench/finetune_api.py
 	$(BIN)/python bench/shared_producers.py
+	$(BIN)/python bench/producer_lengths.py
 	$(BIN)/python bench/cluster_start.py
 	$(BIN)/python bench/demo.py
 

@@ -126,6 +126,7 @@ class Producer:
         # base forwards run and their padded tokens (what they cost, against Request.tokens: what
         # each request alone would have cost)
         self.forwards, self.forward_tokens = 0, 0
+        self.forward_cost = FORWARD_COST_TOKENS  # by_length's price of one more forward (a benchmark varies it)
 
     def forget(self, job: str) -> None:
         self.jobs.pop(job, None)
@@ -174,7 +175,7 @@ class Producer:
         for i, r in enumerate(requests):
             groups.setdefault(self.shape(r), []).append(i)
         for (shallow, tap), same_shape in groups.items():
-            for idx in by_length(same_shape, requests):
+            for idx in by_length(same_shape, requests, self.forward_cost):
                 self.forwards += 1
                 self.forward_tokens += sum(len(requests[i].batch[ROW_INPUT_IDS]) for i in idx) * max(
                     (len(x) for i in idx for x in requests[i].batch[ROW_INPUT_IDS]), default=0)
