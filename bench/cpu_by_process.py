@@ -26,38 +26,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")
 
-# (kind, pattern on the command line), first match wins
+# (kind, pattern on the command line), first match wins; a process is classified by the last
+# command line it showed (a Ray worker's is its current actor or task title)
 KINDS = [
-    ("pytest (main process and xdist workers)", r"pytest|xdist|execnet|exec\(eval\(sys\.stdin"),
     ("job driver (jobs.customize)", r"-m jobs\.customize"),
     ("carryon CLI", r"-m carryon_cli|bin/carryon"),
     ("ray job submit CLI", r"bin/ray job|ray job submit"),
-    ("mlflow server", r"mlflow|gunicorn|uvicorn.*mlflow|huey"),
-    ("ray gcs_server", r"gcs_server"),
-    ("ray raylet", r"/raylet"),
+    ("pytest (main process and xdist workers)", r"-m pytest|bin/pytest|exec\(eval\(sys\.stdin"),
+    ("mlflow server", r"bin/mlflow|mlflow\.server|gunicorn|huey"),
     ("ray dashboard", r"dashboard/dashboard\.py"),
     ("ray dashboard agent", r"dashboard/agent\.py"),
     ("ray runtime env agent", r"runtime_env/agent/main\.py"),
     ("ray log monitor", r"log_monitor\.py"),
     ("ray monitor", r"autoscaler/_private/monitor\.py"),
-    ("ray client / head start", r"ray start|ray/scripts/scripts\.py"),
-    ("ray: idle worker", r"^ray::IDLE"),
+    ("ray worker (before its first task)", r"default_worker\.py"),
+    ("ray start / client", r"bin/ray |ray/scripts/scripts\.py"),
 ]
+BINARIES = {"raylet": "ray raylet", "gcs_server": "ray gcs_server"}
 
 
 def kind_of(cmdline: str, comm: str) -> str:
     if cmdline.startswith("ray::"):
         title = cmdline[5:].split()[0] if cmdline[5:].strip() else "?"
         if title == "IDLE":
-            return "ray: idle worker"
-        name = re.split(r"[.:(]", title)[0] or title
-        return f"ray worker: {name}"
+            return "ray worker (idle)"
+        return f"ray worker: {re.split(r'[.:(]', title)[0] or title}"
+    if comm in BINARIES:
+        return BINARIES[comm]
+    if comm.startswith("ray-dashboard"):  # the dashboard's module processes
+        return "ray dashboard modules"
     for kind, pat in KINDS:
         if re.search(pat, cmdline):
             return kind
     if "python" in comm or "python" in cmdline.split(" ")[0]:
-        script = next((a for a in cmdline.split(" ")[1:] if a and not a.startswith("-")), "")
-        return f"python {Path(script).name or '-c'}"[:60]
+        words = [a for a in cmdline.split() if a and not a.startswith("-")][1:]
+        return f"python {Path(words[0]).name if words else '-c'}"[:60]
     return comm or "?"
 
 
@@ -92,12 +95,9 @@ def main() -> None:
     args = p.parse_args()
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     me = os.getpid()
-    seen: dict[int, tuple[int, str]] = {}  # pid -> (ticks at last sight, kind)
-    by_kind: dict[str, float] = {}
-    processes: dict[str, int] = {}
-    first = snapshot()
-    for pid, (ticks, comm, cmdline) in first.items():  # what ran before starts from its current total
-        seen[pid] = (ticks, kind_of(cmdline, comm))
+    seen: dict[int, list] = {}  # pid -> [ticks at last sight, CPU seconds in the run, comm, last command line]
+    for pid, (ticks, comm, cmdline) in snapshot().items():  # what ran before counts from its current total
+        seen[pid] = [ticks, 0.0, comm, cmdline]
     busy0, t0 = busy_ticks(), time.time()
     proc = subprocess.Popen(cmd) if cmd else None
     try:
@@ -106,17 +106,21 @@ def main() -> None:
             for pid, (ticks, comm, cmdline) in snapshot().items():
                 if pid == me:
                     continue
-                if pid not in seen:
-                    k = kind_of(cmdline, comm)
-                    seen[pid] = (0, k)
-                    processes[k] = processes.get(k, 0) + 1
-                last, k = seen[pid]
-                if cmdline.startswith("ray::") and k == "ray: idle worker":  # a worker takes its task's title
-                    k = kind_of(cmdline, comm)
-                by_kind[k] = by_kind.get(k, 0.0) + max(0, ticks - last) / TICK
-                seen[pid] = (ticks, k)
+                rec = seen.setdefault(pid, [0, 0.0, comm, cmdline])
+                rec[1] += max(0, ticks - rec[0]) / TICK
+                rec[0] = ticks
+                if cmdline:
+                    rec[2], rec[3] = comm, cmdline
     except KeyboardInterrupt:
         pass
+    by_kind: dict[str, float] = {}
+    processes: dict[str, int] = {}
+    for ticks, cpu, comm, cmdline in seen.values():
+        if cpu <= 0:
+            continue
+        k = kind_of(cmdline, comm)
+        by_kind[k] = by_kind.get(k, 0.0) + cpu
+        processes[k] = processes.get(k, 0) + 1
     wall = time.time() - t0
     busy = (busy_ticks() - busy0) / TICK
     counted = sum(by_kind.values())
@@ -124,10 +128,10 @@ def main() -> None:
            "counted_cpu_s": round(counted, 1), "counted_share": round(counted / busy, 3) if busy else None,
            "exit_code": proc.returncode if proc else None, "interval_s": args.interval,
            "cpu_s_by_kind": {k: round(v, 1) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]) if v >= 0.5},
-           "processes_started_by_kind": dict(sorted(processes.items(), key=lambda kv: -kv[1]))}
+           "processes_with_cpu_by_kind": dict(sorted(processes.items(), key=lambda kv: -kv[1]))}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({k: v for k, v in out.items() if k != "processes_started_by_kind"}, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k != "processes_with_cpu_by_kind"}, indent=1))
     sys.exit(proc.returncode if proc else 0)
 
 
