@@ -42,8 +42,13 @@ class Request:
     last: bool = True
 
     def tokens(self) -> int:
-        ids = self.batch[ROW_INPUT_IDS]
-        return len(ids) * max((len(i) for i in ids), default=0)  # padded: what the forward costs
+        return padded_tokens([self])  # padded: what the forward costs
+
+
+def padded_tokens(requests: list[Request]) -> int:
+    """Padded tokens of one forward over `requests`: every row padded to the longest among them."""
+    ids = [x for r in requests for x in r.batch[ROW_INPUT_IDS]]
+    return len(ids) * max((len(x) for x in ids), default=0)
 
 
 @dataclass(order=True)
@@ -177,8 +182,7 @@ class Producer:
         for (shallow, tap), same_shape in groups.items():
             for idx in by_length(same_shape, requests, self.forward_cost):
                 self.forwards += 1
-                self.forward_tokens += sum(len(requests[i].batch[ROW_INPUT_IDS]) for i in idx) * max(
-                    (len(x) for i in idx for x in requests[i].batch[ROW_INPUT_IDS]), default=0)
+                self.forward_tokens += padded_tokens([requests[i] for i in idx])
                 embedded = embed_many(self.bases, [(self.jobs[requests[i].job].bridges, requests[i].batch)
                                                    for i in idx], list(shallow), self.indices, self.node, tap)
                 for i, mine in zip(idx, embedded):
